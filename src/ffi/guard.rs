@@ -1,0 +1,197 @@
+//! FFI plumbing: the panic guard, argument checks, and strings in and out.
+//! Every `unsafe` pointer conversion of the crate lives here or right at its use in `ffi`.
+
+use crate::error::{ErrorCode, Failure};
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Runs an exported body; a panic becomes `$default` instead of unwinding into C.
+/// The guard sits inside the body so that cbindgen still sees a plain `extern "C" fn`.
+macro_rules! ffi_guard {
+    ($default:expr, $body:block) => {
+        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
+            Ok(value) => value,
+            Err(payload) => {
+                $crate::ffi::guard::report_panic(payload.as_ref());
+                $default
+            }
+        }
+    };
+}
+pub(crate) use ffi_guard;
+
+pub fn report_panic(payload: &(dyn std::any::Any + Send)) {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string());
+    tracing::error!(panic = %what, "internal panic caught at the C boundary");
+}
+
+/// The code a result crosses the boundary as.
+pub fn code_of(result: &Result<(), Failure>) -> i32 {
+    match result {
+        Ok(()) => ErrorCode::Success.raw(),
+        Err(failure) => failure.code,
+    }
+}
+
+pub fn null_arg(name: &str) -> Failure {
+    Failure::invalid_param(format!("Invalid parameter: `{name}` is NULL"))
+}
+
+/// Longest C string argument accepted (paths, keys, task names are far shorter).
+const MAX_C_STRING: usize = 64 * 1024;
+
+/// Bytes of a NUL-terminated argument.
+///
+/// # Safety
+/// `ptr` is NULL or points to a NUL-terminated string.
+pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Failure> {
+    if ptr.is_null() {
+        return Err(null_arg(name));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
+    if bytes.len() > MAX_C_STRING {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: `{name}` is {} bytes long, more than {MAX_C_STRING}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A UTF-8 string argument.
+///
+/// # Safety
+/// As for [`c_bytes`].
+pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    let bytes = unsafe { c_bytes(ptr, name) }?;
+    std::str::from_utf8(bytes).map_err(|e| {
+        Failure::invalid_param(format!(
+            "Invalid parameter: `{name}` is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+/// A file path argument: any bytes but NUL, as on Linux; empty is rejected.
+///
+/// # Safety
+/// As for [`c_bytes`].
+pub unsafe fn c_path<'a>(ptr: *const c_char, name: &str) -> Result<&'a Path, Failure> {
+    let bytes = unsafe { c_bytes(ptr, name) }?;
+    if bytes.is_empty() {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: `{name}` is empty"
+        )));
+    }
+    Ok(Path::new(OsStr::from_bytes(bytes)))
+}
+
+/// An optional message argument: NULL is `None`, bad UTF-8 is replaced, never rejected
+/// (recording an error must not fail because of how the error was spelled).
+///
+/// # Safety
+/// As for [`c_bytes`].
+pub unsafe fn c_message(ptr: *const c_char) -> Option<String> {
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
+    Some(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// A (pointer, length) buffer argument; NULL is allowed only with length 0.
+///
+/// # Safety
+/// `ptr` is NULL or valid for `len` bytes.
+pub unsafe fn c_slice<'a>(ptr: *const u8, len: usize, name: &str) -> Result<&'a [u8], Failure> {
+    if ptr.is_null() {
+        if len == 0 {
+            return Ok(&[]);
+        }
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: `{name}` is NULL with a size of {len}"
+        )));
+    }
+    if len > isize::MAX as usize {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: size {len} of `{name}` is larger than any buffer"
+        )));
+    }
+    // SAFETY: non-NULL, and valid for `len` bytes by the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+thread_local! {
+    /// The string last handed to this thread; valid until its next call that returns one.
+    static RETURNED: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Hands `text` out as a `const char*` that stays valid until this thread's next call
+/// into the library, whatever other threads do.
+pub fn return_string(text: &str) -> *const c_char {
+    let owned = to_cstring(text);
+    RETURNED.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        *slot = owned;
+        slot.as_ptr()
+    })
+}
+
+fn to_cstring(text: &str) -> CString {
+    CString::new(text).unwrap_or_else(|_| {
+        CString::new(text.replace('\0', " ")).expect("no NUL left after replacing them")
+    })
+}
+
+/// A copy of `text` allocated with the C allocator (so that C code may `free` it).
+/// NULL when the allocation fails.
+pub fn malloc_string(text: &str) -> *mut c_char {
+    let owned = to_cstring(text);
+    let bytes = owned.as_bytes_with_nul();
+    // SAFETY: allocating and filling a fresh buffer of exactly the copied length.
+    unsafe {
+        let ptr = libc::malloc(bytes.len()) as *mut u8;
+        if ptr.is_null() {
+            return std::ptr::null_mut();
+        }
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, bytes.len());
+        ptr as *mut c_char
+    }
+}
+
+/// Replaces a library-owned C string field, freeing the previous one.
+///
+/// # Safety
+/// `*slot` is NULL or a string the library allocated with the C allocator.
+pub unsafe fn replace_malloc_string(slot: *mut *mut c_char, text: Option<&str>) {
+    unsafe {
+        let old = *slot;
+        *slot = text.map_or(std::ptr::null_mut(), malloc_string);
+        if !old.is_null() {
+            libc::free(old as *mut libc::c_void);
+        }
+    }
+}
+
+/// Copies `text` into a fixed C buffer, truncated at a character boundary, NUL-terminated.
+pub fn copy_to_buffer(text: &str, buffer: &mut [c_char]) {
+    if buffer.is_empty() {
+        return;
+    }
+    let mut end = text.len().min(buffer.len() - 1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    for (dst, src) in buffer.iter_mut().zip(&text.as_bytes()[..end]) {
+        *dst = *src as c_char;
+    }
+    buffer[end] = 0;
+}

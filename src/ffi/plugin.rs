@@ -1,0 +1,202 @@
+//! Exports of ABI §4: the process-wide plugin instance taosX drives.
+
+use super::coordinator::copy_history;
+use super::guard::{c_message, c_path, c_slice, code_of, ffi_guard, null_arg, return_string};
+use super::retry::BackupOperationFn;
+use super::types::SBackupErrorRecord;
+use crate::error::{ErrorCode, Failure};
+use crate::plugin::{self, Plugin};
+use std::ffi::{c_char, c_void};
+use std::sync::Arc;
+
+/// Largest config accepted; a taosX plugin section is a few hundred bytes.
+const MAX_CONFIG_BYTES: u32 = 1 << 20;
+
+/// The plugin's name (static).
+#[no_mangle]
+pub extern "C" fn backup_plugin_name() -> *const c_char {
+    c"incremental_bitmap_backup".as_ptr()
+}
+
+/// The plugin's version (static).
+#[no_mangle]
+pub extern "C" fn backup_plugin_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// Initializes the process-wide instance from `config_len` bytes of TOML at `config` (not
+/// necessarily NUL-terminated; NULL with length 0, or blank text, means all defaults).
+/// Invalid config: BACKUP_ERROR_INVALID_PARAM, and the last error names the key and value.
+/// Already initialized: BACKUP_ERROR_INIT_FAILED.
+#[no_mangle]
+pub extern "C" fn backup_plugin_init(config: *const c_char, config_len: u32) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        let bytes: &[u8] = if config.is_null() {
+            if config_len > 0 {
+                return plugin::fail_init(format!(
+                    "Invalid parameter: `config` is NULL with a length of {config_len}"
+                ))
+                .code;
+            }
+            &[]
+        } else if config_len > MAX_CONFIG_BYTES {
+            return plugin::fail_init(format!(
+                "Invalid parameter: config is {config_len} bytes, more than the {MAX_CONFIG_BYTES} accepted"
+            ))
+            .code;
+        } else {
+            // SAFETY: the caller passes config_len readable bytes.
+            unsafe { std::slice::from_raw_parts(config as *const u8, config_len as usize) }
+        };
+        code_of(&plugin::init(bytes))
+    })
+}
+
+/// Removes the instance: every wait in progress wakes and its call returns
+/// BACKUP_ERROR_CANCELLED; the error log is flushed. Init may be called again afterwards.
+#[no_mangle]
+pub extern "C" fn backup_plugin_cleanup() {
+    ffi_guard!((), { plugin::cleanup() })
+}
+
+/// "Success" when no error is recorded; "Plugin not initialized" before init and after
+/// cleanup, except that a failed init leaves its reason until the next init or cleanup.
+/// Valid until this thread's next call into the plugin.
+#[no_mangle]
+pub extern "C" fn backup_plugin_get_last_error() -> *const c_char {
+    ffi_guard!(ErrorCode::Unknown.message_cstr().as_ptr(), {
+        return_string(&plugin::last_error_text())
+    })
+}
+
+/// Errors recorded and retries performed since init (zeros when not initialized).
+/// Either output may be NULL.
+#[no_mangle]
+pub extern "C" fn backup_plugin_get_error_stats(error_count: *mut u64, retry_count: *mut u64) {
+    ffi_guard!((), {
+        let (errors, retries) = plugin::instance()
+            .map(|p| p.tracker().stats())
+            .unwrap_or((0, 0));
+        // SAFETY: each output is NULL or writable.
+        unsafe {
+            if !error_count.is_null() {
+                *error_count = errors;
+            }
+            if !retry_count.is_null() {
+                *retry_count = retries;
+            }
+        }
+    })
+}
+
+/// Forgets the last error; the counts and the history stay.
+#[no_mangle]
+pub extern "C" fn backup_plugin_clear_error() {
+    ffi_guard!((), {
+        if let Ok(plugin) = plugin::instance() {
+            plugin.tracker().clear();
+        }
+    })
+}
+
+/// Records an error (NULL message: the code's own message): counted, kept as the last
+/// error and in the history, appended to the error log when one is configured.
+/// A no-op before init.
+#[no_mangle]
+pub extern "C" fn backup_plugin_record_error(code: i32, message: *const c_char) {
+    ffi_guard!((), {
+        if let Ok(plugin) = plugin::instance() {
+            // SAFETY: message is NULL or NUL-terminated.
+            let message = unsafe { c_message(message) };
+            plugin.record_error(code, message.as_deref());
+        }
+    })
+}
+
+/// `backup_write_file_with_retry` of ABI §3 under the configured policy.
+#[no_mangle]
+pub extern "C" fn backup_plugin_write_file_with_retry(
+    path: *const c_char,
+    data: *const c_void,
+    size: usize,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        // SAFETY: path NUL-terminated; data valid for size bytes.
+        let args = unsafe { c_path(path, "path") }
+            .and_then(|path| Ok((path, unsafe { c_slice(data as *const u8, size, "data") }?)));
+        with_plugin(args, |plugin, (path, bytes)| plugin.write_file(path, bytes))
+    })
+}
+
+/// Runs `op(user_data)` under the configured retry policy (`error_retry_*` keys).
+#[no_mangle]
+pub extern "C" fn backup_plugin_execute_with_retry(
+    op: BackupOperationFn,
+    user_data: *mut c_void,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        let op = op.ok_or_else(|| null_arg("op"));
+        with_plugin(op, |plugin, op| {
+            plugin.execute(|_| {
+                // SAFETY: the host's function with the host's pointer, as the contract says.
+                match unsafe { op(user_data) } {
+                    0 => Ok(()),
+                    code => Err(Failure::from_code(code)),
+                }
+            })
+        })
+    })
+}
+
+/// Copies the plugin's most recent errors, newest first (see `backup_get_error_history`).
+#[no_mangle]
+pub extern "C" fn backup_plugin_get_error_history(
+    out: *mut SBackupErrorRecord,
+    capacity: u32,
+    count_out: *mut u32,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        if count_out.is_null() || (out.is_null() && capacity > 0) {
+            return ErrorCode::InvalidParam.raw();
+        }
+        match plugin::instance() {
+            // SAFETY: pointers checked above; out valid for capacity records.
+            Ok(plugin) => unsafe { copy_history(plugin.tracker(), out, capacity, count_out) },
+            Err(failure) => failure.code,
+        }
+    })
+}
+
+/// The error log file lines currently go to, or NULL when there is none yet. Valid until
+/// this thread's next call into the plugin.
+#[no_mangle]
+pub extern "C" fn backup_plugin_get_error_log_path() -> *const c_char {
+    ffi_guard!(std::ptr::null(), {
+        match plugin::instance().ok().and_then(|p| p.error_log_path()) {
+            Some(path) => return_string(&path.to_string_lossy()),
+            None => std::ptr::null(),
+        }
+    })
+}
+
+/// The frame of every plugin-level operation: parameter checks first, then init; the call
+/// is booked (one error when it fails) whenever an instance exists.
+pub(crate) fn with_plugin<A>(
+    args: Result<A, Failure>,
+    op: impl FnOnce(&Arc<Plugin>, A) -> Result<(), Failure>,
+) -> i32 {
+    let plugin = plugin::instance();
+    let args = match args {
+        Ok(args) => args,
+        Err(failure) => {
+            if let Ok(plugin) = &plugin {
+                plugin.account(0, &Err(failure.clone()));
+            }
+            return failure.code;
+        }
+    };
+    match plugin {
+        Ok(plugin) => code_of(&op(&plugin, args)),
+        Err(failure) => failure.code,
+    }
+}

@@ -1,0 +1,233 @@
+//! Exports of ABI §1-§2: error strings, and retry contexts used directly by a host.
+//! These need no `backup_plugin_init` and never touch the plugin's statistics.
+
+use super::guard::{ffi_guard, replace_malloc_string};
+use super::types::{SRetryContext, SRetryPolicy};
+use crate::error::{message_of, ErrorCode, Failure};
+use crate::retry::{self, Execution, RetryPolicy, RetryProgress, RetryState};
+use std::ffi::{c_char, c_void};
+use std::time::Duration;
+
+/// An operation of the host: returns 0 on success or an error code.
+pub type BackupOperationFn = Option<unsafe extern "C" fn(user_data: *mut c_void) -> i32>;
+
+/// The fixed message of `code` ("Unknown error" for codes outside the table). Static; never NULL.
+#[no_mangle]
+pub extern "C" fn backup_error_string(code: i32) -> *const c_char {
+    ErrorCode::from_raw(code)
+        .unwrap_or(ErrorCode::Unknown)
+        .message_cstr()
+        .as_ptr()
+}
+
+/// Initializes a caller-allocated context: IDLE, no error, no message.
+/// Returns BACKUP_ERROR_INVALID_PARAM for NULL.
+#[no_mangle]
+pub extern "C" fn backup_retry_context_init(
+    retry_context: *mut SRetryContext,
+    max_retry: u32,
+    retry_interval: u32,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        if retry_context.is_null() {
+            return ErrorCode::InvalidParam.raw();
+        }
+        // SAFETY: non-NULL, points to caller-owned memory of the right size. Fields are
+        // written one by one: the memory may be uninitialized (fresh malloc).
+        unsafe {
+            std::ptr::write(
+                retry_context,
+                SRetryContext {
+                    current_retry: 0,
+                    max_retry,
+                    retry_interval,
+                    last_retry_time: 0,
+                    state: RetryState::Idle as i32,
+                    last_error: ErrorCode::Success.raw(),
+                    error_message: std::ptr::null_mut(),
+                },
+            );
+        }
+        ErrorCode::Success.raw()
+    })
+}
+
+/// Frees the context's library-owned message. The context itself is the caller's. NULL: no-op.
+#[no_mangle]
+pub extern "C" fn backup_retry_context_destroy(retry_context: *mut SRetryContext) {
+    ffi_guard!((), {
+        if retry_context.is_null() {
+            return;
+        }
+        // SAFETY: non-NULL context whose message, if any, the library allocated.
+        unsafe { replace_malloc_string(&raw mut (*retry_context).error_message, None) };
+    })
+}
+
+/// Runs `op(user_data)` with the context's policy: `max_retry` retries, `retry_interval`
+/// seconds apart. Returns 0, the first non-retryable code, BACKUP_ERROR_RETRY_EXHAUSTED, or
+/// BACKUP_ERROR_CANCELLED (plugin cleanup during a wait). NULL context or op:
+/// BACKUP_ERROR_INVALID_PARAM.
+#[no_mangle]
+pub extern "C" fn backup_execute_with_retry(
+    retry_context: *mut SRetryContext,
+    op: BackupOperationFn,
+    user_data: *mut c_void,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        if retry_context.is_null() {
+            return ErrorCode::InvalidParam.raw();
+        }
+        // SAFETY: non-NULL context owned by the caller for the duration of the call.
+        let policy = unsafe { context_policy(retry_context) };
+        unsafe { execute_into_context(retry_context, &policy, op, user_data) }
+    })
+}
+
+/// Like `backup_execute_with_retry`, under an extended policy (backoff, cap, jitter, budget).
+/// The budget's exhaustion returns BACKUP_ERROR_TIMEOUT. NULL argument or an invalid policy
+/// (multiplier not finite or below 1.0): BACKUP_ERROR_INVALID_PARAM.
+#[no_mangle]
+pub extern "C" fn backup_execute_with_retry_policy(
+    retry_context: *mut SRetryContext,
+    policy: *const SRetryPolicy,
+    op: BackupOperationFn,
+    user_data: *mut c_void,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        if retry_context.is_null() || policy.is_null() {
+            return ErrorCode::InvalidParam.raw();
+        }
+        // SAFETY: non-NULL, caller-owned for the duration of the call.
+        let policy = match from_c_policy(unsafe { &*policy }) {
+            Ok(policy) => policy,
+            Err(failure) => {
+                unsafe {
+                    replace_malloc_string(
+                        &raw mut (*retry_context).error_message,
+                        Some(&failure.detail),
+                    )
+                };
+                return failure.code;
+            }
+        };
+        unsafe { (*retry_context).max_retry = policy.max_retry };
+        unsafe { execute_into_context(retry_context, &policy, op, user_data) }
+    })
+}
+
+/// True when `error_code` is retryable and retries remain (`current_retry < max_retry`).
+#[no_mangle]
+pub extern "C" fn backup_should_retry(retry_context: *mut SRetryContext, error_code: i32) -> bool {
+    ffi_guard!(false, {
+        if retry_context.is_null() {
+            return false;
+        }
+        // SAFETY: non-NULL caller-owned context.
+        let (current, max) =
+            unsafe { ((*retry_context).current_retry, (*retry_context).max_retry) };
+        crate::error::is_retryable(error_code) && current < max
+    })
+}
+
+/// Waits `retry_interval` seconds (woken at once by `backup_plugin_cleanup`) and sets
+/// `last_retry_time`. NULL: no-op.
+#[no_mangle]
+pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
+    ffi_guard!((), {
+        if retry_context.is_null() {
+            return;
+        }
+        let token = crate::cancel::token();
+        // SAFETY: non-NULL caller-owned context.
+        let interval = unsafe { (*retry_context).retry_interval };
+        let _ = token.sleep(Duration::from_secs(interval as u64));
+        unsafe { (*retry_context).last_retry_time = crate::clock::unix_ms_now() };
+    })
+}
+
+/// The policy a context describes: fixed interval, in seconds.
+///
+/// # Safety
+/// `ctx` is non-NULL and valid.
+pub(crate) unsafe fn context_policy(ctx: *const SRetryContext) -> RetryPolicy {
+    let (max_retry, interval) = unsafe { ((*ctx).max_retry, (*ctx).retry_interval) };
+    RetryPolicy::fixed(max_retry, Duration::from_secs(interval as u64))
+}
+
+pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
+    if !p.multiplier.is_finite() || p.multiplier < 1.0 {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: retry policy multiplier {} is not a finite number >= 1.0",
+            p.multiplier
+        )));
+    }
+    let ms = Duration::from_millis;
+    Ok(RetryPolicy::fixed(p.max_retry, ms(p.initial_interval_ms))
+        .with_max_interval((p.max_interval_ms > 0).then(|| ms(p.max_interval_ms)))
+        .with_multiplier(p.multiplier)
+        .with_jitter(p.jitter)
+        .with_timeout((p.timeout_ms > 0).then(|| ms(p.timeout_ms))))
+}
+
+/// Mirrors the core's progress into the caller's context as it changes, so that an
+/// operation may look at `current_retry` while it runs.
+///
+/// # Safety
+/// `ctx` is non-NULL and valid for the whole call.
+unsafe fn execute_into_context(
+    ctx: *mut SRetryContext,
+    policy: &RetryPolicy,
+    op: BackupOperationFn,
+    user_data: *mut c_void,
+) -> i32 {
+    let Some(op) = op else {
+        return ErrorCode::InvalidParam.raw();
+    };
+    let mut progress = RetryProgress {
+        last_retry_time_ms: unsafe { (*ctx).last_retry_time },
+        ..RetryProgress::default()
+    };
+    let mut mirror = |p: &RetryProgress| unsafe { write_progress(ctx, p) };
+    // SAFETY: the host's function, called with the host's pointer, as the contract says.
+    let execution = retry::run_now(policy, &mut progress, Some(&mut mirror), |_| {
+        match unsafe { op(user_data) } {
+            0 => Ok(()),
+            code => Err(Failure::from_code(code)),
+        }
+    });
+    unsafe { finish_context(ctx, &progress, &execution) };
+    execution.code()
+}
+
+/// # Safety
+/// `ctx` is non-NULL and valid.
+pub(crate) unsafe fn write_progress(ctx: *mut SRetryContext, p: &RetryProgress) {
+    unsafe {
+        (*ctx).current_retry = p.current_retry;
+        (*ctx).state = p.state as i32;
+        (*ctx).last_error = p.last_error;
+        (*ctx).last_retry_time = p.last_retry_time_ms;
+    }
+}
+
+/// Final state of an execution: progress, and the message of the last failed attempt's
+/// code (NULL after a success).
+///
+/// # Safety
+/// `ctx` is non-NULL and valid; its message is NULL or library-allocated.
+pub(crate) unsafe fn finish_context(
+    ctx: *mut SRetryContext,
+    p: &RetryProgress,
+    execution: &Execution,
+) {
+    unsafe {
+        write_progress(ctx, p);
+        let message = match (&execution.result, &execution.last_failure) {
+            (Ok(()), _) => None,
+            (Err(_), Some(last)) => Some(message_of(last.code)),
+            (Err(failure), None) => Some(message_of(failure.code)),
+        };
+        replace_malloc_string(&raw mut (*ctx).error_message, message);
+    }
+}

@@ -1,0 +1,20 @@
+//! Retry and error-handling core of the TDengine taosX incremental-bitmap backup plugin.
+//!
+//! The crate is a pure Rust core (everything outside `ffi`) that knows nothing of C, and a
+//! thin `ffi` layer that checks pointers, guards panics, converts types and calls the core.
+//! The C contract is `include/backup_coordinator.h` (generated) and `shared/ABI.md`.
+
+pub mod cancel;
+pub mod clock;
+pub mod config;
+pub mod coordinator;
+pub mod durable;
+pub mod error;
+pub mod error_log;
+pub mod plugin;
+pub mod retry;
+pub mod tracker;
+
+pub mod ffi;
+
+pub use error::{ErrorCode, Failure};

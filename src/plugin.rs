@@ -1,0 +1,190 @@
+//! The process-wide plugin instance taosX drives (ABI §4), in plain Rust.
+//!
+//! One instance at a time: `init` parses the config and installs it, `cleanup` removes it,
+//! cancels every wait in progress and flushes the error log. Calls in flight hold their own
+//! `Arc` of the instance, so a concurrent cleanup never frees anything under them.
+
+use crate::cancel;
+use crate::clock::{Clock, SystemClock};
+use crate::config::PluginConfig;
+use crate::durable;
+use crate::error::{ErrorCode, Failure};
+use crate::error_log::{ErrorLog, LogSettings};
+use crate::retry::{self, Execution, RetryProgress};
+use crate::tracker::ErrorTracker;
+use parking_lot::{Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const NAME: &str = "incremental_bitmap_backup";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const NOT_INITIALIZED: &str = "Plugin not initialized";
+
+pub struct Plugin {
+    config: PluginConfig,
+    tracker: ErrorTracker,
+    clock: Arc<dyn Clock>,
+}
+
+static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
+/// Why the last init failed; kept until the next init or cleanup.
+static INIT_FAILURE: Mutex<Option<Arc<str>>> = Mutex::new(None);
+
+/// Installs the instance from the config bytes taosX passes.
+pub fn init(config_bytes: &[u8]) -> Result<(), Failure> {
+    init_with_clock(config_bytes, Arc::new(SystemClock))
+}
+
+pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(), Failure> {
+    let mut slot = INSTANCE.write();
+    if slot.is_some() {
+        let failure = Failure::new(
+            ErrorCode::InitFailed,
+            "Initialization failed: the plugin is already initialized (call backup_plugin_cleanup first)",
+        );
+        // The running instance's last error stays what it was.
+        return Err(failure);
+    }
+    let config = match PluginConfig::parse(config_bytes) {
+        Ok(config) => config,
+        Err(err) => {
+            let failure = Failure::invalid_param(err.to_string());
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
+            tracing::error!(reason = %failure.detail, "plugin init failed");
+            return Err(failure);
+        }
+    };
+    let plugin = Plugin::new(config, clock);
+    *INIT_FAILURE.lock() = None;
+    tracing::info!(
+        retry_max = plugin.config.error_retry_max,
+        retry_interval_ms = plugin.config.error_retry_interval.as_millis() as u64,
+        error_log = ?plugin.config.error_store_path,
+        "plugin initialized"
+    );
+    *slot = Some(Arc::new(plugin));
+    Ok(())
+}
+
+/// Records why an init failed before a config could be parsed (NULL, oversized).
+pub fn fail_init(detail: String) -> Failure {
+    let failure = Failure::invalid_param(detail);
+    if INSTANCE.read().is_none() {
+        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
+    }
+    failure
+}
+
+/// Removes the instance, cancels every wait in progress and flushes the error log.
+pub fn cleanup() {
+    let previous = INSTANCE.write().take();
+    *INIT_FAILURE.lock() = None;
+    cancel::cancel_all();
+    if let Some(plugin) = previous {
+        if let Some(log) = plugin.tracker.log() {
+            log.flush();
+        }
+        tracing::info!("plugin cleaned up; waits in progress cancelled");
+    }
+}
+
+/// The running instance, or NOT_INITIALIZED.
+pub fn instance() -> Result<Arc<Plugin>, Failure> {
+    INSTANCE
+        .read()
+        .clone()
+        .ok_or_else(|| Failure::new(ErrorCode::NotInitialized, NOT_INITIALIZED))
+}
+
+/// What `backup_plugin_get_last_error` shows.
+pub fn last_error_text() -> Arc<str> {
+    if let Some(plugin) = INSTANCE.read().as_ref() {
+        return plugin
+            .tracker
+            .last_error()
+            .unwrap_or_else(|| Arc::from(ErrorCode::Success.message()));
+    }
+    INIT_FAILURE
+        .lock()
+        .clone()
+        .unwrap_or_else(|| Arc::from(NOT_INITIALIZED))
+}
+
+impl Plugin {
+    fn new(config: PluginConfig, clock: Arc<dyn Clock>) -> Self {
+        let log = match (&config.error_store_path, config.enable_error_logging) {
+            (Some(dir), true) => Some(ErrorLog::shared(LogSettings {
+                dir: dir.clone(),
+                rotation_size: config.error_log_rotation_size,
+                rotation_count: config.error_log_rotation_count,
+            })),
+            _ => None,
+        };
+        Plugin {
+            tracker: ErrorTracker::new(config.error_buffer_size, log, None),
+            config,
+            clock,
+        }
+    }
+
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
+    pub fn tracker(&self) -> &ErrorTracker {
+        &self.tracker
+    }
+
+    /// The directory for durable state, or INVALID_PARAM naming `state_dir`.
+    pub fn state_dir(&self) -> Result<&Path, Failure> {
+        self.config.state_dir.as_deref().ok_or_else(|| {
+            Failure::invalid_param(
+                "Invalid parameter: no `state_dir` is configured; this operation keeps durable state there",
+            )
+        })
+    }
+
+    pub fn record_error(&self, code: i32, message: Option<&str>) {
+        self.tracker.record(self.clock(), code, message);
+    }
+
+    /// Books one plugin-level operation: its retries, and one error if it failed.
+    pub fn account(&self, retries: u32, result: &Result<(), Failure>) {
+        self.tracker.add_retries(retries as u64);
+        if let Err(failure) = result {
+            self.record_error(failure.code, Some(&failure.detail));
+        }
+    }
+
+    /// Runs `op` under the configured policy, booking the call as a plugin-level operation.
+    pub fn execute<F>(&self, op: F) -> Result<(), Failure>
+    where
+        F: FnMut(u32) -> Result<(), Failure>,
+    {
+        let execution = self.execute_unbooked(op);
+        self.account(execution.retries, &execution.result);
+        execution.result
+    }
+
+    /// Runs `op` under the configured policy without booking it (a caller that books itself).
+    pub fn execute_unbooked<F>(&self, op: F) -> Execution
+    where
+        F: FnMut(u32) -> Result<(), Failure>,
+    {
+        let mut progress = RetryProgress::default();
+        retry::run_now(&self.config.retry_policy(), &mut progress, None, op)
+    }
+
+    /// Durable, atomic replacement of `path`, retried under the configured policy.
+    pub fn write_file(&self, path: &Path, data: &[u8]) -> Result<(), Failure> {
+        self.execute(|_| durable::write_atomic(path, data).map_err(Failure::from))
+    }
+
+    pub fn error_log_path(&self) -> Option<PathBuf> {
+        self.tracker.log().and_then(|log| log.current_path())
+    }
+}

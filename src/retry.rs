@@ -1,0 +1,546 @@
+//! The retry core: a backoff policy, and the loop that runs an operation through it.
+//!
+//! Modelled on backon: a [`Backoff`] is an iterator of waits, and [`run`] is one small
+//! loop (call, return on success, return on a permanent error, ask for the next wait,
+//! check the budget, sleep). The sleeper and the clock are injected, so tests do not wait.
+
+use crate::cancel::{CancelToken, Cancelled};
+use crate::clock::Clock;
+use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use std::time::Duration;
+
+/// How an operation is retried. `Copy`, with saturating arithmetic throughout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries allowed after the first attempt.
+    pub max_retry: u32,
+    /// The first wait.
+    pub initial_interval: Duration,
+    /// Cap of one wait; `None` means no cap.
+    pub max_interval: Option<Duration>,
+    /// Growth of each wait over the previous one; 1.0 is a fixed interval.
+    pub multiplier: f64,
+    /// Full jitter: each wait is uniform in `[0, computed wait]`.
+    pub jitter: bool,
+    /// Budget counted from the first failure; no wait may end past it. `None`: no budget.
+    pub timeout: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// The taosX policy: `max_retry` retries, a fixed interval between them.
+    pub fn fixed(max_retry: u32, interval: Duration) -> Self {
+        RetryPolicy {
+            max_retry,
+            initial_interval: interval,
+            max_interval: None,
+            multiplier: 1.0,
+            jitter: false,
+            timeout: None,
+        }
+    }
+
+    pub fn with_max_interval(mut self, cap: Option<Duration>) -> Self {
+        self.max_interval = cap;
+        self
+    }
+
+    pub fn with_multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    pub fn with_jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The wait before retry number `retry` (1-based), before jitter.
+    pub fn nominal_wait(&self, retry: u32) -> Duration {
+        let initial_ms = self.initial_interval.as_millis() as f64;
+        let factor = if self.multiplier.is_finite() && self.multiplier > 0.0 {
+            self.multiplier
+        } else {
+            1.0
+        };
+        let exponent = retry.saturating_sub(1).min(i32::MAX as u32) as i32;
+        let wait_ms = initial_ms * factor.powi(exponent);
+        let mut wait = if wait_ms.is_finite() && wait_ms < u64::MAX as f64 {
+            Duration::from_millis(wait_ms as u64)
+        } else {
+            Duration::from_millis(u64::MAX)
+        };
+        if let Some(cap) = self.max_interval {
+            wait = wait.min(cap);
+        }
+        wait
+    }
+
+    pub fn backoff(&self, rng: fastrand::Rng) -> Backoff {
+        Backoff {
+            policy: *self,
+            retries_given: 0,
+            rng,
+        }
+    }
+}
+
+/// The waits between attempts; `None` once the retries are spent.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    policy: RetryPolicy,
+    retries_given: u32,
+    rng: fastrand::Rng,
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        if self.retries_given >= self.policy.max_retry {
+            return None;
+        }
+        self.retries_given += 1;
+        let wait = self.policy.nominal_wait(self.retries_given);
+        if self.policy.jitter && !wait.is_zero() {
+            let ms = wait.as_millis().min(u64::MAX as u128) as u64;
+            return Some(Duration::from_millis(self.rng.u64(0..=ms)));
+        }
+        Some(wait)
+    }
+}
+
+/// Where one execution stands; what `SRetryContext` mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryState {
+    #[default]
+    Idle = 0,
+    Retrying = 1,
+    Success = 2,
+    Failed = 3,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryProgress {
+    /// Retries started so far in this execution.
+    pub current_retry: u32,
+    pub state: RetryState,
+    /// The code the last failed attempt returned (0 when none has failed).
+    pub last_error: i32,
+    /// Unix ms when the last retry started (0: none yet).
+    pub last_retry_time_ms: u64,
+}
+
+/// Sleeps between attempts; cancellable.
+pub trait Sleeper {
+    fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled>;
+}
+
+/// The real sleeper: a condition-variable wait that `cancel_all` interrupts.
+pub struct CancellableSleeper(pub CancelToken);
+
+impl Sleeper for CancellableSleeper {
+    fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
+        self.0.sleep(duration)
+    }
+}
+
+/// Whatever one execution needs from outside: time, sleeping, randomness, and a way to
+/// show its progress as it goes (the FFI mirrors it into the caller's `SRetryContext`).
+pub struct RetryEnv<'a> {
+    pub clock: &'a dyn Clock,
+    pub sleeper: &'a mut dyn Sleeper,
+    pub rng: fastrand::Rng,
+    pub on_progress: Option<&'a mut dyn FnMut(&RetryProgress)>,
+}
+
+/// The result of one execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Execution {
+    /// `Ok` when an attempt succeeded; otherwise the code and reason the call gives up with.
+    pub result: Result<(), Failure>,
+    /// Retries performed (attempts after the first).
+    pub retries: u32,
+    /// The last attempt's own failure, when there was one.
+    pub last_failure: Option<Failure>,
+}
+
+impl Execution {
+    pub fn code(&self) -> i32 {
+        match &self.result {
+            Ok(()) => ErrorCode::Success.raw(),
+            Err(failure) => failure.code,
+        }
+    }
+}
+
+/// Runs `op` under `policy`, updating `progress` as the state machine of ABI §2 says.
+pub fn run<F>(
+    policy: &RetryPolicy,
+    env: &mut RetryEnv<'_>,
+    progress: &mut RetryProgress,
+    mut op: F,
+) -> Execution
+where
+    F: FnMut(u32) -> Result<(), Failure>,
+{
+    *progress = RetryProgress {
+        state: RetryState::Retrying,
+        last_error: ErrorCode::Success.raw(),
+        last_retry_time_ms: progress.last_retry_time_ms,
+        current_retry: 0,
+    };
+    notify(env, progress);
+    let mut backoff = policy.backoff(env.rng.clone());
+    let mut budget_end_ms: Option<u64> = None;
+    loop {
+        let failure = match op(progress.current_retry) {
+            Ok(()) => {
+                // last_error keeps the last failure's code (0 when none): it names the
+                // last *error* an attempt returned, as in the original plugin.
+                progress.state = RetryState::Success;
+                notify(env, progress);
+                return Execution {
+                    result: Ok(()),
+                    retries: progress.current_retry,
+                    last_failure: None,
+                };
+            }
+            Err(failure) => failure,
+        };
+        progress.last_error = failure.code;
+        let give_up = |progress: &mut RetryProgress, env: &mut RetryEnv<'_>, reason: Failure| {
+            progress.state = RetryState::Failed;
+            notify(env, progress);
+            Execution {
+                result: Err(reason),
+                retries: progress.current_retry,
+                last_failure: Some(failure.clone()),
+            }
+        };
+        if !is_retryable(failure.code) {
+            tracing::debug!(code = failure.code, detail = %failure.detail, "permanent error, not retried");
+            return give_up(progress, env, failure.clone());
+        }
+        let now = env.clock.monotonic_ms();
+        let budget_end = *budget_end_ms.get_or_insert_with(|| match policy.timeout {
+            Some(timeout) => now.saturating_add(timeout.as_millis() as u64),
+            None => u64::MAX,
+        });
+        let Some(wait) = backoff.next() else {
+            let reason = Failure::new(
+                ErrorCode::RetryExhausted,
+                format!(
+                    "Retry attempts exhausted: {} retries failed; last error {}: {}",
+                    progress.current_retry, failure.code, failure.detail
+                ),
+            );
+            tracing::warn!(
+                retries = progress.current_retry,
+                last_error = failure.code,
+                "retry attempts exhausted, giving up"
+            );
+            return give_up(progress, env, reason);
+        };
+        let wait_ms = wait.as_millis().min(u64::MAX as u128) as u64;
+        if now.saturating_add(wait_ms) > budget_end {
+            let reason = Failure::new(
+                ErrorCode::Timeout,
+                format!(
+                    "Operation timeout: the next wait of {wait_ms} ms would end past the retry budget of {} ms from the first failure; last error {}: {}",
+                    policy.timeout.map_or(0, |t| t.as_millis()),
+                    failure.code,
+                    failure.detail
+                ),
+            );
+            tracing::warn!(
+                retries = progress.current_retry,
+                last_error = failure.code,
+                wait_ms,
+                "retry budget exhausted, giving up"
+            );
+            return give_up(progress, env, reason);
+        }
+        progress.current_retry += 1;
+        tracing::info!(
+            retry = progress.current_retry,
+            max_retry = policy.max_retry,
+            code = failure.code,
+            error = message_of(failure.code),
+            wait_ms,
+            "operation failed, retrying"
+        );
+        if !wait.is_zero() && env.sleeper.sleep(wait).is_err() {
+            progress.current_retry -= 1;
+            let reason = Failure::new(
+                ErrorCode::Cancelled,
+                format!(
+                    "Operation cancelled during a retry wait (plugin cleanup); last error {}: {}",
+                    failure.code, failure.detail
+                ),
+            );
+            tracing::warn!(
+                retries = progress.current_retry,
+                last_error = failure.code,
+                "retry wait cancelled"
+            );
+            return give_up(progress, env, reason);
+        }
+        progress.last_retry_time_ms = env.clock.unix_ms();
+        notify(env, progress);
+    }
+}
+
+/// Runs `op` with real time: the system clock, and waits that `cancel_all` interrupts.
+/// The cancel token is taken now, so a cleanup during any later wait of this call cancels it.
+pub fn run_now<F>(
+    policy: &RetryPolicy,
+    progress: &mut RetryProgress,
+    on_progress: Option<&mut dyn FnMut(&RetryProgress)>,
+    op: F,
+) -> Execution
+where
+    F: FnMut(u32) -> Result<(), Failure>,
+{
+    let mut sleeper = CancellableSleeper(crate::cancel::token());
+    let mut env = RetryEnv {
+        clock: &crate::clock::SystemClock,
+        sleeper: &mut sleeper,
+        rng: fastrand::Rng::new(),
+        on_progress: on_progress.map(|f| f as &mut dyn FnMut(&RetryProgress)),
+    };
+    run(policy, &mut env, progress, op)
+}
+
+fn notify(env: &mut RetryEnv<'_>, progress: &RetryProgress) {
+    if let Some(on_progress) = env.on_progress.as_mut() {
+        on_progress(progress);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// Advances a manual clock instead of sleeping; can be told to report cancellation.
+    struct FakeSleeper {
+        clock: ManualClock,
+        waits: Vec<Duration>,
+        cancel_on_wait: Option<usize>,
+    }
+
+    impl Sleeper for FakeSleeper {
+        fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
+            if self.cancel_on_wait == Some(self.waits.len() + 1) {
+                return Err(Cancelled);
+            }
+            self.waits.push(duration);
+            self.clock.advance(duration);
+            Ok(())
+        }
+    }
+
+    fn harness(clock: &ManualClock) -> FakeSleeper {
+        FakeSleeper {
+            clock: clock.clone(),
+            waits: Vec::new(),
+            cancel_on_wait: None,
+        }
+    }
+
+    fn execute(
+        policy: RetryPolicy,
+        sleeper: &mut FakeSleeper,
+        mut results: Vec<i32>,
+    ) -> (Execution, RetryProgress, u32) {
+        let clock = sleeper.clock.clone();
+        let mut env = RetryEnv {
+            clock: &clock,
+            sleeper,
+            rng: fastrand::Rng::with_seed(7),
+            on_progress: None,
+        };
+        let mut progress = RetryProgress::default();
+        let mut attempts = 0;
+        results.reverse();
+        let execution = run(&policy, &mut env, &mut progress, |_| {
+            attempts += 1;
+            match results.pop().unwrap_or(0) {
+                0 => Ok(()),
+                code => Err(Failure::from_code(code)),
+            }
+        });
+        (execution, progress, attempts)
+    }
+
+    #[test]
+    fn three_retryable_failures_then_success_make_four_attempts() {
+        let clock = ManualClock::new(1_000);
+        let mut sleeper = harness(&clock);
+        let policy = RetryPolicy::fixed(5, Duration::from_secs(1));
+        let (execution, progress, attempts) = execute(policy, &mut sleeper, vec![-6, -6, -6, 0]);
+        assert_eq!(execution.result, Ok(()));
+        assert_eq!(attempts, 4);
+        assert_eq!(execution.retries, 3);
+        assert_eq!(progress.state, RetryState::Success);
+        assert_eq!(progress.current_retry, 3);
+        assert_eq!(progress.last_error, -6);
+        assert_eq!(sleeper.waits, vec![Duration::from_secs(1); 3]);
+        assert_eq!(progress.last_retry_time_ms, 4_000);
+    }
+
+    #[test]
+    fn a_permanent_error_ends_after_one_attempt() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        let (execution, progress, attempts) = execute(
+            RetryPolicy::fixed(5, Duration::from_secs(1)),
+            &mut sleeper,
+            vec![-1],
+        );
+        assert_eq!(execution.code(), -1);
+        assert_eq!(attempts, 1);
+        assert_eq!(progress.state, RetryState::Failed);
+        assert!(sleeper.waits.is_empty());
+    }
+
+    #[test]
+    fn unknown_codes_are_permanent_and_returned_as_they_are() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        let (execution, _, attempts) = execute(
+            RetryPolicy::fixed(5, Duration::ZERO),
+            &mut sleeper,
+            vec![42],
+        );
+        assert_eq!(execution.code(), 42);
+        assert_eq!(attempts, 1);
+    }
+
+    #[test]
+    fn exhaustion_keeps_the_last_error() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        let (execution, progress, attempts) = execute(
+            RetryPolicy::fixed(3, Duration::ZERO),
+            &mut sleeper,
+            vec![-6, -11, -6, -5],
+        );
+        assert_eq!(execution.code(), ErrorCode::RetryExhausted.raw());
+        assert_eq!(attempts, 4);
+        assert_eq!(progress.current_retry, 3);
+        assert_eq!(progress.last_error, -5);
+        assert_eq!(execution.last_failure.unwrap().code, -5);
+        // An interval of zero means no wait at all.
+        assert!(sleeper.waits.is_empty());
+    }
+
+    #[test]
+    fn exponential_backoff_is_capped() {
+        let policy = RetryPolicy::fixed(10, Duration::from_millis(100))
+            .with_multiplier(2.0)
+            .with_max_interval(Some(Duration::from_millis(1_000)));
+        let waits: Vec<u128> = policy
+            .backoff(fastrand::Rng::with_seed(1))
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(
+            waits,
+            vec![100, 200, 400, 800, 1000, 1000, 1000, 1000, 1000, 1000]
+        );
+    }
+
+    #[test]
+    fn huge_multipliers_saturate_instead_of_overflowing() {
+        let policy = RetryPolicy::fixed(200, Duration::from_secs(5)).with_multiplier(1e6);
+        let last = policy.backoff(fastrand::Rng::with_seed(1)).last().unwrap();
+        assert_eq!(last, Duration::from_millis(u64::MAX));
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_nominal_wait_and_varies() {
+        let policy = RetryPolicy::fixed(50, Duration::from_millis(1_000)).with_jitter(true);
+        let waits: Vec<Duration> = policy.backoff(fastrand::Rng::with_seed(3)).collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(1_000)));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 10, "jitter produced {distinct:?}");
+    }
+
+    #[test]
+    fn no_wait_may_end_past_the_budget() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        // Waits of 100, 200, 400, 800 ms; a budget of 1000 ms allows 100+200+400 = 700.
+        let policy = RetryPolicy::fixed(10, Duration::from_millis(100))
+            .with_multiplier(2.0)
+            .with_timeout(Some(Duration::from_millis(1_000)));
+        let (execution, progress, attempts) = execute(policy, &mut sleeper, vec![-7; 20]);
+        assert_eq!(execution.code(), ErrorCode::Timeout.raw());
+        assert_eq!(progress.last_error, -7);
+        assert_eq!(attempts, 4);
+        assert_eq!(
+            sleeper.waits.iter().sum::<Duration>(),
+            Duration::from_millis(700)
+        );
+        assert_eq!(progress.state, RetryState::Failed);
+        assert!(clock.monotonic_ms() <= 1_000);
+    }
+
+    #[test]
+    fn a_cancelled_wait_ends_the_call() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        sleeper.cancel_on_wait = Some(2);
+        let (execution, progress, attempts) = execute(
+            RetryPolicy::fixed(10, Duration::from_secs(5)),
+            &mut sleeper,
+            vec![-6; 20],
+        );
+        assert_eq!(execution.code(), ErrorCode::Cancelled.raw());
+        assert_eq!(attempts, 2);
+        assert_eq!(progress.current_retry, 1);
+        assert_eq!(progress.last_error, -6);
+    }
+
+    #[test]
+    fn progress_is_reported_as_it_changes() {
+        let clock = ManualClock::new(0);
+        let mut sleeper = harness(&clock);
+        let mut seen = Vec::new();
+        let mut record = |p: &RetryProgress| seen.push((p.state, p.current_retry));
+        let mut env = RetryEnv {
+            clock: &clock,
+            sleeper: &mut sleeper,
+            rng: fastrand::Rng::with_seed(1),
+            on_progress: Some(&mut record),
+        };
+        let mut progress = RetryProgress::default();
+        let mut calls = 0;
+        run(
+            &RetryPolicy::fixed(3, Duration::ZERO),
+            &mut env,
+            &mut progress,
+            |_| {
+                calls += 1;
+                if calls < 2 {
+                    Err(Failure::from_code(-6))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(
+            seen,
+            vec![
+                (RetryState::Retrying, 0),
+                (RetryState::Retrying, 1),
+                (RetryState::Success, 1)
+            ]
+        );
+    }
+}

@@ -10,6 +10,7 @@
 
 use crate::clock::Clock;
 use parking_lot::Mutex;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -92,10 +93,17 @@ impl ErrorLog {
         self.active.lock().as_ref().map(|a| a.path.clone())
     }
 
-    /// Appends one line. A failure is counted and traced; it never fails the caller.
-    pub fn append(&self, clock: &dyn Clock, code: i32, message: &str) {
-        let line = format_line(clock.unix_ms(), code, message);
-        if let Err(err) = self.append_line(clock, line.as_bytes()) {
+    /// Appends one line for an error recorded at `unix_ms`. A failure is counted and traced;
+    /// it never fails the caller.
+    pub fn append(&self, clock: &dyn Clock, unix_ms: u64, code: i32, message: &str) {
+        // The line is built in a per-thread buffer: no allocation on this hot path.
+        let result = LINE_BUFFER.with(|buffer| {
+            let mut line = buffer.borrow_mut();
+            line.clear();
+            write_line(&mut line, unix_ms, code, message);
+            self.append_line(clock, line.as_bytes())
+        });
+        if let Err(err) = result {
             self.write_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(dir = %self.settings.dir.display(), error = %err, "could not write the error log");
         }
@@ -200,19 +208,33 @@ pub fn log_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(files)
 }
 
+thread_local! {
+    static LINE_BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// `[<unix ms>] Error <code>: <message>\n`; control characters become spaces so that one
 /// record is always one line, and an oversized message is cut.
 pub fn format_line(unix_ms: u64, code: i32, message: &str) -> String {
     let mut line = String::with_capacity(32 + message.len().min(MAX_MESSAGE_BYTES));
+    write_line(&mut line, unix_ms, code, message);
+    line
+}
+
+fn write_line(line: &mut String, unix_ms: u64, code: i32, message: &str) {
     use std::fmt::Write as _;
     let _ = write!(line, "[{unix_ms}] Error {code}: ");
     line.push_str(&sanitize_message(message));
     line.push('\n');
-    line
 }
 
 /// One line of text of bounded size: control characters become spaces, the end is cut.
-pub fn sanitize_message(message: &str) -> String {
+/// Borrows when the message is already clean (the common case).
+pub fn sanitize_message(message: &str) -> Cow<'_, str> {
+    if message.len() <= MAX_MESSAGE_BYTES
+        && !message.bytes().any(|b| b.is_ascii_control() || b >= 0x80)
+    {
+        return Cow::Borrowed(message);
+    }
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE_BYTES));
     for ch in message.chars() {
         if out.len() + ch.len_utf8() > MAX_MESSAGE_BYTES {
@@ -221,7 +243,7 @@ pub fn sanitize_message(message: &str) -> String {
         }
         out.push(if ch.is_control() { ' ' } else { ch });
     }
-    out
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -256,8 +278,8 @@ mod tests {
         let dir = root.path().join("errors");
         let clock = ManualClock::new(1_700_000_000_000);
         let log = ErrorLog::shared(settings(&dir, 1 << 20, 30));
-        log.append(&clock, -6, "Network error");
-        log.append(&clock, -5, "File I/O error");
+        log.append(&clock, clock.unix_ms(), -6, "Network error");
+        log.append(&clock, clock.unix_ms(), -5, "File I/O error");
         assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o750);
         let files = log_files(&dir).unwrap();
         assert_eq!(files.len(), 1);
@@ -276,7 +298,12 @@ mod tests {
         let clock = ManualClock::new(1_000);
         let log = ErrorLog::shared(settings(root.path(), 100, 3));
         for i in 0..40 {
-            log.append(&clock, -6, &format!("failure number {i:04}"));
+            log.append(
+                &clock,
+                clock.unix_ms(),
+                -6,
+                &format!("failure number {i:04}"),
+            );
         }
         let files = log_files(root.path()).unwrap();
         assert_eq!(files.len(), 3);
@@ -296,7 +323,7 @@ mod tests {
         fs::write(root.path().join("backup_error_5000.log"), "").unwrap();
         let clock = ManualClock::new(1_000);
         let log = ErrorLog::shared(settings(root.path(), 1 << 20, 30));
-        log.append(&clock, -1, "x");
+        log.append(&clock, clock.unix_ms(), -1, "x");
         let names: Vec<u64> = log_files(root.path())
             .unwrap()
             .into_iter()
@@ -313,7 +340,7 @@ mod tests {
         std::os::unix::fs::symlink(&victim, root.path().join("backup_error_1000.log")).unwrap();
         let clock = ManualClock::new(1_000);
         let log = ErrorLog::shared(settings(root.path(), 1 << 20, 30));
-        log.append(&clock, -1, "x");
+        log.append(&clock, clock.unix_ms(), -1, "x");
         assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
         assert!(log
             .current_path()
@@ -328,7 +355,7 @@ mod tests {
         fs::write(&file, "").unwrap();
         let clock = ManualClock::new(1_000);
         let log = ErrorLog::shared(settings(&file.join("sub"), 1 << 20, 30));
-        log.append(&clock, -1, "x");
+        log.append(&clock, clock.unix_ms(), -1, "x");
         assert_eq!(log.write_failures(), 1);
     }
 }

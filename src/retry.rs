@@ -154,7 +154,9 @@ impl Sleeper for CancellableSleeper {
 pub struct RetryEnv<'a> {
     pub clock: &'a dyn Clock,
     pub sleeper: &'a mut dyn Sleeper,
-    pub rng: fastrand::Rng,
+    /// Seed of the jitter; `None`: a random seed, drawn only once a wait is needed (the
+    /// success path stays free of it).
+    pub jitter_seed: Option<u64>,
     pub on_progress: Option<&'a mut dyn FnMut(&RetryProgress)>,
 }
 
@@ -179,6 +181,7 @@ impl Execution {
 }
 
 /// Runs `op` under `policy`, updating `progress` as the state machine of ABI §2 says.
+#[inline]
 pub fn run<F>(
     policy: &RetryPolicy,
     env: &mut RetryEnv<'_>,
@@ -195,7 +198,8 @@ where
         current_retry: 0,
     };
     notify(env, progress);
-    let mut backoff = policy.backoff(env.rng.clone());
+    // Built at the first failure: an operation that succeeds at once pays for none of it.
+    let mut backoff: Option<Backoff> = None;
     let mut budget_end_ms: Option<u64> = None;
     loop {
         let failure = match op(progress.current_retry) {
@@ -230,6 +234,13 @@ where
         let budget_end = *budget_end_ms.get_or_insert_with(|| match policy.timeout {
             Some(timeout) => now.saturating_add(timeout.as_millis() as u64),
             None => u64::MAX,
+        });
+        let backoff = backoff.get_or_insert_with(|| {
+            let rng = match env.jitter_seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            };
+            policy.backoff(rng)
         });
         let Some(wait) = backoff.next() else {
             let reason = Failure::new(
@@ -310,7 +321,7 @@ where
     let mut env = RetryEnv {
         clock: &crate::clock::SystemClock,
         sleeper: &mut sleeper,
-        rng: fastrand::Rng::new(),
+        jitter_seed: None,
         on_progress: on_progress.map(|f| f as &mut dyn FnMut(&RetryProgress)),
     };
     run(policy, &mut env, progress, op)
@@ -362,7 +373,7 @@ mod tests {
         let mut env = RetryEnv {
             clock: &clock,
             sleeper,
-            rng: fastrand::Rng::with_seed(7),
+            jitter_seed: Some(7),
             on_progress: None,
         };
         let mut progress = RetryProgress::default();
@@ -516,7 +527,7 @@ mod tests {
         let mut env = RetryEnv {
             clock: &clock,
             sleeper: &mut sleeper,
-            rng: fastrand::Rng::with_seed(1),
+            jitter_seed: Some(1),
             on_progress: Some(&mut record),
         };
         let mut progress = RetryProgress::default();

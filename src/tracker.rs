@@ -61,13 +61,15 @@ impl ErrorTracker {
     /// Records an error: `None` records the code's own message.
     pub fn record(&self, clock: &dyn Clock, code: i32, message: Option<&str>) {
         let text = message.unwrap_or_else(|| message_of(code));
-        let text = self.redact(&sanitize_message(text));
-        let message: Arc<str> = Arc::from(text);
+        let clean = sanitize_message(text);
+        let message: Arc<str> = match self.redact(&clean) {
+            Some(redacted) => Arc::from(redacted),
+            None => Arc::from(&*clean),
+        };
         let unix_ms = clock.unix_ms();
         self.error_count.fetch_add(1, Ordering::Relaxed);
         {
             let mut recent = self.recent.lock();
-            recent.last = Some(message.clone());
             if self.history_capacity > 0 {
                 if recent.history.len() == self.history_capacity {
                     recent.history.pop_front();
@@ -78,9 +80,10 @@ impl ErrorTracker {
                     message: message.clone(),
                 });
             }
+            recent.last = Some(message.clone());
         }
         if let Some(log) = &self.log {
-            log.append(clock, code, &message);
+            log.append(clock, unix_ms, code, &message);
         }
     }
 
@@ -122,12 +125,13 @@ impl ErrorTracker {
         self.log.as_ref()
     }
 
-    fn redact(&self, text: &str) -> String {
+    /// The text with the secret replaced, or `None` when it does not contain it.
+    fn redact(&self, text: &str) -> Option<String> {
         match &self.secret {
             Some(secret) if text.contains(secret.as_str()) => {
-                text.replace(secret.as_str(), "[REDACTED]")
+                Some(text.replace(secret.as_str(), "[REDACTED]"))
             }
-            _ => text.to_string(),
+            _ => None,
         }
     }
 }

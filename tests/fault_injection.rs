@@ -45,7 +45,10 @@ fn child_role() {
         }
         "record-then-die" => {
             let config = format!("error_store_path = \"{}\"\n", dir.display());
-            assert_eq!(backup_plugin_init(config.as_ptr() as *const _, config.len() as u32), 0);
+            assert_eq!(
+                backup_plugin_init(config.as_ptr() as *const _, config.len() as u32),
+                0
+            );
             for i in 0..500 {
                 let message = CString::new(format!("marker {i}")).unwrap();
                 backup_plugin_record_error(-6, message.as_ptr());
@@ -90,7 +93,10 @@ fn kill_9_during_rewrites_never_tears_the_file() {
     }
     // The child spends nearly all its time writing: some kills must have hit a write in
     // flight, or this test proved nothing.
-    assert!(kills_mid_write > 0, "no kill landed in the middle of a write");
+    assert!(
+        kills_mid_write > 0,
+        "no kill landed in the middle of a write"
+    );
 }
 
 #[test]
@@ -105,7 +111,10 @@ fn a_line_recorded_before_kill_9_is_in_the_log() {
             text.push_str(&fs::read_to_string(path).unwrap());
         }
         for i in 0..500 {
-            assert!(text.contains(&format!("] Error -6: marker {i}\n")), "line {i} lost");
+            assert!(
+                text.contains(&format!("] Error -6: marker {i}\n")),
+                "line {i} lost"
+            );
         }
         assert_eq!(text.lines().count(), 500);
     }
@@ -122,8 +131,15 @@ impl Mount {
         let parent = tempfile::tempdir().unwrap();
         let path = parent.path().join("mnt");
         fs::create_dir(&path).unwrap();
-        let status = Command::new("mount").args(args).arg(&path).status().unwrap();
-        assert!(status.success(), "mount {args:?} failed: these tests need root");
+        let status = Command::new("mount")
+            .args(args)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mount {args:?} failed: these tests need root"
+        );
         Mount {
             path,
             _parent: parent,
@@ -158,11 +174,18 @@ fn a_full_disk_is_reported_not_retried_and_leaves_the_old_content() {
     let policy = RetryPolicy::fixed(5, Duration::ZERO);
     let execution = c.write_file(&policy, &mut progress, None, &target, &vec![7u8; BIG]);
     assert_eq!(execution.code(), ErrorCode::DiskFull.raw());
-    assert_eq!(execution.retries, 0, "a full disk must not be retried blindly");
+    assert_eq!(
+        execution.retries, 0,
+        "a full disk must not be retried blindly"
+    );
     assert_eq!(c.tracker().stats(), (1, 0));
     assert!(c.tracker().last_error().unwrap().contains("Disk full"));
     assert_eq!(fs::read(&target).unwrap(), b"old content");
-    assert_eq!(entries(&mount.path), vec!["set.dat"], "no partial temp file");
+    assert_eq!(
+        entries(&mount.path),
+        vec!["set.dat"],
+        "no partial temp file"
+    );
 
     // A new file on a full disk: not created at all.
     let fresh = mount.path.join("fresh.dat");

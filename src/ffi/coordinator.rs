@@ -322,7 +322,7 @@ pub extern "C" fn backup_write_file_with_retry(
                 .write_file(&policy, &mut progress, None, path, bytes);
             mirror_fields(coordinator, &state);
             let _fields = state.fields.lock();
-            finish_context(ctx, &progress, &execution);
+            finish_context(ctx, &progress, &execution, false);
             code_of(&execution.result)
         }
     })

@@ -65,20 +65,6 @@ pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Fa
     Ok(bytes)
 }
 
-/// A UTF-8 string argument.
-///
-/// # Safety
-/// As for [`c_bytes`].
-pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
-    let bytes = unsafe { c_bytes(ptr, name) }?;
-    std::str::from_utf8(bytes).map_err(|e| {
-        Failure::invalid_param(format!(
-            "Invalid parameter: `{name}` is not valid UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
-    })
-}
-
 /// A file path argument: any bytes but NUL, as on Linux; empty is rejected.
 ///
 /// # Safety
@@ -98,13 +84,13 @@ pub unsafe fn c_path<'a>(ptr: *const c_char, name: &str) -> Result<&'a Path, Fai
 ///
 /// # Safety
 /// As for [`c_bytes`].
-pub unsafe fn c_message(ptr: *const c_char) -> Option<String> {
+pub unsafe fn c_message<'a>(ptr: *const c_char) -> Option<std::borrow::Cow<'a, str>> {
     if ptr.is_null() {
         return None;
     }
     // SAFETY: non-NULL and NUL-terminated by the caller's contract.
     let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
-    Some(String::from_utf8_lossy(bytes).into_owned())
+    Some(String::from_utf8_lossy(bytes))
 }
 
 /// A (pointer, length) buffer argument; NULL is allowed only with length 0.

@@ -196,7 +196,7 @@ unsafe fn execute_into_context(
             code => Err(Failure::from_code(code)),
         }
     });
-    unsafe { finish_context(ctx, &progress, &execution) };
+    unsafe { finish_context(ctx, &progress, &execution, true) };
     execution.code()
 }
 
@@ -211,8 +211,8 @@ pub(crate) unsafe fn write_progress(ctx: *mut SRetryContext, p: &RetryProgress) 
     }
 }
 
-/// Final state of an execution: progress, and the message of the last failed attempt's
-/// code (NULL after a success).
+/// Final state of an execution: progress (unless the execution already mirrored it live),
+/// and the message of the last failed attempt's code (NULL after a success).
 ///
 /// # Safety
 /// `ctx` is non-NULL and valid; its message is NULL or library-allocated.
@@ -220,9 +220,12 @@ pub(crate) unsafe fn finish_context(
     ctx: *mut SRetryContext,
     p: &RetryProgress,
     execution: &Execution,
+    live_mirrored: bool,
 ) {
     unsafe {
-        write_progress(ctx, p);
+        if !live_mirrored {
+            write_progress(ctx, p);
+        }
         let message = match (&execution.result, &execution.last_failure) {
             (Ok(()), _) => None,
             (Err(_), Some(last)) => Some(message_of(last.code)),

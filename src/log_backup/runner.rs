@@ -1,0 +1,719 @@
+//! `backup_log_run_command` in plain Rust: query the task's state, decide, skip or run, and
+//! on failure retry with the log-backup policy, persisting the retry records before each
+//! wait so that a restarted process continues the same sequence (same count, same budget,
+//! only the remainder of a wait already begun).
+
+use super::records::{truncate_reason, RecordStore, RetryRecord, Sequence};
+use super::{decide, KernelState, SubCommand};
+use crate::clock::Clock;
+use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use crate::retry::Sleeper;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The log-backup retry policy; a zero field takes its default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRetryPolicy {
+    pub max_retry: u32,
+    pub min_wait: Duration,
+    pub max_wait: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for LogRetryPolicy {
+    fn default() -> Self {
+        LogRetryPolicy {
+            max_retry: 5,
+            min_wait: Duration::from_secs(30),
+            max_wait: Duration::from_secs(480),
+            timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+impl LogRetryPolicy {
+    /// Raw fields as C passes them (milliseconds); zero means the default.
+    pub fn from_raw(max_retry: u32, min_ms: u64, max_ms: u64, timeout_ms: u64) -> Self {
+        let d = LogRetryPolicy::default();
+        let or = |ms: u64, default: Duration| {
+            if ms == 0 {
+                default
+            } else {
+                Duration::from_millis(ms)
+            }
+        };
+        LogRetryPolicy {
+            max_retry: if max_retry == 0 {
+                d.max_retry
+            } else {
+                max_retry
+            },
+            min_wait: or(min_ms, d.min_wait),
+            max_wait: or(max_ms, d.max_wait),
+            timeout: or(timeout_ms, d.timeout),
+        }
+    }
+
+    /// The wait before retry `n` (1-based): `min << (n-1)`, capped.
+    pub fn wait(&self, n: u32) -> Duration {
+        let min = self.min_wait.as_millis() as u64;
+        let shifted = min
+            .checked_shl(n.saturating_sub(1))
+            .filter(|v| v >> n.saturating_sub(1) == min);
+        Duration::from_millis(shifted.unwrap_or(u64::MAX)).min(self.max_wait)
+    }
+}
+
+/// The task as the host drives it.
+pub trait TaskDriver {
+    /// The observed state, and whether the truncate target is reached; or an error code.
+    fn query(&mut self) -> Result<(KernelState, bool), Failure>;
+    fn execute(&mut self, command: SubCommand) -> i32;
+}
+
+/// Counters by command, for the metrics call.
+#[derive(Default)]
+pub struct LogMetrics {
+    retries: [AtomicU64; 5],
+    recoveries: [AtomicU64; 5],
+    skips: [AtomicU64; 5],
+    syncs: [AtomicU64; 5],
+}
+
+impl LogMetrics {
+    fn bump(counter: &[AtomicU64; 5], command: SubCommand) {
+        counter[command as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (retries, recoveries, skips, syncs) of a command.
+    pub fn of(&self, command: SubCommand) -> [u64; 4] {
+        let i = command as usize;
+        [&self.retries, &self.recoveries, &self.skips, &self.syncs]
+            .map(|c| c[i].load(Ordering::Relaxed))
+    }
+}
+
+/// What one call did, for the plugin's books.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub result: Result<(), Failure>,
+    /// Retries this call started (records it wrote before a wait).
+    pub retries: u32,
+    pub skipped: bool,
+}
+
+enum Attempt {
+    Done { skipped: bool },
+    Retryable(Failure),
+    Permanent(Failure),
+}
+
+enum Step {
+    Attempt,
+    /// Wait for the last record's expected time, then attempt.
+    Wait,
+    /// A previous process died during an attempt: look at the state first.
+    AfterInterruptedAttempt,
+}
+
+pub struct Runner<'a> {
+    pub store: &'a RecordStore,
+    pub clock: &'a dyn Clock,
+    pub sleeper: &'a mut dyn Sleeper,
+    pub metrics: &'a LogMetrics,
+}
+
+impl Runner<'_> {
+    pub fn run(
+        &mut self,
+        task: &str,
+        command: SubCommand,
+        policy: &LogRetryPolicy,
+        driver: &mut dyn TaskDriver,
+    ) -> RunOutcome {
+        let key = self.store.lock_key(task, command);
+        let _one_runner = key.lock();
+        let mut outcome = RunOutcome {
+            result: Ok(()),
+            retries: 0,
+            skipped: false,
+        };
+        let (mut sequence, mut step) = match self.store.load(task, command) {
+            Err(failure) => {
+                outcome.result = Err(failure);
+                return outcome;
+            }
+            Ok(Some(seq)) if seq.outcome.is_none() && !seq.records.is_empty() => {
+                let interrupted = seq.records.last().is_some_and(|r| r.real_retry_at_ms != 0);
+                tracing::info!(
+                    task,
+                    command = command.name(),
+                    retries = seq.records.len(),
+                    "resuming an unfinished retry sequence"
+                );
+                (
+                    seq,
+                    if interrupted {
+                        Step::AfterInterruptedAttempt
+                    } else {
+                        Step::Wait
+                    },
+                )
+            }
+            Ok(existing) => {
+                // A finished sequence stays readable until the next one starts: now.
+                if existing.is_some() {
+                    if let Err(failure) = self.store.remove(task, command) {
+                        outcome.result = Err(failure);
+                        return outcome;
+                    }
+                }
+                (Sequence::default(), Step::Attempt)
+            }
+        };
+        loop {
+            let attempt = match step {
+                Step::Wait => {
+                    let last = sequence.records.last().expect("a wait follows a record");
+                    let remaining = last
+                        .expected_retry_at_ms
+                        .saturating_sub(self.clock.unix_ms());
+                    if self
+                        .sleeper
+                        .sleep(Duration::from_millis(remaining))
+                        .is_err()
+                    {
+                        // CANCELLED leaves the sequence unfinished: a later call resumes it.
+                        tracing::warn!(
+                            task,
+                            command = command.name(),
+                            "log-backup retry wait cancelled"
+                        );
+                        outcome.result = Err(Failure::new(
+                            ErrorCode::Cancelled,
+                            format!("Operation cancelled: plugin cleanup during the retry wait of {} on task {task:?}", command.name()),
+                        ));
+                        return outcome;
+                    }
+                    let now = self.clock.unix_ms();
+                    sequence
+                        .records
+                        .last_mut()
+                        .expect("checked above")
+                        .real_retry_at_ms = now.max(1);
+                    // Persisted before the attempt: an attempt cut short by death counts as made.
+                    if let Err(failure) = self.store.save(task, command, &sequence) {
+                        outcome.result = Err(failure);
+                        return outcome;
+                    }
+                    self.attempt(command, driver)
+                }
+                Step::Attempt => self.attempt(command, driver),
+                Step::AfterInterruptedAttempt => match driver.query() {
+                    Ok((state, truncated)) if decide(command, state, truncated).should_skip => {
+                        Attempt::Done { skipped: false }
+                    }
+                    _ => Attempt::Retryable(Failure::new(
+                        ErrorCode::Unknown,
+                        "the previous attempt was interrupted (the process died)",
+                    )),
+                },
+            };
+            match attempt {
+                Attempt::Done { skipped } => {
+                    if !sequence.records.is_empty() {
+                        LogMetrics::bump(&self.metrics.recoveries, command);
+                        tracing::info!(
+                            task,
+                            command = command.name(),
+                            retries = sequence.records.len(),
+                            "log-backup command recovered"
+                        );
+                    }
+                    if skipped {
+                        LogMetrics::bump(&self.metrics.skips, command);
+                        tracing::debug!(
+                            task,
+                            command = command.name(),
+                            "log-backup command skipped: already done"
+                        );
+                    }
+                    outcome.skipped = skipped;
+                    outcome.result = self.store.remove(task, command);
+                    return outcome;
+                }
+                Attempt::Permanent(failure) => {
+                    outcome.result = Err(self.finish(task, command, &mut sequence, failure));
+                    return outcome;
+                }
+                Attempt::Retryable(failure) => {
+                    match self.schedule_retry(task, command, policy, &mut sequence, failure) {
+                        Ok(()) => {
+                            outcome.retries += 1;
+                            LogMetrics::bump(&self.metrics.retries, command);
+                            step = Step::Wait;
+                        }
+                        Err(failure) => {
+                            outcome.result = Err(failure);
+                            return outcome;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn attempt(&self, command: SubCommand, driver: &mut dyn TaskDriver) -> Attempt {
+        let (state, truncated) = match driver.query() {
+            Ok(observed) => observed,
+            Err(failure) if is_retryable(failure.code) => return Attempt::Retryable(failure),
+            Err(failure) => return Attempt::Permanent(failure),
+        };
+        let decision = decide(command, state, truncated);
+        if decision.need_sync {
+            LogMetrics::bump(&self.metrics.syncs, command);
+        }
+        if state == KernelState::Unknown {
+            return Attempt::Retryable(Failure::new(
+                ErrorCode::Unknown,
+                "the task's state is UNKNOWN",
+            ));
+        }
+        if decision.should_skip {
+            return Attempt::Done { skipped: true };
+        }
+        let Some(actual) = decision.actual else {
+            return Attempt::Permanent(Failure::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "Invalid state for command: cannot {} a task in state {state:?}",
+                    command.name()
+                ),
+            ));
+        };
+        let code = driver.execute(actual);
+        if code == 0 {
+            return Attempt::Done { skipped: false };
+        }
+        // The failure may have been only in reporting it: is the effect there now?
+        if let Ok((state, truncated)) = driver.query() {
+            if decide(command, state, truncated).should_skip {
+                tracing::info!(
+                    command = command.name(),
+                    code,
+                    "execute failed but the effect is there: success"
+                );
+                return Attempt::Done { skipped: false };
+            }
+        }
+        // The host's own code is kept as it is, even outside the table.
+        let failure = Failure {
+            code,
+            detail: format!("{} failed with {code}: {}", actual.name(), message_of(code)),
+        };
+        if is_retryable(code) {
+            Attempt::Retryable(failure)
+        } else {
+            Attempt::Permanent(failure)
+        }
+    }
+
+    /// Records a retry and persists it before the wait, or ends the sequence when the
+    /// retries or the budget are spent.
+    fn schedule_retry(
+        &self,
+        task: &str,
+        command: SubCommand,
+        policy: &LogRetryPolicy,
+        sequence: &mut Sequence,
+        failure: Failure,
+    ) -> Result<(), Failure> {
+        let now = self.clock.unix_ms();
+        let first_failure = *sequence.first_failure_ms.get_or_insert(now);
+        let retry_num = sequence.records.len() as u32 + 1;
+        if retry_num > policy.max_retry {
+            let reason = Failure::new(
+                ErrorCode::RetryExhausted,
+                format!(
+                    "Retry attempts exhausted: {} of task {task:?} failed after {} retries; last error {}: {}",
+                    command.name(), policy.max_retry, failure.code, failure.detail
+                ),
+            );
+            return Err(self.finish(task, command, sequence, reason));
+        }
+        let wait_ms = policy.wait(retry_num).as_millis() as u64;
+        let expected = now.saturating_add(wait_ms);
+        let budget_end = first_failure.saturating_add(policy.timeout.as_millis() as u64);
+        if expected > budget_end {
+            let reason = Failure::new(
+                ErrorCode::Timeout,
+                format!(
+                    "Operation timeout: {} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget; last error {}: {}",
+                    command.name(), policy.timeout.as_millis(), failure.code, failure.detail
+                ),
+            );
+            return Err(self.finish(task, command, sequence, reason));
+        }
+        sequence.records.push(RetryRecord {
+            retry_num,
+            detect_failed_at_ms: now,
+            expected_retry_at_ms: expected,
+            real_retry_at_ms: 0,
+            reason_code: failure.code,
+            original_reason: truncate_reason(&failure.detail),
+        });
+        tracing::info!(
+            task,
+            command = command.name(),
+            retry = retry_num,
+            code = failure.code,
+            wait_ms,
+            "log-backup command failed, retrying"
+        );
+        self.store.save(task, command, sequence)
+    }
+
+    /// Ends the sequence with `failure` (persisted when there are records to keep).
+    fn finish(
+        &self,
+        task: &str,
+        command: SubCommand,
+        sequence: &mut Sequence,
+        failure: Failure,
+    ) -> Failure {
+        tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
+        sequence.outcome = Some(failure.code);
+        if !sequence.records.is_empty() {
+            if let Err(save_failure) = self.store.save(task, command, sequence) {
+                tracing::warn!(error = %save_failure, "could not persist the end of a retry sequence");
+            }
+        }
+        failure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cancel::Cancelled;
+    use crate::clock::ManualClock;
+    use KernelState::*;
+
+    /// A task whose answers the test scripts; `state` changes when a command succeeds.
+    struct FakeTask {
+        state: KernelState,
+        truncated: bool,
+        execute_results: Vec<i32>,
+        executed: Vec<SubCommand>,
+        /// Apply the command's effect even when reporting a failure.
+        effect_despite_failure: bool,
+        query_error: Option<i32>,
+    }
+
+    impl FakeTask {
+        fn new(state: KernelState) -> Self {
+            FakeTask {
+                state,
+                truncated: false,
+                execute_results: vec![],
+                executed: vec![],
+                effect_despite_failure: false,
+                query_error: None,
+            }
+        }
+    }
+
+    impl TaskDriver for FakeTask {
+        fn query(&mut self) -> Result<(KernelState, bool), Failure> {
+            match self.query_error {
+                Some(code) => Err(Failure::from_code(code)),
+                None => Ok((self.state, self.truncated)),
+            }
+        }
+        fn execute(&mut self, command: SubCommand) -> i32 {
+            self.executed.push(command);
+            let code = if self.execute_results.is_empty() {
+                0
+            } else {
+                self.execute_results.remove(0)
+            };
+            if code == 0 || self.effect_despite_failure {
+                match command {
+                    SubCommand::Start | SubCommand::Resume => self.state = Running,
+                    SubCommand::Stop => self.state = NotExist,
+                    SubCommand::Pause => self.state = Paused,
+                    SubCommand::Truncate => self.truncated = true,
+                }
+            }
+            code
+        }
+    }
+
+    struct FakeSleeper {
+        clock: ManualClock,
+        waits: Vec<u64>,
+        cancel_on_wait: Option<usize>,
+    }
+
+    impl Sleeper for FakeSleeper {
+        fn sleep(&mut self, d: Duration) -> Result<(), Cancelled> {
+            if self.cancel_on_wait == Some(self.waits.len() + 1) {
+                return Err(Cancelled);
+            }
+            self.waits.push(d.as_millis() as u64);
+            self.clock.advance(d);
+            Ok(())
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: RecordStore,
+        clock: ManualClock,
+        metrics: LogMetrics,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            Fixture {
+                store: RecordStore::new(dir.path()),
+                _dir: dir,
+                clock: ManualClock::new(1_000_000),
+                metrics: LogMetrics::default(),
+            }
+        }
+
+        fn run(
+            &self,
+            command: SubCommand,
+            policy: LogRetryPolicy,
+            task: &mut FakeTask,
+            cancel_on_wait: Option<usize>,
+        ) -> (RunOutcome, Vec<u64>) {
+            let mut sleeper = FakeSleeper {
+                clock: self.clock.clone(),
+                waits: vec![],
+                cancel_on_wait,
+            };
+            let mut runner = Runner {
+                store: &self.store,
+                clock: &self.clock,
+                sleeper: &mut sleeper,
+                metrics: &self.metrics,
+            };
+            let outcome = runner.run("task-1", command, &policy, task);
+            (outcome, sleeper.waits)
+        }
+
+        fn records(&self, command: SubCommand) -> Option<Sequence> {
+            self.store.load("task-1", command).unwrap()
+        }
+    }
+
+    fn code(outcome: &RunOutcome) -> i32 {
+        outcome.result.as_ref().err().map_or(0, |f| f.code)
+    }
+
+    #[test]
+    fn skips_translates_and_runs() {
+        let f = Fixture::new();
+        let mut running = FakeTask::new(Running);
+        let (outcome, _) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut running,
+            None,
+        );
+        assert_eq!(code(&outcome), 0);
+        assert!(outcome.skipped);
+        assert!(
+            running.executed.is_empty(),
+            "a skipped command does not execute"
+        );
+
+        let mut paused = FakeTask::new(Paused);
+        f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut paused,
+            None,
+        );
+        assert_eq!(paused.executed, vec![SubCommand::Resume]);
+
+        let mut absent = FakeTask::new(NotExist);
+        f.run(
+            SubCommand::Resume,
+            LogRetryPolicy::default(),
+            &mut absent,
+            None,
+        );
+        assert_eq!(absent.executed, vec![SubCommand::Start]);
+
+        let (outcome, _) = f.run(
+            SubCommand::Pause,
+            LogRetryPolicy::default(),
+            &mut FakeTask::new(NotExist),
+            None,
+        );
+        assert_eq!(code(&outcome), ErrorCode::InvalidState.raw());
+        assert_eq!(f.metrics.of(SubCommand::Start)[2], 1, "one skip of start");
+        assert_eq!(
+            f.metrics.of(SubCommand::Start)[3],
+            1,
+            "one state sync of start"
+        );
+    }
+
+    #[test]
+    fn a_failure_whose_effect_is_there_is_a_success() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![ErrorCode::Network.raw()];
+        task.effect_despite_failure = true;
+        let (outcome, waits) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut task,
+            None,
+        );
+        assert_eq!(code(&outcome), 0);
+        assert!(waits.is_empty());
+        assert_eq!(task.executed.len(), 1);
+    }
+
+    #[test]
+    fn retries_with_doubling_waits_and_recovers() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(Running);
+        task.execute_results = vec![-6, -11, 0];
+        let (outcome, waits) = f.run(SubCommand::Stop, LogRetryPolicy::default(), &mut task, None);
+        assert_eq!(code(&outcome), 0);
+        assert_eq!(outcome.retries, 2);
+        assert_eq!(waits, vec![30_000, 60_000]);
+        assert_eq!(
+            f.records(SubCommand::Stop),
+            None,
+            "success clears the records"
+        );
+        assert_eq!(f.metrics.of(SubCommand::Stop)[..2], [2, 1]);
+    }
+
+    #[test]
+    fn exhaustion_after_five_retries_keeps_the_records() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![-6; 100];
+        let policy = LogRetryPolicy::from_raw(5, 10, 1_000, 3_600_000);
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
+        assert_eq!(task.executed.len(), 6);
+        assert_eq!(waits, vec![10, 20, 40, 80, 160]);
+        let seq = f.records(SubCommand::Start).unwrap();
+        assert_eq!(seq.outcome, Some(ErrorCode::RetryExhausted.raw()));
+        assert_eq!(seq.records.len(), 5);
+        assert!(seq
+            .records
+            .iter()
+            .all(|r| r.real_retry_at_ms >= r.expected_retry_at_ms && r.reason_code == -6));
+        // The next call starts a new sequence.
+        task.execute_results = vec![];
+        assert_eq!(
+            code(&f.run(SubCommand::Start, policy, &mut task, None).0),
+            0
+        );
+        assert_eq!(f.records(SubCommand::Start), None);
+    }
+
+    #[test]
+    fn no_wait_ends_past_the_budget() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(Running);
+        task.query_error = Some(ErrorCode::ConnectionLost.raw());
+        // Waits 100, 200, 400: a 500 ms budget allows 100 + 200 and refuses the third.
+        let policy = LogRetryPolicy::from_raw(10, 100, 10_000, 500);
+        let (outcome, waits) = f.run(SubCommand::Pause, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::Timeout.raw());
+        assert_eq!(waits, vec![100, 200]);
+        assert_eq!(
+            f.records(SubCommand::Pause).unwrap().outcome,
+            Some(ErrorCode::Timeout.raw())
+        );
+    }
+
+    #[test]
+    fn unknown_state_is_retried_and_a_permanent_query_error_ends_the_call() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(Unknown);
+        let policy = LogRetryPolicy::from_raw(2, 1, 1, 1_000_000);
+        let (outcome, _) = f.run(SubCommand::Resume, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
+        let seq = f.records(SubCommand::Resume).unwrap();
+        assert!(seq
+            .records
+            .iter()
+            .all(|r| r.reason_code == ErrorCode::Unknown.raw()));
+
+        let mut broken = FakeTask::new(Running);
+        broken.query_error = Some(ErrorCode::PermissionDenied.raw());
+        let (outcome, _) = f.run(SubCommand::Stop, policy, &mut broken, None);
+        assert_eq!(code(&outcome), ErrorCode::PermissionDenied.raw());
+    }
+
+    #[test]
+    fn a_cancelled_sequence_resumes_with_the_same_count_and_budget() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![-6; 100];
+        let policy = LogRetryPolicy::from_raw(5, 1_000, 100_000, 10_000_000);
+        // Cancelled during the third wait: three attempts made, three records written.
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, Some(3));
+        assert_eq!(code(&outcome), ErrorCode::Cancelled.raw());
+        assert_eq!(task.executed.len(), 3);
+        let seq = f.records(SubCommand::Start).unwrap();
+        assert_eq!((seq.outcome, seq.records.len()), (None, 3));
+        // 1.5 s later a new process resumes: it waits only the remaining 2.5 s of the 4 s wait.
+        f.clock.advance(Duration::from_millis(1_500));
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
+        assert_eq!(
+            task.executed.len(),
+            6,
+            "5 retries across both lives, not 5 per life"
+        );
+        assert_eq!(waits, vec![2_500, 8_000, 16_000]);
+    }
+
+    #[test]
+    fn an_attempt_cut_short_by_death_counts_as_made() {
+        let f = Fixture::new();
+        let seq = Sequence {
+            records: vec![RetryRecord {
+                retry_num: 1,
+                detect_failed_at_ms: 1,
+                expected_retry_at_ms: 2,
+                real_retry_at_ms: 3,
+                reason_code: -6,
+                original_reason: "x".into(),
+            }],
+            outcome: None,
+            first_failure_ms: Some(f.clock.unix_ms()),
+        };
+        f.store.save("task-1", SubCommand::Start, &seq).unwrap();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![-6; 100];
+        let policy = LogRetryPolicy::from_raw(2, 1, 1, 1_000_000);
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
+        // Retry 1 was the interrupted attempt; only retry 2 runs now.
+        assert_eq!(task.executed.len(), 1);
+    }
+
+    #[test]
+    fn waits_saturate() {
+        let policy = LogRetryPolicy::from_raw(100, 30_000, u64::MAX, 0);
+        assert_eq!(policy.wait(1), Duration::from_millis(30_000));
+        assert_eq!(policy.wait(64), Duration::from_millis(u64::MAX));
+        assert_eq!(LogRetryPolicy::default().wait(10), Duration::from_secs(480));
+    }
+}

@@ -105,6 +105,16 @@ typedef struct {
 } __attribute__((packed)) TaosxBackupBlockHeader;
 
 
+/*
+ Longest reason kept, NUL excluded (the C record has 256 bytes).
+ */
+#define MAX_REASON_BYTES 255
+
+/*
+ Longest task name, in bytes.
+ */
+#define BACKUP_LOG_TASK_MAX 255
+
 #define BACKUP_SUCCESS 0
 
 #define BACKUP_ERROR_INVALID_PARAM -1
@@ -251,6 +261,72 @@ typedef struct {
 } SBackupErrorRecord;
 
 /*
+ What to do with a command in an observed state.
+ */
+typedef struct {
+  /*
+   The command's effect is already there.
+   */
+  bool should_skip;
+  /*
+   The observed state disagrees with the command.
+   */
+  bool need_sync;
+  /*
+   ELogSubCommand to run, or -1 for none.
+   */
+  int32_t actual_command;
+} SLogBackupDecision;
+
+/*
+ A zero field takes its default.
+ */
+typedef struct {
+  /*
+   Default 5.
+   */
+  uint32_t max_retry_times;
+  /*
+   Default 30000; wait n = min << (n-1).
+   */
+  uint64_t min_retry_duration_ms;
+  /*
+   Cap of one wait; default 480000.
+   */
+  uint64_t max_retry_duration_ms;
+  /*
+   Default 1800000, from the first detected failure.
+   */
+  uint64_t retry_timeout_ms;
+} SLogBackupRetryPolicy;
+
+/*
+ Reports the task's state; `truncated_out`: whether the truncate target is already
+ reached (read only for TRUNCATE). Returns 0 or an error code (retryable codes are retried).
+ */
+typedef int32_t (*backup_log_query_state_fn)(void *user_data, ELogBackupKernelState *state_out, bool *truncated_out);
+
+/*
+ Runs a command on the task; returns 0 or an error code.
+ */
+typedef int32_t (*backup_log_execute_fn)(void *user_data, ELogSubCommand command);
+
+typedef struct {
+  uint32_t retry_num;
+  uint64_t detect_failed_at_ms;
+  uint64_t expected_retry_at_ms;
+  /*
+   0 until the retry ran.
+   */
+  uint64_t real_retry_at_ms;
+  int32_t reason_code;
+  /*
+   NUL-terminated, truncated.
+   */
+  char original_reason[256];
+} SLogBackupRetryRecord;
+
+/*
  An operation of the host: returns 0 on success or an error code.
  */
 typedef int32_t (*BackupOperationFn)(void *user_data);
@@ -278,6 +354,8 @@ typedef struct {
    */
   uint64_t timeout_ms;
 } SRetryPolicy;
+
+
 
 
 
@@ -337,6 +415,30 @@ int32_t backup_write_file_with_retry(SBackupCoordinator *coordinator, const char
  non-zero capacity: BACKUP_ERROR_INVALID_PARAM.
  */
 int32_t backup_get_error_history(SBackupCoordinator *coordinator, SBackupErrorRecord *out, uint32_t capacity, uint32_t *count_out);
+
+/*
+ The decision table: what `command` means for a task observed in `state`. Returns
+ BACKUP_SUCCESS for every valid pair; INVALID_PARAM for an out-of-range value or NULL out.
+ */
+int32_t backup_log_check_idempotency(ELogSubCommand command, ELogBackupKernelState state, bool already_truncated, SLogBackupDecision *out);
+
+/*
+ Queries the task, decides, skips or runs the right command, and retries failures with
+ `policy` (NULL: defaults), persisting the retry records under `state_dir` before each wait.
+ Needs an initialized plugin with a `state_dir`. See ABI §7 for every outcome.
+ */
+int32_t backup_log_run_command(const char *task, ELogSubCommand command, const SLogBackupRetryPolicy *policy, backup_log_query_state_fn query, backup_log_execute_fn execute, void *user_data);
+
+/*
+ Copies the retry records of (task, command): min(total, capacity) of them, oldest first;
+ `*count_out` is the total.
+ */
+int32_t backup_log_get_retry_records(const char *task, ELogSubCommand command, SLogBackupRetryRecord *out, uint32_t capacity, uint32_t *count_out);
+
+/*
+ Removes the records of (task, command), abandoning an unfinished sequence.
+ */
+int32_t backup_log_reset_retry_records(const char *task, ELogSubCommand command);
 
 /*
  The plugin's name (static).
@@ -407,6 +509,15 @@ int32_t backup_plugin_get_error_history(SBackupErrorRecord *out, uint32_t capaci
  this thread's next call into the plugin.
  */
 const char *backup_plugin_get_error_log_path(void);
+
+/*
+ The plugin's counters as Prometheus text: errors, retries, error-log write failures, and
+ by log-backup command: retries, recoveries, idempotent skips, state syncs. `*len_out`
+ receives the text's length (NUL excluded); the text and a NUL are copied when
+ `capacity` is larger than that, else BACKUP_ERROR_INVALID_PARAM (call again with a
+ buffer of `*len_out + 1`).
+ */
+int32_t backup_plugin_get_metrics(char *buffer, size_t capacity, size_t *len_out);
 
 /*
  The fixed message of `code` ("Unknown error" for codes outside the table). Static; never NULL.

@@ -10,7 +10,10 @@ use crate::config::PluginConfig;
 use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
-use crate::retry::{self, Execution, RetryProgress};
+use crate::log_backup::records::{RecordStore, Sequence};
+use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
+use crate::log_backup::SubCommand;
+use crate::retry::{self, CancellableSleeper, Execution, RetryProgress};
 use crate::tracker::ErrorTracker;
 use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
@@ -24,6 +27,9 @@ pub struct Plugin {
     config: PluginConfig,
     tracker: ErrorTracker,
     clock: Arc<dyn Clock>,
+    /// Log-backup retry records, when a `state_dir` is configured.
+    log_records: Option<RecordStore>,
+    log_metrics: LogMetrics,
 }
 
 static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
@@ -122,6 +128,8 @@ impl Plugin {
         };
         Plugin {
             tracker: ErrorTracker::new(config.error_buffer_size, log, None),
+            log_records: config.state_dir.as_deref().map(RecordStore::new),
+            log_metrics: LogMetrics::default(),
             config,
             clock,
         }
@@ -182,6 +190,106 @@ impl Plugin {
     /// Durable, atomic replacement of `path`, retried under the configured policy.
     pub fn write_file(&self, path: &Path, data: &[u8]) -> Result<(), Failure> {
         self.execute(|_| durable::write_atomic(path, data).map_err(Failure::from))
+    }
+
+    fn log_records(&self) -> Result<&RecordStore, Failure> {
+        self.state_dir()?;
+        Ok(self
+            .log_records
+            .as_ref()
+            .expect("a state_dir gives a record store"))
+    }
+
+    /// `backup_log_run_command`, booked as a plugin-level operation.
+    pub fn run_log_command(
+        &self,
+        task: &str,
+        command: SubCommand,
+        policy: &LogRetryPolicy,
+        driver: &mut dyn TaskDriver,
+    ) -> Result<(), Failure> {
+        let store = match self.log_records() {
+            Ok(store) => store,
+            Err(failure) => {
+                self.account(0, &Err(failure.clone()));
+                return Err(failure);
+            }
+        };
+        let mut sleeper = CancellableSleeper(crate::cancel::token());
+        let mut runner = Runner {
+            store,
+            clock: self.clock(),
+            sleeper: &mut sleeper,
+            metrics: &self.log_metrics,
+        };
+        let outcome = runner.run(task, command, policy, driver);
+        self.account(outcome.retries, &outcome.result);
+        outcome.result
+    }
+
+    pub fn log_retry_records(&self, task: &str, command: SubCommand) -> Result<Sequence, Failure> {
+        Ok(self.log_records()?.load(task, command)?.unwrap_or_default())
+    }
+
+    pub fn reset_log_retry_records(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+        self.log_records()?.remove(task, command)
+    }
+
+    /// Prometheus text of the plugin's counters.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let (errors, retries) = self.tracker.stats();
+        let log_failures = self.tracker.log().map_or(0, |log| log.write_failures());
+        let mut out = String::new();
+        let mut family = |name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(
+            "backup_errors_total",
+            "Errors recorded since init.",
+            "counter",
+        );
+        family(
+            "backup_retries_total",
+            "Retries performed by plugin-level operations.",
+            "counter",
+        );
+        family(
+            "backup_error_log_write_failures_total",
+            "Error log lines that could not be written.",
+            "counter",
+        );
+        let _ = writeln!(out, "backup_errors_total {errors}\nbackup_retries_total {retries}\nbackup_error_log_write_failures_total {log_failures}");
+        let names = [
+            (
+                "backup_log_command_retries_total",
+                "Retries of log-backup commands.",
+            ),
+            (
+                "backup_log_command_recoveries_total",
+                "Log-backup commands that succeeded after failing.",
+            ),
+            (
+                "backup_log_command_skips_total",
+                "Log-backup commands skipped because their effect was already there.",
+            ),
+            (
+                "backup_log_command_state_syncs_total",
+                "Log-backup commands whose observed state disagreed with them.",
+            ),
+        ];
+        for (i, (name, help)) in names.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for command in SubCommand::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{command=\"{}\"}} {}",
+                    command.name(),
+                    self.log_metrics.of(command)[i]
+                );
+            }
+        }
+        out
     }
 
     pub fn error_log_path(&self) -> Option<PathBuf> {

@@ -6,9 +6,14 @@ use backup_coordinator::coordinator::{Coordinator, CoordinatorSettings};
 use backup_coordinator::durable::write_atomic;
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::error_log::log_files;
+use backup_coordinator::ffi::log_backup::{backup_log_run_command, SLogBackupRetryPolicy};
 use backup_coordinator::ffi::plugin::{backup_plugin_init, backup_plugin_record_error};
 use backup_coordinator::retry::{RetryPolicy, RetryProgress};
-use std::ffi::CString;
+use std::ffi::{c_void, CString};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const LOG_SUBCOMMAND_START: i32 = 0;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -56,8 +61,95 @@ fn child_role() {
             // Killed right after the last record call returned: no exit handlers, no flush.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
+        "log-command" => {
+            let config = format!("state_dir = \"{}\"\n", dir.join("state").display());
+            assert_eq!(
+                backup_plugin_init(config.as_ptr() as *const _, config.len() as u32),
+                0
+            );
+            let policy = SLogBackupRetryPolicy {
+                max_retry_times: 5,
+                min_retry_duration_ms: 100,
+                max_retry_duration_ms: 10_000,
+                retry_timeout_ms: 600_000,
+            };
+            let task = CString::new("restart-task").unwrap();
+            let rc = backup_log_run_command(
+                task.as_ptr(),
+                LOG_SUBCOMMAND_START,
+                &policy,
+                Some(query_not_exist),
+                Some(execute_fails),
+                std::ptr::null_mut(),
+            );
+            println!("RESULT {rc}");
+        }
         other => panic!("unknown role {other}"),
     }
+}
+
+/// The task never exists yet.
+unsafe extern "C" fn query_not_exist(_: *mut c_void, state: *mut i32, truncated: *mut bool) -> i32 {
+    *state = 1; // LOG_BACKUP_KERNEL_NOT_EXIST
+    *truncated = false;
+    0
+}
+
+static ATTEMPTS_IN_THIS_PROCESS: AtomicU32 = AtomicU32::new(0);
+
+/// Every attempt fails retryably and is noted in a file (append: survives kill -9). With
+/// FAULT_KILL set, the third attempt arranges a SIGKILL in the middle of the wait after it.
+unsafe extern "C" fn execute_fails(_: *mut c_void, _command: i32) -> i32 {
+    let dir = PathBuf::from(std::env::var("FAULT_DIR").unwrap());
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("attempts"))
+        .unwrap();
+    log.write_all(b"attempt\n").unwrap();
+    let n = ATTEMPTS_IN_THIS_PROCESS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n == 3 && std::env::var("FAULT_KILL").is_ok() {
+        // The third wait is 400 ms: die 150 ms into it.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(150));
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        });
+    }
+    -6 // BACKUP_ERROR_NETWORK
+}
+
+#[test]
+fn a_restart_continues_the_retry_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env("FAULT_ROLE", "log-command")
+        .env("FAULT_DIR", dir.path())
+        .env("FAULT_KILL", "1")
+        .output()
+        .unwrap();
+    assert!(
+        !first.status.success(),
+        "the first process was meant to die by SIGKILL"
+    );
+    let attempts = || {
+        fs::read_to_string(dir.path().join("attempts"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(attempts(), 3);
+
+    let second = spawn_role("log-command", dir.path())
+        .wait_with_output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.contains("RESULT -12"), "second process: {stdout}");
+    assert_eq!(
+        attempts(),
+        6,
+        "5 retries across both processes, not 5 per process"
+    );
 }
 
 fn entries(dir: &Path) -> Vec<String> {

@@ -65,6 +65,20 @@ pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Fa
     Ok(bytes)
 }
 
+/// A UTF-8 string argument.
+///
+/// # Safety
+/// As for [`c_bytes`].
+pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    let bytes = unsafe { c_bytes(ptr, name) }?;
+    std::str::from_utf8(bytes).map_err(|e| {
+        Failure::invalid_param(format!(
+            "Invalid parameter: `{name}` is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
 /// A file path argument: any bytes but NUL, as on Linux; empty is rejected.
 ///
 /// # Safety

@@ -200,3 +200,35 @@ pub(crate) fn with_plugin<A>(
         Err(failure) => failure.code,
     }
 }
+
+/// The plugin's counters as Prometheus text: errors, retries, error-log write failures, and
+/// by log-backup command: retries, recoveries, idempotent skips, state syncs. `*len_out`
+/// receives the text's length (NUL excluded); the text and a NUL are copied when
+/// `capacity` is larger than that, else BACKUP_ERROR_INVALID_PARAM (call again with a
+/// buffer of `*len_out + 1`).
+#[no_mangle]
+pub extern "C" fn backup_plugin_get_metrics(
+    buffer: *mut c_char,
+    capacity: usize,
+    len_out: *mut usize,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        if len_out.is_null() {
+            return ErrorCode::InvalidParam.raw();
+        }
+        let text = match plugin::instance() {
+            Ok(plugin) => plugin.metrics_text(),
+            Err(failure) => return failure.code,
+        };
+        // SAFETY: len_out non-NULL; buffer valid for capacity bytes when non-NULL.
+        unsafe {
+            *len_out = text.len();
+            if buffer.is_null() || capacity <= text.len() {
+                return ErrorCode::InvalidParam.raw();
+            }
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buffer as *mut u8, text.len());
+            *buffer.add(text.len()) = 0;
+        }
+        ErrorCode::Success.raw()
+    })
+}

@@ -103,7 +103,11 @@ pub struct RunOutcome {
 }
 
 enum Attempt {
-    Done { skipped: bool },
+    /// `recovered`: execute reported a failure but the effect is there.
+    Done {
+        skipped: bool,
+        recovered: bool,
+    },
     Retryable(Failure),
     Permanent(Failure),
 }
@@ -211,7 +215,10 @@ impl Runner<'_> {
                 Step::Attempt => self.attempt(command, driver),
                 Step::AfterInterruptedAttempt => match driver.query() {
                     Ok((state, truncated)) if decide(command, state, truncated).should_skip => {
-                        Attempt::Done { skipped: false }
+                        Attempt::Done {
+                            skipped: false,
+                            recovered: true,
+                        }
                     }
                     _ => Attempt::Retryable(Failure::new(
                         ErrorCode::Unknown,
@@ -220,8 +227,8 @@ impl Runner<'_> {
                 },
             };
             match attempt {
-                Attempt::Done { skipped } => {
-                    if !sequence.records.is_empty() {
+                Attempt::Done { skipped, recovered } => {
+                    if recovered || !sequence.records.is_empty() {
                         LogMetrics::bump(&self.metrics.recoveries, command);
                         tracing::info!(
                             task,
@@ -239,7 +246,10 @@ impl Runner<'_> {
                         );
                     }
                     outcome.skipped = skipped;
-                    outcome.result = self.store.remove(task, command);
+                    // Records exist on disk only once a retry was scheduled.
+                    if !sequence.records.is_empty() {
+                        outcome.result = self.store.remove(task, command);
+                    }
                     return outcome;
                 }
                 Attempt::Permanent(failure) => {
@@ -280,7 +290,10 @@ impl Runner<'_> {
             ));
         }
         if decision.should_skip {
-            return Attempt::Done { skipped: true };
+            return Attempt::Done {
+                skipped: true,
+                recovered: false,
+            };
         }
         let Some(actual) = decision.actual else {
             return Attempt::Permanent(Failure::new(
@@ -293,7 +306,10 @@ impl Runner<'_> {
         };
         let code = driver.execute(actual);
         if code == 0 {
-            return Attempt::Done { skipped: false };
+            return Attempt::Done {
+                skipped: false,
+                recovered: false,
+            };
         }
         // The failure may have been only in reporting it: is the effect there now?
         if let Ok((state, truncated)) = driver.query() {
@@ -303,7 +319,10 @@ impl Runner<'_> {
                     code,
                     "execute failed but the effect is there: success"
                 );
-                return Attempt::Done { skipped: false };
+                return Attempt::Done {
+                    skipped: false,
+                    recovered: true,
+                };
             }
         }
         // The host's own code is kept as it is, even outside the table.

@@ -1,0 +1,270 @@
+//! Exports of ABI §7: log-backup commands checked against the task's state and retried
+//! with records that survive a restart.
+#![allow(non_camel_case_types)]
+
+use super::guard::{c_str, code_of, copy_to_buffer, ffi_guard, null_arg};
+use super::plugin::with_plugin;
+use crate::error::{ErrorCode, Failure};
+use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
+use crate::log_backup::{decide, KernelState, SubCommand};
+use std::ffi::{c_char, c_void};
+
+/// `ELogBackupKernelState` as C passes it (see the enum in the header).
+pub type ELogBackupKernelState = i32;
+/// `ELogSubCommand` as C passes it (see the enum in the header).
+pub type ELogSubCommand = i32;
+
+/// Longest task name, in bytes.
+pub const BACKUP_LOG_TASK_MAX: usize = 255;
+
+/// What to do with a command in an observed state.
+#[repr(C)]
+pub struct SLogBackupDecision {
+    /// The command's effect is already there.
+    pub should_skip: bool,
+    /// The observed state disagrees with the command.
+    pub need_sync: bool,
+    /// ELogSubCommand to run, or -1 for none.
+    pub actual_command: i32,
+}
+
+/// Reports the task's state; `truncated_out`: whether the truncate target is already
+/// reached (read only for TRUNCATE). Returns 0 or an error code (retryable codes are retried).
+pub type backup_log_query_state_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        state_out: *mut ELogBackupKernelState,
+        truncated_out: *mut bool,
+    ) -> i32,
+>;
+/// Runs a command on the task; returns 0 or an error code.
+pub type backup_log_execute_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, command: ELogSubCommand) -> i32>;
+
+/// A zero field takes its default.
+#[repr(C)]
+pub struct SLogBackupRetryPolicy {
+    /// Default 5.
+    pub max_retry_times: u32,
+    /// Default 30000; wait n = min << (n-1).
+    pub min_retry_duration_ms: u64,
+    /// Cap of one wait; default 480000.
+    pub max_retry_duration_ms: u64,
+    /// Default 1800000, from the first detected failure.
+    pub retry_timeout_ms: u64,
+}
+
+#[repr(C)]
+pub struct SLogBackupRetryRecord {
+    pub retry_num: u32,
+    pub detect_failed_at_ms: u64,
+    pub expected_retry_at_ms: u64,
+    /// 0 until the retry ran.
+    pub real_retry_at_ms: u64,
+    pub reason_code: i32,
+    /// NUL-terminated, truncated.
+    pub original_reason: [c_char; 256],
+}
+
+fn command_arg(raw: ELogSubCommand) -> Result<SubCommand, Failure> {
+    SubCommand::from_raw(raw).ok_or_else(|| {
+        Failure::invalid_param(format!(
+            "Invalid parameter: command {raw} is not an ELogSubCommand"
+        ))
+    })
+}
+
+/// # Safety
+/// `task` is NULL or NUL-terminated.
+unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
+    let task = unsafe { c_str(task, "task") }?;
+    if task.is_empty() || task.len() > BACKUP_LOG_TASK_MAX {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: `task` must be 1 to {BACKUP_LOG_TASK_MAX} bytes, got {}",
+            task.len()
+        )));
+    }
+    Ok(task)
+}
+
+/// The decision table: what `command` means for a task observed in `state`. Returns
+/// BACKUP_SUCCESS for every valid pair; INVALID_PARAM for an out-of-range value or NULL out.
+#[no_mangle]
+pub extern "C" fn backup_log_check_idempotency(
+    command: ELogSubCommand,
+    state: ELogBackupKernelState,
+    already_truncated: bool,
+    out: *mut SLogBackupDecision,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        let (Some(command), Some(state)) =
+            (SubCommand::from_raw(command), KernelState::from_raw(state))
+        else {
+            return ErrorCode::InvalidParam.raw();
+        };
+        if out.is_null() {
+            return ErrorCode::InvalidParam.raw();
+        }
+        let decision = decide(command, state, already_truncated);
+        // SAFETY: non-NULL, caller-owned.
+        unsafe {
+            out.write(SLogBackupDecision {
+                should_skip: decision.should_skip,
+                need_sync: decision.need_sync,
+                actual_command: decision.actual.map_or(-1, |c| c as i32),
+            });
+        }
+        ErrorCode::Success.raw()
+    })
+}
+
+/// The host's task, driven through its callbacks.
+struct HostTask {
+    query: unsafe extern "C" fn(*mut c_void, *mut ELogBackupKernelState, *mut bool) -> i32,
+    execute: unsafe extern "C" fn(*mut c_void, ELogSubCommand) -> i32,
+    user_data: *mut c_void,
+}
+
+impl TaskDriver for HostTask {
+    fn query(&mut self) -> Result<(KernelState, bool), Failure> {
+        let mut state: ELogBackupKernelState = -1;
+        let mut truncated = false;
+        // SAFETY: the host's callback with the host's pointer and two valid out-pointers.
+        let code = unsafe { (self.query)(self.user_data, &mut state, &mut truncated) };
+        if code != 0 {
+            return Err(Failure {
+                code,
+                detail: format!(
+                    "state query failed with {code}: {}",
+                    crate::error::message_of(code)
+                ),
+            });
+        }
+        KernelState::from_raw(state).map(|s| (s, truncated)).ok_or_else(|| {
+            Failure::invalid_param(format!("Invalid parameter: the state query reported {state}, not an ELogBackupKernelState"))
+        })
+    }
+
+    fn execute(&mut self, command: SubCommand) -> i32 {
+        // SAFETY: the host's callback with the host's pointer.
+        unsafe { (self.execute)(self.user_data, command as i32) }
+    }
+}
+
+/// Queries the task, decides, skips or runs the right command, and retries failures with
+/// `policy` (NULL: defaults), persisting the retry records under `state_dir` before each wait.
+/// Needs an initialized plugin with a `state_dir`. See ABI §7 for every outcome.
+#[no_mangle]
+pub extern "C" fn backup_log_run_command(
+    task: *const c_char,
+    command: ELogSubCommand,
+    policy: *const SLogBackupRetryPolicy,
+    query: backup_log_query_state_fn,
+    execute: backup_log_execute_fn,
+    user_data: *mut c_void,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        // SAFETY: task NUL-terminated; policy NULL or valid.
+        let args = unsafe { task_arg(task) }.and_then(|task| {
+            let command = command_arg(command)?;
+            let query = query.ok_or_else(|| null_arg("query"))?;
+            let execute = execute.ok_or_else(|| null_arg("execute"))?;
+            let policy = match unsafe { policy.as_ref() } {
+                None => LogRetryPolicy::default(),
+                Some(p) => LogRetryPolicy::from_raw(
+                    p.max_retry_times,
+                    p.min_retry_duration_ms,
+                    p.max_retry_duration_ms,
+                    p.retry_timeout_ms,
+                ),
+            };
+            Ok((
+                task,
+                command,
+                policy,
+                HostTask {
+                    query,
+                    execute,
+                    user_data,
+                },
+            ))
+        });
+        with_plugin(args, |plugin, (task, command, policy, mut host)| {
+            plugin.run_log_command(task, command, &policy, &mut host)
+        })
+    })
+}
+
+/// Copies the retry records of (task, command): min(total, capacity) of them, oldest first;
+/// `*count_out` is the total.
+#[no_mangle]
+pub extern "C" fn backup_log_get_retry_records(
+    task: *const c_char,
+    command: ELogSubCommand,
+    out: *mut SLogBackupRetryRecord,
+    capacity: u32,
+    count_out: *mut u32,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        // SAFETY: task NUL-terminated.
+        let args = unsafe { task_arg(task) }.and_then(|task| {
+            let command = command_arg(command)?;
+            if count_out.is_null() {
+                return Err(null_arg("count_out"));
+            }
+            if out.is_null() && capacity > 0 {
+                return Err(null_arg("out"));
+            }
+            Ok((task, command))
+        });
+        let (task, command) = match args {
+            Ok(args) => args,
+            Err(failure) => return failure.code,
+        };
+        let plugin = match crate::plugin::instance() {
+            Ok(plugin) => plugin,
+            Err(failure) => return failure.code,
+        };
+        let sequence = match plugin.log_retry_records(task, command) {
+            Ok(sequence) => sequence,
+            Err(failure) => {
+                plugin.record_error(failure.code, Some(&failure.detail));
+                return failure.code;
+            }
+        };
+        // SAFETY: count_out non-NULL; out valid for `capacity` records.
+        unsafe {
+            *count_out = sequence.records.len() as u32;
+            for (i, r) in sequence.records.iter().take(capacity as usize).enumerate() {
+                let slot = &mut *out.add(i);
+                slot.retry_num = r.retry_num;
+                slot.detect_failed_at_ms = r.detect_failed_at_ms;
+                slot.expected_retry_at_ms = r.expected_retry_at_ms;
+                slot.real_retry_at_ms = r.real_retry_at_ms;
+                slot.reason_code = r.reason_code;
+                copy_to_buffer(&r.original_reason, &mut slot.original_reason);
+            }
+        }
+        ErrorCode::Success.raw()
+    })
+}
+
+/// Removes the records of (task, command), abandoning an unfinished sequence.
+#[no_mangle]
+pub extern "C" fn backup_log_reset_retry_records(
+    task: *const c_char,
+    command: ELogSubCommand,
+) -> i32 {
+    ffi_guard!(ErrorCode::Unknown.raw(), {
+        // SAFETY: task NUL-terminated.
+        let args = unsafe { task_arg(task) }.and_then(|task| Ok((task, command_arg(command)?)));
+        let (task, command) = match args {
+            Ok(args) => args,
+            Err(failure) => return failure.code,
+        };
+        match crate::plugin::instance() {
+            Ok(plugin) => code_of(&plugin.reset_log_retry_records(task, command)),
+            Err(failure) => failure.code,
+        }
+    })
+}

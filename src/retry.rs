@@ -333,28 +333,32 @@ fn notify(env: &mut RetryEnv<'_>, progress: &RetryProgress) {
     }
 }
 
+/// A sleeper for tests: advances a manual clock instead of sleeping, notes each wait, and
+/// reports cancellation at the wait it is told to.
+#[cfg(test)]
+pub(crate) struct FakeSleeper {
+    pub clock: crate::clock::ManualClock,
+    pub waits: Vec<Duration>,
+    /// 1-based number of the wait that is cancelled.
+    pub cancel_on_wait: Option<usize>,
+}
+
+#[cfg(test)]
+impl Sleeper for FakeSleeper {
+    fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
+        if self.cancel_on_wait == Some(self.waits.len() + 1) {
+            return Err(Cancelled);
+        }
+        self.waits.push(duration);
+        self.clock.advance(duration);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-
-    /// Advances a manual clock instead of sleeping; can be told to report cancellation.
-    struct FakeSleeper {
-        clock: ManualClock,
-        waits: Vec<Duration>,
-        cancel_on_wait: Option<usize>,
-    }
-
-    impl Sleeper for FakeSleeper {
-        fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
-            if self.cancel_on_wait == Some(self.waits.len() + 1) {
-                return Err(Cancelled);
-            }
-            self.waits.push(duration);
-            self.clock.advance(duration);
-            Ok(())
-        }
-    }
 
     fn harness(clock: &ManualClock) -> FakeSleeper {
         FakeSleeper {

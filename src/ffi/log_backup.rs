@@ -87,6 +87,17 @@ unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
     Ok(task)
 }
 
+/// The (task, command) of a records call.
+///
+/// # Safety
+/// `task` is NULL or NUL-terminated.
+unsafe fn records_key<'a>(
+    task: *const c_char,
+    command: ELogSubCommand,
+) -> Result<(&'a str, SubCommand), Failure> {
+    Ok((unsafe { task_arg(task) }?, command_arg(command)?))
+}
+
 /// The decision table: what `command` means for a task observed in `state`. Returns
 /// BACKUP_SUCCESS for every valid pair; INVALID_PARAM for an out-of-range value or NULL out.
 #[no_mangle]
@@ -207,8 +218,7 @@ pub extern "C" fn backup_log_get_retry_records(
 ) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
         // SAFETY: task NUL-terminated.
-        let args = unsafe { task_arg(task) }.and_then(|task| {
-            let command = command_arg(command)?;
+        let args = unsafe { records_key(task, command) }.and_then(|(task, command)| {
             if count_out.is_null() {
                 return Err(null_arg("count_out"));
             }
@@ -257,8 +267,7 @@ pub extern "C" fn backup_log_reset_retry_records(
 ) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
         // SAFETY: task NUL-terminated.
-        let args = unsafe { task_arg(task) }.and_then(|task| Ok((task, command_arg(command)?)));
-        let (task, command) = match args {
+        let (task, command) = match unsafe { records_key(task, command) } {
             Ok(args) => args,
             Err(failure) => return failure.code,
         };

@@ -414,8 +414,8 @@ impl Runner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cancel::Cancelled;
     use crate::clock::ManualClock;
+    use crate::retry::FakeSleeper;
     use KernelState::*;
 
     /// A task whose answers the test scripts; `state` changes when a command succeeds.
@@ -468,23 +468,6 @@ mod tests {
         }
     }
 
-    struct FakeSleeper {
-        clock: ManualClock,
-        waits: Vec<u64>,
-        cancel_on_wait: Option<usize>,
-    }
-
-    impl Sleeper for FakeSleeper {
-        fn sleep(&mut self, d: Duration) -> Result<(), Cancelled> {
-            if self.cancel_on_wait == Some(self.waits.len() + 1) {
-                return Err(Cancelled);
-            }
-            self.waits.push(d.as_millis() as u64);
-            self.clock.advance(d);
-            Ok(())
-        }
-    }
-
     struct Fixture {
         _dir: tempfile::TempDir,
         store: RecordStore,
@@ -522,7 +505,10 @@ mod tests {
                 metrics: &self.metrics,
             };
             let outcome = runner.run("task-1", command, &policy, task);
-            (outcome, sleeper.waits)
+            (
+                outcome,
+                sleeper.waits.iter().map(|w| w.as_millis() as u64).collect(),
+            )
         }
 
         fn records(&self, command: SubCommand) -> Option<Sequence> {

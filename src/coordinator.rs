@@ -50,11 +50,10 @@ impl Coordinator {
         &self,
         policy: &RetryPolicy,
         progress: &mut RetryProgress,
-        on_progress: Option<&mut dyn FnMut(&RetryProgress)>,
         path: &Path,
         data: &[u8],
     ) -> Execution {
-        let execution = retry::run_now(policy, progress, on_progress, |_| {
+        let execution = retry::run_now(policy, progress, retry::no_progress, |_| {
             durable::write_atomic(path, data).map_err(Failure::from)
         });
         self.tracker.add_retries(execution.retries as u64);

@@ -184,7 +184,12 @@ impl Plugin {
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let mut progress = RetryProgress::default();
-        retry::run_now(&self.config.retry_policy(), &mut progress, None, op)
+        retry::run_now(
+            &self.config.retry_policy(),
+            &mut progress,
+            retry::no_progress,
+            op,
+        )
     }
 
     /// Durable, atomic replacement of `path`, retried under the configured policy.

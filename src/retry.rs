@@ -151,14 +151,18 @@ impl Sleeper for CancellableSleeper {
 
 /// Whatever one execution needs from outside: time, sleeping, randomness, and a way to
 /// show its progress as it goes (the FFI mirrors it into the caller's `SRetryContext`).
-pub struct RetryEnv<'a> {
+/// Generic over the progress callback so that the success path inlines it.
+pub struct RetryEnv<'a, P: FnMut(&RetryProgress)> {
     pub clock: &'a dyn Clock,
     pub sleeper: &'a mut dyn Sleeper,
     /// Seed of the jitter; `None`: a random seed, drawn only once a wait is needed (the
     /// success path stays free of it).
     pub jitter_seed: Option<u64>,
-    pub on_progress: Option<&'a mut dyn FnMut(&RetryProgress)>,
+    pub on_progress: P,
 }
+
+/// The progress callback of a caller that does not watch.
+pub fn no_progress(_: &RetryProgress) {}
 
 /// The result of one execution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,14 +186,15 @@ impl Execution {
 
 /// Runs `op` under `policy`, updating `progress` as the state machine of ABI §2 says.
 #[inline]
-pub fn run<F>(
+pub fn run<F, P>(
     policy: &RetryPolicy,
-    env: &mut RetryEnv<'_>,
+    env: &mut RetryEnv<'_, P>,
     progress: &mut RetryProgress,
     mut op: F,
 ) -> Execution
 where
     F: FnMut(u32) -> Result<(), Failure>,
+    P: FnMut(&RetryProgress),
 {
     *progress = RetryProgress {
         state: RetryState::Retrying,
@@ -197,7 +202,7 @@ where
         last_retry_time_ms: progress.last_retry_time_ms,
         current_retry: 0,
     };
-    notify(env, progress);
+    (env.on_progress)(progress);
     // Built at the first failure: an operation that succeeds at once pays for none of it.
     let mut backoff: Option<Backoff> = None;
     let mut budget_end_ms: Option<u64> = None;
@@ -207,7 +212,7 @@ where
                 // last_error keeps the last failure's code (0 when none): it names the
                 // last *error* an attempt returned, as in the original plugin.
                 progress.state = RetryState::Success;
-                notify(env, progress);
+                (env.on_progress)(progress);
                 return Execution {
                     result: Ok(()),
                     retries: progress.current_retry,
@@ -217,9 +222,9 @@ where
             Err(failure) => failure,
         };
         progress.last_error = failure.code;
-        let give_up = |progress: &mut RetryProgress, env: &mut RetryEnv<'_>, reason: Failure| {
+        let give_up = |progress: &mut RetryProgress, env: &mut RetryEnv<'_, P>, reason: Failure| {
             progress.state = RetryState::Failed;
-            notify(env, progress);
+            (env.on_progress)(progress);
             Execution {
                 result: Err(reason),
                 retries: progress.current_retry,
@@ -302,35 +307,31 @@ where
             return give_up(progress, env, reason);
         }
         progress.last_retry_time_ms = env.clock.unix_ms();
-        notify(env, progress);
+        (env.on_progress)(progress);
     }
 }
 
 /// Runs `op` with real time: the system clock, and waits that `cancel_all` interrupts.
 /// The cancel token is taken now, so a cleanup during any later wait of this call cancels it.
-pub fn run_now<F>(
+#[inline]
+pub fn run_now<F, P>(
     policy: &RetryPolicy,
     progress: &mut RetryProgress,
-    on_progress: Option<&mut dyn FnMut(&RetryProgress)>,
+    on_progress: P,
     op: F,
 ) -> Execution
 where
     F: FnMut(u32) -> Result<(), Failure>,
+    P: FnMut(&RetryProgress),
 {
     let mut sleeper = CancellableSleeper(crate::cancel::token());
     let mut env = RetryEnv {
         clock: &crate::clock::SystemClock,
         sleeper: &mut sleeper,
         jitter_seed: None,
-        on_progress: on_progress.map(|f| f as &mut dyn FnMut(&RetryProgress)),
+        on_progress,
     };
     run(policy, &mut env, progress, op)
-}
-
-fn notify(env: &mut RetryEnv<'_>, progress: &RetryProgress) {
-    if let Some(on_progress) = env.on_progress.as_mut() {
-        on_progress(progress);
-    }
 }
 
 /// A sleeper for tests: advances a manual clock instead of sleeping, notes each wait, and
@@ -378,7 +379,7 @@ mod tests {
             clock: &clock,
             sleeper,
             jitter_seed: Some(7),
-            on_progress: None,
+            on_progress: no_progress,
         };
         let mut progress = RetryProgress::default();
         let mut attempts = 0;
@@ -532,7 +533,7 @@ mod tests {
             clock: &clock,
             sleeper: &mut sleeper,
             jitter_seed: Some(1),
-            on_progress: Some(&mut record),
+            on_progress: &mut record,
         };
         let mut progress = RetryProgress::default();
         let mut calls = 0;

@@ -264,7 +264,7 @@ fn a_full_disk_is_reported_not_retried_and_leaves_the_old_content() {
     let c = coordinator();
     let mut progress = RetryProgress::default();
     let policy = RetryPolicy::fixed(5, Duration::ZERO);
-    let execution = c.write_file(&policy, &mut progress, None, &target, &vec![7u8; BIG]);
+    let execution = c.write_file(&policy, &mut progress, &target, &vec![7u8; BIG]);
     assert_eq!(execution.code(), ErrorCode::DiskFull.raw());
     assert_eq!(
         execution.retries, 0,
@@ -281,7 +281,7 @@ fn a_full_disk_is_reported_not_retried_and_leaves_the_old_content() {
 
     // A new file on a full disk: not created at all.
     let fresh = mount.path.join("fresh.dat");
-    let execution = c.write_file(&policy, &mut progress, None, &fresh, &vec![7u8; BIG]);
+    let execution = c.write_file(&policy, &mut progress, &fresh, &vec![7u8; BIG]);
     assert_eq!(execution.code(), ErrorCode::DiskFull.raw());
     assert!(!fresh.exists());
 }
@@ -301,7 +301,6 @@ fn a_read_only_mount_is_permission_denied_and_not_retried() {
     let execution = c.write_file(
         &RetryPolicy::fixed(5, Duration::ZERO),
         &mut progress,
-        None,
         &mount.path.join("set.dat"),
         b"new",
     );

@@ -317,9 +317,7 @@ pub extern "C" fn backup_write_file_with_retry(
             let ctx = &raw mut (*coordinator).retry_context;
             let policy = context_policy(ctx);
             let mut progress = RetryProgress::default();
-            let execution = state
-                .core
-                .write_file(&policy, &mut progress, None, path, bytes);
+            let execution = state.core.write_file(&policy, &mut progress, path, bytes);
             mirror_fields(coordinator, &state);
             let _fields = state.fields.lock();
             finish_context(ctx, &progress, &execution, false);

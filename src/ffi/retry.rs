@@ -175,6 +175,7 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
 ///
 /// # Safety
 /// `ctx` is non-NULL and valid for the whole call.
+#[inline]
 unsafe fn execute_into_context(
     ctx: *mut SRetryContext,
     policy: &RetryPolicy,
@@ -188,9 +189,9 @@ unsafe fn execute_into_context(
         last_retry_time_ms: unsafe { (*ctx).last_retry_time },
         ..RetryProgress::default()
     };
-    let mut mirror = |p: &RetryProgress| unsafe { write_progress(ctx, p) };
+    let mirror = |p: &RetryProgress| unsafe { write_progress(ctx, p) };
     // SAFETY: the host's function, called with the host's pointer, as the contract says.
-    let execution = retry::run_now(policy, &mut progress, Some(&mut mirror), |_| {
+    let execution = retry::run_now(policy, &mut progress, mirror, |_| {
         match unsafe { op(user_data) } {
             0 => Ok(()),
             code => Err(Failure::from_code(code)),

@@ -49,10 +49,6 @@ impl ManualClock {
         self.now_ms
             .fetch_add(by.as_millis() as u64, Ordering::SeqCst);
     }
-
-    pub fn set_unix_ms(&self, ms: u64) {
-        self.now_ms.store(ms, Ordering::SeqCst);
-    }
 }
 
 impl Clock for ManualClock {

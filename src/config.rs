@@ -10,9 +10,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use toml::Value;
 
-/// The section taosX gives this plugin.
-pub const PLUGIN_SECTION: &str = "plugins.incremental_bitmap";
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
     pub error_retry_max: u32,

@@ -13,14 +13,12 @@ use crate::error_log::{ErrorLog, LogSettings};
 use crate::log_backup::records::{RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
-use crate::retry::{self, CancellableSleeper, Execution, RetryProgress};
+use crate::retry::{self, CancellableSleeper, RetryProgress};
 use crate::tracker::ErrorTracker;
 use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const NAME: &str = "incremental_bitmap_backup";
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const NOT_INITIALIZED: &str = "Plugin not initialized";
 
 pub struct Plugin {
@@ -173,23 +171,15 @@ impl Plugin {
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
-        let execution = self.execute_unbooked(op);
-        self.account(execution.retries, &execution.result);
-        execution.result
-    }
-
-    /// Runs `op` under the configured policy without booking it (a caller that books itself).
-    pub fn execute_unbooked<F>(&self, op: F) -> Execution
-    where
-        F: FnMut(u32) -> Result<(), Failure>,
-    {
         let mut progress = RetryProgress::default();
-        retry::run_now(
+        let execution = retry::run_now(
             &self.config.retry_policy(),
             &mut progress,
             retry::no_progress,
             op,
-        )
+        );
+        self.account(execution.retries, &execution.result);
+        execution.result
     }
 
     /// Durable, atomic replacement of `path`, retried under the configured policy.

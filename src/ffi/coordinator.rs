@@ -340,7 +340,10 @@ pub extern "C" fn backup_get_error_history(
         if coordinator.is_null() {
             return null_arg("coordinator").code;
         }
-        // SAFETY: non-NULL coordinator; out valid for capacity records.
+        if !history_args_valid(out, capacity, count_out) {
+            return ErrorCode::InvalidParam.raw();
+        }
+        // SAFETY: non-NULL coordinator; arguments checked; out valid for capacity records.
         unsafe {
             let state = registered(coordinator);
             copy_history(state.core.tracker(), out, capacity, count_out)
@@ -348,19 +351,26 @@ pub extern "C" fn backup_get_error_history(
     })
 }
 
+/// The argument check of both history accessors: `count_out` is required, `out` only
+/// when there is room to fill.
+pub(crate) fn history_args_valid(
+    out: *const SBackupErrorRecord,
+    capacity: u32,
+    count_out: *const u32,
+) -> bool {
+    !count_out.is_null() && (!out.is_null() || capacity == 0)
+}
+
 /// Shared by the coordinator and plugin history accessors.
 ///
 /// # Safety
-/// `out` is NULL or valid for `capacity` records; `count_out` is NULL or writable.
+/// The arguments passed [`history_args_valid`]; `out` is valid for `capacity` records.
 pub(crate) unsafe fn copy_history(
     tracker: &crate::tracker::ErrorTracker,
     out: *mut SBackupErrorRecord,
     capacity: u32,
     count_out: *mut u32,
 ) -> i32 {
-    if count_out.is_null() || (out.is_null() && capacity > 0) {
-        return ErrorCode::InvalidParam.raw();
-    }
     let records = tracker.history(capacity as usize);
     unsafe {
         *count_out = tracker.history_len() as u32;

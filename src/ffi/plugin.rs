@@ -1,6 +1,6 @@
 //! Exports of ABI §4: the process-wide plugin instance taosX drives.
 
-use super::coordinator::copy_history;
+use super::coordinator::{copy_history, history_args_valid};
 use super::guard::{c_message, c_path, c_slice, code_of, ffi_guard, null_arg, return_string};
 use super::retry::BackupOperationFn;
 use super::types::SBackupErrorRecord;
@@ -156,7 +156,7 @@ pub extern "C" fn backup_plugin_get_error_history(
     count_out: *mut u32,
 ) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
-        if count_out.is_null() || (out.is_null() && capacity > 0) {
+        if !history_args_valid(out, capacity, count_out) {
             return ErrorCode::InvalidParam.raw();
         }
         match plugin::instance() {

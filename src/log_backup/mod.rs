@@ -89,12 +89,6 @@ impl Decision {
             actual,
         }
     }
-
-    /// A state the command cannot act on (neither skip nor run): INVALID_STATE, or a retry
-    /// when the state is UNKNOWN.
-    pub fn is_stuck(&self) -> bool {
-        !self.should_skip && self.actual.is_none()
-    }
 }
 
 /// The decision table of ABI §7.
@@ -153,8 +147,10 @@ mod tests {
         }
         assert_eq!(decide(Truncate, Running, true), skip);
         assert_eq!(decide(Truncate, Paused, true), sync(None));
-        assert!(decide(Pause, NotExist, false).is_stuck());
-        assert!(!decide(Start, Paused, false).is_stuck());
+        // Neither skip nor run: a state the command cannot act on.
+        let stuck = |d: Decision| !d.should_skip && d.actual.is_none();
+        assert!(stuck(decide(Pause, NotExist, false)));
+        assert!(!stuck(decide(Start, Paused, false)));
     }
 
     #[test]

@@ -97,6 +97,17 @@ fn raw_append_fd(path: &Path) -> i32 {
     }
 }
 
+/// Runs `op` `per_thread` times on each of `threads` threads; seconds per operation.
+fn seconds_per_op(threads: usize, per_thread: usize, op: impl Fn() + Sync) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| (0..per_thread).for_each(|_| op()));
+        }
+    });
+    start.elapsed().as_secs_f64() / (per_thread * threads) as f64
+}
+
 fn bench_record_error(rounds: usize, threads: usize) {
     const RECORDS: usize = 20_000;
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
@@ -114,40 +125,22 @@ fn bench_record_error(rounds: usize, threads: usize) {
     let (ours, raw) = compare(
         rounds,
         || {
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| {
-                        for _ in 0..per_thread {
-                            backup_plugin_record_error(-6, message.as_ptr());
-                        }
-                    });
-                }
-            });
-            start.elapsed().as_secs_f64() / (per_thread * threads) as f64
+            seconds_per_op(threads, per_thread, || {
+                backup_plugin_record_error(-6, message.as_ptr())
+            })
         },
         || {
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| {
-                        for _ in 0..per_thread {
-                            // The floor formats the same line, then one write(2).
-                            let line = format!(
-                                "[{}] Error {}: {}\n",
-                                backup_coordinator::clock::unix_ms_now(),
-                                -6,
-                                "Network connection to taosd lost"
-                            );
-                            let n = unsafe {
-                                libc::write(fd, line.as_ptr() as *const c_void, line.len())
-                            };
-                            assert_eq!(n as usize, line.len());
-                        }
-                    });
-                }
-            });
-            start.elapsed().as_secs_f64() / (per_thread * threads) as f64
+            seconds_per_op(threads, per_thread, || {
+                // The floor formats the same line, then one write(2).
+                let line = format!(
+                    "[{}] Error {}: {}\n",
+                    backup_coordinator::clock::unix_ms_now(),
+                    -6,
+                    "Network connection to taosd lost"
+                );
+                let n = unsafe { libc::write(fd, line.as_ptr() as *const c_void, line.len()) };
+                assert_eq!(n as usize, line.len());
+            })
         },
     );
     unsafe { libc::close(fd) };

@@ -111,6 +111,11 @@ typedef struct {
 #define MAX_REASON_BYTES 255
 
 /*
+ Longest idempotency key, in bytes.
+ */
+#define BACKUP_IDEMPOTENCY_KEY_MAX 255
+
+/*
  Longest task name, in bytes.
  */
 #define BACKUP_LOG_TASK_MAX 255
@@ -259,6 +264,11 @@ typedef struct {
    */
   char message[BACKUP_ERROR_MESSAGE_MAX];
 } SBackupErrorRecord;
+
+/*
+ An operation run under an idempotency key: returns 0 or an error code.
+ */
+typedef int32_t (*backup_idempotent_op_fn)(void *user_data);
 
 /*
  What to do with a command in an observed state.
@@ -415,6 +425,25 @@ int32_t backup_write_file_with_retry(SBackupCoordinator *coordinator, const char
  non-zero capacity: BACKUP_ERROR_INVALID_PARAM.
  */
 int32_t backup_get_error_history(SBackupCoordinator *coordinator, SBackupErrorRecord *out, uint32_t capacity, uint32_t *count_out);
+
+/*
+ Runs `op(user_data)` at most once for `key` (1 to 255 bytes, any content), under the
+ configured retry policy. A key completed earlier with the same `fingerprint` (the bytes
+ identifying the request's payload; NULL with length 0 is allowed) returns
+ BACKUP_SUCCESS without calling `op`, and `*replayed_out` is true. Another fingerprint:
+ BACKUP_ERROR_IDEMPOTENCY_CONFLICT; claimed by a live caller: BACKUP_ERROR_IN_PROGRESS.
+ The claim is durable before `op` runs and the success before this returns; when the
+ store cannot record the claim, `op` is not called and the store's code is returned.
+ Needs an initialized plugin with a `state_dir`. `replayed_out` may be NULL.
+ */
+int32_t backup_execute_idempotent(const char *key, const void *fingerprint, size_t fingerprint_len, backup_idempotent_op_fn op, void *user_data, bool *replayed_out);
+
+/*
+ Drops what is stored under `key`, so that its operation may run again. A key that is
+ not stored is BACKUP_SUCCESS; a key a live caller is running is kept and
+ BACKUP_ERROR_IN_PROGRESS returned. Needs an initialized plugin with a `state_dir`.
+ */
+int32_t backup_idempotency_forget(const char *key);
 
 /*
  The decision table: what `command` means for a task observed in `state`. Returns

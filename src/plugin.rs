@@ -10,6 +10,9 @@ use crate::config::PluginConfig;
 use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
+use crate::idempotency::file_store::{FileStore, FileStoreSettings};
+use crate::idempotency::keyed::{Keyed, KeyedMetrics};
+use crate::idempotency::{self as idem};
 use crate::log_backup::records::{RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
@@ -28,6 +31,8 @@ pub struct Plugin {
     /// Log-backup retry records, when a `state_dir` is configured.
     log_records: Option<RecordStore>,
     log_metrics: LogMetrics,
+    /// The idempotency store, opened on first use (an open that fails is tried again).
+    keyed: Mutex<Option<Arc<Keyed>>>,
 }
 
 static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
@@ -128,6 +133,7 @@ impl Plugin {
             tracker: ErrorTracker::new(config.error_buffer_size, log, None),
             log_records: config.state_dir.as_deref().map(RecordStore::new),
             log_metrics: LogMetrics::default(),
+            keyed: Mutex::new(None),
             config,
             clock,
         }
@@ -230,6 +236,58 @@ impl Plugin {
         self.log_records()?.remove(task, command)
     }
 
+    fn keyed(&self) -> Result<Arc<Keyed>, Failure> {
+        let state_dir = self.state_dir()?;
+        let mut slot = self.keyed.lock();
+        if let Some(keyed) = slot.as_ref() {
+            return Ok(keyed.clone());
+        }
+        let settings =
+            FileStoreSettings::new(self.config.idempotency_lease, self.config.idempotency_ttl);
+        let store = Arc::new(FileStore::open(state_dir, settings)?);
+        let keyed = Arc::new(Keyed::new(
+            store,
+            self.clock.clone(),
+            self.config.idempotency_lease,
+        )?);
+        *slot = Some(keyed.clone());
+        Ok(keyed)
+    }
+
+    /// `backup_execute_idempotent`, booked as a plugin-level operation: `op` runs at most
+    /// once for `key` under the configured retry policy. `Ok(replayed)`.
+    pub fn execute_idempotent<F>(&self, key: &[u8], payload: &[u8], op: F) -> Result<bool, Failure>
+    where
+        F: FnMut(u32) -> Result<(), Failure>,
+    {
+        let keyed = match self.keyed() {
+            Ok(keyed) => keyed,
+            Err(failure) => {
+                self.account(0, &Err(failure.clone()));
+                return Err(failure);
+            }
+        };
+        let execution = keyed.execute(self.clock(), key, &idem::fingerprint(payload), || {
+            let mut progress = RetryProgress::default();
+            retry::run_now(
+                &self.config.retry_policy(),
+                &mut progress,
+                retry::no_progress,
+                op,
+            )
+        });
+        self.account(
+            execution.retries,
+            &execution.result.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        execution.result
+    }
+
+    /// `backup_idempotency_forget`.
+    pub fn forget_idempotency_key(&self, key: &[u8]) -> Result<(), Failure> {
+        self.keyed()?.forget(self.clock(), key)
+    }
+
     /// Prometheus text of the plugin's counters.
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write as _;
@@ -283,6 +341,13 @@ impl Plugin {
                     self.log_metrics.of(command)[i]
                 );
             }
+        }
+        let keyed = self.keyed.lock().clone();
+        for (name, help, value) in keyed
+            .map(|k| k.metrics.snapshot())
+            .unwrap_or_else(|| KeyedMetrics::default().snapshot())
+        {
+            let _ = writeln!(out, "# HELP backup_idempotency_{name}_total {help}\n# TYPE backup_idempotency_{name}_total counter\nbackup_idempotency_{name}_total {value}");
         }
         out
     }

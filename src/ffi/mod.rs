@@ -7,6 +7,7 @@
 pub(crate) mod guard;
 
 pub mod coordinator;
+pub mod idempotency;
 pub mod log_backup;
 pub mod plugin;
 pub mod retry;

@@ -136,15 +136,7 @@ pub extern "C" fn backup_plugin_execute_with_retry(
 ) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
         let op = op.ok_or_else(|| null_arg("op"));
-        with_plugin(op, |plugin, op| {
-            plugin.execute(|_| {
-                // SAFETY: the host's function with the host's pointer, as the contract says.
-                match unsafe { op(user_data) } {
-                    0 => Ok(()),
-                    code => Err(Failure::from_code(code)),
-                }
-            })
-        })
+        with_plugin(op, |plugin, op| plugin.execute(host_op(op, user_data)))
     })
 }
 
@@ -177,6 +169,20 @@ pub extern "C" fn backup_plugin_get_error_log_path() -> *const c_char {
             None => std::ptr::null(),
         }
     })
+}
+
+/// The host's operation as an attempt of the retry core.
+pub(crate) fn host_op(
+    op: unsafe extern "C" fn(*mut c_void) -> i32,
+    user_data: *mut c_void,
+) -> impl FnMut(u32) -> Result<(), Failure> {
+    move |_| {
+        // SAFETY: the host's function with the host's pointer, as the contract says.
+        match unsafe { op(user_data) } {
+            0 => Ok(()),
+            code => Err(Failure::from_code(code)),
+        }
+    }
 }
 
 /// The frame of every plugin-level operation: parameter checks first, then init; the call

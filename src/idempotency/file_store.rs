@@ -1,0 +1,1057 @@
+//! The embedded idempotency store: an append-only journal under `<state_dir>/idempotency/`,
+//! shared by the threads of a process and by every process that uses the same directory.
+//!
+//! - **Atomic claims.** Each call runs as one transaction under the process's mutex and an
+//!   exclusive `flock` of `lock`: read what other processes appended, decide, append.
+//! - **Durable before return.** A transaction's records are fsynced before it returns.
+//!   Concurrent callers share one `fdatasync` (group commit): while one is in flight, the
+//!   next callers' records queue up, and the next sync covers them all.
+//! - **Room for completions.** A claim first makes sure the file has blocks allocated
+//!   (`fallocate(FALLOC_FL_KEEP_SIZE)`) for the completion and one lease renewal of every
+//!   claim outstanding, its own included, so a full disk fails a claim, not a completion.
+//! - **Crash safety.** Every line carries a CRC-32. A torn last line (the writer died
+//!   mid-write) is cut off; a bad line with good lines after it is corruption, reported as
+//!   BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is.
+//! - **Bounded.** Once the journal has doubled since its last compaction (plus some
+//!   slack), [`FileStore::maintain`] rewrites it with the live records only: the snapshot
+//!   is written without holding the lock, and only the records appended meanwhile are
+//!   copied under it before the new file is renamed over the journal. Other processes see
+//!   the old journal unlinked and reopen the new one. A restart reads live records only.
+
+use super::record::{self, Entry, MAX_RECORD_BYTES};
+use super::{decide, Claim, Fingerprint, Forgotten, IdempotencyStore, KeyRecord, KeyState};
+use crate::durable::{self, FileError};
+use crate::error::{ErrorCode, Failure};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy)]
+pub struct FileStoreSettings {
+    pub lease: Duration,
+    pub ttl: Duration,
+    /// The journal may grow this much past twice its compacted size before compaction.
+    pub compaction_slack_bytes: u64,
+}
+
+impl FileStoreSettings {
+    pub fn new(lease: Duration, ttl: Duration) -> Self {
+        FileStoreSettings {
+            lease,
+            ttl,
+            compaction_slack_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
+const RESERVE_CHUNK: u64 = 64 << 10;
+const ALLOCATION_MARGIN: u64 = 8 << 10;
+
+pub struct FileStore {
+    dir: PathBuf,
+    journal_path: PathBuf,
+    compact_path: PathBuf,
+    /// `flock`ed around every transaction on the journal.
+    journal_lock: File,
+    /// `flock`ed by the one process compacting.
+    compact_lock: File,
+    /// Who this handle's claims belong to.
+    owner: u64,
+    lease_ms: u64,
+    ttl_ms: u64,
+    slack: u64,
+    inner: Mutex<Inner>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    compaction: Mutex<()>,
+    compactions: AtomicU64,
+}
+
+/// The journal as this process has read it.
+struct Inner {
+    journal: Arc<File>,
+    /// Moves on each time the journal file is replaced (by a compaction).
+    generation: u64,
+    /// Bytes read and applied: the end of the last whole record.
+    end: u64,
+    /// Bytes the file had allocated when last looked at.
+    allocated: u64,
+    index: HashMap<Box<[u8]>, KeyRecord>,
+    /// Claims in the index, live or not: each may still need room for its completion.
+    claims: u64,
+    /// Compaction is due once `end` passes this.
+    compact_at: u64,
+    /// Corruption found: every call reports it.
+    broken: Option<Failure>,
+}
+
+/// Group commit of the current journal file.
+struct SyncState {
+    generation: u64,
+    file: Arc<File>,
+    /// Bytes that exist in the file (ours and other processes').
+    written: u64,
+    /// Bytes known durable.
+    synced: u64,
+    syncing: bool,
+    /// An fsync failed: the page cache can no longer be trusted to reach the disk.
+    failed: Option<Failure>,
+}
+
+/// The point a transaction must see durable before it returns.
+struct SyncPoint {
+    generation: u64,
+    offset: u64,
+}
+
+/// What one transaction reads and the records it appends.
+pub struct Txn<'a> {
+    inner: &'a Inner,
+    appended: Vec<u8>,
+    entries: Vec<Entry>,
+    /// A claim is among the records: room must be reserved first, or nothing is written.
+    claims_need_room: bool,
+}
+
+impl Txn<'_> {
+    fn get(&self, key: &[u8]) -> Option<&KeyRecord> {
+        // A key written earlier in this transaction wins.
+        match self.entries.iter().rev().find(|e| e.key == key) {
+            Some(entry) => entry.state.as_ref(),
+            None => self.inner.index.get(key),
+        }
+    }
+
+    fn put(&mut self, key: &[u8], state: Option<KeyRecord>) {
+        record::encode(&mut self.appended, key, state.as_ref());
+        self.entries.push(Entry {
+            key: key.to_vec(),
+            state,
+        });
+    }
+}
+
+/// An exclusive `flock`, released on drop.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn acquire(file: &'a File, path: &Path, wait: bool) -> Result<Option<Self>, FileError> {
+        let flags = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        loop {
+            // SAFETY: flock on a descriptor this process owns.
+            if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
+                return Ok(Some(FileLock(file)));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+                _ => return Err(FileError::new("lock", path, err)),
+            }
+        }
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as above; unlocking cannot fail in a way worth reporting.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File, FileError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| FileError::new("open", path, e))
+}
+
+/// Allocates `len` bytes from `offset` without changing the file's size. `Ok(false)`:
+/// the file system cannot reserve room (the store then works without a reservation).
+fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    loop {
+        // SAFETY: fallocate on a descriptor this process owns.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Room a journal needs past `end` for `claims` outstanding claims.
+fn room_for(claims: u64) -> u64 {
+    claims * 2 * MAX_RECORD_BYTES as u64
+}
+
+impl FileStore {
+    /// Opens (creating when missing) the store under `<state_dir>/idempotency/` and reads it.
+    pub fn open(state_dir: &Path, settings: FileStoreSettings) -> Result<Self, Failure> {
+        let dir = state_dir.join("idempotency");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&dir)
+            .map_err(|e| FileError::new("create directory", &dir, e))?;
+        let journal_path = dir.join("journal");
+        let journal_lock = open_rw(&dir.join("lock"))?;
+        let compact_lock = open_rw(&dir.join("compact.lock"))?;
+        let journal = Arc::new(open_rw(&journal_path)?);
+        // The journal's directory entry must survive a power loss before any claim does.
+        durable::sync_dir(&dir)?;
+        let store = FileStore {
+            compact_path: dir.join("journal.compact"),
+            journal_path,
+            journal_lock,
+            compact_lock,
+            owner: fastrand::u64(1..),
+            lease_ms: settings.lease.as_millis() as u64,
+            ttl_ms: settings.ttl.as_millis() as u64,
+            slack: settings.compaction_slack_bytes,
+            inner: Mutex::new(Inner {
+                journal: journal.clone(),
+                generation: 0,
+                end: 0,
+                allocated: 0,
+                index: HashMap::new(),
+                claims: 0,
+                compact_at: settings.compaction_slack_bytes,
+                broken: None,
+            }),
+            sync: Mutex::new(SyncState {
+                generation: 0,
+                file: journal,
+                written: 0,
+                synced: 0,
+                syncing: false,
+                failed: None,
+            }),
+            synced: Condvar::new(),
+            compaction: Mutex::new(()),
+            compactions: AtomicU64::new(0),
+            dir,
+        };
+        store.transact(|_| ())?;
+        let mut inner = store.inner.lock();
+        inner.compact_at = inner.end.saturating_mul(2).max(store.slack);
+        drop(inner);
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn journal_path(&self) -> &Path {
+        &self.journal_path
+    }
+
+    /// Bytes of the journal this process has read.
+    pub fn journal_len(&self) -> u64 {
+        self.inner.lock().end
+    }
+
+    /// Compactions this handle made.
+    pub fn compactions(&self) -> u64 {
+        self.compactions.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` as one transaction: up to date with every process, its records appended
+    /// (all or none) and durable before this returns.
+    fn transact<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> T) -> Result<T, Failure> {
+        let mut inner = self.inner.lock();
+        if let Some(failure) = inner
+            .broken
+            .clone()
+            .or_else(|| self.sync.lock().failed.clone())
+        {
+            return Err(failure);
+        }
+        let lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+        self.catch_up(&mut inner)?;
+        let mut txn = Txn {
+            inner: &inner,
+            appended: Vec::new(),
+            entries: Vec::new(),
+            claims_need_room: false,
+        };
+        let value = f(&mut txn);
+        let Txn {
+            appended,
+            entries,
+            claims_need_room,
+            ..
+        } = txn;
+        if !appended.is_empty() {
+            self.append(&mut inner, &appended, claims_need_room)?;
+            for entry in entries {
+                apply(&mut inner, entry);
+            }
+        }
+        let point = SyncPoint {
+            generation: inner.generation,
+            offset: inner.end,
+        };
+        drop(lock);
+        drop(inner);
+        self.wait_durable(point)?;
+        Ok(value)
+    }
+
+    /// Writes `bytes` at the end of the journal; on failure nothing of them stays.
+    fn append(
+        &self,
+        inner: &mut Inner,
+        bytes: &[u8],
+        claims_need_room: bool,
+    ) -> Result<(), Failure> {
+        let claims_after = inner.claims + claims_need_room as u64;
+        let needed = inner.end + bytes.len() as u64 + room_for(claims_after);
+        // The margin covers blocks a file system counts for its own metadata.
+        if inner.allocated < needed + ALLOCATION_MARGIN {
+            match reserve(
+                &inner.journal,
+                inner.end,
+                needed - inner.end + RESERVE_CHUNK,
+            ) {
+                Ok(true) => inner.allocated = needed + RESERVE_CHUNK,
+                // Nothing to reserve with: the store works, without the guarantee.
+                Ok(false) => inner.allocated = u64::MAX,
+                Err(e) if claims_need_room => {
+                    return Err(FileError::new("reserve room in", &self.journal_path, e).into())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency journal: no room reserved for lease renewals")
+                }
+            }
+        }
+        if let Err(e) = inner.journal.write_all_at(bytes, inner.end) {
+            // Leave no partial line for the next record to land after.
+            let _ = inner.journal.set_len(inner.end);
+            inner.allocated = 0;
+            return Err(FileError::new("append to", &self.journal_path, e).into());
+        }
+        inner.end += bytes.len() as u64;
+        self.sync.lock().written = inner.end;
+        Ok(())
+    }
+
+    /// Reads what other processes appended, following the journal when it was replaced,
+    /// and cuts a torn last line off.
+    fn catch_up(&self, inner: &mut Inner) -> Result<(), Failure> {
+        let mut meta = inner
+            .journal
+            .metadata()
+            .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
+        if meta.nlink() == 0 {
+            // A compaction in another process renamed a new journal over this one.
+            let journal = Arc::new(open_rw(&self.journal_path)?);
+            meta = journal
+                .metadata()
+                .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
+            inner.journal = journal.clone();
+            inner.generation += 1;
+            inner.end = 0;
+            inner.index.clear();
+            inner.claims = 0;
+            inner.compact_at = (meta.len() * 2).max(self.slack);
+            let mut sync = self.sync.lock();
+            sync.generation = inner.generation;
+            sync.file = journal;
+            sync.written = 0;
+            sync.synced = 0;
+        }
+        inner.allocated = meta.blocks() * 512;
+        let len = meta.len();
+        if len < inner.end {
+            return Err(self.corrupt(
+                inner,
+                format!("it shrank from {} to {len} bytes", inner.end),
+            ));
+        }
+        if len == inner.end {
+            return Ok(());
+        }
+        let mut bytes = vec![0; (len - inner.end) as usize];
+        inner
+            .journal
+            .read_exact_at(&mut bytes, inner.end)
+            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
+        let mut at = 0;
+        while at < bytes.len() {
+            let line_end = bytes[at..].iter().position(|&b| b == b'\n');
+            let decoded = line_end.and_then(|n| record::decode(&bytes[at..at + n]));
+            match (line_end, decoded) {
+                (Some(n), Some(entry)) => {
+                    apply(inner, entry);
+                    at += n + 1;
+                    inner.end += n as u64 + 1;
+                }
+                _ if !has_good_line_after(&bytes[at..]) => {
+                    tracing::warn!(
+                        journal = %self.journal_path.display(),
+                        offset = inner.end,
+                        bytes = bytes.len() - at,
+                        "idempotency journal: torn last record (a writer died mid-write) discarded"
+                    );
+                    inner
+                        .journal
+                        .set_len(inner.end)
+                        .map_err(|e| FileError::new("truncate", &self.journal_path, e))?;
+                    // Truncating frees the room reserved past the end, too.
+                    inner.allocated = 0;
+                    break;
+                }
+                _ => {
+                    let offset = inner.end;
+                    return Err(
+                        self.corrupt(inner, format!("the record at byte {offset} does not check"))
+                    );
+                }
+            }
+        }
+        self.sync.lock().written = inner.end;
+        Ok(())
+    }
+
+    fn corrupt(&self, inner: &mut Inner, why: String) -> Failure {
+        let failure = Failure::new(
+            ErrorCode::DataCorruption,
+            format!(
+                "Data corruption detected: idempotency journal {}: {why}; it is left as it is for inspection",
+                self.journal_path.display()
+            ),
+        );
+        tracing::error!(reason = %failure.detail, "idempotency store refuses work");
+        inner.broken = Some(failure.clone());
+        failure
+    }
+
+    /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
+    fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
+        let mut sync = self.sync.lock();
+        loop {
+            if let Some(failure) = &sync.failed {
+                return Err(failure.clone());
+            }
+            // A newer generation was fsynced whole by the compaction that made it.
+            if sync.generation != point.generation || sync.synced >= point.offset {
+                return Ok(());
+            }
+            if sync.syncing {
+                self.synced.wait(&mut sync);
+                continue;
+            }
+            sync.syncing = true;
+            let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
+            let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
+            sync.syncing = false;
+            match result {
+                Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),
+                Ok(()) => {}
+                Err(e) => {
+                    let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
+                    sync.failed = Some(Failure {
+                        code: failure.code,
+                        detail: format!("{}; the idempotency store refuses further work until the plugin is restarted", failure.detail),
+                    });
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    fn claimed_by_me(&self, record: Option<&KeyRecord>) -> bool {
+        matches!(record, Some(KeyRecord { state: KeyState::Claimed { owner, .. }, .. }) if *owner == self.owner)
+    }
+
+    /// Rewrites the journal with its live records once it has grown enough.
+    fn compact(&self, now_ms: u64) -> Result<(), Failure> {
+        let Some(_in_process) = self.compaction.try_lock() else {
+            return Ok(());
+        };
+        let compact_lock_path = self.dir.join("compact.lock");
+        let Some(_across_processes) =
+            FileLock::acquire(&self.compact_lock, &compact_lock_path, false)?
+        else {
+            return Ok(());
+        };
+        // 1. Under the lock: the live records, and where the journal ends.
+        let (snapshot, from, generation) = {
+            let mut inner = self.inner.lock();
+            let _lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+            self.catch_up(&mut inner)?;
+            if inner.end <= inner.compact_at {
+                return Ok(());
+            }
+            let mut snapshot = Vec::new();
+            for (key, record) in inner.index.iter().filter(|(_, r)| r.is_live(now_ms)) {
+                record::encode(&mut snapshot, key, Some(record));
+            }
+            (snapshot, inner.end, inner.generation)
+        };
+        // 2. Without it: the snapshot, written to the side.
+        let _ = fs::remove_file(&self.compact_path);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.compact_path)
+            .map_err(|e| FileError::new("create", &self.compact_path, e))?;
+        let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
+        file.write_all(&snapshot).map_err(side)?;
+        // 3. Under the lock again: what was appended meanwhile, then the switch.
+        let mut inner = self.inner.lock();
+        let _lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+        self.catch_up(&mut inner)?;
+        if inner.generation != generation {
+            let _ = fs::remove_file(&self.compact_path);
+            return Ok(());
+        }
+        let mut tail = vec![0; (inner.end - from) as usize];
+        inner
+            .journal
+            .read_exact_at(&mut tail, from)
+            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
+        let new_len = (snapshot.len() + tail.len()) as u64;
+        let result = file
+            .write_all(&tail)
+            .and_then(|()| reserve(&file, new_len, room_for(inner.claims) + RESERVE_CHUNK))
+            .and_then(|_| file.sync_data())
+            .map_err(side)
+            .and_then(|()| {
+                fs::rename(&self.compact_path, &self.journal_path)
+                    .map_err(|e| FileError::new("rename", &self.compact_path, e).into())
+            });
+        if let Err(failure) = result {
+            let _ = fs::remove_file(&self.compact_path);
+            return Err(failure);
+        }
+        // The rename must be durable before anything is appended to the new journal.
+        durable::sync_dir(&self.dir)?;
+        let touched: HashSet<Vec<u8>> = tail
+            .split(|&b| b == b'\n')
+            .filter_map(record::decode)
+            .map(|entry| entry.key)
+            .collect();
+        inner
+            .index
+            .retain(|key, record| record.is_live(now_ms) || touched.contains(&key[..]));
+        inner.claims = inner
+            .index
+            .values()
+            .filter(|r| matches!(r.state, KeyState::Claimed { .. }))
+            .count() as u64;
+        let file = Arc::new(file);
+        inner.journal = file.clone();
+        inner.generation += 1;
+        inner.end = new_len;
+        inner.allocated = 0;
+        inner.compact_at = (new_len * 2).max(new_len + self.slack);
+        let mut sync = self.sync.lock();
+        sync.generation = inner.generation;
+        sync.file = file;
+        sync.written = new_len;
+        sync.synced = new_len;
+        drop(sync);
+        self.synced.notify_all();
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            from_bytes = from,
+            to_bytes = new_len,
+            "idempotency journal compacted"
+        );
+        Ok(())
+    }
+}
+
+/// Whether a whole, good record follows the bad bytes at the start of `rest`: then the
+/// bad bytes are corruption, not a torn end.
+fn has_good_line_after(rest: &[u8]) -> bool {
+    rest.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| record::decode(line).is_some())
+}
+
+fn apply(inner: &mut Inner, entry: Entry) {
+    let is_claim = |r: &KeyRecord| matches!(r.state, KeyState::Claimed { .. });
+    if entry.state.as_ref().is_some_and(is_claim) {
+        inner.claims += 1;
+    }
+    let old = match entry.state {
+        Some(record) => inner.index.insert(entry.key.into_boxed_slice(), record),
+        None => inner.index.remove(&entry.key[..]),
+    };
+    if old.as_ref().is_some_and(is_claim) {
+        inner.claims -= 1;
+    }
+}
+
+impl IdempotencyStore for FileStore {
+    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+        self.transact(|txn| {
+            let claim = decide(txn.get(key), fingerprint, now_ms);
+            if let Claim::Acquired { .. } = claim {
+                txn.claims_need_room = true;
+                txn.put(
+                    key,
+                    Some(KeyRecord {
+                        fingerprint: *fingerprint,
+                        state: KeyState::Claimed {
+                            owner: self.owner,
+                            lease_until_ms: now_ms.saturating_add(self.lease_ms),
+                        },
+                    }),
+                );
+            }
+            claim
+        })
+    }
+
+    fn renew(&self, keys: &[Vec<u8>], now_ms: u64) -> Result<(), Failure> {
+        self.transact(|txn| {
+            for key in keys {
+                if let Some(record) = txn
+                    .get(key)
+                    .filter(|r| self.claimed_by_me(Some(r)))
+                    .copied()
+                {
+                    let renewed = KeyRecord {
+                        state: KeyState::Claimed {
+                            owner: self.owner,
+                            lease_until_ms: now_ms.saturating_add(self.lease_ms),
+                        },
+                        ..record
+                    };
+                    txn.put(key, Some(renewed));
+                }
+            }
+        })
+    }
+
+    fn complete(&self, key: &[u8], result: i32, now_ms: u64) -> Result<(), Failure> {
+        self.transact(|txn| match txn.get(key).copied() {
+            Some(KeyRecord {
+                state: KeyState::Completed { .. },
+                ..
+            }) => Ok(()),
+            Some(KeyRecord {
+                state: KeyState::Claimed { owner, .. },
+                ..
+            }) if owner != self.owner => Err(Failure::new(
+                ErrorCode::InProgress,
+                "its lease ran out and another caller took the key over",
+            )),
+            existing => {
+                let fingerprint = existing.map_or([0; 32], |r| r.fingerprint);
+                txn.put(
+                    key,
+                    Some(KeyRecord {
+                        fingerprint,
+                        state: KeyState::Completed {
+                            result,
+                            expires_at_ms: now_ms.saturating_add(self.ttl_ms),
+                        },
+                    }),
+                );
+                Ok(())
+            }
+        })?
+    }
+
+    fn release(&self, key: &[u8]) -> Result<(), Failure> {
+        self.transact(|txn| {
+            if self.claimed_by_me(txn.get(key)) {
+                txn.put(key, None);
+            }
+        })
+    }
+
+    fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
+        self.transact(|txn| txn.get(key).filter(|r| r.is_live(now_ms)).copied())
+    }
+
+    fn forget(&self, key: &[u8], now_ms: u64) -> Result<Forgotten, Failure> {
+        self.transact(|txn| match txn.get(key) {
+            None => Forgotten::Absent,
+            Some(record)
+                if record.is_live(now_ms) && matches!(record.state, KeyState::Claimed { .. }) =>
+            {
+                Forgotten::InProgress
+            }
+            Some(_) => {
+                txn.put(key, None);
+                Forgotten::Removed
+            }
+        })
+    }
+
+    fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
+        // The file's size, not this process's view: other processes append too.
+        let due = {
+            let inner = self.inner.lock();
+            inner.journal.metadata().map_or(true, |meta| {
+                meta.nlink() == 0 || meta.len() > inner.compact_at
+            })
+        };
+        if due {
+            self.compact(now_ms)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE_MS: u64 = 90_000;
+    const TTL_MS: u64 = 3_600_000;
+    const A: Fingerprint = [0xa; 32];
+    const B: Fingerprint = [0xb; 32];
+
+    fn settings() -> FileStoreSettings {
+        FileStoreSettings {
+            lease: Duration::from_millis(LEASE_MS),
+            ttl: Duration::from_millis(TTL_MS),
+            compaction_slack_bytes: 4096,
+        }
+    }
+
+    fn open(dir: &Path) -> FileStore {
+        FileStore::open(dir, settings()).expect("store opens")
+    }
+
+    const FRESH: Claim = Claim::Acquired { taken_over: false };
+
+    #[test]
+    fn claim_complete_replay_conflict_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert_eq!(store.claim(b"k", &A, 1000).unwrap(), FRESH);
+        // The owner's own second call, and a different payload while it runs.
+        assert_eq!(store.claim(b"k", &A, 1001).unwrap(), Claim::InProgress);
+        assert_eq!(store.claim(b"k", &B, 1001).unwrap(), Claim::Conflict);
+        store.complete(b"k", 0, 2000).unwrap();
+        assert_eq!(
+            store.claim(b"k", &A, 2001).unwrap(),
+            Claim::Replay { result: 0 }
+        );
+        assert_eq!(store.claim(b"k", &B, 2001).unwrap(), Claim::Conflict);
+        // The TTL runs from the completion.
+        assert_eq!(
+            store.claim(b"k", &A, 2000 + TTL_MS - 1).unwrap(),
+            Claim::Replay { result: 0 }
+        );
+        assert_eq!(store.get(b"k", 2000 + TTL_MS).unwrap(), None);
+        assert_eq!(store.claim(b"k", &B, 2000 + TTL_MS).unwrap(), FRESH);
+    }
+
+    #[test]
+    fn a_released_key_may_run_again_and_forget_spares_a_live_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert_eq!(store.claim(b"k", &A, 10).unwrap(), FRESH);
+        assert_eq!(store.forget(b"k", 11).unwrap(), Forgotten::InProgress);
+        store.release(b"k").unwrap();
+        assert_eq!(store.get(b"k", 12).unwrap(), None);
+        assert_eq!(store.claim(b"k", &B, 12).unwrap(), FRESH);
+        store.complete(b"k", 0, 13).unwrap();
+        assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Removed);
+        assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Absent);
+        assert_eq!(store.claim(b"k", &A, 15).unwrap(), FRESH);
+    }
+
+    #[test]
+    fn handles_sharing_a_directory_see_each_other_and_take_over_dead_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path());
+        let second = open(dir.path());
+        assert_eq!(first.claim(b"k", &A, 100).unwrap(), FRESH);
+        assert_eq!(second.claim(b"k", &A, 100).unwrap(), Claim::InProgress);
+        assert_eq!(second.claim(b"k", &B, 100).unwrap(), Claim::Conflict);
+        // The owner "dies": its claim holds until its lease runs out, then anyone takes it.
+        drop(first);
+        let third = open(dir.path());
+        assert_eq!(
+            third.claim(b"k", &A, 100 + LEASE_MS - 1).unwrap(),
+            Claim::InProgress
+        );
+        assert_eq!(
+            third.claim(b"k", &B, 100 + LEASE_MS).unwrap(),
+            Claim::Acquired { taken_over: true }
+        );
+        // The dead owner's late completion would not overwrite the new owner's claim.
+        let err = second.complete(b"k", 0, 100 + LEASE_MS).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InProgress.raw());
+        third.complete(b"k", 0, 200 + LEASE_MS).unwrap();
+        assert_eq!(
+            second.claim(b"k", &B, 300 + LEASE_MS).unwrap(),
+            Claim::Replay { result: 0 }
+        );
+    }
+
+    #[test]
+    fn a_renewed_lease_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = open(dir.path());
+        let other = open(dir.path());
+        assert_eq!(owner.claim(b"k", &A, 0).unwrap(), FRESH);
+        owner.renew(&[b"k".to_vec()], LEASE_MS - 1).unwrap();
+        assert_eq!(
+            other.claim(b"k", &A, LEASE_MS + 5).unwrap(),
+            Claim::InProgress
+        );
+        // Renewing is for the owner only.
+        other.renew(&[b"k".to_vec()], 10 * LEASE_MS).unwrap();
+        assert_eq!(
+            other.claim(b"k", &A, 2 * LEASE_MS - 1).unwrap(),
+            Claim::Acquired { taken_over: true }
+        );
+    }
+
+    #[test]
+    fn records_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            for i in 0..50u32 {
+                let key = format!("key-{i}");
+                assert_eq!(store.claim(key.as_bytes(), &A, 1).unwrap(), FRESH);
+                if i % 2 == 0 {
+                    store.complete(key.as_bytes(), 0, 2).unwrap();
+                }
+            }
+        }
+        let store = open(dir.path());
+        for i in 0..50u32 {
+            let key = format!("key-{i}");
+            let expected = if i % 2 == 0 {
+                Claim::Replay { result: 0 }
+            } else {
+                Claim::InProgress
+            };
+            assert_eq!(
+                store.claim(key.as_bytes(), &A, 3).unwrap(),
+                expected,
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_last_record_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = {
+            let store = open(dir.path());
+            store.claim(b"whole", &A, 1).unwrap();
+            store.complete(b"whole", 0, 1).unwrap();
+            store.claim(b"torn", &A, 1).unwrap();
+            store.journal_path().to_path_buf()
+        };
+        // Cut the last record in half, as a writer killed mid-write leaves it.
+        let bytes = fs::read(&journal).unwrap();
+        let last_start = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap()
+            + 1;
+        let cut = last_start + (bytes.len() - last_start) / 2;
+        fs::write(&journal, &bytes[..cut]).unwrap();
+        let store = open(dir.path());
+        assert_eq!(fs::metadata(&journal).unwrap().len(), last_start as u64);
+        assert_eq!(
+            store.claim(b"whole", &A, 2).unwrap(),
+            Claim::Replay { result: 0 }
+        );
+        assert_eq!(store.claim(b"torn", &A, 2).unwrap(), FRESH);
+    }
+
+    #[test]
+    fn corruption_before_the_end_is_reported_and_the_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = {
+            let store = open(dir.path());
+            store.claim(b"one", &A, 1).unwrap();
+            store.claim(b"two", &A, 1).unwrap();
+            store.journal_path().to_path_buf()
+        };
+        let mut bytes = fs::read(&journal).unwrap();
+        bytes[12] ^= 0x04;
+        fs::write(&journal, &bytes).unwrap();
+        let err = FileStore::open(dir.path(), settings())
+            .err()
+            .expect("refused");
+        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert!(
+            err.detail.contains("journal") && err.detail.contains("byte 0"),
+            "{}",
+            err.detail
+        );
+        assert_eq!(fs::read(&journal).unwrap(), bytes, "never silently emptied");
+    }
+
+    #[test]
+    fn corruption_found_later_stops_every_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let other = open(dir.path());
+        store.claim(b"one", &A, 1).unwrap();
+        store.claim(b"two", &A, 1).unwrap();
+        let mut bytes = fs::read(store.journal_path()).unwrap();
+        bytes[3] ^= 0x01;
+        fs::write(store.journal_path(), &bytes).unwrap();
+        // `other` has read nothing yet: it reads the bad record now.
+        for _ in 0..2 {
+            let err = other.claim(b"three", &A, 2).unwrap_err();
+            assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_live_records_and_other_handles_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let other = open(dir.path());
+        // Short-lived completions and a few that outlive the compaction.
+        for i in 0..200u32 {
+            let key = format!("gone-{i}");
+            store.claim(key.as_bytes(), &A, 0).unwrap();
+            store.complete(key.as_bytes(), 0, 0).unwrap();
+        }
+        store.claim(b"kept", &A, TTL_MS).unwrap();
+        store.complete(b"kept", 0, TTL_MS).unwrap();
+        store.claim(b"running", &B, TTL_MS).unwrap();
+        let before = store.journal_len();
+        assert!(before > 4096 * 2, "{before}");
+        store.maintain(TTL_MS + 1).unwrap();
+        let after = store.journal_len();
+        assert!(after < 600, "compacted to {after} bytes");
+        assert_eq!(fs::metadata(store.journal_path()).unwrap().len(), after);
+        assert!(!dir.path().join("idempotency/journal.compact").exists());
+        let now = TTL_MS + 2;
+        for (handle, gone) in [(&store, "gone-7"), (&other, "gone-8")] {
+            assert_eq!(
+                handle.claim(b"kept", &A, now).unwrap(),
+                Claim::Replay { result: 0 }
+            );
+            assert_eq!(handle.claim(gone.as_bytes(), &A, now).unwrap(), FRESH);
+        }
+        assert_eq!(other.claim(b"running", &B, now).unwrap(), Claim::InProgress);
+        // Both handles append to the new journal; a restart reads it.
+        drop((store, other));
+        let reopened = open(dir.path());
+        assert_eq!(
+            reopened.claim(b"gone-7", &A, now).unwrap(),
+            Claim::InProgress
+        );
+        assert_eq!(
+            reopened.claim(b"gone-8", &A, now).unwrap(),
+            Claim::InProgress
+        );
+        assert_eq!(reopened.claim(b"kept", &B, now).unwrap(), Claim::Conflict);
+    }
+
+    #[test]
+    fn concurrent_claims_of_one_key_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores: Vec<FileStore> = (0..4).map(|_| open(dir.path())).collect();
+        for round in 0..20u32 {
+            let key = format!("key-{round}");
+            let winners: usize = std::thread::scope(|scope| {
+                let handles: Vec<_> = stores
+                    .iter()
+                    .flat_map(|store| [store, store])
+                    .map(|store| {
+                        let key = key.clone();
+                        scope.spawn(move || store.claim(key.as_bytes(), &A, 5).unwrap() == FRESH)
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap() as usize)
+                    .sum()
+            });
+            assert_eq!(winners, 1, "{key}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod compaction_race {
+    use super::*;
+
+    #[test]
+    fn records_appended_during_a_compaction_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = FileStoreSettings {
+            lease: Duration::from_secs(60),
+            ttl: Duration::from_secs(3600),
+            compaction_slack_bytes: 2048,
+        };
+        let compactor = FileStore::open(dir.path(), settings).unwrap();
+        let writer = FileStore::open(dir.path(), settings).unwrap();
+        // The writer stops once the compactor has compacted a few times under it.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let written = std::thread::scope(|scope| {
+            let writing = scope.spawn(|| {
+                let mut n = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("key-{n}");
+                    assert_eq!(
+                        writer.claim(key.as_bytes(), &[1; 32], 10).unwrap(),
+                        Claim::Acquired { taken_over: false }
+                    );
+                    writer.complete(key.as_bytes(), 0, 10).unwrap();
+                    n += 1;
+                }
+                n
+            });
+            while compactor.compactions() < 5 {
+                compactor.maintain(10).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            writing.join().unwrap()
+        });
+        let reopened = FileStore::open(dir.path(), settings).unwrap();
+        for n in 0..written {
+            let key = format!("key-{n}");
+            assert_eq!(
+                reopened.claim(key.as_bytes(), &[1; 32], 11).unwrap(),
+                Claim::Replay { result: 0 },
+                "{key} of {written}"
+            );
+        }
+    }
+}

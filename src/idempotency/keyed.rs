@@ -1,0 +1,417 @@
+//! Runs an operation under an idempotency key: claim, keep the lease alive while it runs,
+//! then record its success or release the key.
+
+use super::lease::LeaseKeeper;
+use super::{display_key, Claim, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES};
+use crate::clock::Clock;
+use crate::error::{ErrorCode, Failure};
+use crate::retry::Execution;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Counters of keyed executions since the store was opened.
+#[derive(Debug, Default)]
+pub struct KeyedMetrics {
+    pub claims: AtomicU64,
+    pub replays: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub in_progress: AtomicU64,
+    pub takeovers: AtomicU64,
+}
+
+impl KeyedMetrics {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (name, help, value) of each counter, in a fixed order.
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 5] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "claims",
+                "Keys claimed to run their operation.",
+                get(&self.claims),
+            ),
+            (
+                "replays",
+                "Calls answered with a completed key's stored result.",
+                get(&self.replays),
+            ),
+            (
+                "conflicts",
+                "Keys reused with a different fingerprint.",
+                get(&self.conflicts),
+            ),
+            (
+                "in_progress",
+                "Calls refused because another caller runs the key.",
+                get(&self.in_progress),
+            ),
+            (
+                "takeovers",
+                "Claims taken over from an owner whose lease ran out.",
+                get(&self.takeovers),
+            ),
+        ]
+    }
+}
+
+/// The outcome of one keyed call.
+#[derive(Debug)]
+pub struct KeyedExecution {
+    /// `Ok(replayed)`: the operation succeeded now (`false`) or earlier (`true`).
+    pub result: Result<bool, Failure>,
+    /// Retries the operation made in this call.
+    pub retries: u32,
+}
+
+/// A key must be 1 to 255 bytes; any content.
+pub fn check_key(key: &[u8]) -> Result<(), Failure> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Failure::invalid_param(format!(
+            "Invalid parameter: `key` must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+pub struct Keyed {
+    store: Arc<dyn IdempotencyStore>,
+    keeper: LeaseKeeper,
+    pub metrics: KeyedMetrics,
+}
+
+impl Keyed {
+    pub fn new(
+        store: Arc<dyn IdempotencyStore>,
+        clock: Arc<dyn Clock>,
+        lease: Duration,
+    ) -> Result<Self, Failure> {
+        let keeper = LeaseKeeper::start(Arc::downgrade(&store), clock, lease)?;
+        Ok(Keyed {
+            store,
+            keeper,
+            metrics: KeyedMetrics::default(),
+        })
+    }
+
+    pub fn store(&self) -> &dyn IdempotencyStore {
+        self.store.as_ref()
+    }
+
+    pub fn keeper(&self) -> &LeaseKeeper {
+        &self.keeper
+    }
+
+    /// Runs `run` (the operation under its retry policy) at most once for `key`: a
+    /// completed key replays, a key another caller runs is refused, a reused key with
+    /// another fingerprint conflicts. Nothing runs unless its claim is durable.
+    pub fn execute(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        run: impl FnOnce() -> Execution,
+    ) -> KeyedExecution {
+        let refused = |failure| KeyedExecution {
+            result: Err(failure),
+            retries: 0,
+        };
+        let now = clock.unix_ms();
+        let claim = match self.store.claim(key, fingerprint, now) {
+            Ok(claim) => claim,
+            Err(failure) => return refused(failure),
+        };
+        let shown = display_key(key);
+        match claim {
+            Claim::Replay { result } => {
+                KeyedMetrics::bump(&self.metrics.replays);
+                tracing::debug!(key = %shown, "idempotency key completed earlier: replayed");
+                let result = match result {
+                    0 => Ok(true),
+                    code => Err(Failure::from_code(code)),
+                };
+                return KeyedExecution { result, retries: 0 };
+            }
+            Claim::Conflict => {
+                KeyedMetrics::bump(&self.metrics.conflicts);
+                return refused(Failure::new(
+                    ErrorCode::IdempotencyConflict,
+                    format!("Idempotency key reused with different payload: key {shown} was used with another fingerprint"),
+                ));
+            }
+            Claim::InProgress => {
+                KeyedMetrics::bump(&self.metrics.in_progress);
+                return refused(Failure::new(
+                    ErrorCode::InProgress,
+                    format!("Operation already in progress: key {shown} is claimed by another caller whose lease has not run out"),
+                ));
+            }
+            Claim::Acquired { taken_over } => {
+                KeyedMetrics::bump(&self.metrics.claims);
+                if taken_over {
+                    KeyedMetrics::bump(&self.metrics.takeovers);
+                    tracing::warn!(key = %shown, "idempotency key taken over from an owner whose lease ran out");
+                }
+            }
+        }
+        let held = self.keeper.hold(key, now);
+        let execution = run();
+        drop(held);
+        let result = match execution.result {
+            Ok(()) => match self.store.complete(key, 0, clock.unix_ms()) {
+                Ok(()) => Ok(false),
+                Err(failure) => {
+                    let failure = Failure {
+                        code: failure.code,
+                        detail: format!(
+                            "the operation of key {shown} ran, but its completion was not recorded ({}); the key stays claimed until its lease runs out",
+                            failure.detail
+                        ),
+                    };
+                    tracing::error!(reason = %failure.detail, "idempotent completion lost");
+                    Err(failure)
+                }
+            },
+            Err(failure) => {
+                if let Err(release) = self.store.release(key) {
+                    tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
+                }
+                Err(failure)
+            }
+        };
+        KeyedExecution {
+            result,
+            retries: execution.retries,
+        }
+    }
+
+    /// Drops a completed key so that its operation may run again.
+    pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
+        match self.store.forget(key, clock.unix_ms())? {
+            Forgotten::Removed | Forgotten::Absent => Ok(()),
+            Forgotten::InProgress => Err(Failure::new(
+                ErrorCode::InProgress,
+                format!("Operation already in progress: key {} is being run by a live owner; not forgotten", display_key(key)),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::idempotency::file_store::{FileStore, FileStoreSettings};
+    use crate::idempotency::{fingerprint, KeyRecord};
+    use std::cell::Cell;
+
+    const LEASE: Duration = Duration::from_secs(90);
+
+    /// A file store whose claim or completion can be made to fail.
+    struct Flaky {
+        inner: FileStore,
+        fail_claim: Option<ErrorCode>,
+        fail_complete: Option<ErrorCode>,
+    }
+
+    impl IdempotencyStore for Flaky {
+        fn claim(&self, key: &[u8], fp: &Fingerprint, now: u64) -> Result<Claim, Failure> {
+            match self.fail_claim {
+                Some(code) => Err(Failure::from_code(code.raw())),
+                None => self.inner.claim(key, fp, now),
+            }
+        }
+        fn renew(&self, keys: &[Vec<u8>], now: u64) -> Result<(), Failure> {
+            self.inner.renew(keys, now)
+        }
+        fn complete(&self, key: &[u8], result: i32, now: u64) -> Result<(), Failure> {
+            match self.fail_complete {
+                Some(code) => Err(Failure::from_code(code.raw())),
+                None => self.inner.complete(key, result, now),
+            }
+        }
+        fn release(&self, key: &[u8]) -> Result<(), Failure> {
+            self.inner.release(key)
+        }
+        fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
+            self.inner.get(key, now)
+        }
+        fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Failure> {
+            self.inner.forget(key, now)
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        clock: ManualClock,
+        keyed: Keyed,
+    }
+
+    fn setup(fail_claim: Option<ErrorCode>, fail_complete: Option<ErrorCode>) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
+        let store = Flaky {
+            inner: FileStore::open(dir.path(), settings).unwrap(),
+            fail_claim,
+            fail_complete,
+        };
+        let clock = ManualClock::new(1_000_000);
+        let keyed = Keyed::new(Arc::new(store), Arc::new(clock.clone()), LEASE).unwrap();
+        Setup {
+            _dir: dir,
+            clock,
+            keyed,
+        }
+    }
+
+    fn succeed(runs: &Cell<u32>) -> impl FnOnce() -> Execution + '_ {
+        move || {
+            runs.set(runs.get() + 1);
+            Execution {
+                result: Ok(()),
+                retries: 2,
+                last_failure: None,
+            }
+        }
+    }
+
+    fn counters(keyed: &Keyed) -> Vec<u64> {
+        keyed.metrics.snapshot().iter().map(|c| c.2).collect()
+    }
+
+    #[test]
+    fn runs_once_then_replays_and_conflicts() {
+        let s = setup(None, None);
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"payload");
+        let first = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(first.result.unwrap(), false);
+        assert_eq!(first.retries, 2);
+        let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!((again.result.unwrap(), again.retries), (true, 0));
+        let other = s
+            .keyed
+            .execute(&s.clock, b"k", &fingerprint(b"else"), succeed(&runs));
+        let err = other.result.unwrap_err();
+        assert_eq!(err.code, ErrorCode::IdempotencyConflict.raw());
+        assert!(err.detail.contains("\"k\""), "{}", err.detail);
+        assert_eq!(runs.get(), 1);
+        // claims, replays, conflicts, in_progress, takeovers
+        assert_eq!(counters(&s.keyed), [1, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn a_failed_operation_releases_its_key() {
+        let s = setup(None, None);
+        let fp = fingerprint(b"");
+        let failed = s.keyed.execute(&s.clock, b"k", &fp, || Execution {
+            result: Err(Failure::from_code(ErrorCode::RetryExhausted.raw())),
+            retries: 3,
+            last_failure: None,
+        });
+        assert_eq!(
+            failed.result.unwrap_err().code,
+            ErrorCode::RetryExhausted.raw()
+        );
+        let runs = Cell::new(0);
+        let retried = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(retried.result.unwrap(), false);
+        assert_eq!(runs.get(), 1);
+    }
+
+    #[test]
+    fn a_claim_that_cannot_be_recorded_runs_nothing() {
+        let s = setup(Some(ErrorCode::DiskFull), None);
+        let runs = Cell::new(0);
+        let out = s
+            .keyed
+            .execute(&s.clock, b"k", &fingerprint(b""), succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, ErrorCode::DiskFull.raw());
+        assert_eq!(runs.get(), 0);
+    }
+
+    #[test]
+    fn a_lost_completion_says_the_operation_ran_and_keeps_the_key_claimed() {
+        let s = setup(None, Some(ErrorCode::FileIo));
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"");
+        let err = s
+            .keyed
+            .execute(&s.clock, b"k", &fp, succeed(&runs))
+            .result
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::FileIo.raw());
+        assert!(
+            err.detail
+                .contains("ran, but its completion was not recorded"),
+            "{}",
+            err.detail
+        );
+        assert_eq!(runs.get(), 1);
+        let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(again.result.unwrap_err().code, ErrorCode::InProgress.raw());
+        // Until the lease runs out: then it is taken over.
+        s.clock.advance(LEASE);
+        let taken = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(taken.result.unwrap_err().code, ErrorCode::FileIo.raw());
+        assert_eq!(runs.get(), 2);
+        assert_eq!(counters(&s.keyed), [2, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn the_lease_is_renewed_while_the_operation_runs() {
+        let s = setup(None, None);
+        let fp = fingerprint(b"");
+        let runs = Cell::new(0);
+        let out = s.keyed.execute(&s.clock, b"slow", &fp, || {
+            // Three leases pass while the operation runs; the keeper renews as time goes.
+            for _ in 0..9 {
+                s.clock.advance(LEASE / 3);
+                s.keyed.keeper().tick(s.keyed.store(), s.clock.unix_ms());
+                let rival = s.keyed.execute(&s.clock, b"slow", &fp, succeed(&runs));
+                assert_eq!(rival.result.unwrap_err().code, ErrorCode::InProgress.raw());
+            }
+            Execution {
+                result: Ok(()),
+                retries: 0,
+                last_failure: None,
+            }
+        });
+        assert_eq!(out.result.unwrap(), false);
+        assert_eq!(runs.get(), 0, "no rival ran it");
+        assert_eq!(counters(&s.keyed)[4], 0, "never taken over");
+    }
+
+    #[test]
+    fn forget_lets_a_key_run_again_but_not_while_it_runs() {
+        let s = setup(None, None);
+        let fp = fingerprint(b"");
+        let runs = Cell::new(0);
+        s.keyed.execute(&s.clock, b"k", &fp, || {
+            let err = s.keyed.forget(&s.clock, b"k").unwrap_err();
+            assert_eq!(err.code, ErrorCode::InProgress.raw());
+            succeed(&runs)()
+        });
+        s.keyed.forget(&s.clock, b"k").unwrap();
+        s.keyed.forget(&s.clock, b"never stored").unwrap();
+        let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(again.result.unwrap(), false);
+        assert_eq!(runs.get(), 2);
+    }
+
+    #[test]
+    fn keys_are_1_to_255_bytes() {
+        assert!(check_key(b"").is_err());
+        assert!(check_key(&[0xff; 255]).is_ok());
+        let err = check_key(&[b'k'; 256]).unwrap_err();
+        assert!(
+            err.detail.contains("`key`") && err.detail.contains("256"),
+            "{}",
+            err.detail
+        );
+    }
+}

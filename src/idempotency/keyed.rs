@@ -289,7 +289,7 @@ mod tests {
         let runs = Cell::new(0);
         let fp = fingerprint(b"payload");
         let first = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(first.result.unwrap(), false);
+        assert!(!first.result.unwrap(), "ran now, not replayed");
         assert_eq!(first.retries, 2);
         let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
         assert_eq!((again.result.unwrap(), again.retries), (true, 0));
@@ -319,7 +319,7 @@ mod tests {
         );
         let runs = Cell::new(0);
         let retried = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(retried.result.unwrap(), false);
+        assert!(!retried.result.unwrap(), "ran now, not replayed");
         assert_eq!(runs.get(), 1);
     }
 
@@ -381,7 +381,7 @@ mod tests {
                 last_failure: None,
             }
         });
-        assert_eq!(out.result.unwrap(), false);
+        assert!(!out.result.unwrap(), "ran now, not replayed");
         assert_eq!(runs.get(), 0, "no rival ran it");
         assert_eq!(counters(&s.keyed)[4], 0, "never taken over");
     }
@@ -399,7 +399,7 @@ mod tests {
         s.keyed.forget(&s.clock, b"k").unwrap();
         s.keyed.forget(&s.clock, b"never stored").unwrap();
         let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(again.result.unwrap(), false);
+        assert!(!again.result.unwrap(), "ran now, not replayed");
         assert_eq!(runs.get(), 2);
     }
 

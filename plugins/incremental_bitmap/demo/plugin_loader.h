@@ -44,6 +44,9 @@ typedef struct {
     void (*clear_error_c)(SBackupCoordinator*);
     void (*get_error_stats_c)(SBackupCoordinator*, uint64_t*, uint64_t*);
     int32_t (*write_file_with_retry_c)(SBackupCoordinator*, const char*, const void*, size_t);
+    int32_t (*execute_idempotent)(const char*, const void*, size_t, backup_idempotent_op_fn, void*, bool*);
+    int32_t (*idempotency_forget)(const char*);
+    int32_t (*get_metrics)(char*, size_t, size_t*);
 } BackupPlugin;
 
 /* Resolves one symbol; a missing entry point is an error that names it. */
@@ -93,6 +96,9 @@ static inline int backup_plugin_load(BackupPlugin* p, const char* plugin_dir) {
     LOAD_SYM(p, clear_error_c, "backup_clear_error");
     LOAD_SYM(p, get_error_stats_c, "backup_get_error_stats");
     LOAD_SYM(p, write_file_with_retry_c, "backup_write_file_with_retry");
+    LOAD_SYM(p, execute_idempotent, "backup_execute_idempotent");
+    LOAD_SYM(p, idempotency_forget, "backup_idempotency_forget");
+    LOAD_SYM(p, get_metrics, "backup_plugin_get_metrics");
     return 0;
 }
 

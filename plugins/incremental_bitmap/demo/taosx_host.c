@@ -1,7 +1,9 @@
 /* taosX stand-in: loads the backup plugin from a plugin directory exactly as taosX does
  * (dlopen, dlsym of each entry point, its TOML section passed length-delimited), then writes
  * a backup set of many files through it while transient failures are injected, shows a
- * progress bar, reads every file back to verify it, and prints a summary. */
+ * progress bar, reads every file back to verify it, and prints a summary. Each file is
+ * shipped under an idempotency key; after a restart of the plugin the whole batch is
+ * submitted again, as a restarted pipeline would, and nothing is written twice. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -21,7 +23,7 @@ typedef struct {
 
 static BackupPlugin g_plugin;
 static Options g_opt;
-static atomic_int g_next_file, g_done, g_failed, g_injected;
+static atomic_int g_next_file, g_done, g_failed, g_injected, g_writes, g_replayed;
 
 typedef struct {
     const char* path;
@@ -39,6 +41,7 @@ static int32_t ship_block(void* user_data) {
                                             BACKUP_ERROR_TIMEOUT, BACKUP_ERROR_FILE_IO};
         return transient[rand_r(job->seed) % 4];
     }
+    atomic_fetch_add(&g_writes, 1);
     return g_plugin.write_file_with_retry(job->path, job->data, job->size);
 }
 
@@ -62,7 +65,12 @@ static void* worker(void* arg) {
         snprintf(path, sizeof path, "%s/backup_set/vg%02d_block_%05d.dat", g_opt.work_dir, i % 4, i);
         fill(data, g_opt.file_size, i);
         WriteJob job = {path, data, g_opt.file_size, &seed};
-        if (g_plugin.execute_with_retry(ship_block, &job) != BACKUP_SUCCESS) atomic_fetch_add(&g_failed, 1);
+        /* The key names the block; the content is the fingerprint. */
+        bool replayed = false;
+        if (g_plugin.execute_idempotent(path + strlen(g_opt.work_dir), data, g_opt.file_size, ship_block, &job,
+                                        &replayed) != BACKUP_SUCCESS)
+            atomic_fetch_add(&g_failed, 1);
+        if (replayed) atomic_fetch_add(&g_replayed, 1);
         atomic_fetch_add(&g_done, 1);
     }
     free(data);
@@ -95,6 +103,27 @@ static int verify(void) {
     free(expect);
     free(got);
     return bad;
+}
+
+/* Ships every block with the worker threads, with a progress bar; returns the seconds taken. */
+static double run_pass(void) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pthread_t threads[64];
+    for (int t = 0; t < g_opt.threads; t++) pthread_create(&threads[t], NULL, worker, (void*)(uintptr_t)(t + 1));
+    uint64_t errors = 0, retries = 0;
+    while (atomic_load(&g_done) < g_opt.files) {
+        g_plugin.get_error_stats(&errors, &retries);
+        progress(atomic_load(&g_done), g_opt.files, retries);
+        usleep(50 * 1000);
+    }
+    for (int t = 0; t < g_opt.threads; t++) pthread_join(threads[t], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    g_plugin.get_error_stats(&errors, &retries);
+    progress(g_opt.files, g_opt.files, retries);
+    fprintf(stderr, "\n");
+    return (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
+
 }
 
 static void usage(const char* argv0) {
@@ -143,37 +172,53 @@ int main(int argc, char** argv) {
     printf("writing %d files of %zu bytes with %d threads, injecting transient failures at %.0f%%\n",
            g_opt.files, g_opt.file_size, g_opt.threads, g_opt.failure_rate * 100);
 
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    pthread_t threads[64];
-    for (int t = 0; t < g_opt.threads; t++) pthread_create(&threads[t], NULL, worker, (void*)(uintptr_t)(t + 1));
+    double elapsed = run_pass();
     uint64_t errors = 0, retries = 0;
-    while (atomic_load(&g_done) < g_opt.files) {
-        g_plugin.get_error_stats(&errors, &retries);
-        progress(atomic_load(&g_done), g_opt.files, retries);
-        usleep(50 * 1000);
-    }
-    for (int t = 0; t < g_opt.threads; t++) pthread_join(threads[t], NULL);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
     g_plugin.get_error_stats(&errors, &retries);
-    progress(g_opt.files, g_opt.files, retries);
-    fprintf(stderr, "\n");
-
     int corrupt = verify();
-    double elapsed = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9;
-    const char* log_path = g_plugin.get_error_log_path();
+    int failed = atomic_load(&g_failed);
+    /* Returned strings live until this thread's next call into the plugin: keep a copy. */
+    const char* returned_path = g_plugin.get_error_log_path();
+    char* log_path = returned_path ? strdup(returned_path) : NULL;
     printf("\nsummary\n");
-    printf("  files written     %d of %d (%d gave up after retries)\n", g_opt.files - g_failed, g_opt.files, g_failed);
-    printf("  verified          %d files read back, %d corrupt\n", g_opt.files - g_failed, corrupt);
+    printf("  files written     %d of %d (%d gave up after retries)\n", g_opt.files - failed, g_opt.files, failed);
+    printf("  verified          %d files read back, %d corrupt\n", g_opt.files - failed, corrupt);
     printf("  failures injected %d\n", atomic_load(&g_injected));
     printf("  retries           %llu\n", (unsigned long long)retries);
     printf("  errors recorded   %llu\n", (unsigned long long)errors);
     printf("  last error        %s\n", g_plugin.get_last_error());
     printf("  error log         %s\n", log_path ? log_path : "(none: no error was recorded)");
     printf("  elapsed           %.2f s\n", elapsed);
+    free(log_path);
+
+    /* taosX restarts and resubmits the same batch, as a pipeline does after a crash: every
+     * block already shipped is replayed from the idempotency store, none is written twice. */
+    g_plugin.cleanup();
+    rc = g_plugin.init(section, (uint32_t)section_len);
+    if (rc != BACKUP_SUCCESS) {
+        fprintf(stderr, "plugin re-init failed (%d): %s\n", rc, g_plugin.get_last_error());
+        return 1;
+    }
+    printf("\nplugin restarted; the same %d blocks submitted again\n", g_opt.files);
+    int writes_before = atomic_load(&g_writes);
+    atomic_store(&g_next_file, 0);
+    atomic_store(&g_done, 0);
+    atomic_store(&g_failed, 0);
+    run_pass();
+    int written_again = atomic_load(&g_writes) - writes_before;
+    corrupt += verify();
+    printf("  replayed          %d blocks (their operation not called)\n", atomic_load(&g_replayed));
+    printf("  written again     %d (only blocks that gave up before: %d)\n", written_again, failed);
+    char metrics[16384];
+    size_t metrics_len = 0;
+    if (g_plugin.get_metrics(metrics, sizeof metrics, &metrics_len) == BACKUP_SUCCESS) {
+        for (char* line = strtok(metrics, "\n"); line; line = strtok(NULL, "\n"))
+            if (!strncmp(line, "backup_idempotency_", 19)) printf("  %s\n", line);
+    }
 
     g_plugin.cleanup();
     backup_plugin_unload(&g_plugin);
     free(toml);
-    return corrupt == 0 ? 0 : 1;
+    /* A block that gave up in the first pass is rightly shipped in the second. */
+    return corrupt == 0 && written_again <= failed ? 0 : 1;
 }

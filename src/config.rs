@@ -28,6 +28,8 @@ pub struct PluginConfig {
     pub state_dir: Option<PathBuf>,
     pub idempotency_ttl: Duration,
     pub idempotency_lease: Duration,
+    /// The idempotency journal is compacted once it exceeds twice its live size plus this.
+    pub idempotency_compaction_slack: u64,
 }
 
 impl Default for PluginConfig {
@@ -47,6 +49,7 @@ impl Default for PluginConfig {
             state_dir: None,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_lease: Duration::from_secs(90),
+            idempotency_compaction_slack: 4 * 1024 * 1024,
         }
     }
 }
@@ -135,6 +138,13 @@ impl PluginConfig {
             "idempotency_ttl" => self.idempotency_ttl = positive(k, value, duration(k, value)?)?,
             "idempotency_lease" => {
                 self.idempotency_lease = positive(k, value, duration(k, value)?)?
+            }
+            "idempotency_compaction_slack" => {
+                let size = size(k, value)?;
+                if size < 4096 {
+                    return Err(bad(k, value, "a size of at least 4KB"));
+                }
+                self.idempotency_compaction_slack = size;
             }
             _ => return Err(ConfigError(format!("unknown key `{k}`"))),
         }
@@ -346,6 +356,12 @@ mod tests {
         assert_eq!(c.error_log_rotation_size, 512 * 1024);
         assert_eq!(c.error_retry_max_interval, None);
         assert_eq!(c.idempotency_lease, Duration::from_secs(90));
+        let c = parse("idempotency_compaction_slack = \"64KB\"").unwrap();
+        assert_eq!(c.idempotency_compaction_slack, 64 * 1024);
+        let err = parse("idempotency_compaction_slack = 100")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idempotency_compaction_slack"), "{err}");
         assert_eq!(
             parse("error_log_rotation_size = \"1GB\"")
                 .unwrap()

@@ -242,8 +242,11 @@ impl Plugin {
         if let Some(keyed) = slot.as_ref() {
             return Ok(keyed.clone());
         }
-        let settings =
-            FileStoreSettings::new(self.config.idempotency_lease, self.config.idempotency_ttl);
+        let settings = FileStoreSettings {
+            lease: self.config.idempotency_lease,
+            ttl: self.config.idempotency_ttl,
+            compaction_slack_bytes: self.config.idempotency_compaction_slack,
+        };
         let store = Arc::new(FileStore::open(state_dir, settings)?);
         let keyed = Arc::new(Keyed::new(
             store,

@@ -2,6 +2,8 @@
 //! read-only mount, kill -9 right after an error is recorded. Child processes are this test
 //! binary run again with `FAULT_ROLE` set; they run only the `child_role` entry.
 
+mod common;
+
 use backup_coordinator::coordinator::{Coordinator, CoordinatorSettings};
 use backup_coordinator::durable::write_atomic;
 use backup_coordinator::error::ErrorCode;
@@ -9,6 +11,7 @@ use backup_coordinator::error_log::log_files;
 use backup_coordinator::ffi::log_backup::{backup_log_run_command, SLogBackupRetryPolicy};
 use backup_coordinator::ffi::plugin::{backup_plugin_init, backup_plugin_record_error};
 use backup_coordinator::retry::{RetryPolicy, RetryProgress};
+use common::Mount;
 use std::ffi::{c_void, CString};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -209,39 +212,6 @@ fn a_line_recorded_before_kill_9_is_in_the_log() {
             );
         }
         assert_eq!(text.lines().count(), 500);
-    }
-}
-
-/// A mount point that is unmounted (and removed) when dropped.
-struct Mount {
-    path: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl Mount {
-    fn new(args: &[&str]) -> Mount {
-        let parent = tempfile::tempdir().unwrap();
-        let path = parent.path().join("mnt");
-        fs::create_dir(&path).unwrap();
-        let status = Command::new("mount")
-            .args(args)
-            .arg(&path)
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "mount {args:?} failed: these tests need root"
-        );
-        Mount {
-            path,
-            _parent: parent,
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
     }
 }
 

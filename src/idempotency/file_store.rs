@@ -29,7 +29,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,8 @@ pub struct FileStore {
     sync: Mutex<SyncState>,
     synced: Condvar,
     compaction: Mutex<()>,
+    /// The journal passed `compact_at` (set by appends, cleared by compaction).
+    compaction_due: AtomicBool,
     compactions: AtomicU64,
 }
 
@@ -256,6 +258,7 @@ impl FileStore {
             }),
             synced: Condvar::new(),
             compaction: Mutex::new(()),
+            compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             dir,
         };
@@ -361,6 +364,9 @@ impl FileStore {
         }
         inner.end += bytes.len() as u64;
         self.sync.lock().written = inner.end;
+        if inner.end > inner.compact_at {
+            self.compaction_due.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -510,6 +516,7 @@ impl FileStore {
             let _lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
             self.catch_up(&mut inner)?;
             if inner.end <= inner.compact_at {
+                self.compaction_due.store(false, Ordering::Relaxed);
                 return Ok(());
             }
             let mut snapshot = Vec::new();
@@ -586,6 +593,7 @@ impl FileStore {
         drop(sync);
         self.synced.notify_all();
         self.compactions.fetch_add(1, Ordering::Relaxed);
+        self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(
             from_bytes = from,
             to_bytes = new_len,
@@ -717,17 +725,21 @@ impl IdempotencyStore for FileStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
-        // The file's size, not this process's view: other processes append too.
-        let due = {
+        // The file's size too, not only this process's view: other processes append.
+        let grown = || {
             let inner = self.inner.lock();
             inner.journal.metadata().map_or(true, |meta| {
                 meta.nlink() == 0 || meta.len() > inner.compact_at
             })
         };
-        if due {
+        if self.maintenance_due() || grown() {
             self.compact(now_ms)?;
         }
         Ok(())
+    }
+
+    fn maintenance_due(&self) -> bool {
+        self.compaction_due.load(Ordering::Relaxed)
     }
 }
 

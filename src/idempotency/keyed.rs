@@ -183,6 +183,9 @@ impl Keyed {
                 Err(failure)
             }
         };
+        if self.store.maintenance_due() {
+            self.keeper.wake();
+        }
         KeyedExecution {
             result,
             retries: execution.retries,

@@ -94,6 +94,11 @@ impl LeaseKeeper {
         }
     }
 
+    /// Runs the thread's work now instead of at its next tick.
+    pub fn wake(&self) {
+        self.shared.wake.notify_all();
+    }
+
     /// One round of the thread's work, for tests that drive time themselves.
     pub fn tick(&self, store: &dyn IdempotencyStore, now_ms: u64) {
         self.shared.tick(store, now_ms)

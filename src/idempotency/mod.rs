@@ -117,6 +117,11 @@ pub trait IdempotencyStore: Send + Sync {
     fn maintain(&self, _now_ms: u64) -> Result<(), Failure> {
         Ok(())
     }
+
+    /// Whether housekeeping should run now rather than at its next regular time.
+    fn maintenance_due(&self) -> bool {
+        false
+    }
 }
 
 /// A key as it can be shown in a message: escaped, and cut after 64 bytes.

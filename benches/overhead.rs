@@ -11,6 +11,10 @@
 //!    to an O_APPEND file (target: at least 0.7 of the floor's rate), 1 and 8 threads.
 //! 3. Durable write of 4 KiB and 1 MiB, vs the raw open/write/fsync/rename/fsync-dir
 //!    sequence (target: within 1.3x and 1.15x).
+//! 4. A skipped log-backup command vs the bare query callback (no target).
+//! 5. backup_execute_idempotent with a new key each call, vs the floor of two
+//!    write(2)+fdatasync(2) per key, the claim's and the completion's (target: 1 thread
+//!    within 1.3x of the floor; 8 threads at least 4x the 1-thread rate).
 
 use backup_coordinator::durable::write_atomic;
 use backup_coordinator::ffi::plugin::{
@@ -296,6 +300,93 @@ fn bench_log_skip(rounds: usize) {
     );
 }
 
+extern "C" fn count(user_data: *mut c_void) -> i32 {
+    // SAFETY: the benchmark passes a pointer to an AtomicU64.
+    unsafe { &*(user_data as *const std::sync::atomic::AtomicU64) }
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    0
+}
+
+/// The floor of one keyed execution: a record written and made durable, twice.
+fn raw_two_fsyncs_per_key(fd: i32, keys: usize) -> f64 {
+    let record = [b'r'; 160];
+    let start = Instant::now();
+    for _ in 0..keys * 2 {
+        unsafe {
+            assert_eq!(
+                libc::write(fd, record.as_ptr() as *const c_void, record.len()),
+                160
+            );
+            assert_eq!(libc::fdatasync(fd), 0);
+        }
+    }
+    start.elapsed().as_secs_f64() / keys as f64
+}
+
+/// 5. Keyed executions of new keys (claim durable, operation, completion durable).
+fn bench_idempotent(rounds: usize) {
+    use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
+    const KEYS: usize = 300;
+    let dir = tempfile::tempdir_in(bench_dir()).unwrap();
+    let config = format!("state_dir = \"{}\"\n", dir.path().join("state").display());
+    assert_eq!(
+        backup_plugin_init(config.as_ptr() as *const _, config.len() as u32),
+        0
+    );
+    let floor_fd = raw_append_fd(&dir.path().join("floor"));
+    let runs = std::sync::atomic::AtomicU64::new(0);
+    // An address, not a pointer, so that the threads may share it.
+    let runs_addr = &runs as *const _ as usize;
+    let run_keys = |round: usize, threads: usize| {
+        let per_thread = KEYS / threads * 2;
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let key = CString::new(format!("r{round}-t{threads}-{t}-{i}")).unwrap();
+                        let rc = backup_execute_idempotent(
+                            key.as_ptr(),
+                            b"payload".as_ptr() as *const c_void,
+                            7,
+                            Some(count),
+                            runs_addr as *mut c_void,
+                            std::ptr::null_mut(),
+                        );
+                        assert_eq!(rc, 0);
+                    }
+                });
+            }
+        });
+        start.elapsed().as_secs_f64() / (per_thread * threads) as f64
+    };
+    let (mut floor, mut one, mut eight) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        floor.push(raw_two_fsyncs_per_key(floor_fd, KEYS));
+        one.push(run_keys(round, 1));
+        eight.push(run_keys(round, 8));
+    }
+    unsafe { libc::close(floor_fd) };
+    backup_plugin_cleanup();
+    let expected = (rounds * (KEYS * 2 + KEYS / 8 * 2 * 8)) as u64;
+    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), expected);
+    let (floor, one, eight) = (median(floor), median(one), median(eight));
+    println!(
+        "idempotent execution, 1 thread: {:.0} keys/s vs floor of two write+fdatasync per key {:.0} keys/s: {:.3}x the floor's time  target <= 1.3x  {}",
+        1.0 / one,
+        1.0 / floor,
+        one / floor,
+        if one / floor <= 1.3 { "MET" } else { "MISSED" }
+    );
+    println!(
+        "idempotent execution, 8 threads: {:.0} keys/s: {:.2}x the 1-thread rate ({:.2}x the floor's rate)  target >= 4x  {}",
+        1.0 / eight,
+        one / eight,
+        floor / eight,
+        if one / eight >= 4.0 { "MET" } else { "MISSED" }
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let rounds = if quick { 5 } else { 15 };
@@ -306,4 +397,5 @@ fn main() {
     bench_durable(rounds, 4096, 1.3);
     bench_durable(rounds, 1 << 20, 1.15);
     bench_log_skip(rounds);
+    bench_idempotent(rounds);
 }

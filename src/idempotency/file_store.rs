@@ -29,9 +29,9 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct FileStoreSettings {
@@ -54,6 +54,8 @@ impl FileStoreSettings {
 /// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
 const RESERVE_CHUNK: u64 = 64 << 10;
 const ALLOCATION_MARGIN: u64 = 8 << 10;
+/// Longest a sync leader waits for other callers to join its fsync.
+const MAX_GATHER: Duration = Duration::from_millis(1);
 
 pub struct FileStore {
     dir: PathBuf,
@@ -72,6 +74,9 @@ pub struct FileStore {
     sync: Mutex<SyncState>,
     synced: Condvar,
     compaction: Mutex<()>,
+    /// Callers between entering a transaction and appending: a sync leader lets them
+    /// append first, so that one fsync covers them all.
+    in_transaction: AtomicUsize,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
@@ -104,6 +109,12 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
+    /// Callers waiting for the fsync in flight (or the next one).
+    waiters: usize,
+    /// Callers the last fsync released: most come back with their next record soon.
+    released: usize,
+    /// How long the last fsync took: the leader waits a fraction of it for callers.
+    last_sync: Duration,
     /// An fsync failed: the page cache can no longer be trusted to reach the disk.
     failed: Option<Failure>,
 }
@@ -254,10 +265,14 @@ impl FileStore {
                 written: 0,
                 synced: 0,
                 syncing: false,
+                waiters: 0,
+                released: 1,
+                last_sync: Duration::ZERO,
                 failed: None,
             }),
             synced: Condvar::new(),
             compaction: Mutex::new(()),
+            in_transaction: AtomicUsize::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             dir,
@@ -290,6 +305,19 @@ impl FileStore {
     /// Runs `f` as one transaction: up to date with every process, its records appended
     /// (all or none) and durable before this returns.
     fn transact<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> T) -> Result<T, Failure> {
+        self.in_transaction.fetch_add(1, Ordering::AcqRel);
+        let result = self.transact_locked(f);
+        self.in_transaction.fetch_sub(1, Ordering::AcqRel);
+        let (value, point) = result?;
+        self.wait_durable(point)?;
+        Ok(value)
+    }
+
+    /// A transaction's work under the locks; where it must be durable up to.
+    fn transact_locked<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> T,
+    ) -> Result<(T, SyncPoint), Failure> {
         let mut inner = self.inner.lock();
         if let Some(failure) = inner
             .broken
@@ -325,8 +353,7 @@ impl FileStore {
         };
         drop(lock);
         drop(inner);
-        self.wait_durable(point)?;
-        Ok(value)
+        Ok((value, point))
     }
 
     /// Writes `bytes` at the end of the journal; on failure nothing of them stays.
@@ -462,6 +489,12 @@ impl FileStore {
     }
 
     /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
+    ///
+    /// Group commit: while one fsync is in flight the next records queue up. Before it
+    /// starts its fsync, a leader waits (at most half of the last fsync's time) for the
+    /// callers the previous fsync released to append their next records, and for callers
+    /// in the middle of a transaction, so that one fsync covers them all. Alone, it waits
+    /// for nobody.
     fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
         let mut sync = self.sync.lock();
         loop {
@@ -473,12 +506,24 @@ impl FileStore {
                 return Ok(());
             }
             if sync.syncing {
+                sync.waiters += 1;
                 self.synced.wait(&mut sync);
+                sync.waiters -= 1;
                 continue;
             }
             sync.syncing = true;
+            let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
+            while (sync.waiters + 1 < sync.released
+                || self.in_transaction.load(Ordering::Acquire) > 0)
+                && Instant::now() < deadline
+            {
+                MutexGuard::unlocked(&mut sync, std::thread::yield_now);
+            }
             let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
+            let started = Instant::now();
             let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
+            sync.last_sync = started.elapsed();
+            sync.released = sync.waiters + 1;
             sync.syncing = false;
             match result {
                 Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),

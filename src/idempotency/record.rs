@@ -7,6 +7,7 @@
 //! that an operator can read the journal; the key is hex so any byte content is safe.
 
 use super::{Fingerprint, KeyRecord, KeyState, MAX_KEY_BYTES};
+use crate::hex::{hex, unhex};
 use std::fmt::Write as _;
 
 /// The longest line a record can take: reserved for each claim's completion.
@@ -18,22 +19,6 @@ pub(crate) const MAX_RECORD_BYTES: usize =
 pub struct Entry {
     pub key: Vec<u8>,
     pub state: Option<KeyRecord>,
-}
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Appends the line of `key` becoming `state` to `out`.
@@ -51,9 +36,9 @@ pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
         None => ('X', 0, 0, 0),
     };
     let _ = write!(body, "{kind} {owner:016x} {time} {result} ");
-    push_hex(&mut body, &state.map_or([0; 32], |r| r.fingerprint));
+    body.push_str(&hex(&state.map_or([0; 32], |r| r.fingerprint)));
     body.push(' ');
-    push_hex(&mut body, key);
+    body.push_str(&hex(key));
     let crc = crc32fast::hash(body.as_bytes());
     out.extend_from_slice(format!("{crc:08x} ").as_bytes());
     out.extend_from_slice(body.as_bytes());

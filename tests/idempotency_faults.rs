@@ -156,6 +156,30 @@ fn events(dir: &Path) -> HashMap<u64, Vec<Event>> {
     by_key
 }
 
+struct Tally {
+    runs: usize,
+    /// Calls that ran the operation and returned success.
+    ran_now: usize,
+    replays: usize,
+}
+
+fn tally(events: &[Event]) -> Tally {
+    let count = |f: fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
+    Tally {
+        runs: count(|e| matches!(e, Event::Run { .. })),
+        ran_now: count(|e| {
+            matches!(
+                e,
+                Event::Done {
+                    replayed: false,
+                    ..
+                }
+            )
+        }),
+        replays: count(|e| matches!(e, Event::Done { replayed: true, .. })),
+    }
+}
+
 #[test]
 fn four_processes_on_the_same_keys_run_each_operation_once() {
     const KEYS: u64 = 300;
@@ -175,23 +199,12 @@ fn four_processes_on_the_same_keys_run_each_operation_once() {
     let events = events(dir.path());
     for k in 0..KEYS {
         let e = &events[&k];
-        let runs = e.iter().filter(|e| matches!(e, Event::Run { .. })).count();
-        let ran_now = e
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Event::Done {
-                        replayed: false,
-                        ..
-                    }
-                )
-            })
-            .count();
-        let replays = e
-            .iter()
-            .filter(|e| matches!(e, Event::Done { replayed: true, .. }))
-            .count();
+        let Tally {
+            runs,
+            ran_now,
+            replays,
+        } = tally(e);
+
         assert_eq!((runs, ran_now, replays), (1, 1, 3), "key-{k}: {e:?}");
     }
 }
@@ -260,18 +273,7 @@ fn sigkill_while_claiming_and_completing_never_runs_a_completed_key_again() {
                 .any(|e| matches!(e, Event::Run { .. })),
             "key-{k} ran again after it completed: {e:?}"
         );
-        let ran_now = e
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Event::Done {
-                        replayed: false,
-                        ..
-                    }
-                )
-            })
-            .count();
+        let ran_now = tally(e).ran_now;
         assert!(ran_now <= 1, "key-{k} completed twice: {e:?}");
         let mut run_pids: Vec<u32> = e
             .iter()

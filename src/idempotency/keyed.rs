@@ -120,6 +120,10 @@ impl Keyed {
             result: Err(failure),
             retries: 0,
         };
+        // The journal's format holds keys of this size only.
+        if let Err(failure) = check_key(key) {
+            return refused(failure);
+        }
         let now = clock.unix_ms();
         let claim = match self.store.claim(key, fingerprint, now) {
             Ok(claim) => claim,
@@ -194,6 +198,7 @@ impl Keyed {
 
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
+        check_key(key)?;
         match self.store.forget(key, clock.unix_ms())? {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
             Forgotten::InProgress => Err(Failure::new(
@@ -408,6 +413,18 @@ mod tests {
 
     #[test]
     fn keys_are_1_to_255_bytes() {
+        let s = setup(None, None);
+        let runs = Cell::new(0);
+        let long = [b'k'; 256];
+        let out = s
+            .keyed
+            .execute(&s.clock, &long, &fingerprint(b""), succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, ErrorCode::InvalidParam.raw());
+        assert_eq!(
+            s.keyed.forget(&s.clock, b"").unwrap_err().code,
+            ErrorCode::InvalidParam.raw()
+        );
+        assert_eq!(runs.get(), 0);
         assert!(check_key(b"").is_err());
         assert!(check_key(&[0xff; 255]).is_ok());
         let err = check_key(&[b'k'; 256]).unwrap_err();

@@ -207,8 +207,9 @@ pub(crate) fn with_plugin<A>(
     }
 }
 
-/// The plugin's counters as Prometheus text: errors, retries, error-log write failures, and
-/// by log-backup command: retries, recoveries, idempotent skips, state syncs. `*len_out`
+/// The plugin's counters as Prometheus text: errors, retries, error-log write failures;
+/// by log-backup command: retries, recoveries, idempotent skips, state syncs; and of
+/// idempotency keys: claims, replays, conflicts, in-progress rejections, take-overs. `*len_out`
 /// receives the text's length (NUL excluded); the text and a NUL are copied when
 /// `capacity` is larger than that, else BACKUP_ERROR_INVALID_PARAM (call again with a
 /// buffer of `*len_out + 1`).

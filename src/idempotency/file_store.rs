@@ -63,8 +63,10 @@ pub struct FileStore {
     compact_path: PathBuf,
     /// `flock`ed around every transaction on the journal.
     journal_lock: File,
+    journal_lock_path: PathBuf,
     /// `flock`ed by the one process compacting.
     compact_lock: File,
+    compact_lock_path: PathBuf,
     /// Who this handle's claims belong to.
     owner: u64,
     lease_ms: u64,
@@ -235,8 +237,10 @@ impl FileStore {
             .create(&dir)
             .map_err(|e| FileError::new("create directory", &dir, e))?;
         let journal_path = dir.join("journal");
-        let journal_lock = open_rw(&dir.join("lock"))?;
-        let compact_lock = open_rw(&dir.join("compact.lock"))?;
+        let journal_lock_path = dir.join("lock");
+        let compact_lock_path = dir.join("compact.lock");
+        let journal_lock = open_rw(&journal_lock_path)?;
+        let compact_lock = open_rw(&compact_lock_path)?;
         let journal = Arc::new(open_rw(&journal_path)?);
         // The journal's directory entry must survive a power loss before any claim does.
         durable::sync_dir(&dir)?;
@@ -244,7 +248,9 @@ impl FileStore {
             compact_path: dir.join("journal.compact"),
             journal_path,
             journal_lock,
+            journal_lock_path,
             compact_lock,
+            compact_lock_path,
             owner: fastrand::u64(1..),
             lease_ms: settings.lease.as_millis() as u64,
             ttl_ms: settings.ttl.as_millis() as u64,
@@ -302,6 +308,12 @@ impl FileStore {
         self.compactions.load(Ordering::Relaxed)
     }
 
+    /// Waits for the journal's cross-process lock.
+    fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
+        let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
+        Ok(lock.expect("a waiting lock is always taken"))
+    }
+
     /// Runs `f` as one transaction: up to date with every process, its records appended
     /// (all or none) and durable before this returns.
     fn transact<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> T) -> Result<T, Failure> {
@@ -326,7 +338,7 @@ impl FileStore {
         {
             return Err(failure);
         }
-        let lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+        let lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         let mut txn = Txn {
             inner: &inner,
@@ -549,16 +561,15 @@ impl FileStore {
         let Some(_in_process) = self.compaction.try_lock() else {
             return Ok(());
         };
-        let compact_lock_path = self.dir.join("compact.lock");
         let Some(_across_processes) =
-            FileLock::acquire(&self.compact_lock, &compact_lock_path, false)?
+            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
         else {
             return Ok(());
         };
         // 1. Under the lock: the live records, and where the journal ends.
         let (snapshot, from, generation) = {
             let mut inner = self.inner.lock();
-            let _lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+            let _lock = self.lock_journal()?;
             self.catch_up(&mut inner)?;
             if inner.end <= inner.compact_at {
                 self.compaction_due.store(false, Ordering::Relaxed);
@@ -584,7 +595,7 @@ impl FileStore {
         file.write_all(&snapshot).map_err(side)?;
         // 3. Under the lock again: what was appended meanwhile, then the switch.
         let mut inner = self.inner.lock();
-        let _lock = FileLock::acquire(&self.journal_lock, &self.dir.join("lock"), true)?;
+        let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
             let _ = fs::remove_file(&self.compact_path);

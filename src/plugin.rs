@@ -172,18 +172,26 @@ impl Plugin {
         }
     }
 
+    /// Runs `op` under the configured policy, unbooked.
+    fn run_configured<F>(&self, op: F) -> retry::Execution
+    where
+        F: FnMut(u32) -> Result<(), Failure>,
+    {
+        let mut progress = RetryProgress::default();
+        retry::run_now(
+            &self.config.retry_policy(),
+            &mut progress,
+            retry::no_progress,
+            op,
+        )
+    }
+
     /// Runs `op` under the configured policy, booking the call as a plugin-level operation.
     pub fn execute<F>(&self, op: F) -> Result<(), Failure>
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
-        let mut progress = RetryProgress::default();
-        let execution = retry::run_now(
-            &self.config.retry_policy(),
-            &mut progress,
-            retry::no_progress,
-            op,
-        );
+        let execution = self.run_configured(op);
         self.account(execution.retries, &execution.result);
         execution.result
     }
@@ -271,13 +279,7 @@ impl Plugin {
             }
         };
         let execution = keyed.execute(self.clock(), key, &idem::fingerprint(payload), || {
-            let mut progress = RetryProgress::default();
-            retry::run_now(
-                &self.config.retry_policy(),
-                &mut progress,
-                retry::no_progress,
-                op,
-            )
+            self.run_configured(op)
         });
         self.account(
             execution.retries,

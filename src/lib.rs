@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod durable;
 pub mod error;
 pub mod error_log;
+pub mod etcd;
 mod hex;
 pub mod idempotency;
 pub mod log_backup;

@@ -1,0 +1,415 @@
+//! The connection to the cluster: one lazily connected etcd client per endpoint, driven
+//! by the plugin's etcd runtime, and one request loop that fails over across endpoints
+//! within `etcd_timeout` and maps etcd's failures onto the contract's codes.
+//!
+//! Every write the stores make is a conditional transaction whose "else" branch reads the
+//! key back, and every value carries the writer's token: retrying a write whose outcome is
+//! unknown is therefore safe, since the retry either applies or shows the earlier write.
+
+use super::runtime::EtcdRuntime;
+use super::EtcdSettings;
+use crate::error::{ErrorCode, Failure};
+use crate::hex::hex;
+use etcd_client::{
+    Certificate, Client, Compare, ConnectOptions, Identity, KeyValue, TlsOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The client of the plugin: the runtime thread and the shared connection state.
+pub struct EtcdClient {
+    conn: Arc<Conn>,
+    // Declared last: dropped after `conn`'s last use by this handle.
+    runtime: EtcdRuntime,
+}
+
+/// What a request running on the runtime needs; shared by the futures.
+pub struct Conn {
+    endpoints: Vec<String>,
+    prefix: Vec<u8>,
+    timeout: Duration,
+    /// Holds the password: never printed (its `Debug` would show it).
+    options: ConnectOptions,
+    clients: Vec<tokio::sync::Mutex<Option<Client>>>,
+    /// The endpoint requests go to; moves on when one fails.
+    current: AtomicUsize,
+}
+
+/// Why one attempt failed.
+enum Fault {
+    /// Another attempt (on another endpoint) may succeed. `sent`: the request may have
+    /// reached a server, so its outcome is unknown.
+    Retry { reason: String, sent: bool },
+    Permanent(Failure),
+}
+
+impl EtcdClient {
+    /// Starts the runtime thread; connects nothing yet (init does not need the cluster).
+    pub fn new(settings: &EtcdSettings) -> Result<Self, Failure> {
+        settings.validate()?;
+        let mut options = ConnectOptions::new()
+            .with_require_leader(true)
+            .with_auto_token_refresh(true)
+            .with_connect_timeout(settings.timeout);
+        if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if settings.endpoints.iter().any(|e| e.starts_with("https://")) {
+            options = options.with_tls(tls_options(settings)?);
+        }
+        let conn = Arc::new(Conn {
+            endpoints: settings.endpoints.clone(),
+            prefix: settings.prefix.as_bytes().to_vec(),
+            timeout: settings.timeout,
+            options,
+            clients: settings
+                .endpoints
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            current: AtomicUsize::new(0),
+        });
+        Ok(EtcdClient {
+            conn,
+            runtime: EtcdRuntime::start()?,
+        })
+    }
+
+    /// Runs `work` on the runtime with the connection and waits for its result.
+    pub fn run<T, F, Fut>(&self, work: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, Failure>> + Send + 'static,
+    {
+        self.runtime.run(work(self.conn.clone()))
+    }
+
+    /// Starts `work` in the background; the handle aborts it.
+    pub fn spawn<F, Fut>(&self, work: F) -> tokio::task::AbortHandle
+    where
+        F: FnOnce(Arc<Conn>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(work(self.conn.clone()))
+    }
+
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+fn tls_options(settings: &EtcdSettings) -> Result<TlsOptions, Failure> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Failure::invalid_param(format!(
+                "Invalid parameter: `{key}`: cannot read {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let Some(ca) = &settings.ca_file else {
+        return Err(Failure::invalid_param(
+            "Invalid parameter: https:// etcd endpoints need `etcd_ca_file`, the CA that signed the cluster's certificates",
+        ));
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd_ca_file", ca)?));
+    if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+        tls = tls.identity(Identity::from_pem(
+            read("etcd_cert_file", cert)?,
+            read("etcd_key_file", key)?,
+        ));
+    }
+    Ok(tls)
+}
+
+impl Conn {
+    /// `<prefix><space>/<hex of each part, '/'-separated>`: raw names never escape the prefix.
+    pub fn key(&self, space: &str, parts: &[&[u8]]) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(space.as_bytes());
+        for part in parts {
+            key.push(b'/');
+            key.extend_from_slice(hex(part).as_bytes());
+        }
+        key
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// One logical request: `call` is tried on the current endpoint and, while it fails
+    /// with a transient fault, on the next ones, until `etcd_timeout` has passed. `what`
+    /// names the request in messages.
+    pub async fn request<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        // Short enough that a stalled member leaves time for another one.
+        let per_attempt = (self.timeout / 4).max(Duration::from_millis(200));
+        let mut backoff = Duration::from_millis(20);
+        let mut sent_any = false;
+        loop {
+            let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let budget = per_attempt.min(deadline.saturating_duration_since(Instant::now()));
+            let attempt = async {
+                let client = self.client(index).await?;
+                call(client).await
+            };
+            let fault = match tokio::time::timeout(budget, attempt).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => classify(&error),
+                Err(_) => Fault::Retry {
+                    reason: format!("no answer within {budget:?}"),
+                    sent: true,
+                },
+            };
+            let (reason, sent) = match fault {
+                Fault::Permanent(failure) => return Err(failure),
+                Fault::Retry { reason, sent } => (reason, sent),
+            };
+            sent_any |= sent;
+            let next = (index + 1) % self.endpoints.len();
+            let _ = self.current.compare_exchange(
+                index,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            if Instant::now() + backoff >= deadline {
+                let (code, label) = if sent_any {
+                    (ErrorCode::ConnectionLost, "Connection lost")
+                } else {
+                    (ErrorCode::Network, "Network error")
+                };
+                tracing::warn!(request = what, reason = %reason, "etcd request failed on every endpoint within etcd_timeout");
+                return Err(Failure::new(
+                    code,
+                    format!(
+                        "{label}: etcd request to {what} failed within etcd_timeout ({:?}) on {:?}: {reason}",
+                        self.timeout, self.endpoints
+                    ),
+                ));
+            }
+            if self.endpoints.len() > 1 {
+                tracing::info!(
+                    request = what,
+                    from = %self.endpoints[index],
+                    to = %self.endpoints[next],
+                    reason = %reason,
+                    "etcd failover"
+                );
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    async fn client(&self, index: usize) -> Result<Client, etcd_client::Error> {
+        let mut slot = self.clients[index].lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let client = Client::connect([&self.endpoints[index]], Some(self.options.clone())).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// What a conditional transaction found: its compare held and its writes applied, or the
+/// key as it is (the "else" branch reads it), or a lease of its writes is gone.
+pub enum TxnOutcome {
+    Applied,
+    Found(Option<KeyValue>),
+    LeaseGone,
+}
+
+impl Conn {
+    /// Runs `when` then `then` on `key`; otherwise reads `key`.
+    pub async fn txn_or_get(
+        &self,
+        what: &str,
+        key: &[u8],
+        when: Compare,
+        then: Vec<TxnOp>,
+    ) -> Result<TxnOutcome, Failure> {
+        let txn = Txn::new()
+            .when([when])
+            .and_then(then)
+            .or_else([TxnOp::get(key.to_vec(), None)]);
+        self.request(what, |mut client| {
+            let txn = txn.clone();
+            async move {
+                match client.txn(txn).await {
+                    Ok(response) if response.succeeded() => Ok(TxnOutcome::Applied),
+                    Ok(response) => Ok(TxnOutcome::Found(
+                        response.op_responses().into_iter().find_map(|op| match op {
+                            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+                            _ => None,
+                        }),
+                    )),
+                    Err(error) if is_lease_not_found(&error) => Ok(TxnOutcome::LeaseGone),
+                    Err(error) => Err(error),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The key as it is now (a linearizable read).
+    pub async fn get(&self, what: &str, key: &[u8]) -> Result<Option<KeyValue>, Failure> {
+        self.request(what, |mut client| {
+            let key = key.to_vec();
+            async move {
+                let mut response = client.get(key, None).await?;
+                Ok(response.take_kvs().into_iter().next())
+            }
+        })
+        .await
+    }
+
+    /// A new lease of `ttl` (whole seconds, at least 1); its ID.
+    pub async fn grant(&self, what: &str, ttl: Duration) -> Result<i64, Failure> {
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let seconds = seconds.clamp(1, i64::MAX as u64) as i64;
+        self.request(what, |mut client| async move {
+            Ok(client.lease_grant(seconds, None).await?.id())
+        })
+        .await
+    }
+
+    /// Ends a lease and deletes its keys; a lease already gone is fine.
+    pub async fn revoke(&self, what: &str, lease: i64) -> Result<(), Failure> {
+        self.request(what, |mut client| async move {
+            match client.lease_revoke(lease).await {
+                Ok(_) => Ok(()),
+                Err(error) if is_lease_not_found(&error) => Ok(()),
+                Err(error) => Err(error),
+            }
+        })
+        .await
+    }
+
+    /// Renews a lease for its whole TTL; `false` if it is gone.
+    pub async fn keep_alive(&self, what: &str, lease: i64) -> Result<bool, Failure> {
+        self.request(what, |mut client| async move {
+            match client.lease_keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                Err(error) if is_lease_not_found(&error) => Ok(false),
+                Err(error) => Err(error),
+            }
+        })
+        .await
+    }
+
+    /// Seconds a lease has left; `None` if it is gone.
+    pub async fn time_to_live(&self, what: &str, lease: i64) -> Result<Option<u64>, Failure> {
+        self.request(what, |mut client| async move {
+            match client.lease_time_to_live(lease, None).await {
+                Ok(response) if response.ttl() > 0 => Ok(Some(response.ttl() as u64)),
+                Ok(_) => Ok(None),
+                Err(error) if is_lease_not_found(&error) => Ok(None),
+                Err(error) => Err(error),
+            }
+        })
+        .await
+    }
+}
+
+/// Whether `error` says that a lease does not exist (expired, revoked).
+pub fn is_lease_not_found(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("lease not found"),
+        _ => false,
+    }
+}
+
+fn classify(error: &etcd_client::Error) -> Fault {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    let retry = |reason: String, sent: bool| Fault::Retry { reason, sent };
+    match error {
+        E::GRpcStatus(status) => {
+            let message = status.message();
+            if message.contains("database space exceeded") {
+                return Fault::Permanent(Failure::new(
+                    ErrorCode::DiskFull,
+                    format!("Disk full: the etcd cluster's database space is exhausted (etcd: {message}); compact and defragment it, or raise its quota"),
+                ));
+            }
+            if message.contains("authentication failed") {
+                return Fault::Permanent(Failure::new(
+                    ErrorCode::PermissionDenied,
+                    format!("Permission denied: etcd refused the credentials of `etcd_user` (etcd: {message})"),
+                ));
+            }
+            match status.code() {
+                Code::PermissionDenied => Fault::Permanent(Failure::new(
+                    ErrorCode::PermissionDenied,
+                    format!("Permission denied: etcd refused access under the configured prefix (etcd: {message}); grant the user's role read-write on `etcd_prefix`"),
+                )),
+                Code::Unauthenticated if !message.contains("invalid auth token") => {
+                    Fault::Permanent(Failure::new(
+                        ErrorCode::PermissionDenied,
+                        format!("Permission denied: etcd requires authentication (etcd: {message}); set `etcd_user` and `etcd_password`"),
+                    ))
+                }
+                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::NotFound
+                | Code::AlreadyExists | Code::Unimplemented => Fault::Permanent(Failure::new(
+                    ErrorCode::Unknown,
+                    format!("Unknown error: etcd rejected the request: {message}"),
+                )),
+                // Unavailable, DeadlineExceeded, Aborted, ResourceExhausted (too many
+                // requests), Internal, Unknown, Cancelled: no leader, a leader change, a
+                // member going away, or a dropped connection.
+                _ => {
+                    let sent = message.contains("etcdserver") || !looks_unreachable(message);
+                    retry(format!("{:?}: {message}", status.code()), sent)
+                }
+            }
+        }
+        E::TransportError(e) => retry(format!("transport error: {}", chain(e)), false),
+        E::IoError(e) => retry(format!("I/O error: {e}"), true),
+        E::LeaseKeepAliveError(message) | E::WatchError(message) => {
+            retry(format!("lease keep-alive: {message}"), true)
+        }
+        E::InvalidArgs(message) | E::EndpointError(message) => Fault::Permanent(
+            Failure::invalid_param(format!("Invalid parameter: etcd client: {message}")),
+        ),
+        E::InvalidUri(e) => Fault::Permanent(Failure::invalid_param(format!(
+            "Invalid parameter: `etcd_endpoints`: {e}"
+        ))),
+        other => Fault::Permanent(Failure::new(
+            ErrorCode::Unknown,
+            format!("Unknown error: etcd client: {other}"),
+        )),
+    }
+}
+
+fn looks_unreachable(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    ["connect", "refused", "dns", "unreachable", "transport"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
+/// An error with its sources: tonic's transport errors say little at the top.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

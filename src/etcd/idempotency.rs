@@ -1,0 +1,456 @@
+//! Idempotency keys (ABI §8) on etcd (§9).
+//!
+//! A key lives at `<prefix>idem/<hex of the key>`. A claim is one transaction, compared on
+//! the key's revision, that puts `c <token> <fingerprint> <lease until>` bound to a fresh
+//! etcd lease of `idempotency_lease`; the lease ID is the claim's token. The owner's lease
+//! keeper renews it while the operation runs, so a dead or stalled host's claim vanishes
+//! when its lease expires. Completion is compared on the key's lease (still our claim) or
+//! on its revision (the key free), and puts `d <token> <fingerprint> <result> <expires>`
+//! bound to a shared lease of `idempotency_ttl` plus a little: etcd deletes completions
+//! soon after they expire, so its space stays bounded by the live keys. Release revokes
+//! the claim's lease, which deletes the key only while the claim is still ours.
+
+use super::client::{Conn, TxnOutcome};
+use super::contract::{
+    Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyRecord, KeyState,
+};
+use super::EtcdClient;
+use crate::error::{ErrorCode, Failure};
+use crate::hex::{hex, unhex};
+use crate::idempotency::{display_key, Fingerprint};
+use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, TxnOp};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Rounds of "the key changed under us, look again" before giving up; each round is a
+/// real change of the key by another caller.
+const MAX_ROUNDS: usize = 32;
+
+pub struct EtcdIdempotencyStore {
+    etcd: Arc<EtcdClient>,
+    lease: Duration,
+    ttl: Duration,
+    completions: Arc<Mutex<Option<CompletionLease>>>,
+}
+
+/// The lease completions are bound to, shared while it outlives a completion's TTL.
+#[derive(Clone, Copy)]
+struct CompletionLease {
+    id: i64,
+    /// A completion recorded up to this instant (unix ms) still expires before the lease.
+    usable_until_ms: u64,
+}
+
+impl EtcdIdempotencyStore {
+    /// `lease`: `idempotency_lease`; `ttl`: `idempotency_ttl`.
+    pub fn new(etcd: Arc<EtcdClient>, lease: Duration, ttl: Duration) -> Self {
+        EtcdIdempotencyStore {
+            etcd,
+            lease,
+            ttl,
+            completions: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// A stored record, with the token of the claim that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    token: ClaimToken,
+    record: KeyRecord,
+}
+
+fn encode(stored: &Stored) -> String {
+    let Stored { token, record } = stored;
+    match record.state {
+        KeyState::Claimed { lease_until_ms, .. } => format!(
+            "c {:x} {} {lease_until_ms}",
+            token.0,
+            hex(&record.fingerprint)
+        ),
+        KeyState::Completed {
+            result,
+            expires_at_ms,
+        } => format!(
+            "d {:x} {} {result} {expires_at_ms}",
+            token.0,
+            hex(&record.fingerprint)
+        ),
+    }
+}
+
+fn decode(kv: &KeyValue) -> Result<Stored, Failure> {
+    decode_value(kv.key(), kv.value())
+}
+
+fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
+    let parse = || -> Option<Stored> {
+        let text = std::str::from_utf8(value).ok()?;
+        let fields: Vec<&str> = text.split(' ').collect();
+        let token = ClaimToken(u64::from_str_radix(fields.get(1)?, 16).ok()?);
+        let fingerprint: Fingerprint = unhex(fields.get(2)?)?.try_into().ok()?;
+        let state = match (fields[0], fields.len()) {
+            ("c", 4) => KeyState::Claimed {
+                token,
+                lease_until_ms: fields[3].parse().ok()?,
+            },
+            ("d", 5) => KeyState::Completed {
+                result: fields[3].parse().ok()?,
+                expires_at_ms: fields[4].parse().ok()?,
+            },
+            _ => return None,
+        };
+        Some(Stored {
+            token,
+            record: KeyRecord { fingerprint, state },
+        })
+    };
+    parse().ok_or_else(|| {
+        Failure::new(
+            ErrorCode::DataCorruption,
+            format!(
+                "Data corruption detected: etcd key {} does not hold an idempotency record",
+                String::from_utf8_lossy(key)
+            ),
+        )
+    })
+}
+
+fn lease_ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+fn gave_up(key: &[u8]) -> Failure {
+    Failure::new(
+        ErrorCode::InProgress,
+        format!(
+            "Operation already in progress: key {} kept changing under other callers",
+            display_key(key)
+        ),
+    )
+}
+
+impl IdempotencyStore for EtcdIdempotencyStore {
+    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+        let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
+        self.etcd.run(move |conn| async move {
+            let key = conn.key("idem", &[&raw_key]);
+            let mut token = conn.grant("grant a claim lease", lease).await?;
+            let outcome = claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await;
+            if !matches!(outcome, Ok(Claim::Acquired { .. })) {
+                // Whatever an unacknowledged attempt may still write dies with its lease.
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let _ = conn.revoke("revoke an unused claim lease", token).await;
+                });
+            }
+            outcome.map_err(|f| with_key(f, &raw_key))
+        })
+    }
+
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], _now_ms: u64) -> Result<(), Failure> {
+        let tokens: Vec<i64> = claims.iter().map(|(_, token)| token.0 as i64).collect();
+        self.etcd.run(move |conn| async move {
+            for token in tokens {
+                // A lease that is gone is a claim that is no longer ours: skipped.
+                conn.keep_alive("renew a claim lease", token).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn complete(
+        &self,
+        key: &[u8],
+        token: ClaimToken,
+        fingerprint: &Fingerprint,
+        result: i32,
+        now_ms: u64,
+    ) -> Result<Completion, Failure> {
+        let (ttl, raw_key, fingerprint) = (self.ttl, key.to_vec(), *fingerprint);
+        let completions = self.completions.clone();
+        self.etcd.run(move |conn| async move {
+            let key = conn.key("idem", &[&raw_key]);
+            let stored = Stored {
+                token,
+                record: KeyRecord {
+                    fingerprint,
+                    state: KeyState::Completed {
+                        result,
+                        expires_at_ms: now_ms.saturating_add(lease_ms(ttl)),
+                    },
+                },
+            };
+            let outcome = complete(&conn, &completions, &key, &stored, now_ms, ttl).await;
+            if outcome.is_ok() {
+                // The key is bound to the completion lease now (or was never ours).
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let _ = conn.revoke("revoke a completed claim's lease", token.0 as i64).await;
+                });
+            }
+            outcome.map_err(|f| with_key(f, &raw_key))
+        })
+    }
+
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+        let raw_key = key.to_vec();
+        // Revoking the claim's lease deletes the key only while it is bound to that lease,
+        // i.e. while the claim is still ours: a taker's claim has its own lease.
+        self.etcd.run(move |conn| async move {
+            conn.revoke("release a claim", token.0 as i64)
+                .await
+                .map_err(|f| with_key(f, &raw_key))
+        })
+    }
+
+    fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
+        let raw_key = key.to_vec();
+        self.etcd.run(move |conn| async move {
+            let key = conn.key("idem", &[&raw_key]);
+            let Some(kv) = conn.get("read an idempotency key", &key).await? else {
+                return Ok(None);
+            };
+            let stored = decode(&kv)?;
+            match stored.record.state {
+                KeyState::Claimed { token, .. } => {
+                    let left = conn
+                        .time_to_live("read a claim's lease", kv.lease())
+                        .await?;
+                    Ok(left.map(|seconds| KeyRecord {
+                        fingerprint: stored.record.fingerprint,
+                        state: KeyState::Claimed {
+                            token,
+                            lease_until_ms: now_ms.saturating_add(seconds * 1000),
+                        },
+                    }))
+                }
+                KeyState::Completed { expires_at_ms, .. } => {
+                    Ok((now_ms < expires_at_ms).then_some(stored.record))
+                }
+            }
+        })
+    }
+
+    fn forget(&self, key: &[u8], now_ms: u64) -> Result<Forgotten, Failure> {
+        let raw_key = key.to_vec();
+        self.etcd.run(move |conn| async move {
+            let key = conn.key("idem", &[&raw_key]);
+            let mut found = conn.get("read an idempotency key", &key).await?;
+            for _ in 0..MAX_ROUNDS {
+                let Some(kv) = found else {
+                    return Ok(Forgotten::Absent);
+                };
+                let stored = decode(&kv)?;
+                if let KeyState::Claimed { .. } = stored.record.state {
+                    // etcd keeps a claim only while its lease lives.
+                    return Ok(Forgotten::InProgress);
+                }
+                let live = stored.record.is_live_at(now_ms);
+                let when = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
+                match conn
+                    .txn_or_get("forget an idempotency key", &key, when, vec![TxnOp::delete(key.clone(), None)])
+                    .await?
+                {
+                    TxnOutcome::Applied => {
+                        return Ok(if live { Forgotten::Removed } else { Forgotten::Absent })
+                    }
+                    TxnOutcome::Found(now) => found = now,
+                    TxnOutcome::LeaseGone => found = None,
+                }
+            }
+            Err(gave_up(&raw_key))
+        })
+    }
+}
+
+impl KeyRecord {
+    fn is_live_at(&self, now_ms: u64) -> bool {
+        match self.state {
+            KeyState::Claimed { lease_until_ms, .. } => now_ms < lease_until_ms,
+            KeyState::Completed { expires_at_ms, .. } => now_ms < expires_at_ms,
+        }
+    }
+}
+
+fn with_key(failure: Failure, key: &[u8]) -> Failure {
+    Failure {
+        code: failure.code,
+        detail: format!("{} (idempotency key {})", failure.detail, display_key(key)),
+    }
+}
+
+/// The claim's transaction, repeated while the key changes under us. `token` is the lease
+/// the claim is bound to; replaced if it expired before the claim was written.
+async fn claim(
+    conn: &Conn,
+    key: &[u8],
+    token: &mut i64,
+    fingerprint: &Fingerprint,
+    now_ms: u64,
+    lease: Duration,
+) -> Result<Claim, Failure> {
+    // Absent is revision 0: a fresh key is claimed in one round trip.
+    let mut expected_revision = 0;
+    for _ in 0..MAX_ROUNDS {
+        let ours = ClaimToken(*token as u64);
+        let value = encode(&Stored {
+            token: ours,
+            record: KeyRecord {
+                fingerprint: *fingerprint,
+                state: KeyState::Claimed {
+                    token: ours,
+                    lease_until_ms: now_ms.saturating_add(lease_ms(lease)),
+                },
+            },
+        });
+        let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
+        let put = TxnOp::put(key.to_vec(), value, Some(PutOptions::new().with_lease(*token)));
+        let kv = match conn.txn_or_get("claim an idempotency key", key, when, vec![put]).await? {
+            TxnOutcome::Applied => {
+                return Ok(Claim::Acquired {
+                    token: ours,
+                    taken_over: false,
+                })
+            }
+            TxnOutcome::LeaseGone => {
+                *token = conn.grant("grant a claim lease", lease).await?;
+                continue;
+            }
+            TxnOutcome::Found(None) => {
+                expected_revision = 0;
+                continue;
+            }
+            TxnOutcome::Found(Some(kv)) => kv,
+        };
+        let stored = decode(&kv)?;
+        if stored.token == ours {
+            // An earlier attempt whose answer was lost did apply.
+            return Ok(Claim::Acquired {
+                token: ours,
+                taken_over: false,
+            });
+        }
+        let same = stored.record.fingerprint == *fingerprint;
+        match stored.record.state {
+            // A claim exists only while its owner's lease lives. A mismatch is reported
+            // before "in progress".
+            KeyState::Claimed { .. } if same => return Ok(Claim::InProgress),
+            KeyState::Claimed { .. } => return Ok(Claim::Conflict),
+            KeyState::Completed { result, expires_at_ms } if now_ms < expires_at_ms => {
+                return Ok(if same { Claim::Replay { result } } else { Claim::Conflict })
+            }
+            // Expired, not yet deleted by its lease: claimed over, compared on its revision.
+            KeyState::Completed { .. } => expected_revision = kv.mod_revision(),
+        }
+    }
+    Err(gave_up(key))
+}
+
+async fn complete(
+    conn: &Conn,
+    completions: &Mutex<Option<CompletionLease>>,
+    key: &[u8],
+    stored: &Stored,
+    now_ms: u64,
+    ttl: Duration,
+) -> Result<Completion, Failure> {
+    let value = encode(stored);
+    let token = stored.token;
+    // First: our claim is still the key's (its lease is ours).
+    let mut when = Compare::lease(key.to_vec(), CompareOp::Equal, token.0 as i64);
+    for _ in 0..MAX_ROUNDS {
+        let lease = completion_lease(conn, completions, now_ms, ttl).await?;
+        let put = TxnOp::put(key.to_vec(), value.clone(), Some(PutOptions::new().with_lease(lease)));
+        let kv = match conn.txn_or_get("record a completion", key, when.clone(), vec![put]).await? {
+            TxnOutcome::Applied => return Ok(Completion::Recorded),
+            TxnOutcome::LeaseGone => {
+                let mut cached = completions.lock();
+                if cached.is_some_and(|c| c.id == lease) {
+                    *cached = None;
+                }
+                continue;
+            }
+            // The key is free (our lease lapsed and nobody took over): record it.
+            TxnOutcome::Found(None) => {
+                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, 0);
+                continue;
+            }
+            TxnOutcome::Found(Some(kv)) => kv,
+        };
+        let found = decode(&kv)?;
+        match found.record.state {
+            // An earlier attempt whose answer was lost did apply.
+            KeyState::Completed { .. } if found.token == token => return Ok(Completion::Recorded),
+            KeyState::Completed { expires_at_ms, .. } if now_ms >= expires_at_ms => {
+                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, kv.mod_revision());
+            }
+            // Another caller's live claim (etcd keeps claims only while their lease lives)
+            // or live completion: never overwritten.
+            _ if found.token != token => return Ok(Completion::Superseded),
+            // Our claim, moved to a new lease between the compare and the read: again.
+            _ => when = Compare::lease(key.to_vec(), CompareOp::Equal, kv.lease()),
+        }
+    }
+    Err(gave_up(key))
+}
+
+/// The shared completion lease, granted anew once a completion recorded now could outlive
+/// it. Its TTL is `ttl` plus a slack, so completions are deleted at most that much late.
+async fn completion_lease(
+    conn: &Conn,
+    completions: &Mutex<Option<CompletionLease>>,
+    now_ms: u64,
+    ttl: Duration,
+) -> Result<i64, Failure> {
+    if let Some(lease) = *completions.lock() {
+        if now_ms <= lease.usable_until_ms {
+            return Ok(lease.id);
+        }
+    }
+    let slack = (ttl / 16).max(Duration::from_secs(3));
+    let id = conn.grant("grant a completion lease", ttl + slack).await?;
+    // One second of margin for the grant's latency and the rounding of the TTL.
+    let usable_until_ms = now_ms + lease_ms(slack).saturating_sub(1000);
+    *completions.lock() = Some(CompletionLease {
+        id,
+        usable_until_ms,
+    });
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let claimed = Stored {
+            token: ClaimToken(0x7a3f_0000_0001),
+            record: KeyRecord {
+                fingerprint: [0xab; 32],
+                state: KeyState::Claimed {
+                    token: ClaimToken(0x7a3f_0000_0001),
+                    lease_until_ms: 1_700_000_090_000,
+                },
+            },
+        };
+        let done = Stored {
+            token: ClaimToken(5),
+            record: KeyRecord {
+                fingerprint: [1; 32],
+                state: KeyState::Completed {
+                    result: -6,
+                    expires_at_ms: 99,
+                },
+            },
+        };
+        for stored in [claimed, done] {
+            let value = encode(&stored);
+            assert_eq!(decode_value(b"k", value.as_bytes()).unwrap(), stored);
+        }
+        let err = decode_value(b"k", b"c zz").unwrap_err();
+        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+    }
+}

@@ -1,0 +1,300 @@
+//! Log-backup retry records (ABI §7) on etcd (§9), so that a sequence begun on one host
+//! continues on another with the same count, the remainder of its wait and the same budget.
+//!
+//! (task, command) has two keys, the hex of the task name and the command under the prefix:
+//! `<prefix>log/<task>/<command>` holds the sequence (no lease: it outlives its runners),
+//! and `<prefix>log-run/<task>/<command>` is the run's claim, created only when absent and
+//! bound to a lease that a task on the runtime keeps alive while the runner's guard lives.
+//! Every save and removal is compared on that lease: a runner whose claim ended (its host
+//! stalled past the lease) writes nothing.
+
+use super::client::{Conn, TxnOutcome};
+use super::contract::{LogRecordStore, RunClaim};
+use super::EtcdClient;
+use crate::error::{ErrorCode, Failure};
+use crate::hex::{hex, unhex};
+use crate::log_backup::records::{RetryRecord, Sequence};
+use crate::log_backup::SubCommand;
+use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAX_ROUNDS: usize = 32;
+
+pub struct EtcdLogRecords {
+    etcd: Arc<EtcdClient>,
+    lease: Duration,
+}
+
+impl EtcdLogRecords {
+    /// `lease`: how long a dead runner's claim outlives it (the plugin's `idempotency_lease`).
+    pub fn new(etcd: Arc<EtcdClient>, lease: Duration) -> Self {
+        EtcdLogRecords { etcd, lease }
+    }
+}
+
+struct Keys {
+    records: Vec<u8>,
+    run: Vec<u8>,
+}
+
+fn keys(conn: &Conn, task: &str, command: SubCommand) -> Keys {
+    let parts: [&[u8]; 2] = [task.as_bytes(), command.name().as_bytes()];
+    Keys {
+        records: conn.key("log", &parts),
+        run: conn.key("log-run", &parts),
+    }
+}
+
+fn in_progress(task: &str, command: SubCommand, what: &str) -> Failure {
+    Failure::new(
+        ErrorCode::InProgress,
+        format!(
+            "Operation already in progress: {} of task {task:?} {what}",
+            command.name()
+        ),
+    )
+}
+
+pub fn encode(sequence: &Sequence) -> String {
+    let mut text = String::from("s1 ");
+    match sequence.outcome {
+        Some(code) => {
+            let _ = write!(text, "{code}");
+        }
+        None => text.push('-'),
+    }
+    let _ = writeln!(text, " {}", sequence.first_failure_ms.unwrap_or(0));
+    for r in &sequence.records {
+        let _ = writeln!(
+            text,
+            "{} {} {} {} {} {}",
+            r.retry_num,
+            r.detect_failed_at_ms,
+            r.expected_retry_at_ms,
+            r.real_retry_at_ms,
+            r.reason_code,
+            hex(r.original_reason.as_bytes())
+        );
+    }
+    text
+}
+
+pub fn decode(value: &[u8]) -> Option<Sequence> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next()?.split(' ').collect();
+    if head.len() != 3 || head[0] != "s1" {
+        return None;
+    }
+    let outcome = match head[1] {
+        "-" => None,
+        code => Some(code.parse().ok()?),
+    };
+    let first: u64 = head[2].parse().ok()?;
+    let mut records = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() != 6 {
+            return None;
+        }
+        records.push(RetryRecord {
+            retry_num: f[0].parse().ok()?,
+            detect_failed_at_ms: f[1].parse().ok()?,
+            expected_retry_at_ms: f[2].parse().ok()?,
+            real_retry_at_ms: f[3].parse().ok()?,
+            reason_code: f[4].parse().ok()?,
+            original_reason: String::from_utf8(unhex(f[5])?).ok()?,
+        });
+    }
+    Some(Sequence {
+        records,
+        outcome,
+        first_failure_ms: (first > 0).then_some(first),
+    })
+}
+
+impl LogRecordStore for EtcdLogRecords {
+    fn begin_run(&self, task: &str, command: SubCommand) -> Result<Box<dyn RunClaim + '_>, Failure> {
+        let (lease, owned_task) = (self.lease, task.to_string());
+        let token = self.etcd.run(move |conn| async move {
+            let k = keys(&conn, &owned_task, command);
+            let mut token = conn.grant("grant a run lease", lease).await?;
+            for _ in 0..MAX_ROUNDS {
+                let value = format!("r {token:x}");
+                let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
+                let put = TxnOp::put(k.run.clone(), value.clone(), Some(PutOptions::new().with_lease(token)));
+                match conn.txn_or_get("claim a log-backup run", &k.run, when, vec![put]).await? {
+                    TxnOutcome::Applied => return Ok(token),
+                    // An earlier attempt whose answer was lost did apply.
+                    TxnOutcome::Found(Some(kv)) if kv.value() == value.as_bytes() => return Ok(token),
+                    TxnOutcome::Found(Some(_)) => {
+                        let _ = conn.revoke("revoke an unused run lease", token).await;
+                        return Err(in_progress(&owned_task, command, "is being run by another runner (a dead runner's claim ends with its lease)"));
+                    }
+                    TxnOutcome::Found(None) => continue,
+                    TxnOutcome::LeaseGone => token = conn.grant("grant a run lease", lease).await?,
+                }
+            }
+            Err(in_progress(&owned_task, command, "kept changing hands"))
+        })?;
+        let period = (lease / 3).max(Duration::from_millis(200));
+        let (task_name, command_name) = (task.to_string(), command.name());
+        let keeper = self.etcd.spawn(move |conn| async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match conn.keep_alive("renew a run lease", token).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(task = %task_name, command = command_name, "log-backup run claim lost: its lease expired; its saves are refused");
+                        return;
+                    }
+                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail, "log-backup run lease not renewed; retrying"),
+                }
+            }
+        });
+        Ok(Box::new(EtcdRun {
+            store: self,
+            task: task.to_string(),
+            command,
+            token,
+            keeper,
+        }))
+    }
+
+    fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
+        let task = task.to_string();
+        self.etcd.run(move |conn| async move {
+            let k = keys(&conn, &task, command);
+            let Some(kv) = conn.get("read log-backup retry records", &k.records).await? else {
+                return Ok(None);
+            };
+            decode(kv.value()).map(Some).ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::DataCorruption,
+                    format!(
+                        "Data corruption detected: etcd key {} does not hold the retry records of {} on task {task:?}",
+                        String::from_utf8_lossy(&k.records),
+                        command.name()
+                    ),
+                )
+            })
+        })
+    }
+
+    fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+        let task = task.to_string();
+        self.etcd.run(move |conn| async move {
+            let k = keys(&conn, &task, command);
+            for _ in 0..MAX_ROUNDS {
+                // Only while no run holds (task, command): one transaction.
+                let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
+                let delete = TxnOp::delete(k.records.clone(), None);
+                match conn.txn_or_get("reset log-backup retry records", &k.run, when, vec![delete]).await? {
+                    TxnOutcome::Applied => return Ok(()),
+                    TxnOutcome::Found(Some(_)) => {
+                        return Err(in_progress(&task, command, "is being run right now; its records are not reset"))
+                    }
+                    TxnOutcome::Found(None) | TxnOutcome::LeaseGone => continue,
+                }
+            }
+            Err(in_progress(&task, command, "kept changing hands"))
+        })
+    }
+}
+
+struct EtcdRun<'a> {
+    store: &'a EtcdLogRecords,
+    task: String,
+    command: SubCommand,
+    token: i64,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl EtcdRun<'_> {
+    /// Applies `op` to the records only while the run's claim is this run's.
+    fn fenced(&self, what: &'static str, op: fn(Vec<u8>, Option<String>) -> TxnOp, value: Option<String>) -> Result<(), Failure> {
+        let (task, command, token) = (self.task.clone(), self.command, self.token);
+        self.store.etcd.run(move |conn| async move {
+            let k = keys(&conn, &task, command);
+            let when = Compare::lease(k.run.clone(), CompareOp::Equal, token);
+            match conn.txn_or_get(what, &k.run, when, vec![op(k.records.clone(), value)]).await? {
+                TxnOutcome::Applied => Ok(()),
+                _ => Err(in_progress(&task, command, "is no longer this run's: its claim ended with its lease; nothing written")),
+            }
+        })
+    }
+}
+
+impl RunClaim for EtcdRun<'_> {
+    fn save(&self, sequence: &Sequence) -> Result<(), Failure> {
+        self.fenced(
+            "save log-backup retry records",
+            |key, value| TxnOp::put(key, value.unwrap_or_default(), None),
+            Some(encode(sequence)),
+        )
+    }
+
+    fn remove(&self) -> Result<(), Failure> {
+        self.fenced(
+            "remove log-backup retry records",
+            |key, _| TxnOp::delete(key, None),
+            None,
+        )
+    }
+}
+
+impl Drop for EtcdRun<'_> {
+    fn drop(&mut self) {
+        self.keeper.abort();
+        let token = self.token;
+        // Waited for, so that the next run of (task, command) from here finds it free.
+        if let Err(failure) = self
+            .store
+            .etcd
+            .run(move |conn| async move { conn.revoke("end a log-backup run", token).await })
+        {
+            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail, "log-backup run claim not revoked; it ends with its lease");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_round_trip() {
+        let sequence = Sequence {
+            records: vec![
+                RetryRecord {
+                    retry_num: 1,
+                    detect_failed_at_ms: 1000,
+                    expected_retry_at_ms: 31_000,
+                    real_retry_at_ms: 31_002,
+                    reason_code: -6,
+                    original_reason: "execute start failed: Network error\nline two".into(),
+                },
+                RetryRecord {
+                    retry_num: 2,
+                    detect_failed_at_ms: 31_050,
+                    expected_retry_at_ms: 91_050,
+                    real_retry_at_ms: 0,
+                    reason_code: -99,
+                    original_reason: String::new(),
+                },
+            ],
+            outcome: None,
+            first_failure_ms: Some(1000),
+        };
+        assert_eq!(decode(encode(&sequence).as_bytes()), Some(sequence.clone()));
+        let finished = Sequence {
+            outcome: Some(-12),
+            ..sequence
+        };
+        assert_eq!(decode(encode(&finished).as_bytes()), Some(finished));
+        assert_eq!(decode(b"s2 - 0\n"), None);
+        assert_eq!(decode(b"s1 - 0\n1 2 3\n"), None);
+    }
+}

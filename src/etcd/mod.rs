@@ -1,0 +1,150 @@
+//! The shared state store on an etcd v3 cluster (ABI §9): the idempotency keys (§8) and
+//! the log-backup retry records (§7) of every host of a taosX cluster, under one prefix.
+//!
+//! [`client::EtcdClient`] owns one small tokio runtime on a thread of the plugin (started
+//! only when the etcd backend is configured) and turns each store call into a synchronous
+//! request with failover across the endpoints within `etcd_timeout`.
+//! [`idempotency::EtcdIdempotencyStore`] and [`log_records::EtcdLogRecords`] implement the
+//! store traits on it: claims are single transactions compared on the key's revision or
+//! lease, bound to an etcd lease that the owner keeps alive.
+
+pub mod client;
+pub mod contract;
+pub mod idempotency;
+pub mod log_records;
+mod runtime;
+
+use crate::error::Failure;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use client::EtcdClient;
+
+/// Default prefix of every key the plugin writes (ABI §5).
+pub const DEFAULT_PREFIX: &str = "/taosx/backup/";
+/// Default deadline of one etcd request, retries across endpoints included (ABI §5).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach the cluster: what the `etcd_*` configuration keys say.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// "http://host:port" or "https://host:port", at least one.
+    pub endpoints: Vec<String>,
+    /// Every key starts with it.
+    pub prefix: String,
+    /// One request's deadline, failover and retries included.
+    pub timeout: Duration,
+    pub user: Option<String>,
+    /// Never shown: `Debug` prints it as "***".
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl EtcdSettings {
+    /// Settings with the defaults of ABI §5 for everything but the endpoints.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdSettings {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_string(),
+            timeout: DEFAULT_TIMEOUT,
+            user: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// Checks what can be checked without the cluster; the message names the key.
+    pub fn validate(&self) -> Result<(), Failure> {
+        let bad = |what: String| Err(Failure::invalid_param(format!("Invalid parameter: {what}")));
+        if self.endpoints.is_empty() {
+            return bad("`etcd_endpoints` must list at least one endpoint for state_backend = \"etcd\"".into());
+        }
+        let tls = self.ca_file.is_some() || self.cert_file.is_some();
+        for endpoint in &self.endpoints {
+            let rest = if let Some(rest) = endpoint.strip_prefix("http://") {
+                if tls {
+                    return bad(format!("`etcd_endpoints`: {endpoint:?} is plain http, but TLS files are configured: use https://"));
+                }
+                rest
+            } else if let Some(rest) = endpoint.strip_prefix("https://") {
+                rest
+            } else {
+                return bad(format!(
+                    "`etcd_endpoints`: {endpoint:?} must start with http:// or https://"
+                ));
+            };
+            if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+                return bad(format!(
+                    "`etcd_endpoints`: {endpoint:?} must be http(s)://host:port"
+                ));
+            }
+        }
+        if self.prefix.is_empty() {
+            return bad("`etcd_prefix` must not be empty".into());
+        }
+        if self.timeout.is_zero() {
+            return bad("`etcd_timeout` must be more than 0".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return bad("`etcd_user` and `etcd_password` go together".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return bad("`etcd_cert_file` and `etcd_key_file` go together".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for EtcdSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_never_shown() {
+        let mut s = EtcdSettings::new(vec!["http://127.0.0.1:2379".into()]);
+        s.user = Some("backup".into());
+        s.password = Some("s3cret-pw".into());
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let ok = EtcdSettings::new(vec!["http://127.0.0.1:2379".into()]);
+        assert!(ok.validate().is_ok());
+        let none = EtcdSettings::new(vec![]);
+        assert!(none.validate().unwrap_err().detail.contains("etcd_endpoints"));
+        let scheme = EtcdSettings::new(vec!["127.0.0.1:2379".into()]);
+        assert!(scheme.validate().unwrap_err().detail.contains("http://"));
+        let mut user_only = ok.clone();
+        user_only.user = Some("u".into());
+        assert!(user_only.validate().unwrap_err().detail.contains("etcd_password"));
+        let mut plain_tls = ok.clone();
+        plain_tls.ca_file = Some("/ca.pem".into());
+        assert!(plain_tls.validate().unwrap_err().detail.contains("https://"));
+        let mut cert_only = EtcdSettings::new(vec!["https://h:1".into()]);
+        cert_only.cert_file = Some("/c.pem".into());
+        assert!(cert_only.validate().unwrap_err().detail.contains("etcd_key_file"));
+    }
+}

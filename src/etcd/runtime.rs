@@ -1,0 +1,97 @@
+//! One small tokio runtime on a thread of the plugin, for the async etcd client. The C
+//! calls stay synchronous: they hand a future to the runtime and wait for its result on a
+//! channel. A thread of the runtime never waits like that (it would wait for itself).
+
+use crate::error::{ErrorCode, Failure};
+use std::future::Future;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use tokio::runtime::{Builder, Handle};
+use tokio::sync::oneshot;
+
+pub struct EtcdRuntime {
+    handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EtcdRuntime {
+    pub fn start() -> Result<Self, Failure> {
+        let (handle_tx, handle_rx) = mpsc::sync_channel(1);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("backup-etcd".into())
+            .spawn(move || {
+                let runtime = match Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                // Drives every spawned request until the store is dropped.
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(|e| start_failed(&e.to_string()))?;
+        let handle = handle_rx
+            .recv()
+            .map_err(|_| start_failed("the thread ended"))?
+            .map_err(|e| start_failed(&e))?;
+        Ok(EtcdRuntime {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `future` on the runtime and waits for its output.
+    pub fn run<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = Result<T, Failure>> + Send + 'static,
+    ) -> Result<T, Failure> {
+        if Handle::try_current().is_ok() {
+            return Err(Failure::new(
+                ErrorCode::InvalidState,
+                "Invalid state for command: a synchronous etcd store call from a thread of an async runtime",
+            ));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(Failure::new(
+                ErrorCode::ConnectionLost,
+                "Connection lost: the etcd client's runtime stopped during the request",
+            ))
+        })
+    }
+
+    /// Starts `future` in the background (a lease revocation nobody waits for).
+    pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) -> tokio::task::AbortHandle {
+        self.handle.spawn(future).abort_handle()
+    }
+}
+
+fn start_failed(why: &str) -> Failure {
+    Failure::new(
+        ErrorCode::InitFailed,
+        format!("Initialization failed: cannot start the etcd client's runtime thread: {why}"),
+    )
+}
+
+impl Drop for EtcdRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // Dropped from the runtime's own thread (the last reference held by a task):
+            // joining would wait for ourselves.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}

@@ -43,7 +43,10 @@ pub struct Conn {
 enum Fault {
     /// Another attempt (on another endpoint) may succeed. `sent`: the request may have
     /// reached a server, so its outcome is unknown.
-    Retry { reason: String, sent: bool },
+    Retry {
+        reason: String,
+        sent: bool,
+    },
     Permanent(Failure),
 }
 
@@ -117,7 +120,8 @@ fn tls_options(settings: &EtcdSettings) -> Result<TlsOptions, Failure> {
             "Invalid parameter: https:// etcd endpoints need `etcd_ca_file`, the CA that signed the cluster's certificates",
         ));
     };
-    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd_ca_file", ca)?));
+    let mut tls =
+        TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd_ca_file", ca)?));
     if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
         tls = tls.identity(Identity::from_pem(
             read("etcd_cert_file", cert)?,
@@ -178,12 +182,9 @@ impl Conn {
             };
             sent_any |= sent;
             let next = (index + 1) % self.endpoints.len();
-            let _ = self.current.compare_exchange(
-                index,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.current
+                    .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
             if Instant::now() + backoff >= deadline {
                 let (code, label) = if sent_any {
                     (ErrorCode::ConnectionLost, "Connection lost")

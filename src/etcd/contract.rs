@@ -85,7 +85,8 @@ pub trait LogRecordStore: Send + Sync {
     /// Takes the run of (task, command); Err(Failure code IN_PROGRESS) at once while another
     /// live runner (thread, process, host) holds it. The claim ends when the returned guard
     /// drops, or with its lease when the runner dies.
-    fn begin_run(&self, task: &str, command: SubCommand) -> Result<Box<dyn RunClaim + '_>, Failure>;
+    fn begin_run(&self, task: &str, command: SubCommand)
+        -> Result<Box<dyn RunClaim + '_>, Failure>;
     fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure>;
     /// Removes the records of (task, command); Err(IN_PROGRESS), nothing removed, while a
     /// run holds it.

@@ -187,7 +187,9 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                 // The key is bound to the completion lease now (or was never ours).
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    let _ = conn.revoke("revoke a completed claim's lease", token.0 as i64).await;
+                    let _ = conn
+                        .revoke("revoke a completed claim's lease", token.0 as i64)
+                        .await;
                 });
             }
             outcome.map_err(|f| with_key(f, &raw_key))
@@ -250,11 +252,20 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                 let live = stored.record.is_live_at(now_ms);
                 let when = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
                 match conn
-                    .txn_or_get("forget an idempotency key", &key, when, vec![TxnOp::delete(key.clone(), None)])
+                    .txn_or_get(
+                        "forget an idempotency key",
+                        &key,
+                        when,
+                        vec![TxnOp::delete(key.clone(), None)],
+                    )
                     .await?
                 {
                     TxnOutcome::Applied => {
-                        return Ok(if live { Forgotten::Removed } else { Forgotten::Absent })
+                        return Ok(if live {
+                            Forgotten::Removed
+                        } else {
+                            Forgotten::Absent
+                        })
                     }
                     TxnOutcome::Found(now) => found = now,
                     TxnOutcome::LeaseGone => found = None,
@@ -306,8 +317,15 @@ async fn claim(
             },
         });
         let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
-        let put = TxnOp::put(key.to_vec(), value, Some(PutOptions::new().with_lease(*token)));
-        let kv = match conn.txn_or_get("claim an idempotency key", key, when, vec![put]).await? {
+        let put = TxnOp::put(
+            key.to_vec(),
+            value,
+            Some(PutOptions::new().with_lease(*token)),
+        );
+        let kv = match conn
+            .txn_or_get("claim an idempotency key", key, when, vec![put])
+            .await?
+        {
             TxnOutcome::Applied => {
                 return Ok(Claim::Acquired {
                     token: ours,
@@ -338,8 +356,15 @@ async fn claim(
             // before "in progress".
             KeyState::Claimed { .. } if same => return Ok(Claim::InProgress),
             KeyState::Claimed { .. } => return Ok(Claim::Conflict),
-            KeyState::Completed { result, expires_at_ms } if now_ms < expires_at_ms => {
-                return Ok(if same { Claim::Replay { result } } else { Claim::Conflict })
+            KeyState::Completed {
+                result,
+                expires_at_ms,
+            } if now_ms < expires_at_ms => {
+                return Ok(if same {
+                    Claim::Replay { result }
+                } else {
+                    Claim::Conflict
+                })
             }
             // Expired, not yet deleted by its lease: claimed over, compared on its revision.
             KeyState::Completed { .. } => expected_revision = kv.mod_revision(),
@@ -362,8 +387,15 @@ async fn complete(
     let mut when = Compare::lease(key.to_vec(), CompareOp::Equal, token.0 as i64);
     for _ in 0..MAX_ROUNDS {
         let lease = completion_lease(conn, completions, now_ms, ttl).await?;
-        let put = TxnOp::put(key.to_vec(), value.clone(), Some(PutOptions::new().with_lease(lease)));
-        let kv = match conn.txn_or_get("record a completion", key, when.clone(), vec![put]).await? {
+        let put = TxnOp::put(
+            key.to_vec(),
+            value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let kv = match conn
+            .txn_or_get("record a completion", key, when.clone(), vec![put])
+            .await?
+        {
             TxnOutcome::Applied => return Ok(Completion::Recorded),
             TxnOutcome::LeaseGone => {
                 let mut cached = completions.lock();

@@ -116,7 +116,11 @@ pub fn decode(value: &[u8]) -> Option<Sequence> {
 }
 
 impl LogRecordStore for EtcdLogRecords {
-    fn begin_run(&self, task: &str, command: SubCommand) -> Result<Box<dyn RunClaim + '_>, Failure> {
+    fn begin_run(
+        &self,
+        task: &str,
+        command: SubCommand,
+    ) -> Result<Box<dyn RunClaim + '_>, Failure> {
         let (lease, owned_task) = (self.lease, task.to_string());
         let token = self.etcd.run(move |conn| async move {
             let k = keys(&conn, &owned_task, command);
@@ -191,10 +195,17 @@ impl LogRecordStore for EtcdLogRecords {
                 // Only while no run holds (task, command): one transaction.
                 let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
                 let delete = TxnOp::delete(k.records.clone(), None);
-                match conn.txn_or_get("reset log-backup retry records", &k.run, when, vec![delete]).await? {
+                match conn
+                    .txn_or_get("reset log-backup retry records", &k.run, when, vec![delete])
+                    .await?
+                {
                     TxnOutcome::Applied => return Ok(()),
                     TxnOutcome::Found(Some(_)) => {
-                        return Err(in_progress(&task, command, "is being run right now; its records are not reset"))
+                        return Err(in_progress(
+                            &task,
+                            command,
+                            "is being run right now; its records are not reset",
+                        ))
                     }
                     TxnOutcome::Found(None) | TxnOutcome::LeaseGone => continue,
                 }
@@ -214,14 +225,26 @@ struct EtcdRun<'a> {
 
 impl EtcdRun<'_> {
     /// Applies `op` to the records only while the run's claim is this run's.
-    fn fenced(&self, what: &'static str, op: fn(Vec<u8>, Option<String>) -> TxnOp, value: Option<String>) -> Result<(), Failure> {
+    fn fenced(
+        &self,
+        what: &'static str,
+        op: fn(Vec<u8>, Option<String>) -> TxnOp,
+        value: Option<String>,
+    ) -> Result<(), Failure> {
         let (task, command, token) = (self.task.clone(), self.command, self.token);
         self.store.etcd.run(move |conn| async move {
             let k = keys(&conn, &task, command);
             let when = Compare::lease(k.run.clone(), CompareOp::Equal, token);
-            match conn.txn_or_get(what, &k.run, when, vec![op(k.records.clone(), value)]).await? {
+            match conn
+                .txn_or_get(what, &k.run, when, vec![op(k.records.clone(), value)])
+                .await?
+            {
                 TxnOutcome::Applied => Ok(()),
-                _ => Err(in_progress(&task, command, "is no longer this run's: its claim ended with its lease; nothing written")),
+                _ => Err(in_progress(
+                    &task,
+                    command,
+                    "is no longer this run's: its claim ended with its lease; nothing written",
+                )),
             }
         })
     }

@@ -62,7 +62,10 @@ impl EtcdSettings {
     pub fn validate(&self) -> Result<(), Failure> {
         let bad = |what: String| Err(Failure::invalid_param(format!("Invalid parameter: {what}")));
         if self.endpoints.is_empty() {
-            return bad("`etcd_endpoints` must list at least one endpoint for state_backend = \"etcd\"".into());
+            return bad(
+                "`etcd_endpoints` must list at least one endpoint for state_backend = \"etcd\""
+                    .into(),
+            );
         }
         let tls = self.ca_file.is_some() || self.cert_file.is_some();
         for endpoint in &self.endpoints {
@@ -134,17 +137,33 @@ mod tests {
         let ok = EtcdSettings::new(vec!["http://127.0.0.1:2379".into()]);
         assert!(ok.validate().is_ok());
         let none = EtcdSettings::new(vec![]);
-        assert!(none.validate().unwrap_err().detail.contains("etcd_endpoints"));
+        assert!(none
+            .validate()
+            .unwrap_err()
+            .detail
+            .contains("etcd_endpoints"));
         let scheme = EtcdSettings::new(vec!["127.0.0.1:2379".into()]);
         assert!(scheme.validate().unwrap_err().detail.contains("http://"));
         let mut user_only = ok.clone();
         user_only.user = Some("u".into());
-        assert!(user_only.validate().unwrap_err().detail.contains("etcd_password"));
+        assert!(user_only
+            .validate()
+            .unwrap_err()
+            .detail
+            .contains("etcd_password"));
         let mut plain_tls = ok.clone();
         plain_tls.ca_file = Some("/ca.pem".into());
-        assert!(plain_tls.validate().unwrap_err().detail.contains("https://"));
+        assert!(plain_tls
+            .validate()
+            .unwrap_err()
+            .detail
+            .contains("https://"));
         let mut cert_only = EtcdSettings::new(vec!["https://h:1".into()]);
         cert_only.cert_file = Some("/c.pem".into());
-        assert!(cert_only.validate().unwrap_err().detail.contains("etcd_key_file"));
+        assert!(cert_only
+            .validate()
+            .unwrap_err()
+            .detail
+            .contains("etcd_key_file"));
     }
 }

@@ -69,7 +69,10 @@ impl EtcdRuntime {
     }
 
     /// Starts `future` in the background (a lease revocation nobody waits for).
-    pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) -> tokio::task::AbortHandle {
+    pub fn spawn(
+        &self,
+        future: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
         self.handle.spawn(future).abort_handle()
     }
 }

@@ -58,7 +58,11 @@ pub fn ensure_etcd_installed() {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Cluster {
@@ -108,10 +112,18 @@ impl Cluster {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join(format!("{}.log", self.members[i].name)))
+            .open(
+                self.dir
+                    .path()
+                    .join(format!("{}.log", self.members[i].name)),
+            )
             .unwrap();
         let m = &self.members[i];
-        let state = if m.data_dir.exists() { "existing" } else { "new" };
+        let state = if m.data_dir.exists() {
+            "existing"
+        } else {
+            "new"
+        };
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
@@ -153,7 +165,10 @@ impl Cluster {
         let endpoints: Vec<String> = if members.is_empty() {
             self.endpoints()
         } else {
-            members.iter().map(|&i| self.members[i].client_url.clone()).collect()
+            members
+                .iter()
+                .map(|&i| self.members[i].client_url.clone())
+                .collect()
         };
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3")
@@ -260,7 +275,14 @@ impl Cluster {
     pub fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) {
         self.etcdctl(&["user", "add", "root:rootpw"]);
         self.etcdctl(&["role", "add", "backup"]);
-        self.etcdctl(&["role", "grant-permission", "backup", "--prefix=true", "readwrite", prefix]);
+        self.etcdctl(&[
+            "role",
+            "grant-permission",
+            "backup",
+            "--prefix=true",
+            "readwrite",
+            prefix,
+        ]);
         self.etcdctl(&["user", "add", &format!("{user}:{password}")]);
         self.etcdctl(&["user", "grant-role", user, "backup"]);
         self.etcdctl(&["auth", "enable"]);
@@ -273,7 +295,9 @@ impl Drop for Cluster {
         for m in &mut self.members {
             if let Some(mut child) = m.child.take() {
                 // SIGCONT first: a SIGSTOPped member would not die until continued.
-                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -298,12 +322,66 @@ fn openssl(dir: &Path, args: &[&str]) {
 fn make_certs(dir: &Path) -> Tls {
     let d = dir.join("tls");
     fs::create_dir(&d).unwrap();
-    openssl(&d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=backup-test-ca", "-keyout", "ca.key", "-out", "ca.pem"]);
-    fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=backup-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    fs::write(
+        d.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
     fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for (name, cn) in [("server", "127.0.0.1"), ("client", "backup-client")] {
-        openssl(&d, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr")]);
-        openssl(&d, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem")]);
+        openssl(
+            &d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            &d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
     }
     Tls {
         ca: d.join("ca.pem"),

@@ -1,0 +1,434 @@
+//! The state store on a real 3-member etcd cluster (ABI §9): two store instances play two
+//! hosts. Claims, replays, conflicts and takeovers across hosts; the stalled owner fenced;
+//! the cluster down (fail closed) and back; keys kept under the prefix; auth and TLS.
+
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
+use backup_coordinator::clock::unix_ms_now;
+use backup_coordinator::error::ErrorCode;
+use backup_coordinator::etcd::contract::{
+    Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyState,
+};
+use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
+use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
+use backup_coordinator::idempotency::fingerprint;
+use etcd_cluster::Cluster;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "/taosx/test/";
+
+fn settings(cluster: &Cluster) -> EtcdSettings {
+    let mut s = EtcdSettings::new(cluster.endpoints());
+    s.prefix = PREFIX.into();
+    s.timeout = Duration::from_secs(3);
+    s
+}
+
+/// One "host": its own client (runtime, connections) and store.
+fn host(settings: &EtcdSettings, lease: Duration, ttl: Duration) -> EtcdIdempotencyStore {
+    let client = Arc::new(EtcdClient::new(settings).unwrap());
+    EtcdIdempotencyStore::new(client, lease, ttl)
+}
+
+fn acquired(claim: Claim) -> ClaimToken {
+    match claim {
+        Claim::Acquired { token, .. } => token,
+        other => panic!("expected the key to be acquired, got {other:?}"),
+    }
+}
+
+#[test]
+fn etcd_claims_replays_conflicts_and_takeovers_across_hosts() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let lease = Duration::from_secs(2);
+    let ttl = Duration::from_secs(3600);
+    let a = host(&s, lease, ttl);
+    let b = host(&s, lease, ttl);
+    let (fp, other) = (fingerprint(b"block 1"), fingerprint(b"block 1, changed"));
+
+    // A claims; B sees it in progress, or a conflict with another payload.
+    let token_a = acquired(a.claim(b"job/1", &fp, unix_ms_now()).unwrap());
+    assert_eq!(
+        b.claim(b"job/1", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        b.claim(b"job/1", &other, unix_ms_now()).unwrap(),
+        Claim::Conflict
+    );
+    assert_eq!(
+        b.forget(b"job/1", unix_ms_now()).unwrap(),
+        Forgotten::InProgress
+    );
+    let record = b.get(b"job/1", unix_ms_now()).unwrap().expect("claimed");
+    assert!(matches!(record.state, KeyState::Claimed { token, .. } if token == token_a));
+
+    // A completes: B replays the result; another payload conflicts.
+    assert_eq!(
+        a.complete(b"job/1", token_a, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        b.claim(b"job/1", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+    assert_eq!(
+        b.claim(b"job/1", &other, unix_ms_now()).unwrap(),
+        Claim::Conflict
+    );
+    // A late second completion of the same claim changes nothing.
+    assert_eq!(
+        a.complete(b"job/1", token_a, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+
+    // Forget on B: the key runs again, anywhere.
+    assert_eq!(
+        b.forget(b"job/1", unix_ms_now()).unwrap(),
+        Forgotten::Removed
+    );
+    assert_eq!(
+        b.forget(b"job/1", unix_ms_now()).unwrap(),
+        Forgotten::Absent
+    );
+    let token_b = acquired(b.claim(b"job/1", &fp, unix_ms_now()).unwrap());
+    assert_ne!(token_b, token_a, "every claim has its own token");
+
+    // A release frees the key for the other host; a released key has no record.
+    b.release(b"job/1", token_b).unwrap();
+    assert_eq!(b.get(b"job/1", unix_ms_now()).unwrap(), None);
+    let token_a2 = acquired(a.claim(b"job/1", &fp, unix_ms_now()).unwrap());
+
+    // A host that dies stops renewing: its claim vanishes with its lease, B takes over.
+    drop(a);
+    let start = Instant::now();
+    let token_b2 = loop {
+        match b.claim(b"job/1", &fp, unix_ms_now()).unwrap() {
+            Claim::Acquired { token, .. } => break token,
+            Claim::InProgress => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the dead host's claim never expired"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "taken over before the lease ran out"
+    );
+    assert_ne!(token_b2, token_a2);
+    // Renewing keeps a live owner's claim however long it runs.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(700));
+        b.renew(&[(b"job/1".to_vec(), token_b2)], unix_ms_now())
+            .unwrap();
+    }
+    let c = host(&s, lease, ttl);
+    assert_eq!(
+        c.claim(b"job/1", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress
+    );
+}
+
+#[test]
+fn etcd_stalled_owner_is_fenced() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    // A's lease is short (it is the one that stalls); the others outlive the test.
+    let a = host(&s, Duration::from_secs(1), Duration::from_secs(3600));
+    let b = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let c = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let fp = fingerprint(b"payload");
+
+    // A claims and stalls (renews nothing); its lease lapses; B takes over.
+    let stalled = acquired(a.claim(b"k", &fp, unix_ms_now()).unwrap());
+    let start = Instant::now();
+    let taker = loop {
+        match b.claim(b"k", &fp, unix_ms_now()).unwrap() {
+            Claim::Acquired { token, .. } => break token,
+            Claim::InProgress if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    // A resumes: its renewal, release and completion never touch B's claim.
+    a.renew(&[(b"k".to_vec(), stalled)], unix_ms_now()).unwrap();
+    a.release(b"k", stalled).unwrap();
+    assert_eq!(
+        c.claim(b"k", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress,
+        "a third caller waits for B"
+    );
+    assert_eq!(
+        a.complete(b"k", stalled, &fp, 0, unix_ms_now()).unwrap(),
+        Completion::Superseded
+    );
+    let record = c.get(b"k", unix_ms_now()).unwrap().unwrap();
+    assert!(matches!(record.state, KeyState::Claimed { token, .. } if token == taker));
+    // B completes; A's late completion does not overwrite it either.
+    assert_eq!(
+        b.complete(b"k", taker, &fp, 0, unix_ms_now()).unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        a.complete(b"k", stalled, &fp, 0, unix_ms_now()).unwrap(),
+        Completion::Superseded
+    );
+    assert_eq!(
+        c.claim(b"k", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+
+    // A stalled owner whose key is free by then records its completion: the same payload
+    // replays.
+    let lonely = acquired(a.claim(b"free", &fp, unix_ms_now()).unwrap());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        b.get(b"free", unix_ms_now()).unwrap(),
+        None,
+        "the lapsed claim is gone"
+    );
+    assert_eq!(
+        a.complete(b"free", lonely, &fp, 0, unix_ms_now()).unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        b.claim(b"free", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+}
+
+#[test]
+fn etcd_all_members_down_fails_closed_then_work_resumes() {
+    let mut cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let store = host(&s, Duration::from_secs(5), Duration::from_secs(3600));
+    let fp = fingerprint(b"x");
+    let token = acquired(store.claim(b"before", &fp, unix_ms_now()).unwrap());
+    assert_eq!(
+        store
+            .complete(b"before", token, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+
+    cluster.kill_all();
+    let started = Instant::now();
+    let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        "{failure:?}"
+    );
+    assert!(failure.detail.contains("etcd"), "{}", failure.detail);
+    assert!(
+        took < Duration::from_secs(8),
+        "gave up after {took:?}, etcd_timeout is 3s"
+    );
+    // No quorum: one member back is not enough.
+    cluster.restart(0);
+    std::thread::sleep(Duration::from_millis(500));
+    let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
+    assert!(
+        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        "{failure:?}"
+    );
+
+    cluster.restart_all();
+    // The store reconnects by itself: what was recorded before is there, new work goes on.
+    assert_eq!(
+        store.claim(b"before", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+    let token = acquired(store.claim(b"during", &fp, unix_ms_now()).unwrap());
+    assert_eq!(
+        store
+            .complete(b"during", token, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+}
+
+#[test]
+fn etcd_init_needs_no_cluster_and_keys_stay_under_the_prefix() {
+    // Nothing listens there: creating the store connects nothing.
+    let mut nowhere = EtcdSettings::new(vec!["http://127.0.0.1:1".into()]);
+    nowhere.timeout = Duration::from_millis(500);
+    let store = host(&nowhere, Duration::from_secs(5), Duration::from_secs(60));
+    let failure = store
+        .claim(b"k", &fingerprint(b""), unix_ms_now())
+        .unwrap_err();
+    assert_eq!(failure.code, ErrorCode::Network.raw(), "{failure:?}");
+
+    let cluster = Cluster::start(3);
+    let store = host(
+        &settings(&cluster),
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let hostile = b"../../\x00\xff/x\n".to_vec();
+    let token = acquired(
+        store
+            .claim(&hostile, &fingerprint(b""), unix_ms_now())
+            .unwrap(),
+    );
+    store
+        .complete(&hostile, token, &fingerprint(b""), 0, unix_ms_now())
+        .unwrap();
+    let all = cluster.etcdctl(&["get", "", "--prefix", "--keys-only"]);
+    let keys: Vec<&str> = all.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        keys,
+        vec![format!("{PREFIX}idem/2e2e2f2e2e2f00ff2f780a")],
+        "{all}"
+    );
+}
+
+#[test]
+fn etcd_completions_expire_and_leave_no_key() {
+    let cluster = Cluster::start(3);
+    let ttl = Duration::from_secs(2);
+    let store = host(&settings(&cluster), Duration::from_secs(5), ttl);
+    let fp = fingerprint(b"p");
+    for i in 0..20 {
+        let key = format!("short/{i}");
+        let token = acquired(store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap());
+        store
+            .complete(key.as_bytes(), token, &fp, 0, unix_ms_now())
+            .unwrap();
+    }
+    assert_eq!(
+        store.claim(b"short/0", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+    std::thread::sleep(ttl + Duration::from_millis(200));
+    // Expired: a fresh claim, whatever the payload.
+    acquired(
+        store
+            .claim(b"short/1", &fingerprint(b"other"), unix_ms_now())
+            .unwrap(),
+    );
+    // etcd deletes the rest with their lease (TTL plus a slack of at most 3s here).
+    let start = Instant::now();
+    loop {
+        let left = cluster.etcdctl(&["get", &format!("{PREFIX}idem/"), "--prefix", "--keys-only"]);
+        let count = left.lines().filter(|l| !l.is_empty()).count();
+        // short/1 is claimed again (its lease is 5s) and may outlive the others.
+        if count <= 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "expired completions still in etcd: {left}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn etcd_auth_right_and_wrong_password() {
+    let mut cluster = Cluster::start(3);
+    cluster.enable_auth("backup", "right-pw", PREFIX);
+    let mut good = settings(&cluster);
+    good.user = Some("backup".into());
+    good.password = Some("right-pw".into());
+    let store = host(&good, Duration::from_secs(5), Duration::from_secs(60));
+    let fp = fingerprint(b"a");
+    let token = acquired(store.claim(b"auth", &fp, unix_ms_now()).unwrap());
+    assert_eq!(
+        store
+            .complete(b"auth", token, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+    store.release(b"auth", token).unwrap();
+
+    let mut bad = good.clone();
+    bad.password = Some("wrong-pw-7731".into());
+    let store = host(&bad, Duration::from_secs(5), Duration::from_secs(60));
+    let started = Instant::now();
+    let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();
+    assert_eq!(
+        failure.code,
+        ErrorCode::PermissionDenied.raw(),
+        "{failure:?}"
+    );
+    assert!(failure.detail.contains("etcd_user"), "{}", failure.detail);
+    assert!(
+        !failure.detail.contains("wrong-pw-7731"),
+        "the password leaked: {}",
+        failure.detail
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a wrong password is not retried"
+    );
+
+    // Outside the role's prefix: denied as well.
+    let mut elsewhere = good.clone();
+    elsewhere.prefix = "/other/".into();
+    let store = host(&elsewhere, Duration::from_secs(5), Duration::from_secs(60));
+    let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();
+    assert_eq!(
+        failure.code,
+        ErrorCode::PermissionDenied.raw(),
+        "{failure:?}"
+    );
+}
+
+#[test]
+fn etcd_tls_with_client_certificates() {
+    let cluster = Cluster::start_tls(3);
+    let tls = cluster.tls().unwrap().clone();
+    let mut s = settings(&cluster);
+    assert!(s.endpoints[0].starts_with("https://"));
+    s.ca_file = Some(tls.ca.clone());
+    s.cert_file = Some(tls.client_cert.clone());
+    s.key_file = Some(tls.client_key.clone());
+    let store = host(&s, Duration::from_secs(5), Duration::from_secs(60));
+    let fp = fingerprint(b"tls");
+    let token = acquired(store.claim(b"tls", &fp, unix_ms_now()).unwrap());
+    assert_eq!(
+        store
+            .complete(b"tls", token, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        store.claim(b"tls", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+
+    // Without a client certificate the cluster refuses the connection: a network failure.
+    let mut anonymous = s.clone();
+    anonymous.cert_file = None;
+    anonymous.key_file = None;
+    anonymous.timeout = Duration::from_secs(1);
+    let store = host(&anonymous, Duration::from_secs(5), Duration::from_secs(60));
+    let failure = store.claim(b"tls", &fp, unix_ms_now()).unwrap_err();
+    assert!(
+        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        "{failure:?}"
+    );
+    // A missing file is named at once.
+    let mut missing = s.clone();
+    missing.ca_file = Some("/nonexistent/ca.pem".into());
+    let failure = EtcdClient::new(&missing)
+        .err()
+        .expect("a missing CA file is an error");
+    assert_eq!(failure.code, ErrorCode::InvalidParam.raw());
+    assert!(
+        failure.detail.contains("etcd_ca_file") && failure.detail.contains("/nonexistent/ca.pem"),
+        "{}",
+        failure.detail
+    );
+}

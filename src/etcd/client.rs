@@ -74,7 +74,8 @@ impl EtcdClient {
                 .iter()
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
-            current: AtomicUsize::new(0),
+            // Hosts spread over the members instead of all starting on the first one.
+            current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
         });
         Ok(EtcdClient {
             conn,

@@ -19,7 +19,10 @@
 //!   the old journal unlinked and reopen the new one. A restart reads live records only.
 
 use super::record::{self, Entry, MAX_RECORD_BYTES};
-use super::{decide, Claim, Fingerprint, Forgotten, IdempotencyStore, KeyRecord, KeyState};
+use super::{
+    completion_allowed, decide, is_claim, Claim, ClaimToken, Completion, Fingerprint, Forgotten,
+    IdempotencyStore, KeyRecord, KeyState,
+};
 use crate::durable::{self, FileError};
 use crate::error::{ErrorCode, Failure};
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -67,8 +70,6 @@ pub struct FileStore {
     /// `flock`ed by the one process compacting.
     compact_lock: File,
     compact_lock_path: PathBuf,
-    /// Who this handle's claims belong to.
-    owner: u64,
     lease_ms: u64,
     ttl_ms: u64,
     slack: u64,
@@ -251,7 +252,6 @@ impl FileStore {
             journal_lock_path,
             compact_lock,
             compact_lock_path,
-            owner: fastrand::u64(1..),
             lease_ms: settings.lease.as_millis() as u64,
             ttl_ms: settings.ttl.as_millis() as u64,
             slack: settings.compaction_slack_bytes,
@@ -552,10 +552,6 @@ impl FileStore {
         }
     }
 
-    fn claimed_by_me(&self, record: Option<&KeyRecord>) -> bool {
-        matches!(record, Some(KeyRecord { state: KeyState::Claimed { owner, .. }, .. }) if *owner == self.owner)
-    }
-
     /// Rewrites the journal with its live records once it has grown enough.
     fn compact(&self, now_ms: u64) -> Result<(), Failure> {
         let Some(_in_process) = self.compaction.try_lock() else {
@@ -684,15 +680,15 @@ fn apply(inner: &mut Inner, entry: Entry) {
 impl IdempotencyStore for FileStore {
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         self.transact(|txn| {
-            let claim = decide(txn.get(key), fingerprint, now_ms);
-            if let Claim::Acquired { .. } = claim {
+            let claim = decide(txn.get(key), fingerprint, now_ms, ClaimToken::new());
+            if let Claim::Acquired { token, .. } = claim {
                 txn.claims_need_room = true;
                 txn.put(
                     key,
                     Some(KeyRecord {
                         fingerprint: *fingerprint,
                         state: KeyState::Claimed {
-                            owner: self.owner,
+                            token,
                             lease_until_ms: now_ms.saturating_add(self.lease_ms),
                         },
                     }),
@@ -702,17 +698,13 @@ impl IdempotencyStore for FileStore {
         })
     }
 
-    fn renew(&self, keys: &[Vec<u8>], now_ms: u64) -> Result<(), Failure> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure> {
         self.transact(|txn| {
-            for key in keys {
-                if let Some(record) = txn
-                    .get(key)
-                    .filter(|r| self.claimed_by_me(Some(r)))
-                    .copied()
-                {
+            for (key, token) in claims {
+                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)).copied() {
                     let renewed = KeyRecord {
                         state: KeyState::Claimed {
-                            owner: self.owner,
+                            token: *token,
                             lease_until_ms: now_ms.saturating_add(self.lease_ms),
                         },
                         ..record
@@ -723,39 +715,35 @@ impl IdempotencyStore for FileStore {
         })
     }
 
-    fn complete(&self, key: &[u8], result: i32, now_ms: u64) -> Result<(), Failure> {
-        self.transact(|txn| match txn.get(key).copied() {
-            Some(KeyRecord {
-                state: KeyState::Completed { .. },
-                ..
-            }) => Ok(()),
-            Some(KeyRecord {
-                state: KeyState::Claimed { owner, .. },
-                ..
-            }) if owner != self.owner => Err(Failure::new(
-                ErrorCode::InProgress,
-                "its lease ran out and another caller took the key over",
-            )),
-            existing => {
-                let fingerprint = existing.map_or([0; 32], |r| r.fingerprint);
-                txn.put(
-                    key,
-                    Some(KeyRecord {
-                        fingerprint,
-                        state: KeyState::Completed {
-                            result,
-                            expires_at_ms: now_ms.saturating_add(self.ttl_ms),
-                        },
-                    }),
-                );
-                Ok(())
+    fn complete(
+        &self,
+        key: &[u8],
+        token: ClaimToken,
+        fingerprint: &Fingerprint,
+        result: i32,
+        now_ms: u64,
+    ) -> Result<Completion, Failure> {
+        self.transact(|txn| {
+            if !completion_allowed(txn.get(key), token, now_ms) {
+                return Completion::Superseded;
             }
-        })?
+            txn.put(
+                key,
+                Some(KeyRecord {
+                    fingerprint: *fingerprint,
+                    state: KeyState::Completed {
+                        result,
+                        expires_at_ms: now_ms.saturating_add(self.ttl_ms),
+                    },
+                }),
+            );
+            Completion::Recorded
+        })
     }
 
-    fn release(&self, key: &[u8]) -> Result<(), Failure> {
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         self.transact(|txn| {
-            if self.claimed_by_me(txn.get(key)) {
+            if is_claim(txn.get(key), token) {
                 txn.put(key, None);
             }
         })
@@ -820,17 +808,43 @@ mod tests {
         FileStore::open(dir, settings()).expect("store opens")
     }
 
-    const FRESH: Claim = Claim::Acquired { taken_over: false };
+    /// The token of a fresh (not taken over) claim; panics on anything else.
+    fn fresh(claim: Result<Claim, Failure>) -> ClaimToken {
+        match claim.unwrap() {
+            Claim::Acquired {
+                token,
+                taken_over: false,
+            } => token,
+            other => panic!("expected a fresh claim, got {other:?}"),
+        }
+    }
+
+    fn is_fresh(claim: Result<Claim, Failure>) -> bool {
+        matches!(claim, Ok(Claim::Acquired { taken_over: false, .. }))
+    }
+
+    fn taken_over(claim: Result<Claim, Failure>) -> ClaimToken {
+        match claim.unwrap() {
+            Claim::Acquired {
+                token,
+                taken_over: true,
+            } => token,
+            other => panic!("expected a takeover, got {other:?}"),
+        }
+    }
 
     #[test]
     fn claim_complete_replay_conflict_and_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.claim(b"k", &A, 1000).unwrap(), FRESH);
+        let token = fresh(store.claim(b"k", &A, 1000));
         // The owner's own second call, and a different payload while it runs.
         assert_eq!(store.claim(b"k", &A, 1001).unwrap(), Claim::InProgress);
         assert_eq!(store.claim(b"k", &B, 1001).unwrap(), Claim::Conflict);
-        store.complete(b"k", 0, 2000).unwrap();
+        assert_eq!(
+            store.complete(b"k", token, &A, 0, 2000).unwrap(),
+            Completion::Recorded
+        );
         assert_eq!(
             store.claim(b"k", &A, 2001).unwrap(),
             Claim::Replay { result: 0 }
@@ -842,22 +856,22 @@ mod tests {
             Claim::Replay { result: 0 }
         );
         assert_eq!(store.get(b"k", 2000 + TTL_MS).unwrap(), None);
-        assert_eq!(store.claim(b"k", &B, 2000 + TTL_MS).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"k", &B, 2000 + TTL_MS)));
     }
 
     #[test]
     fn a_released_key_may_run_again_and_forget_spares_a_live_claim() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.claim(b"k", &A, 10).unwrap(), FRESH);
+        let token = fresh(store.claim(b"k", &A, 10));
         assert_eq!(store.forget(b"k", 11).unwrap(), Forgotten::InProgress);
-        store.release(b"k").unwrap();
+        store.release(b"k", token).unwrap();
         assert_eq!(store.get(b"k", 12).unwrap(), None);
-        assert_eq!(store.claim(b"k", &B, 12).unwrap(), FRESH);
-        store.complete(b"k", 0, 13).unwrap();
+        let token = fresh(store.claim(b"k", &B, 12));
+        store.complete(b"k", token, &B, 0, 13).unwrap();
         assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Removed);
         assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Absent);
-        assert_eq!(store.claim(b"k", &A, 15).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"k", &A, 15)));
     }
 
     #[test]
@@ -865,7 +879,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = open(dir.path());
         let second = open(dir.path());
-        assert_eq!(first.claim(b"k", &A, 100).unwrap(), FRESH);
+        let dead = fresh(first.claim(b"k", &A, 100));
         assert_eq!(second.claim(b"k", &A, 100).unwrap(), Claim::InProgress);
         assert_eq!(second.claim(b"k", &B, 100).unwrap(), Claim::Conflict);
         // The owner "dies": its claim holds until its lease runs out, then anyone takes it.
@@ -875,14 +889,15 @@ mod tests {
             third.claim(b"k", &A, 100 + LEASE_MS - 1).unwrap(),
             Claim::InProgress
         );
+        let taker = taken_over(third.claim(b"k", &B, 100 + LEASE_MS));
+        // The dead owner's late completion or release never touches the new owner's claim.
         assert_eq!(
-            third.claim(b"k", &B, 100 + LEASE_MS).unwrap(),
-            Claim::Acquired { taken_over: true }
+            second.complete(b"k", dead, &A, 0, 100 + LEASE_MS).unwrap(),
+            Completion::Superseded
         );
-        // The dead owner's late completion would not overwrite the new owner's claim.
-        let err = second.complete(b"k", 0, 100 + LEASE_MS).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InProgress.raw());
-        third.complete(b"k", 0, 200 + LEASE_MS).unwrap();
+        second.release(b"k", dead).unwrap();
+        assert_eq!(second.claim(b"k", &B, 101 + LEASE_MS).unwrap(), Claim::InProgress);
+        third.complete(b"k", taker, &B, 0, 200 + LEASE_MS).unwrap();
         assert_eq!(
             second.claim(b"k", &B, 300 + LEASE_MS).unwrap(),
             Claim::Replay { result: 0 }
@@ -894,18 +909,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let owner = open(dir.path());
         let other = open(dir.path());
-        assert_eq!(owner.claim(b"k", &A, 0).unwrap(), FRESH);
-        owner.renew(&[b"k".to_vec()], LEASE_MS - 1).unwrap();
+        let token = fresh(owner.claim(b"k", &A, 0));
+        owner.renew(&[(b"k".to_vec(), token)], LEASE_MS - 1).unwrap();
         assert_eq!(
             other.claim(b"k", &A, LEASE_MS + 5).unwrap(),
             Claim::InProgress
         );
-        // Renewing is for the owner only.
-        other.renew(&[b"k".to_vec()], 10 * LEASE_MS).unwrap();
-        assert_eq!(
-            other.claim(b"k", &A, 2 * LEASE_MS - 1).unwrap(),
-            Claim::Acquired { taken_over: true }
-        );
+        // Renewing is for the claim's token only.
+        other
+            .renew(&[(b"k".to_vec(), ClaimToken(token.0 ^ 1))], 10 * LEASE_MS)
+            .unwrap();
+        let taker = taken_over(other.claim(b"k", &A, 2 * LEASE_MS - 1));
+        // The old owner's renewal no longer extends anything: the key is the taker's.
+        owner.renew(&[(b"k".to_vec(), token)], 2 * LEASE_MS).unwrap();
+        match other.get(b"k", 2 * LEASE_MS).unwrap().unwrap().state {
+            KeyState::Claimed { token, .. } => assert_eq!(token, taker),
+            state => panic!("{state:?}"),
+        }
     }
 
     #[test]
@@ -915,9 +935,9 @@ mod tests {
             let store = open(dir.path());
             for i in 0..50u32 {
                 let key = format!("key-{i}");
-                assert_eq!(store.claim(key.as_bytes(), &A, 1).unwrap(), FRESH);
+                let token = fresh(store.claim(key.as_bytes(), &A, 1));
                 if i % 2 == 0 {
-                    store.complete(key.as_bytes(), 0, 2).unwrap();
+                    store.complete(key.as_bytes(), token, &A, 0, 2).unwrap();
                 }
             }
         }
@@ -942,8 +962,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = {
             let store = open(dir.path());
-            store.claim(b"whole", &A, 1).unwrap();
-            store.complete(b"whole", 0, 1).unwrap();
+            let token = fresh(store.claim(b"whole", &A, 1));
+            store.complete(b"whole", token, &A, 0, 1).unwrap();
             store.claim(b"torn", &A, 1).unwrap();
             store.journal_path().to_path_buf()
         };
@@ -962,7 +982,7 @@ mod tests {
             store.claim(b"whole", &A, 2).unwrap(),
             Claim::Replay { result: 0 }
         );
-        assert_eq!(store.claim(b"torn", &A, 2).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"torn", &A, 2)));
     }
 
     #[test]
@@ -1014,11 +1034,11 @@ mod tests {
         // Short-lived completions and a few that outlive the compaction.
         for i in 0..200u32 {
             let key = format!("gone-{i}");
-            store.claim(key.as_bytes(), &A, 0).unwrap();
-            store.complete(key.as_bytes(), 0, 0).unwrap();
+            let token = fresh(store.claim(key.as_bytes(), &A, 0));
+            store.complete(key.as_bytes(), token, &A, 0, 0).unwrap();
         }
-        store.claim(b"kept", &A, TTL_MS).unwrap();
-        store.complete(b"kept", 0, TTL_MS).unwrap();
+        let token = fresh(store.claim(b"kept", &A, TTL_MS));
+        store.complete(b"kept", token, &A, 0, TTL_MS).unwrap();
         store.claim(b"running", &B, TTL_MS).unwrap();
         let before = store.journal_len();
         assert!(before > 4096 * 2, "{before}");
@@ -1033,7 +1053,7 @@ mod tests {
                 handle.claim(b"kept", &A, now).unwrap(),
                 Claim::Replay { result: 0 }
             );
-            assert_eq!(handle.claim(gone.as_bytes(), &A, now).unwrap(), FRESH);
+            assert!(is_fresh(handle.claim(gone.as_bytes(), &A, now)));
         }
         assert_eq!(other.claim(b"running", &B, now).unwrap(), Claim::InProgress);
         // Both handles append to the new journal; a restart reads it.
@@ -1062,7 +1082,7 @@ mod tests {
                     .flat_map(|store| [store, store])
                     .map(|store| {
                         let key = key.clone();
-                        scope.spawn(move || store.claim(key.as_bytes(), &A, 5).unwrap() == FRESH)
+                        scope.spawn(move || is_fresh(store.claim(key.as_bytes(), &A, 5)))
                     })
                     .collect();
                 handles
@@ -1096,11 +1116,13 @@ mod compaction_race {
                 let mut n = 0u32;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("key-{n}");
-                    assert_eq!(
-                        writer.claim(key.as_bytes(), &[1; 32], 10).unwrap(),
-                        Claim::Acquired { taken_over: false }
-                    );
-                    writer.complete(key.as_bytes(), 0, 10).unwrap();
+                    let Ok(Claim::Acquired { token, .. }) = writer.claim(key.as_bytes(), &[1; 32], 10)
+                    else {
+                        panic!("{key} not acquired");
+                    };
+                    writer
+                        .complete(key.as_bytes(), token, &[1; 32], 0, 10)
+                        .unwrap();
                     n += 1;
                 }
                 n

@@ -2,7 +2,9 @@
 //! then record its success or release the key.
 
 use super::lease::LeaseKeeper;
-use super::{display_key, Claim, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES};
+use super::{
+    display_key, Claim, Completion, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES,
+};
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Failure};
 use crate::retry::Execution;
@@ -130,7 +132,7 @@ impl Keyed {
             Err(failure) => return refused(failure),
         };
         let shown = display_key(key);
-        match claim {
+        let token = match claim {
             Claim::Replay { result } => {
                 KeyedMetrics::bump(&self.metrics.replays);
                 tracing::debug!(key = %shown, "idempotency key completed earlier: replayed");
@@ -154,20 +156,26 @@ impl Keyed {
                     format!("Operation already in progress: key {shown} is claimed by another caller whose lease has not run out"),
                 ));
             }
-            Claim::Acquired { taken_over } => {
+            Claim::Acquired { token, taken_over } => {
                 KeyedMetrics::bump(&self.metrics.claims);
                 if taken_over {
                     KeyedMetrics::bump(&self.metrics.takeovers);
                     tracing::warn!(key = %shown, "idempotency key taken over from an owner whose lease ran out");
                 }
+                token
             }
-        }
-        let held = self.keeper.hold(key, now);
+        };
+        let held = self.keeper.hold(key, token, now);
         let execution = run();
         drop(held);
         let result = match execution.result {
-            Ok(()) => match self.store.complete(key, 0, clock.unix_ms()) {
-                Ok(()) => Ok(false),
+            // The operation ran and succeeded: that stands, whoever holds the key now.
+            Ok(()) => match self.store.complete(key, token, fingerprint, 0, clock.unix_ms()) {
+                Ok(Completion::Recorded) => Ok(false),
+                Ok(Completion::Superseded) => {
+                    tracing::warn!(key = %shown, "idempotent operation succeeded after its lease ran out and another caller took the key: its completion is not recorded over that caller's");
+                    Ok(false)
+                }
                 Err(failure) => {
                     let failure = Failure {
                         code: failure.code,
@@ -181,7 +189,7 @@ impl Keyed {
                 }
             },
             Err(failure) => {
-                if let Err(release) = self.store.release(key) {
+                if let Err(release) = self.store.release(key, token) {
                     tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
                 }
                 Err(failure)
@@ -214,7 +222,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::idempotency::file_store::{FileStore, FileStoreSettings};
-    use crate::idempotency::{fingerprint, KeyRecord};
+    use crate::idempotency::{fingerprint, ClaimToken, KeyRecord};
     use std::cell::Cell;
 
     const LEASE: Duration = Duration::from_secs(90);
@@ -233,17 +241,24 @@ mod tests {
                 None => self.inner.claim(key, fp, now),
             }
         }
-        fn renew(&self, keys: &[Vec<u8>], now: u64) -> Result<(), Failure> {
-            self.inner.renew(keys, now)
+        fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<(), Failure> {
+            self.inner.renew(claims, now)
         }
-        fn complete(&self, key: &[u8], result: i32, now: u64) -> Result<(), Failure> {
+        fn complete(
+            &self,
+            key: &[u8],
+            token: ClaimToken,
+            fp: &Fingerprint,
+            result: i32,
+            now: u64,
+        ) -> Result<Completion, Failure> {
             match self.fail_complete {
                 Some(code) => Err(Failure::from_code(code.raw())),
-                None => self.inner.complete(key, result, now),
+                None => self.inner.complete(key, token, fp, result, now),
             }
         }
-        fn release(&self, key: &[u8]) -> Result<(), Failure> {
-            self.inner.release(key)
+        fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+            self.inner.release(key, token)
         }
         fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
             self.inner.get(key, now)

@@ -152,12 +152,18 @@ fn run_seed(seed: u64, dir: &Path) {
                     }
                     Claim::Conflict => {
                         if before.is_some_and(|r| r.fingerprint == FINGERPRINTS[fp]) {
-                            w.fail(seed, format!("conflict on key {key} with the stored fingerprint {fp}"));
+                            w.fail(
+                                seed,
+                                format!("conflict on key {key} with the stored fingerprint {fp}"),
+                            );
                         }
                     }
                     Claim::InProgress => {
                         if !matches!(before.map(|r| r.state), Some(KeyState::Claimed { .. })) {
-                            w.fail(seed, format!("in progress on key {key}, which holds no live claim"));
+                            w.fail(
+                                seed,
+                                format!("in progress on key {key}, which holds no live claim"),
+                            );
                         }
                     }
                 }
@@ -176,7 +182,9 @@ fn run_seed(seed: u64, dir: &Path) {
                 match roll {
                     // The keeper renews the lease.
                     20..=49 => {
-                        store.renew(&[(KEYS[key].to_vec(), token)], w.now).expect("renew");
+                        store
+                            .renew(&[(KEYS[key].to_vec(), token)], w.now)
+                            .expect("renew");
                         let holder_after = w.live_claim(key);
                         if holder_before.is_some() && holder_after != holder_before {
                             w.fail(seed, format!("caller {c}'s renewal changed key {key}'s claim from {holder_before:?} to {holder_after:?}"));
@@ -236,7 +244,10 @@ fn run_seed(seed: u64, dir: &Path) {
                             w.fail(seed, format!("caller {c}'s release freed another claim {holder_before:?} of key {key}"));
                         }
                         if mine && holder_after.is_some() {
-                            w.fail(seed, format!("caller {c}'s release left its claim on key {key}"));
+                            w.fail(
+                                seed,
+                                format!("caller {c}'s release left its claim on key {key}"),
+                            );
                         }
                         w.callers[c].1 = Caller::Idle;
                     }
@@ -252,11 +263,11 @@ fn run_seed(seed: u64, dir: &Path) {
         }
         // After every step: a completed record always carries the fingerprint of the
         // completion that wrote it, and the store agrees across handles.
-        for key in 0..2 {
+        for (key, name) in KEYS.iter().enumerate() {
             let views: Vec<_> = w
                 .stores
                 .iter()
-                .map(|s| s.get(KEYS[key], w.now).expect("get"))
+                .map(|s| s.get(name, w.now).expect("get"))
                 .collect();
             if views.windows(2).any(|v| v[0] != v[1]) {
                 w.fail(seed, format!("handles disagree on key {key}: {views:?}"));
@@ -268,7 +279,12 @@ fn run_seed(seed: u64, dir: &Path) {
             {
                 let expected = w.completed_with[key].map(|(f, _)| FINGERPRINTS[f]);
                 if expected != Some(fingerprint) {
-                    w.fail(seed, format!("key {key} completed with a fingerprint no recorded completion had"));
+                    w.fail(
+                        seed,
+                        format!(
+                            "key {key} completed with a fingerprint no recorded completion had"
+                        ),
+                    );
                 }
             }
         }

@@ -207,6 +207,24 @@ pub(crate) fn with_plugin<A>(
     }
 }
 
+/// The frame of the plugin's calls that are not plugin-level operations (forget, reset,
+/// reading retry records): parameter checks first, then init; a failure becomes the last
+/// error (naming the problem, `state_dir` included) without being booked in `error_count`.
+pub(crate) fn with_plugin_unbooked<A>(
+    args: Result<A, Failure>,
+    op: impl FnOnce(&Arc<Plugin>, A) -> Result<(), Failure>,
+) -> i32 {
+    let plugin = plugin::instance();
+    let result = args.and_then(|args| match &plugin {
+        Ok(plugin) => op(plugin, args),
+        Err(failure) => Err(failure.clone()),
+    });
+    if let (Err(failure), Ok(plugin)) = (&result, &plugin) {
+        plugin.tracker().set_last_error(&failure.detail);
+    }
+    code_of(&result)
+}
+
 /// The plugin's counters as Prometheus text: errors, retries, error-log write failures;
 /// by log-backup command: retries, recoveries, idempotent skips, state syncs; and of
 /// idempotency keys: claims, replays, conflicts, in-progress rejections, take-overs. `*len_out`

@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -232,11 +232,8 @@ impl FileStore {
     /// Opens (creating when missing) the store under `<state_dir>/idempotency/` and reads it.
     pub fn open(state_dir: &Path, settings: FileStoreSettings) -> Result<Self, Failure> {
         let dir = state_dir.join("idempotency");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&dir)
-            .map_err(|e| FileError::new("create directory", &dir, e))?;
+        // 0750 whatever the umask, and its entry in `state_dir` durable before any claim.
+        durable::create_private_dir(&dir)?;
         let journal_path = dir.join("journal");
         let journal_lock_path = dir.join("lock");
         let compact_lock_path = dir.join("compact.lock");
@@ -379,14 +376,24 @@ impl FileStore {
         let needed = inner.end + bytes.len() as u64 + room_for(claims_after);
         // The margin covers blocks a file system counts for its own metadata.
         if inner.allocated < needed + ALLOCATION_MARGIN {
-            match reserve(
+            // A chunk ahead when there is room for it; on a nearly full disk, just what
+            // this record and the completions it answers for need.
+            let reserved = reserve(
                 &inner.journal,
                 inner.end,
                 needed - inner.end + RESERVE_CHUNK,
-            ) {
-                Ok(true) => inner.allocated = needed + RESERVE_CHUNK,
+            )
+            .map(|ok| (ok, needed + RESERVE_CHUNK))
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                    reserve(&inner.journal, inner.end, needed - inner.end).map(|ok| (ok, needed))
+                }
+                _ => Err(e),
+            });
+            match reserved {
+                Ok((true, allocated)) => inner.allocated = allocated,
                 // Nothing to reserve with: the store works, without the guarantee.
-                Ok(false) => inner.allocated = u64::MAX,
+                Ok((false, _)) => inner.allocated = u64::MAX,
                 Err(e) if claims_need_room => {
                     return Err(FileError::new("reserve room in", &self.journal_path, e).into())
                 }
@@ -820,7 +827,13 @@ mod tests {
     }
 
     fn is_fresh(claim: Result<Claim, Failure>) -> bool {
-        matches!(claim, Ok(Claim::Acquired { taken_over: false, .. }))
+        matches!(
+            claim,
+            Ok(Claim::Acquired {
+                taken_over: false,
+                ..
+            })
+        )
     }
 
     fn taken_over(claim: Result<Claim, Failure>) -> ClaimToken {
@@ -896,7 +909,10 @@ mod tests {
             Completion::Superseded
         );
         second.release(b"k", dead).unwrap();
-        assert_eq!(second.claim(b"k", &B, 101 + LEASE_MS).unwrap(), Claim::InProgress);
+        assert_eq!(
+            second.claim(b"k", &B, 101 + LEASE_MS).unwrap(),
+            Claim::InProgress
+        );
         third.complete(b"k", taker, &B, 0, 200 + LEASE_MS).unwrap();
         assert_eq!(
             second.claim(b"k", &B, 300 + LEASE_MS).unwrap(),
@@ -910,7 +926,9 @@ mod tests {
         let owner = open(dir.path());
         let other = open(dir.path());
         let token = fresh(owner.claim(b"k", &A, 0));
-        owner.renew(&[(b"k".to_vec(), token)], LEASE_MS - 1).unwrap();
+        owner
+            .renew(&[(b"k".to_vec(), token)], LEASE_MS - 1)
+            .unwrap();
         assert_eq!(
             other.claim(b"k", &A, LEASE_MS + 5).unwrap(),
             Claim::InProgress
@@ -921,7 +939,9 @@ mod tests {
             .unwrap();
         let taker = taken_over(other.claim(b"k", &A, 2 * LEASE_MS - 1));
         // The old owner's renewal no longer extends anything: the key is the taker's.
-        owner.renew(&[(b"k".to_vec(), token)], 2 * LEASE_MS).unwrap();
+        owner
+            .renew(&[(b"k".to_vec(), token)], 2 * LEASE_MS)
+            .unwrap();
         match other.get(b"k", 2 * LEASE_MS).unwrap().unwrap().state {
             KeyState::Claimed { token, .. } => assert_eq!(token, taker),
             state => panic!("{state:?}"),
@@ -1116,7 +1136,8 @@ mod compaction_race {
                 let mut n = 0u32;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("key-{n}");
-                    let Ok(Claim::Acquired { token, .. }) = writer.claim(key.as_bytes(), &[1; 32], 10)
+                    let Ok(Claim::Acquired { token, .. }) =
+                        writer.claim(key.as_bytes(), &[1; 32], 10)
                     else {
                         panic!("{key} not acquired");
                     };

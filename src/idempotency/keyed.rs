@@ -170,7 +170,10 @@ impl Keyed {
         drop(held);
         let result = match execution.result {
             // The operation ran and succeeded: that stands, whoever holds the key now.
-            Ok(()) => match self.store.complete(key, token, fingerprint, 0, clock.unix_ms()) {
+            Ok(()) => match self
+                .store
+                .complete(key, token, fingerprint, 0, clock.unix_ms())
+            {
                 Ok(Completion::Recorded) => Ok(false),
                 Ok(Completion::Superseded) => {
                     tracing::warn!(key = %shown, "idempotent operation succeeded after its lease ran out and another caller took the key: its completion is not recorded over that caller's");
@@ -407,6 +410,111 @@ mod tests {
         assert!(!out.result.unwrap(), "ran now, not replayed");
         assert_eq!(runs.get(), 0, "no rival ran it");
         assert_eq!(counters(&s.keyed)[4], 0, "never taken over");
+    }
+
+    /// A second caller ("process B") on the same directory, with its own store handle.
+    fn rival(s: &Setup, dir: &std::path::Path) -> Keyed {
+        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
+        let store = FileStore::open(dir, settings).unwrap();
+        Keyed::new(Arc::new(store), Arc::new(s.clock.clone()), LEASE).unwrap()
+    }
+
+    fn fail_with(code: ErrorCode) -> impl FnOnce() -> Execution {
+        move || Execution {
+            result: Err(Failure::from_code(code.raw())),
+            retries: 0,
+            last_failure: None,
+        }
+    }
+
+    #[test]
+    fn a_stalled_owner_whose_op_succeeded_records_its_own_fingerprint_when_the_key_is_free() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let fp = fingerprint(b"payload");
+        let runs = Cell::new(0);
+        // A claims, then stalls past its lease; B takes over, fails and releases.
+        let a = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            let taken = b.execute(&s.clock, b"k", &fp, fail_with(ErrorCode::FileIo));
+            assert_eq!(taken.result.unwrap_err().code, ErrorCode::FileIo.raw());
+            assert_eq!(b.metrics.takeovers.load(Ordering::Relaxed), 1);
+            succeed(&runs)()
+        });
+        assert!(!a.result.unwrap(), "A's operation ran and succeeded");
+        // The same payload replays (never a conflict); another payload conflicts.
+        let again = b.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "replayed");
+        let other = b.execute(&s.clock, b"k", &fingerprint(b"else"), succeed(&runs));
+        assert_eq!(
+            other.result.unwrap_err().code,
+            ErrorCode::IdempotencyConflict.raw()
+        );
+        assert_eq!(runs.get(), 1);
+    }
+
+    #[test]
+    fn a_stalled_owner_returns_its_success_and_never_overwrites_a_live_taker() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let third = rival(&s, s._dir.path());
+        let fp = fingerprint(b"payload");
+        let runs = Cell::new(0);
+        let b_runs = Cell::new(0);
+        let b_result = std::cell::RefCell::new(None);
+        let a = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            // B takes the key over, and is still running when A resumes and finishes.
+            let b_out = b.execute(&s.clock, b"k", &fp, || {
+                let a_done = succeed(&runs)();
+                // A third caller meanwhile is refused: B's claim is live.
+                let meanwhile = third.execute(&s.clock, b"k", &fp, succeed(&runs));
+                assert_eq!(
+                    meanwhile.result.unwrap_err().code,
+                    ErrorCode::InProgress.raw()
+                );
+                b_runs.set(1);
+                *b_result.borrow_mut() = Some(a_done);
+                Execution {
+                    result: Ok(()),
+                    retries: 0,
+                    last_failure: None,
+                }
+            });
+            assert!(!b_out.result.unwrap());
+            b_result.borrow_mut().take().unwrap()
+        });
+        // A's operation succeeded: A returns that success, not IN_PROGRESS.
+        assert!(!a.result.unwrap(), "A's success stands");
+        assert_eq!((runs.get(), b_runs.get()), (1, 1));
+        let again = third.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "the same payload replays");
+    }
+
+    #[test]
+    fn one_threads_release_never_frees_another_threads_takeover() {
+        let s = setup(None, None);
+        let fp = fingerprint(b"");
+        let runs = Cell::new(0);
+        // Both claims are made through the same handle (two threads of one process).
+        let first = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE);
+            let second = s.keyed.execute(&s.clock, b"k", &fp, || {
+                // The first caller fails late and releases: the second's claim must stay.
+                let rival_now = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+                assert_eq!(
+                    rival_now.result.unwrap_err().code,
+                    ErrorCode::InProgress.raw()
+                );
+                succeed(&runs)()
+            });
+            assert!(!second.result.unwrap());
+            fail_with(ErrorCode::Network)()
+        });
+        assert_eq!(first.result.unwrap_err().code, ErrorCode::Network.raw());
+        let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "the taker's completion stands");
+        assert_eq!(runs.get(), 1);
     }
 
     #[test]

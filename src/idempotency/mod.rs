@@ -245,7 +245,8 @@ mod tests {
 
     #[test]
     fn the_decision_table() {
-        let decide = |existing: Option<&KeyRecord>, fp: &Fingerprint, now| decide(existing, fp, now, T);
+        let decide =
+            |existing: Option<&KeyRecord>, fp: &Fingerprint, now| decide(existing, fp, now, T);
         let fresh = Claim::Acquired {
             token: T,
             taken_over: false,

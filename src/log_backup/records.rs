@@ -1,5 +1,11 @@
-//! Durable retry records of log-backup commands: one file per (task, command) under
+//! Durable retry records of log-backup commands, behind [`LogRecordStore`]: the store of
+//! the records of each (task, command), and the claim that lets one runner at a time run
+//! it, across threads, processes and (with a shared store) hosts.
+//!
+//! [`RecordStore`] is the embedded implementation: one file per (task, command) under
 //! `<state_dir>/log_backup/`, replaced atomically (temp, fsync, rename, fsync of the dir).
+//! A run is claimed by an exclusive `flock` of a lock file beside it, which the kernel
+//! releases when the runner's process dies: a dead runner never blocks the next.
 //!
 //! Task names are never used raw as file names: the file is named by a 64-bit FNV-1a hash
 //! of the task and the command, and holds the full task name (hex) to detect a collision.
@@ -10,14 +16,12 @@ use super::SubCommand;
 use crate::durable::{self, FileError};
 use crate::error::{ErrorCode, Failure};
 use crate::hex::{hex, unhex};
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Longest reason kept, NUL excluded (the C record has 256 bytes).
 pub const MAX_REASON_BYTES: usize = 255;
@@ -44,10 +48,42 @@ pub struct Sequence {
     pub first_failure_ms: Option<u64>,
 }
 
+/// Where the retry records of log-backup commands live, and who runs each (task, command).
+pub trait LogRecordStore: Send + Sync {
+    /// Claims the run of (task, command) for the caller: BACKUP_ERROR_IN_PROGRESS at once
+    /// while another live runner (thread, process, host) holds it. The claim ends when the
+    /// returned guard is dropped, or when its runner dies.
+    fn begin_run(&self, task: &str, command: SubCommand)
+        -> Result<Box<dyn RunClaim + '_>, Failure>;
+
+    /// The records of (task, command), if any.
+    fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure>;
+
+    /// Removes the records of (task, command), abandoning an unfinished sequence; none is
+    /// fine. While a run holds (task, command): BACKUP_ERROR_IN_PROGRESS, nothing removed.
+    fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure>;
+}
+
+/// The running claim of one (task, command): its writes are fenced on the claim.
+pub trait RunClaim {
+    /// Persists the sequence (durable before this returns).
+    fn save(&self, sequence: &Sequence) -> Result<(), Failure>;
+    /// Removes the records (a success clears them); none is fine.
+    fn remove(&self) -> Result<(), Failure>;
+}
+
+pub fn in_progress(task: &str, command: SubCommand) -> Failure {
+    Failure::new(
+        ErrorCode::InProgress,
+        format!(
+            "Operation already in progress: {} of task {task:?} is being run by another caller",
+            command.name()
+        ),
+    )
+}
+
 pub struct RecordStore {
     dir: PathBuf,
-    /// One runner at a time per (task, command) in this process.
-    key_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -69,25 +105,54 @@ impl RecordStore {
     pub fn new(state_dir: &Path) -> Self {
         RecordStore {
             dir: state_dir.join("log_backup"),
-            key_locks: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn path(&self, task: &str, command: SubCommand) -> PathBuf {
-        self.dir.join(format!(
-            "{:016x}-{}.rec",
-            fnv1a64(task.as_bytes()),
-            command.name()
-        ))
+    fn stem(task: &str, command: SubCommand) -> String {
+        format!("{:016x}-{}", fnv1a64(task.as_bytes()), command.name())
     }
 
-    /// Serializes runners of one (task, command) in this process.
-    pub fn lock_key(&self, task: &str, command: SubCommand) -> Arc<Mutex<()>> {
-        self.key_locks
-            .lock()
-            .entry(self.path(task, command))
-            .or_default()
-            .clone()
+    pub fn path(&self, task: &str, command: SubCommand) -> PathBuf {
+        self.dir.join(format!("{}.rec", Self::stem(task, command)))
+    }
+
+    fn lock_path(&self, task: &str, command: SubCommand) -> PathBuf {
+        self.dir.join(format!("{}.lock", Self::stem(task, command)))
+    }
+
+    /// The exclusive `flock` of (task, command), or `None` when another runner holds it.
+    ///
+    /// The lock file is unlinked by the runner that leaves no records behind (so lock
+    /// files do not pile up); a caller that locked a file unlinked meanwhile tries again
+    /// on the new one.
+    fn try_lock(&self, task: &str, command: SubCommand) -> Result<Option<RunLock>, Failure> {
+        self.ensure_dir()?;
+        let path = self.lock_path(task, command);
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| FileError::new("open run lock", &path, e))?;
+            match rustix::fs::flock(
+                file.as_fd(),
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => return Err(FileError::new("lock", &path, io::Error::from(e)).into()),
+            }
+            let same = match (file.metadata(), fs::metadata(&path)) {
+                (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(Some(RunLock { file, path }));
+            }
+        }
     }
 
     pub fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
@@ -158,12 +223,7 @@ impl RecordStore {
         Ok(Some(sequence))
     }
 
-    pub fn save(
-        &self,
-        task: &str,
-        command: SubCommand,
-        sequence: &Sequence,
-    ) -> Result<(), Failure> {
+    fn save(&self, task: &str, command: SubCommand, sequence: &Sequence) -> Result<(), Failure> {
         self.ensure_dir()?;
         let mut body = String::new();
         let _ = writeln!(body, "{MAGIC}");
@@ -198,7 +258,7 @@ impl RecordStore {
     }
 
     /// Removes the records of (task, command); none is fine.
-    pub fn remove(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+    fn remove(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
         let path = self.path(task, command);
         match fs::remove_file(&path) {
             Ok(()) => durable::sync_dir(&self.dir).map_err(Failure::from),
@@ -208,16 +268,69 @@ impl RecordStore {
     }
 
     fn ensure_dir(&self) -> Result<(), Failure> {
-        if self.dir.is_dir() {
-            return Ok(());
+        // 0750 whatever the umask; the new directory entry must survive a crash too.
+        durable::create_private_dir(&self.dir).map_err(Failure::from)
+    }
+}
+
+/// A held run lock: the `flock` is released when the file is closed.
+struct RunLock {
+    file: File,
+    path: PathBuf,
+}
+
+/// The run of one (task, command) in the file store.
+struct FileRun<'a> {
+    store: &'a RecordStore,
+    task: String,
+    command: SubCommand,
+    lock: RunLock,
+}
+
+impl RunClaim for FileRun<'_> {
+    fn save(&self, sequence: &Sequence) -> Result<(), Failure> {
+        self.store.save(&self.task, self.command, sequence)
+    }
+
+    fn remove(&self) -> Result<(), Failure> {
+        self.store.remove(&self.task, self.command)
+    }
+}
+
+impl Drop for FileRun<'_> {
+    fn drop(&mut self) {
+        // No records left: the lock file goes too, still under the lock (see `try_lock`).
+        if !self.store.path(&self.task, self.command).exists() {
+            let _ = fs::remove_file(&self.lock.path);
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&self.dir)
-            .map_err(|e| FileError::new("create directory", &self.dir, e))?;
-        // The new directory entry must survive a crash too.
-        durable::sync_dir(durable::parent_dir(&self.dir)).map_err(Failure::from)
+        let _ = &self.lock.file;
+    }
+}
+
+impl LogRecordStore for RecordStore {
+    fn begin_run(
+        &self,
+        task: &str,
+        command: SubCommand,
+    ) -> Result<Box<dyn RunClaim + '_>, Failure> {
+        match self.try_lock(task, command)? {
+            Some(lock) => Ok(Box::new(FileRun {
+                store: self,
+                task: task.to_string(),
+                command,
+                lock,
+            })),
+            None => Err(in_progress(task, command)),
+        }
+    }
+
+    fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
+        RecordStore::load(self, task, command)
+    }
+
+    fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+        let run = self.begin_run(task, command)?;
+        run.remove()
     }
 }
 
@@ -259,21 +372,52 @@ mod tests {
         let store = RecordStore::new(dir.path());
         let task = "tâche/../with spaces\nand newline";
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), None);
-        store.save(task, SubCommand::Start, &sample()).unwrap();
+        let run = store.begin_run(task, SubCommand::Start).unwrap();
+        run.save(&sample()).unwrap();
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), Some(sample()));
         assert_eq!(store.load(task, SubCommand::Stop).unwrap(), None);
         assert_eq!(store.load("other", SubCommand::Start).unwrap(), None);
         let name = store.path(task, SubCommand::Start);
         assert!(name.parent().unwrap().ends_with("log_backup"));
-        store.remove(task, SubCommand::Start).unwrap();
+        run.remove().unwrap();
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), None);
+    }
+
+    #[test]
+    fn one_runner_at_a_time_and_no_reset_under_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::new(dir.path());
+        // A second handle on the same directory stands for another process.
+        let other = RecordStore::new(dir.path());
+        let run = store.begin_run("t", SubCommand::Stop).unwrap();
+        run.save(&sample()).unwrap();
+        let busy =
+            |r: Result<_, Failure>| r.err().map(|f| f.code) == Some(ErrorCode::InProgress.raw());
+        assert!(busy(store.begin_run("t", SubCommand::Stop).map(|_| ())));
+        assert!(busy(other.begin_run("t", SubCommand::Stop).map(|_| ())));
+        assert!(busy(other.reset("t", SubCommand::Stop)));
+        assert_eq!(other.load("t", SubCommand::Stop).unwrap(), Some(sample()));
+        // Another command or task is not held.
+        drop(other.begin_run("t", SubCommand::Start).unwrap());
+        drop(run);
+        other.reset("t", SubCommand::Stop).unwrap();
+        assert_eq!(store.load("t", SubCommand::Stop).unwrap(), None);
+        // Lock files of finished runs do not pile up.
+        let left: Vec<_> = fs::read_dir(dir.path().join("log_backup"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
     fn a_corrupt_file_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::new(dir.path());
-        store.save("t", SubCommand::Pause, &sample()).unwrap();
+        store
+            .begin_run("t", SubCommand::Pause)
+            .unwrap()
+            .save(&sample())
+            .unwrap();
         let path = store.path("t", SubCommand::Pause);
         let mut bytes = fs::read(&path).unwrap();
         bytes[30] ^= 0x01;

@@ -3,7 +3,7 @@
 //! wait so that a restarted process continues the same sequence (same count, same budget,
 //! only the remainder of a wait already begun).
 
-use super::records::{truncate_reason, RecordStore, RetryRecord, Sequence};
+use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, message_of, ErrorCode, Failure};
@@ -121,7 +121,7 @@ enum Step {
 }
 
 pub struct Runner<'a> {
-    pub store: &'a RecordStore,
+    pub store: &'a dyn LogRecordStore,
     pub clock: &'a dyn Clock,
     pub sleeper: &'a mut dyn Sleeper,
     pub metrics: &'a LogMetrics,
@@ -135,13 +135,20 @@ impl Runner<'_> {
         policy: &LogRetryPolicy,
         driver: &mut dyn TaskDriver,
     ) -> RunOutcome {
-        let key = self.store.lock_key(task, command);
-        let _one_runner = key.lock();
         let mut outcome = RunOutcome {
             result: Ok(()),
             retries: 0,
             skipped: false,
         };
+        // One runner per (task, command), across threads, processes and hosts.
+        let run = match self.store.begin_run(task, command) {
+            Ok(run) => run,
+            Err(failure) => {
+                outcome.result = Err(failure);
+                return outcome;
+            }
+        };
+        let run = run.as_ref();
         let (mut sequence, mut step) = match self.store.load(task, command) {
             Err(failure) => {
                 outcome.result = Err(failure);
@@ -167,7 +174,7 @@ impl Runner<'_> {
             Ok(existing) => {
                 // A finished sequence stays readable until the next one starts: now.
                 if existing.is_some() {
-                    if let Err(failure) = self.store.remove(task, command) {
+                    if let Err(failure) = run.remove() {
                         outcome.result = Err(failure);
                         return outcome;
                     }
@@ -179,9 +186,15 @@ impl Runner<'_> {
             let attempt = match step {
                 Step::Wait => {
                     let last = sequence.records.last().expect("a wait follows a record");
+                    // Never longer than the wait as scheduled, even if the wall clock
+                    // stepped back since (a resumed wait only waits its remainder).
+                    let nominal = last
+                        .expected_retry_at_ms
+                        .saturating_sub(last.detect_failed_at_ms);
                     let remaining = last
                         .expected_retry_at_ms
-                        .saturating_sub(self.clock.unix_ms());
+                        .saturating_sub(self.clock.unix_ms())
+                        .min(nominal);
                     if self
                         .sleeper
                         .sleep(Duration::from_millis(remaining))
@@ -206,21 +219,22 @@ impl Runner<'_> {
                         .expect("checked above")
                         .real_retry_at_ms = now.max(1);
                     // Persisted before the attempt: an attempt cut short by death counts as made.
-                    if let Err(failure) = self.store.save(task, command, &sequence) {
+                    if let Err(failure) = run.save(&sequence) {
                         outcome.result = Err(failure);
                         return outcome;
                     }
                     self.attempt(command, driver)
                 }
                 Step::Attempt => self.attempt(command, driver),
-                Step::AfterInterruptedAttempt => match driver.query() {
-                    Ok((state, truncated)) if decide(command, state, truncated).should_skip => {
-                        Attempt::Done {
-                            skipped: false,
-                            recovered: true,
-                        }
-                    }
-                    _ => Attempt::Retryable(Failure::new(
+                // The interrupted attempt counts as made: look at the state as any attempt
+                // does; where it would run the command again, wait for the next retry.
+                Step::AfterInterruptedAttempt => match self.observe(command, driver) {
+                    Err(Attempt::Done { .. }) => Attempt::Done {
+                        skipped: false,
+                        recovered: true,
+                    },
+                    Err(other) => other,
+                    Ok(_) => Attempt::Retryable(Failure::new(
                         ErrorCode::Unknown,
                         "the previous attempt was interrupted (the process died)",
                     )),
@@ -248,16 +262,16 @@ impl Runner<'_> {
                     outcome.skipped = skipped;
                     // Records exist on disk only once a retry was scheduled.
                     if !sequence.records.is_empty() {
-                        outcome.result = self.store.remove(task, command);
+                        outcome.result = run.remove();
                     }
                     return outcome;
                 }
                 Attempt::Permanent(failure) => {
-                    outcome.result = Err(self.finish(task, command, &mut sequence, failure));
+                    outcome.result = Err(self.finish(run, task, command, &mut sequence, failure));
                     return outcome;
                 }
                 Attempt::Retryable(failure) => {
-                    match self.schedule_retry(task, command, policy, &mut sequence, failure) {
+                    match self.schedule_retry(run, task, command, policy, &mut sequence, failure) {
                         Ok(()) => {
                             outcome.retries += 1;
                             LogMetrics::bump(&self.metrics.retries, command);
@@ -273,36 +287,49 @@ impl Runner<'_> {
         }
     }
 
-    fn attempt(&self, command: SubCommand, driver: &mut dyn TaskDriver) -> Attempt {
+    /// Queries the task and decides: `Ok(command to run)`, or how the attempt ends
+    /// without running anything (skipped, a state to retry, a permanent error).
+    fn observe(
+        &self,
+        command: SubCommand,
+        driver: &mut dyn TaskDriver,
+    ) -> Result<SubCommand, Attempt> {
         let (state, truncated) = match driver.query() {
             Ok(observed) => observed,
-            Err(failure) if is_retryable(failure.code) => return Attempt::Retryable(failure),
-            Err(failure) => return Attempt::Permanent(failure),
+            Err(failure) if is_retryable(failure.code) => return Err(Attempt::Retryable(failure)),
+            Err(failure) => return Err(Attempt::Permanent(failure)),
         };
         let decision = decide(command, state, truncated);
         if decision.need_sync {
             LogMetrics::bump(&self.metrics.syncs, command);
         }
         if state == KernelState::Unknown {
-            return Attempt::Retryable(Failure::new(
+            return Err(Attempt::Retryable(Failure::new(
                 ErrorCode::Unknown,
                 "the task's state is UNKNOWN",
-            ));
+            )));
         }
         if decision.should_skip {
-            return Attempt::Done {
+            return Err(Attempt::Done {
                 skipped: true,
                 recovered: false,
-            };
+            });
         }
-        let Some(actual) = decision.actual else {
-            return Attempt::Permanent(Failure::new(
+        decision.actual.ok_or_else(|| {
+            Attempt::Permanent(Failure::new(
                 ErrorCode::InvalidState,
                 format!(
                     "Invalid state for command: cannot {} a task in state {state:?}",
                     command.name()
                 ),
-            ));
+            ))
+        })
+    }
+
+    fn attempt(&self, command: SubCommand, driver: &mut dyn TaskDriver) -> Attempt {
+        let actual = match self.observe(command, driver) {
+            Ok(actual) => actual,
+            Err(ended) => return ended,
         };
         let code = driver.execute(actual);
         if code == 0 {
@@ -341,6 +368,7 @@ impl Runner<'_> {
     /// retries or the budget are spent.
     fn schedule_retry(
         &self,
+        run: &dyn RunClaim,
         task: &str,
         command: SubCommand,
         policy: &LogRetryPolicy,
@@ -358,7 +386,7 @@ impl Runner<'_> {
                     command.name(), policy.max_retry, failure.code, failure.detail
                 ),
             );
-            return Err(self.finish(task, command, sequence, reason));
+            return Err(self.finish(run, task, command, sequence, reason));
         }
         let wait_ms = policy.wait(retry_num).as_millis() as u64;
         let expected = now.saturating_add(wait_ms);
@@ -371,7 +399,7 @@ impl Runner<'_> {
                     command.name(), policy.timeout.as_millis(), failure.code, failure.detail
                 ),
             );
-            return Err(self.finish(task, command, sequence, reason));
+            return Err(self.finish(run, task, command, sequence, reason));
         }
         sequence.records.push(RetryRecord {
             retry_num,
@@ -389,12 +417,13 @@ impl Runner<'_> {
             wait_ms,
             "log-backup command failed, retrying"
         );
-        self.store.save(task, command, sequence)
+        run.save(sequence)
     }
 
     /// Ends the sequence with `failure` (persisted when there are records to keep).
     fn finish(
         &self,
+        run: &dyn RunClaim,
         task: &str,
         command: SubCommand,
         sequence: &mut Sequence,
@@ -403,7 +432,7 @@ impl Runner<'_> {
         tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
         sequence.outcome = Some(failure.code);
         if !sequence.records.is_empty() {
-            if let Err(save_failure) = self.store.save(task, command, sequence) {
+            if let Err(save_failure) = run.save(sequence) {
                 tracing::warn!(error = %save_failure, "could not persist the end of a retry sequence");
             }
         }
@@ -415,6 +444,7 @@ impl Runner<'_> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::log_backup::records::RecordStore;
     use crate::retry::FakeSleeper;
     use KernelState::*;
 
@@ -704,7 +734,11 @@ mod tests {
             outcome: None,
             first_failure_ms: Some(f.clock.unix_ms()),
         };
-        f.store.save("task-1", SubCommand::Start, &seq).unwrap();
+        f.store
+            .begin_run("task-1", SubCommand::Start)
+            .unwrap()
+            .save(&seq)
+            .unwrap();
         let mut task = FakeTask::new(NotExist);
         task.execute_results = vec![-6; 100];
         let policy = LogRetryPolicy::from_raw(2, 1, 1, 1_000_000);
@@ -712,6 +746,87 @@ mod tests {
         assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
         // Retry 1 was the interrupted attempt; only retry 2 runs now.
         assert_eq!(task.executed.len(), 1);
+    }
+
+    /// An unfinished sequence whose last attempt was interrupted by the process's death.
+    fn interrupted(f: &Fixture, command: SubCommand) {
+        let now = f.clock.unix_ms();
+        let seq = Sequence {
+            records: vec![RetryRecord {
+                retry_num: 1,
+                detect_failed_at_ms: now - 10,
+                expected_retry_at_ms: now - 5,
+                real_retry_at_ms: now - 5,
+                reason_code: -6,
+                original_reason: "x".into(),
+            }],
+            outcome: None,
+            first_failure_ms: Some(now - 10),
+        };
+        f.store
+            .begin_run("task-1", command)
+            .unwrap()
+            .save(&seq)
+            .unwrap();
+    }
+
+    #[test]
+    fn after_an_interrupted_attempt_permanent_answers_end_the_call() {
+        let policy = LogRetryPolicy::from_raw(5, 1, 1, 1_000_000);
+        // A state the command cannot act on: INVALID_STATE, not a retry as UNKNOWN.
+        let f = Fixture::new();
+        interrupted(&f, SubCommand::Pause);
+        let mut task = FakeTask::new(NotExist);
+        let (outcome, waits) = f.run(SubCommand::Pause, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::InvalidState.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+        let seq = f.records(SubCommand::Pause).unwrap();
+        assert_eq!(seq.outcome, Some(ErrorCode::InvalidState.raw()), "finished");
+        // A query failing with a permanent code: that code.
+        let f = Fixture::new();
+        interrupted(&f, SubCommand::Start);
+        let mut task = FakeTask::new(NotExist);
+        task.query_error = Some(ErrorCode::PermissionDenied.raw());
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::PermissionDenied.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+    }
+
+    #[test]
+    fn a_resumed_wait_never_outgrows_its_length_when_the_clock_steps_back() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![-6; 100];
+        let policy = LogRetryPolicy::from_raw(1, 4_000, 100_000, 10_000_000);
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, Some(1));
+        assert_eq!(code(&outcome), ErrorCode::Cancelled.raw());
+        // The wall clock steps far back before the next process resumes.
+        f.clock.set_unix_ms(f.clock.unix_ms() / 2);
+        let (_, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(waits, vec![4_000], "at most the 4 s wait as scheduled");
+    }
+
+    #[test]
+    fn a_second_runner_of_the_same_command_is_refused_at_once() {
+        let f = Fixture::new();
+        let held = f.store.begin_run("task-1", SubCommand::Start).unwrap();
+        let mut task = FakeTask::new(NotExist);
+        let (outcome, waits) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut task,
+            None,
+        );
+        assert_eq!(code(&outcome), ErrorCode::InProgress.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+        drop(held);
+        let (outcome, _) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut task,
+            None,
+        );
+        assert_eq!(code(&outcome), 0);
     }
 
     #[test]

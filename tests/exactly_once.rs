@@ -477,8 +477,8 @@ fn calls_without_a_state_store_name_state_dir_the_same_way() {
     init("");
     let key = CString::new("k").unwrap();
     let task = CString::new("t").unwrap();
-    let mut count = 0;
-    let calls: [(&str, Box<dyn Fn() -> i32>); 4] = [
+    type Call<'a> = (&'a str, Box<dyn Fn() -> i32 + 'a>);
+    let calls: [Call; 4] = [
         (
             "forget",
             Box::new(|| {
@@ -512,6 +512,5 @@ fn calls_without_a_state_store_name_state_dir_the_same_way() {
     }
     // Only the plugin-level operation is counted.
     assert_eq!(stats().0, 1);
-    let _ = &mut count;
     backup_plugin_cleanup();
 }

@@ -25,37 +25,43 @@ impl KeyedMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (name, help, value) of each counter, in a fixed order.
+    /// (family name, help, value) of each counter, in a fixed order.
     pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 5] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
-                "claims",
+                "backup_idempotency_claims_total",
                 "Keys claimed to run their operation.",
                 get(&self.claims),
             ),
             (
-                "replays",
+                "backup_idempotency_replays_total",
                 "Calls answered with a completed key's stored result.",
                 get(&self.replays),
             ),
             (
-                "conflicts",
+                "backup_idempotency_conflicts_total",
                 "Keys reused with a different fingerprint.",
                 get(&self.conflicts),
             ),
             (
-                "in_progress",
+                "backup_idempotency_in_progress_total",
                 "Calls refused because another caller runs the key.",
                 get(&self.in_progress),
             ),
             (
-                "takeovers",
+                "backup_idempotency_takeovers_total",
                 "Claims taken over from an owner whose lease ran out.",
                 get(&self.takeovers),
             ),
         ]
     }
+}
+
+/// Counts a failed store operation in the state-store metrics, whatever the backend.
+fn store_failed(failure: Failure) -> Failure {
+    crate::metrics::store().error(failure.code);
+    failure
 }
 
 /// The outcome of one keyed call.
@@ -127,7 +133,7 @@ impl Keyed {
         let now = clock.unix_ms();
         let claim = match self.store.claim(key, fingerprint, now) {
             Ok(claim) => claim,
-            Err(failure) => return refused(failure),
+            Err(failure) => return refused(store_failed(failure)),
         };
         let shown = display_key(key);
         match claim {
@@ -169,6 +175,7 @@ impl Keyed {
             Ok(()) => match self.store.complete(key, 0, clock.unix_ms()) {
                 Ok(()) => Ok(false),
                 Err(failure) => {
+                    let failure = store_failed(failure);
                     let failure = Failure {
                         code: failure.code,
                         detail: format!(
@@ -181,7 +188,7 @@ impl Keyed {
                 }
             },
             Err(failure) => {
-                if let Err(release) = self.store.release(key) {
+                if let Err(release) = self.store.release(key).map_err(store_failed) {
                     tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
                 }
                 Err(failure)
@@ -199,7 +206,7 @@ impl Keyed {
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
-        match self.store.forget(key, clock.unix_ms())? {
+        match self.store.forget(key, clock.unix_ms()).map_err(store_failed)? {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
             Forgotten::InProgress => Err(Failure::new(
                 ErrorCode::InProgress,

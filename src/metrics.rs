@@ -6,7 +6,7 @@
 //! Label values are bounded by construction: commands, kernel states and error codes of the
 //! fixed table (a code outside it is counted as "other"), never task names or keys.
 
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Failure};
 use crate::idempotency::keyed::KeyedMetrics;
 use crate::log_backup::runner::LogMetrics;
 use crate::log_backup::{decide, KernelState, SubCommand};
@@ -173,6 +173,13 @@ impl StoreMetrics {
 }
 
 static STORE: StoreMetrics = StoreMetrics::new();
+
+/// Counts `failure`, returned by a state-store operation, and passes it on:
+/// `store.save(..).map_err(store_failed)`.
+pub fn store_failed(failure: Failure) -> Failure {
+    STORE.error(failure.code);
+    failure
+}
 
 /// The state store's counters, e.g. `metrics::store().failovers.inc()`.
 pub fn store() -> &'static StoreMetrics {

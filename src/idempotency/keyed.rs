@@ -5,6 +5,7 @@ use super::lease::LeaseKeeper;
 use super::{display_key, Claim, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES};
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Failure};
+use crate::metrics::store_failed;
 use crate::retry::Execution;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,12 +57,6 @@ impl KeyedMetrics {
             ),
         ]
     }
-}
-
-/// Counts a failed store operation in the state-store metrics, whatever the backend.
-fn store_failed(failure: Failure) -> Failure {
-    crate::metrics::store().error(failure.code);
-    failure
 }
 
 /// The outcome of one keyed call.
@@ -440,5 +435,23 @@ mod tests {
             "{}",
             err.detail
         );
+    }
+
+    #[test]
+    fn store_failures_are_counted_by_code_in_the_state_store_metrics() {
+        // TIMEOUT and CONNECTION_LOST: codes no other unit test's store fails with, since
+        // the state-store counters are process-wide.
+        let errors = &crate::metrics::store().errors;
+        let (timeouts, lost) = (errors.get(-7), errors.get(-11));
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"p");
+        let s = setup(Some(ErrorCode::Timeout), None);
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -7);
+        let s = setup(None, Some(ErrorCode::ConnectionLost));
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -11);
+        assert!(errors.get(-7) > timeouts, "a failed claim is counted");
+        assert!(errors.get(-11) > lost, "a failed completion is counted");
     }
 }

@@ -7,7 +7,7 @@ use super::records::{truncate_reason, RecordStore, RetryRecord, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, message_of, ErrorCode, Failure};
-use crate::metrics::{self, CodeCounters, Counter, Histogram};
+use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::Sleeper;
 use std::time::Duration;
 
@@ -107,12 +107,6 @@ impl LogMetrics {
                 .observe(Duration::from_millis(now_ms.saturating_sub(first)));
         }
     }
-}
-
-/// Counts a failed record-store operation in the state-store metrics.
-fn store_failed(failure: Failure) -> Failure {
-    metrics::store().error(failure.code);
-    failure
 }
 
 /// What one call did, for the plugin's books.

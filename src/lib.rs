@@ -14,6 +14,7 @@ pub mod error_log;
 mod hex;
 pub mod idempotency;
 pub mod log_backup;
+pub mod metrics;
 pub mod plugin;
 pub mod retry;
 pub mod tracker;

@@ -16,7 +16,7 @@ use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
 use crate::idempotency::file_store::{FileStore, FileStoreSettings};
-use crate::idempotency::keyed::{Keyed, KeyedMetrics};
+use crate::idempotency::keyed::Keyed;
 use crate::idempotency::{self as idem};
 use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
@@ -310,68 +310,17 @@ impl Plugin {
         self.keyed()?.forget(self.clock(), key)
     }
 
-    /// Prometheus text of the plugin's counters.
+    /// Prometheus text of the plugin's counters (rendered by `crate::metrics`).
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write as _;
         let (errors, retries) = self.tracker.stats();
-        let log_failures = self.tracker.log().map_or(0, |log| log.write_failures());
-        let mut out = String::new();
-        let mut family = |name: &str, help: &str, kind: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(
-            "backup_errors_total",
-            "Errors recorded since init.",
-            "counter",
-        );
-        family(
-            "backup_retries_total",
-            "Retries performed by plugin-level operations.",
-            "counter",
-        );
-        family(
-            "backup_error_log_write_failures_total",
-            "Error log lines that could not be written.",
-            "counter",
-        );
-        let _ = writeln!(out, "backup_errors_total {errors}\nbackup_retries_total {retries}\nbackup_error_log_write_failures_total {log_failures}");
-        let names = [
-            (
-                "backup_log_command_retries_total",
-                "Retries of log-backup commands.",
-            ),
-            (
-                "backup_log_command_recoveries_total",
-                "Log-backup commands that succeeded after failing.",
-            ),
-            (
-                "backup_log_command_skips_total",
-                "Log-backup commands skipped because their effect was already there.",
-            ),
-            (
-                "backup_log_command_state_syncs_total",
-                "Log-backup commands whose observed state disagreed with them.",
-            ),
-        ];
-        for (i, (name, help)) in names.iter().enumerate() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for command in SubCommand::ALL {
-                let _ = writeln!(
-                    out,
-                    "{name}{{command=\"{}\"}} {}",
-                    command.name(),
-                    self.log_metrics.of(command)[i]
-                );
-            }
-        }
         let keyed = self.keyed.lock().clone();
-        for (name, help, value) in keyed
-            .map(|k| k.metrics.snapshot())
-            .unwrap_or_else(|| KeyedMetrics::default().snapshot())
-        {
-            let _ = writeln!(out, "# HELP backup_idempotency_{name}_total {help}\n# TYPE backup_idempotency_{name}_total counter\nbackup_idempotency_{name}_total {value}");
-        }
-        out
+        crate::metrics::render(&crate::metrics::PluginCounters {
+            errors,
+            retries,
+            error_log_write_failures: self.tracker.log().map_or(0, |log| log.write_failures()),
+            log: &self.log_metrics,
+            keyed: keyed.as_ref().map(|k| &k.metrics),
+        })
     }
 
     pub fn error_log_path(&self) -> Option<PathBuf> {

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Failure};
+use crate::metrics::store_failed;
 use crate::retry::Execution;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,32 +28,32 @@ impl KeyedMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (name, help, value) of each counter, in a fixed order.
+    /// (family name, help, value) of each counter, in a fixed order.
     pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 5] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
-                "claims",
+                "backup_idempotency_claims_total",
                 "Keys claimed to run their operation.",
                 get(&self.claims),
             ),
             (
-                "replays",
+                "backup_idempotency_replays_total",
                 "Calls answered with a completed key's stored result.",
                 get(&self.replays),
             ),
             (
-                "conflicts",
+                "backup_idempotency_conflicts_total",
                 "Keys reused with a different fingerprint.",
                 get(&self.conflicts),
             ),
             (
-                "in_progress",
+                "backup_idempotency_in_progress_total",
                 "Calls refused because another caller runs the key.",
                 get(&self.in_progress),
             ),
             (
-                "takeovers",
+                "backup_idempotency_takeovers_total",
                 "Claims taken over from an owner whose lease ran out.",
                 get(&self.takeovers),
             ),
@@ -129,7 +130,7 @@ impl Keyed {
         let now = clock.unix_ms();
         let claim = match self.store.claim(key, fingerprint, now) {
             Ok(claim) => claim,
-            Err(failure) => return refused(failure),
+            Err(failure) => return refused(store_failed(failure)),
         };
         let shown = display_key(key);
         let token = match claim {
@@ -180,6 +181,7 @@ impl Keyed {
                     Ok(false)
                 }
                 Err(failure) => {
+                    let failure = store_failed(failure);
                     let failure = Failure {
                         code: failure.code,
                         detail: format!(
@@ -192,7 +194,7 @@ impl Keyed {
                 }
             },
             Err(failure) => {
-                if let Err(release) = self.store.release(key, token) {
+                if let Err(release) = self.store.release(key, token).map_err(store_failed) {
                     tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
                 }
                 Err(failure)
@@ -210,7 +212,7 @@ impl Keyed {
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
-        match self.store.forget(key, clock.unix_ms())? {
+        match self.store.forget(key, clock.unix_ms()).map_err(store_failed)? {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
             Forgotten::InProgress => Err(Failure::new(
                 ErrorCode::InProgress,
@@ -556,5 +558,23 @@ mod tests {
             "{}",
             err.detail
         );
+    }
+
+    #[test]
+    fn store_failures_are_counted_by_code_in_the_state_store_metrics() {
+        // TIMEOUT and CONNECTION_LOST: codes no other unit test's store fails with, since
+        // the state-store counters are process-wide.
+        let errors = &crate::metrics::store().errors;
+        let (timeouts, lost) = (errors.get(-7), errors.get(-11));
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"p");
+        let s = setup(Some(ErrorCode::Timeout), None);
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -7);
+        let s = setup(None, Some(ErrorCode::ConnectionLost));
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -11);
+        assert!(errors.get(-7) > timeouts, "a failed claim is counted");
+        assert!(errors.get(-11) > lost, "a failed completion is counted");
     }
 }

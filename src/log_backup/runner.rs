@@ -7,8 +7,8 @@ use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Seq
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::Sleeper;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -71,25 +71,41 @@ pub trait TaskDriver {
     fn execute(&mut self, command: SubCommand) -> i32;
 }
 
-/// Counters by command, for the metrics call.
+/// Counters by command (indexed by `SubCommand as usize`), rendered by `crate::metrics`.
 #[derive(Default)]
 pub struct LogMetrics {
-    retries: [AtomicU64; 5],
-    recoveries: [AtomicU64; 5],
-    skips: [AtomicU64; 5],
-    syncs: [AtomicU64; 5],
+    /// Retries made, by the code of the failure each one follows.
+    pub retries: [CodeCounters; 5],
+    pub recoveries: [Counter; 5],
+    pub skips: [Counter; 5],
+    /// State syncs, by the observed state (indexed by `KernelState as usize`).
+    pub syncs: [[Counter; 4]; 5],
+    /// From a sequence's first detected failure to its terminal outcome.
+    pub retry_duration: [Histogram; 5],
 }
 
 impl LogMetrics {
-    fn bump(counter: &[AtomicU64; 5], command: SubCommand) {
-        counter[command as usize].fetch_add(1, Ordering::Relaxed);
+    fn bump(counter: &[Counter; 5], command: SubCommand) {
+        counter[command as usize].inc();
     }
 
-    /// (retries, recoveries, skips, syncs) of a command.
+    /// (retries, recoveries, skips, syncs) of a command, over every reason and state.
     pub fn of(&self, command: SubCommand) -> [u64; 4] {
         let i = command as usize;
-        [&self.retries, &self.recoveries, &self.skips, &self.syncs]
-            .map(|c| c[i].load(Ordering::Relaxed))
+        [
+            self.retries[i].total(),
+            self.recoveries[i].get(),
+            self.skips[i].get(),
+            self.syncs[i].iter().map(Counter::get).sum(),
+        ]
+    }
+
+    /// A sequence reached its terminal outcome at `now_ms`: how long its retries took.
+    fn finished(&self, command: SubCommand, sequence: &Sequence, now_ms: u64) {
+        if let Some(first) = sequence.first_failure_ms {
+            self.retry_duration[command as usize]
+                .observe(Duration::from_millis(now_ms.saturating_sub(first)));
+        }
     }
 }
 
@@ -97,7 +113,7 @@ impl LogMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
     pub result: Result<(), Failure>,
-    /// Retries this call started (records it wrote before a wait).
+    /// Retries this call made (attempts after a wait it finished), not those it scheduled.
     pub retries: u32,
     pub skipped: bool,
 }
@@ -151,7 +167,7 @@ impl Runner<'_> {
         let run = run.as_ref();
         let (mut sequence, mut step) = match self.store.load(task, command) {
             Err(failure) => {
-                outcome.result = Err(failure);
+                outcome.result = Err(store_failed(failure));
                 return outcome;
             }
             Ok(Some(seq)) if seq.outcome.is_none() && !seq.records.is_empty() => {
@@ -175,7 +191,7 @@ impl Runner<'_> {
                 // A finished sequence stays readable until the next one starts: now.
                 if existing.is_some() {
                     if let Err(failure) = run.remove() {
-                        outcome.result = Err(failure);
+                        outcome.result = Err(store_failed(failure));
                         return outcome;
                     }
                 }
@@ -220,9 +236,14 @@ impl Runner<'_> {
                         .real_retry_at_ms = now.max(1);
                     // Persisted before the attempt: an attempt cut short by death counts as made.
                     if let Err(failure) = run.save(&sequence) {
-                        outcome.result = Err(failure);
+                        outcome.result = Err(store_failed(failure));
                         return outcome;
                     }
+                    // Counted when made, by the process making it: a wait cancelled by
+                    // cleanup made no retry, and the process that resumes it makes it.
+                    outcome.retries += 1;
+                    let reason = sequence.records.last().map_or(0, |r| r.reason_code);
+                    self.metrics.retries[command as usize].inc(reason);
                     self.attempt(command, driver)
                 }
                 Step::Attempt => self.attempt(command, driver),
@@ -260,9 +281,11 @@ impl Runner<'_> {
                         );
                     }
                     outcome.skipped = skipped;
+                    self.metrics
+                        .finished(command, &sequence, self.clock.unix_ms());
                     // Records exist on disk only once a retry was scheduled.
                     if !sequence.records.is_empty() {
-                        outcome.result = run.remove();
+                        outcome.result = run.remove().map_err(store_failed);
                     }
                     return outcome;
                 }
@@ -272,11 +295,7 @@ impl Runner<'_> {
                 }
                 Attempt::Retryable(failure) => {
                     match self.schedule_retry(run, task, command, policy, &mut sequence, failure) {
-                        Ok(()) => {
-                            outcome.retries += 1;
-                            LogMetrics::bump(&self.metrics.retries, command);
-                            step = Step::Wait;
-                        }
+                        Ok(()) => step = Step::Wait,
                         Err(failure) => {
                             outcome.result = Err(failure);
                             return outcome;
@@ -301,7 +320,7 @@ impl Runner<'_> {
         };
         let decision = decide(command, state, truncated);
         if decision.need_sync {
-            LogMetrics::bump(&self.metrics.syncs, command);
+            self.metrics.syncs[command as usize][state as usize].inc();
         }
         if state == KernelState::Unknown {
             return Err(Attempt::Retryable(Failure::new(
@@ -417,7 +436,7 @@ impl Runner<'_> {
             wait_ms,
             "log-backup command failed, retrying"
         );
-        run.save(sequence)
+        run.save(sequence).map_err(store_failed)
     }
 
     /// Ends the sequence with `failure` (persisted when there are records to keep).
@@ -431,8 +450,10 @@ impl Runner<'_> {
     ) -> Failure {
         tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
         sequence.outcome = Some(failure.code);
+        self.metrics
+            .finished(command, sequence, self.clock.unix_ms());
         if !sequence.records.is_empty() {
-            if let Err(save_failure) = run.save(sequence) {
+            if let Err(save_failure) = run.save(sequence).map_err(store_failed) {
                 tracing::warn!(error = %save_failure, "could not persist the end of a retry sequence");
             }
         }
@@ -827,6 +848,75 @@ mod tests {
             None,
         );
         assert_eq!(code(&outcome), 0);
+    }
+
+    #[test]
+    fn a_retry_is_counted_by_the_run_that_makes_it_not_the_one_that_schedules_it() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![ErrorCode::Network.raw()];
+        let policy = LogRetryPolicy::from_raw(5, 1_000, 100_000, 10_000_000);
+        // The first run fails, schedules retry 1, and is cancelled during its wait.
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, Some(1));
+        assert_eq!(code(&outcome), ErrorCode::Cancelled.raw());
+        assert_eq!(outcome.retries, 0, "a cancelled wait made no retry");
+        assert_eq!(f.metrics.of(SubCommand::Start)[0], 0);
+        // The run that resumes it makes the retry, which succeeds: counted there.
+        f.clock.advance(Duration::from_millis(400));
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!((code(&outcome), outcome.retries), (0, 1));
+        assert_eq!(waits, vec![600]);
+        let m = &f.metrics;
+        assert_eq!(m.retries[SubCommand::Start as usize].get(-6), 1);
+        assert_eq!(
+            m.of(SubCommand::Start)[..2],
+            [1, 1],
+            "one retry, one recovery"
+        );
+        // 1 s from the first failure to the success: the first bucket (le=1).
+        let h = m.retry_duration[SubCommand::Start as usize].snapshot();
+        assert_eq!((h.count(), h.sum_ms, h.cumulative[0]), (1, 1_000, 1));
+    }
+
+    #[test]
+    fn metrics_name_the_reason_the_observed_state_and_every_terminal_outcome() {
+        let f = Fixture::new();
+        // START on a paused task: a state sync observed in state PAUSED.
+        f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut FakeTask::new(Paused),
+            None,
+        );
+        assert_eq!(
+            f.metrics.syncs[SubCommand::Start as usize][Paused as usize].get(),
+            1
+        );
+        // Two retries after an UNKNOWN state, then exhaustion after 3 s.
+        let policy = LogRetryPolicy::from_raw(2, 1_000, 2_000, 1_000_000);
+        f.run(
+            SubCommand::Resume,
+            policy,
+            &mut FakeTask::new(Unknown),
+            None,
+        );
+        let resume = SubCommand::Resume as usize;
+        assert_eq!(f.metrics.retries[resume].get(ErrorCode::Unknown.raw()), 2);
+        assert_eq!(f.metrics.syncs[resume][Unknown as usize].get(), 3);
+        let h = f.metrics.retry_duration[resume].snapshot();
+        assert_eq!((h.count(), h.sum_ms), (1, 3_000));
+        assert_eq!(h.cumulative[..3], [0, 0, 1], "3 s lies in le=4");
+        // A host code outside the table is permanent: no retry, no duration observed.
+        let mut odd = FakeTask::new(Running);
+        odd.execute_results = vec![-1234];
+        f.run(SubCommand::Stop, policy, &mut odd, None);
+        assert_eq!(f.metrics.of(SubCommand::Stop)[0], 0);
+        assert_eq!(
+            f.metrics.retry_duration[SubCommand::Stop as usize]
+                .snapshot()
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -18,23 +18,28 @@
 //!   copied under it before the new file is renamed over the journal. Other processes see
 //!   the old journal unlinked and reopen the new one. A restart reads live records only.
 
-use super::record::{self, Entry, MAX_RECORD_BYTES};
+mod compaction;
+mod files;
+mod group_commit;
+mod journal;
+
+use super::record::{self, Entry};
 use super::{
     completion_allowed, decide, is_claim, Claim, ClaimToken, Completion, Fingerprint, Forgotten,
     IdempotencyStore, KeyRecord, KeyState,
 };
 use crate::durable::{self, FileError};
-use crate::error::{ErrorCode, Failure};
-use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use crate::error::Failure;
+use files::{open_rw, FileLock};
+use journal::apply;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FileStoreSettings {
@@ -153,79 +158,6 @@ impl Txn<'_> {
             state,
         });
     }
-}
-
-/// An exclusive `flock`, released on drop.
-struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    fn acquire(file: &'a File, path: &Path, wait: bool) -> Result<Option<Self>, FileError> {
-        let flags = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        loop {
-            // SAFETY: flock on a descriptor this process owns.
-            if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
-                return Ok(Some(FileLock(file)));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
-                _ => return Err(FileError::new("lock", path, err)),
-            }
-        }
-    }
-}
-
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as above; unlocking cannot fail in a way worth reporting.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-fn open_rw(path: &Path) -> Result<File, FileError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| FileError::new("open", path, e))
-}
-
-/// Allocates `len` bytes from `offset` without changing the file's size. `Ok(false)`:
-/// the file system cannot reserve room (the store then works without a reservation).
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {
-    loop {
-        // SAFETY: fallocate on a descriptor this process owns.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) => return Ok(false),
-            _ => return Err(err),
-        }
-    }
-}
-
-/// Room a journal needs past `end` for `claims` outstanding claims.
-fn room_for(claims: u64) -> u64 {
-    claims * 2 * MAX_RECORD_BYTES as u64
 }
 
 impl FileStore {
@@ -364,324 +296,6 @@ impl FileStore {
         drop(inner);
         Ok((value, point))
     }
-
-    /// Writes `bytes` at the end of the journal; on failure nothing of them stays.
-    fn append(
-        &self,
-        inner: &mut Inner,
-        bytes: &[u8],
-        claims_need_room: bool,
-    ) -> Result<(), Failure> {
-        let claims_after = inner.claims + claims_need_room as u64;
-        let needed = inner.end + bytes.len() as u64 + room_for(claims_after);
-        // The margin covers blocks a file system counts for its own metadata.
-        if inner.allocated < needed + ALLOCATION_MARGIN {
-            // A chunk ahead when there is room for it; on a nearly full disk, just what
-            // this record and the completions it answers for need.
-            let reserved = reserve(
-                &inner.journal,
-                inner.end,
-                needed - inner.end + RESERVE_CHUNK,
-            )
-            .map(|ok| (ok, needed + RESERVE_CHUNK))
-            .or_else(|e| match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-                    reserve(&inner.journal, inner.end, needed - inner.end).map(|ok| (ok, needed))
-                }
-                _ => Err(e),
-            });
-            match reserved {
-                Ok((true, allocated)) => inner.allocated = allocated,
-                // Nothing to reserve with: the store works, without the guarantee.
-                Ok((false, _)) => inner.allocated = u64::MAX,
-                Err(e) if claims_need_room => {
-                    return Err(FileError::new("reserve room in", &self.journal_path, e).into())
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "idempotency journal: no room reserved for lease renewals")
-                }
-            }
-        }
-        if let Err(e) = inner.journal.write_all_at(bytes, inner.end) {
-            // Leave no partial line for the next record to land after.
-            let _ = inner.journal.set_len(inner.end);
-            inner.allocated = 0;
-            return Err(FileError::new("append to", &self.journal_path, e).into());
-        }
-        inner.end += bytes.len() as u64;
-        self.sync.lock().written = inner.end;
-        if inner.end > inner.compact_at {
-            self.compaction_due.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Reads what other processes appended, following the journal when it was replaced,
-    /// and cuts a torn last line off.
-    fn catch_up(&self, inner: &mut Inner) -> Result<(), Failure> {
-        let mut meta = inner
-            .journal
-            .metadata()
-            .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-        if meta.nlink() == 0 {
-            // A compaction in another process renamed a new journal over this one.
-            let journal = Arc::new(open_rw(&self.journal_path)?);
-            meta = journal
-                .metadata()
-                .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-            inner.journal = journal.clone();
-            inner.generation += 1;
-            inner.end = 0;
-            inner.index.clear();
-            inner.claims = 0;
-            inner.compact_at = (meta.len() * 2).max(self.slack);
-            let mut sync = self.sync.lock();
-            sync.generation = inner.generation;
-            sync.file = journal;
-            sync.written = 0;
-            sync.synced = 0;
-        }
-        inner.allocated = meta.blocks() * 512;
-        let len = meta.len();
-        if len < inner.end {
-            return Err(self.corrupt(
-                inner,
-                format!("it shrank from {} to {len} bytes", inner.end),
-            ));
-        }
-        if len == inner.end {
-            return Ok(());
-        }
-        let mut bytes = vec![0; (len - inner.end) as usize];
-        inner
-            .journal
-            .read_exact_at(&mut bytes, inner.end)
-            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
-        let mut at = 0;
-        while at < bytes.len() {
-            let line_end = bytes[at..].iter().position(|&b| b == b'\n');
-            let decoded = line_end.and_then(|n| record::decode(&bytes[at..at + n]));
-            match (line_end, decoded) {
-                (Some(n), Some(entry)) => {
-                    apply(inner, entry);
-                    at += n + 1;
-                    inner.end += n as u64 + 1;
-                }
-                _ if !has_good_line_after(&bytes[at..]) => {
-                    tracing::warn!(
-                        journal = %self.journal_path.display(),
-                        offset = inner.end,
-                        bytes = bytes.len() - at,
-                        "idempotency journal: torn last record (a writer died mid-write) discarded"
-                    );
-                    inner
-                        .journal
-                        .set_len(inner.end)
-                        .map_err(|e| FileError::new("truncate", &self.journal_path, e))?;
-                    // Truncating frees the room reserved past the end, too.
-                    inner.allocated = 0;
-                    break;
-                }
-                _ => {
-                    let offset = inner.end;
-                    return Err(
-                        self.corrupt(inner, format!("the record at byte {offset} does not check"))
-                    );
-                }
-            }
-        }
-        self.sync.lock().written = inner.end;
-        Ok(())
-    }
-
-    fn corrupt(&self, inner: &mut Inner, why: String) -> Failure {
-        let failure = Failure::new(
-            ErrorCode::DataCorruption,
-            format!(
-                "Data corruption detected: idempotency journal {}: {why}; it is left as it is for inspection",
-                self.journal_path.display()
-            ),
-        );
-        tracing::error!(reason = %failure.detail, "idempotency store refuses work");
-        inner.broken = Some(failure.clone());
-        failure
-    }
-
-    /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
-    ///
-    /// Group commit: while one fsync is in flight the next records queue up. Before it
-    /// starts its fsync, a leader waits (at most half of the last fsync's time) for the
-    /// callers the previous fsync released to append their next records, and for callers
-    /// in the middle of a transaction, so that one fsync covers them all. Alone, it waits
-    /// for nobody.
-    fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
-        let mut sync = self.sync.lock();
-        loop {
-            if let Some(failure) = &sync.failed {
-                return Err(failure.clone());
-            }
-            // A newer generation was fsynced whole by the compaction that made it.
-            if sync.generation != point.generation || sync.synced >= point.offset {
-                return Ok(());
-            }
-            if sync.syncing {
-                sync.waiters += 1;
-                self.synced.wait(&mut sync);
-                sync.waiters -= 1;
-                continue;
-            }
-            sync.syncing = true;
-            let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
-            while (sync.waiters + 1 < sync.released
-                || self.in_transaction.load(Ordering::Acquire) > 0)
-                && Instant::now() < deadline
-            {
-                MutexGuard::unlocked(&mut sync, std::thread::yield_now);
-            }
-            let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
-            let started = Instant::now();
-            let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
-            sync.last_sync = started.elapsed();
-            sync.released = sync.waiters + 1;
-            sync.syncing = false;
-            match result {
-                Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),
-                Ok(()) => {}
-                Err(e) => {
-                    let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
-                    sync.failed = Some(Failure {
-                        code: failure.code,
-                        detail: format!("{}; the idempotency store refuses further work until the plugin is restarted", failure.detail),
-                    });
-                }
-            }
-            self.synced.notify_all();
-        }
-    }
-
-    /// Rewrites the journal with its live records once it has grown enough.
-    fn compact(&self, now_ms: u64) -> Result<(), Failure> {
-        let Some(_in_process) = self.compaction.try_lock() else {
-            return Ok(());
-        };
-        let Some(_across_processes) =
-            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
-        else {
-            return Ok(());
-        };
-        // 1. Under the lock: the live records, and where the journal ends.
-        let (snapshot, from, generation) = {
-            let mut inner = self.inner.lock();
-            let _lock = self.lock_journal()?;
-            self.catch_up(&mut inner)?;
-            if inner.end <= inner.compact_at {
-                self.compaction_due.store(false, Ordering::Relaxed);
-                return Ok(());
-            }
-            let mut snapshot = Vec::new();
-            for (key, record) in inner.index.iter().filter(|(_, r)| r.is_live(now_ms)) {
-                record::encode(&mut snapshot, key, Some(record));
-            }
-            (snapshot, inner.end, inner.generation)
-        };
-        // 2. Without it: the snapshot, written to the side.
-        let _ = fs::remove_file(&self.compact_path);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.compact_path)
-            .map_err(|e| FileError::new("create", &self.compact_path, e))?;
-        let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
-        file.write_all(&snapshot).map_err(side)?;
-        // 3. Under the lock again: what was appended meanwhile, then the switch.
-        let mut inner = self.inner.lock();
-        let _lock = self.lock_journal()?;
-        self.catch_up(&mut inner)?;
-        if inner.generation != generation {
-            let _ = fs::remove_file(&self.compact_path);
-            return Ok(());
-        }
-        let mut tail = vec![0; (inner.end - from) as usize];
-        inner
-            .journal
-            .read_exact_at(&mut tail, from)
-            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
-        let new_len = (snapshot.len() + tail.len()) as u64;
-        let result = file
-            .write_all(&tail)
-            .and_then(|()| reserve(&file, new_len, room_for(inner.claims) + RESERVE_CHUNK))
-            .and_then(|_| file.sync_data())
-            .map_err(side)
-            .and_then(|()| {
-                fs::rename(&self.compact_path, &self.journal_path)
-                    .map_err(|e| FileError::new("rename", &self.compact_path, e).into())
-            });
-        if let Err(failure) = result {
-            let _ = fs::remove_file(&self.compact_path);
-            return Err(failure);
-        }
-        // The rename must be durable before anything is appended to the new journal.
-        durable::sync_dir(&self.dir)?;
-        let touched: HashSet<Vec<u8>> = tail
-            .split(|&b| b == b'\n')
-            .filter_map(record::decode)
-            .map(|entry| entry.key)
-            .collect();
-        inner
-            .index
-            .retain(|key, record| record.is_live(now_ms) || touched.contains(&key[..]));
-        inner.claims = inner
-            .index
-            .values()
-            .filter(|r| matches!(r.state, KeyState::Claimed { .. }))
-            .count() as u64;
-        let file = Arc::new(file);
-        inner.journal = file.clone();
-        inner.generation += 1;
-        inner.end = new_len;
-        inner.allocated = 0;
-        inner.compact_at = (new_len * 2).max(new_len + self.slack);
-        let mut sync = self.sync.lock();
-        sync.generation = inner.generation;
-        sync.file = file;
-        sync.written = new_len;
-        sync.synced = new_len;
-        drop(sync);
-        self.synced.notify_all();
-        self.compactions.fetch_add(1, Ordering::Relaxed);
-        self.compaction_due.store(false, Ordering::Relaxed);
-        tracing::info!(
-            from_bytes = from,
-            to_bytes = new_len,
-            "idempotency journal compacted"
-        );
-        Ok(())
-    }
-}
-
-/// Whether a whole, good record follows the bad bytes at the start of `rest`: then the
-/// bad bytes are corruption, not a torn end.
-fn has_good_line_after(rest: &[u8]) -> bool {
-    rest.split(|&b| b == b'\n')
-        .skip(1)
-        .any(|line| record::decode(line).is_some())
-}
-
-fn apply(inner: &mut Inner, entry: Entry) {
-    let is_claim = |r: &KeyRecord| matches!(r.state, KeyState::Claimed { .. });
-    if entry.state.as_ref().is_some_and(is_claim) {
-        inner.claims += 1;
-    }
-    let old = match entry.state {
-        Some(record) => inner.index.insert(entry.key.into_boxed_slice(), record),
-        None => inner.index.remove(&entry.key[..]),
-    };
-    if old.as_ref().is_some_and(is_claim) {
-        inner.claims -= 1;
-    }
 }
 
 impl IdempotencyStore for FileStore {
@@ -797,6 +411,8 @@ impl IdempotencyStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
+    use std::fs;
 
     const LEASE_MS: u64 = 90_000;
     const TTL_MS: u64 = 3_600_000;

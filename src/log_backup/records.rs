@@ -4,23 +4,22 @@
 //!
 //! [`RecordStore`] is the embedded implementation: one file per (task, command) under
 //! `<state_dir>/log_backup/`, replaced atomically (temp, fsync, rename, fsync of the dir).
-//! A run is claimed by an exclusive `flock` of a lock file beside it, which the kernel
-//! releases when the runner's process dies: a dead runner never blocks the next.
+//! A run is claimed by a lock the kernel releases when the runner's process dies (see
+//! [`super::run_lock`]): a dead runner never blocks the next.
 //!
 //! Task names are never used raw as file names: the file is named by a 64-bit FNV-1a hash
 //! of the task and the command, and holds the full task name (hex) to detect a collision.
 //! The file ends with a checksum; a file that does not parse or check is reported as
 //! BACKUP_ERROR_DATA_CORRUPTION with its path, never silently reset.
 
+use super::run_lock::{slot_of, RunLocks, RunSlot};
 use super::SubCommand;
 use crate::durable::{self, FileError};
 use crate::error::{ErrorCode, Failure};
 use crate::hex::{hex, unhex};
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Longest reason kept, NUL excluded (the C record has 256 bytes).
@@ -84,6 +83,7 @@ pub fn in_progress(task: &str, command: SubCommand) -> Failure {
 
 pub struct RecordStore {
     dir: PathBuf,
+    runs: RunLocks,
 }
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -103,8 +103,10 @@ pub fn truncate_reason(reason: &str) -> String {
 
 impl RecordStore {
     pub fn new(state_dir: &Path) -> Self {
+        let dir = state_dir.join("log_backup");
         RecordStore {
-            dir: state_dir.join("log_backup"),
+            runs: RunLocks::new(&dir),
+            dir,
         }
     }
 
@@ -114,45 +116,6 @@ impl RecordStore {
 
     pub fn path(&self, task: &str, command: SubCommand) -> PathBuf {
         self.dir.join(format!("{}.rec", Self::stem(task, command)))
-    }
-
-    fn lock_path(&self, task: &str, command: SubCommand) -> PathBuf {
-        self.dir.join(format!("{}.lock", Self::stem(task, command)))
-    }
-
-    /// The exclusive `flock` of (task, command), or `None` when another runner holds it.
-    ///
-    /// The lock file is unlinked by the runner that leaves no records behind (so lock
-    /// files do not pile up); a caller that locked a file unlinked meanwhile tries again
-    /// on the new one.
-    fn try_lock(&self, task: &str, command: SubCommand) -> Result<Option<RunLock>, Failure> {
-        self.ensure_dir()?;
-        let path = self.lock_path(task, command);
-        loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .mode(0o640)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| FileError::new("open run lock", &path, e))?;
-            match rustix::fs::flock(
-                file.as_fd(),
-                rustix::fs::FlockOperation::NonBlockingLockExclusive,
-            ) {
-                Ok(()) => {}
-                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
-                Err(e) => return Err(FileError::new("lock", &path, io::Error::from(e)).into()),
-            }
-            let same = match (file.metadata(), fs::metadata(&path)) {
-                (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
-                _ => false,
-            };
-            if same {
-                return Ok(Some(RunLock { file, path }));
-            }
-        }
     }
 
     pub fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
@@ -273,18 +236,12 @@ impl RecordStore {
     }
 }
 
-/// A held run lock: the `flock` is released when the file is closed.
-struct RunLock {
-    file: File,
-    path: PathBuf,
-}
-
 /// The run of one (task, command) in the file store.
 struct FileRun<'a> {
     store: &'a RecordStore,
     task: String,
     command: SubCommand,
-    lock: RunLock,
+    _slot: RunSlot<'a>,
 }
 
 impl RunClaim for FileRun<'_> {
@@ -297,28 +254,23 @@ impl RunClaim for FileRun<'_> {
     }
 }
 
-impl Drop for FileRun<'_> {
-    fn drop(&mut self) {
-        // No records left: the lock file goes too, still under the lock (see `try_lock`).
-        if !self.store.path(&self.task, self.command).exists() {
-            let _ = fs::remove_file(&self.lock.path);
-        }
-        let _ = &self.lock.file;
-    }
-}
-
 impl LogRecordStore for RecordStore {
     fn begin_run(
         &self,
         task: &str,
         command: SubCommand,
     ) -> Result<Box<dyn RunClaim + '_>, Failure> {
-        match self.try_lock(task, command)? {
-            Some(lock) => Ok(Box::new(FileRun {
+        if !self.runs.is_open() {
+            self.ensure_dir()?;
+        }
+        // The slot hashes the task and the command: one lock per (task, command).
+        let key = fnv1a64(format!("{}\0{task}", command.name()).as_bytes());
+        match self.runs.try_acquire(slot_of(key))? {
+            Some(slot) => Ok(Box::new(FileRun {
                 store: self,
                 task: task.to_string(),
                 command,
-                lock,
+                _slot: slot,
             })),
             None => Err(in_progress(task, command)),
         }
@@ -402,11 +354,12 @@ mod tests {
         drop(run);
         other.reset("t", SubCommand::Stop).unwrap();
         assert_eq!(store.load("t", SubCommand::Stop).unwrap(), None);
-        // Lock files of finished runs do not pile up.
+        // Nothing piles up per run: only the one shared lock file is left.
         let left: Vec<_> = fs::read_dir(dir.path().join("log_backup"))
             .unwrap()
+            .map(|e| e.unwrap().file_name())
             .collect();
-        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(left, ["runs.lock"]);
     }
 
     #[test]

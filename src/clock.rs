@@ -49,6 +49,11 @@ impl ManualClock {
         self.now_ms
             .fetch_add(by.as_millis() as u64, Ordering::SeqCst);
     }
+
+    /// Sets the time, also backwards (a wall clock stepped by an operator or NTP).
+    pub fn set_unix_ms(&self, unix_ms: u64) {
+        self.now_ms.store(unix_ms, Ordering::SeqCst);
+    }
 }
 
 impl Clock for ManualClock {

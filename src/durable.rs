@@ -51,9 +51,11 @@ impl From<FileError> for Failure {
 }
 
 /// ENOSPC/EDQUOT: disk full; EACCES/EPERM/EROFS: permission denied (neither is worth
-/// retrying blindly); anything else is a possibly transient I/O error.
+/// retrying blindly); a caller's bad path (no errno, [`io::ErrorKind::InvalidInput`]):
+/// invalid parameter; anything else is a possibly transient I/O error.
 pub fn classify(err: &io::Error) -> ErrorCode {
     match err.raw_os_error() {
+        None if err.kind() == io::ErrorKind::InvalidInput => ErrorCode::InvalidParam,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::DiskFull,
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => ErrorCode::PermissionDenied,
         _ => ErrorCode::FileIo,
@@ -100,15 +102,55 @@ impl Drop for TempGuard<'_> {
     }
 }
 
-/// Atomically and durably replaces `target` with `data`.
-pub fn write_atomic(target: &Path, data: &[u8]) -> Result<(), FileError> {
-    let file_name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+/// The file name a write targets, or the caller's mistake: a path that names no file
+/// (empty, ending in `/`, or whose last component is `.` or `..`) is invalid input, which
+/// [`classify`] reports as INVALID_PARAM and no retry policy retries.
+pub fn target_file_name(target: &Path) -> Result<&str, FileError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = target.as_os_str().as_bytes();
+    let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    let names_no_file = matches!(last, b"" | b"." | b"..");
+    let invalid = |why: &str| {
         FileError::new(
             "write",
             target,
-            io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
+            io::Error::new(io::ErrorKind::InvalidInput, why.to_string()),
         )
-    })?;
+    };
+    if names_no_file {
+        return Err(invalid(
+            "the path names no file (it is empty, ends in '/', '.' or '..')",
+        ));
+    }
+    std::str::from_utf8(last).map_err(|_| invalid("the file name is not UTF-8"))
+}
+
+/// Creates `dir` and its missing parents, each 0750 whatever the process's umask, and
+/// fsyncs the parent of each directory it creates, so that the new entries survive a
+/// power loss. An existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> Result<(), FileError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o750).create(dir) {
+        Ok(()) => {}
+        // Another thread or process made it meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(FileError::new("create directory", dir, e)),
+    }
+    // The umask may have taken bits off the mode.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
+        .map_err(|e| FileError::new("chmod", dir, e))?;
+    sync_dir(parent_dir(dir))
+}
+
+/// Atomically and durably replaces `target` with `data`.
+pub fn write_atomic(target: &Path, data: &[u8]) -> Result<(), FileError> {
+    let file_name = target_file_name(target)?;
     let dir = parent_dir(target);
     let prefix = temp_prefix(file_name);
     let (temp_path, mut file) = create_temp(dir, &prefix)?;
@@ -201,6 +243,44 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_path_that_names_no_file_is_the_callers_mistake() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        for bad in [
+            "",
+            "/",
+            &format!("{d}/"),
+            &format!("{d}/."),
+            &format!("{d}/.."),
+        ] {
+            let err = write_atomic(Path::new(bad), b"x").unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidParam, "{bad:?}: {err}");
+            assert!(err.to_string().contains("names no file"), "{err}");
+        }
+        assert_eq!(names(dir.path()), Vec::<String>::new(), "nothing written");
+        // A hidden file is a file.
+        write_atomic(&dir.path().join(".hidden"), b"x").unwrap();
+    }
+
+    #[test]
+    fn private_directories_are_0750_and_made_with_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_private_dir(&deep).unwrap();
+        for d in ["a", "a/b", "a/b/c"] {
+            let mode = fs::metadata(dir.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o750, "{d}");
+        }
+        create_private_dir(&deep).unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        assert!(create_private_dir(&file.join("sub")).is_err());
     }
 
     #[test]

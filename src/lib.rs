@@ -15,6 +15,7 @@ pub mod etcd;
 mod hex;
 pub mod idempotency;
 pub mod log_backup;
+pub mod metrics;
 pub mod plugin;
 pub mod retry;
 pub mod tracker;

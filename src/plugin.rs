@@ -3,17 +3,22 @@
 //! One instance at a time: `init` parses the config and installs it, `cleanup` removes it,
 //! cancels every wait in progress and flushes the error log. Calls in flight hold their own
 //! `Arc` of the instance, so a concurrent cleanup never frees anything under them.
+//!
+//! Cancellation belongs to the instance: its [`CancelToken`] is taken at init, and the
+//! cleanup that removes the instance cancels it. Every call that took the instance is thus
+//! cancelled at its next wait, wherever it was when cleanup came (even before its first
+//! wait, or inside a claim's fsync).
 
-use crate::cancel;
+use crate::cancel::{self, CancelToken};
 use crate::clock::{Clock, SystemClock};
 use crate::config::PluginConfig;
 use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
 use crate::idempotency::file_store::{FileStore, FileStoreSettings};
-use crate::idempotency::keyed::{Keyed, KeyedMetrics};
+use crate::idempotency::keyed::Keyed;
 use crate::idempotency::{self as idem};
-use crate::log_backup::records::{RecordStore, Sequence};
+use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
 use crate::retry::{self, CancellableSleeper, RetryProgress};
@@ -28,8 +33,10 @@ pub struct Plugin {
     config: PluginConfig,
     tracker: ErrorTracker,
     clock: Arc<dyn Clock>,
-    /// Log-backup retry records, when a `state_dir` is configured.
-    log_records: Option<RecordStore>,
+    /// Cancelled by the cleanup that removes this instance.
+    cancel: CancelToken,
+    /// Log-backup retry records, when a state store is configured.
+    log_records: Option<Box<dyn LogRecordStore>>,
     log_metrics: LogMetrics,
     /// The idempotency store, opened on first use (an open that fails is tried again).
     keyed: Mutex<Option<Arc<Keyed>>>,
@@ -86,9 +93,14 @@ pub fn fail_init(detail: String) -> Failure {
 
 /// Removes the instance, cancels every wait in progress and flushes the error log.
 pub fn cleanup() {
-    let previous = INSTANCE.write().take();
+    // Cancelled under the instance lock: an init racing this cleanup cannot install an
+    // instance whose token the cancellation would then void.
+    let previous = {
+        let mut slot = INSTANCE.write();
+        cancel::cancel_all();
+        slot.take()
+    };
     *INIT_FAILURE.lock() = None;
-    cancel::cancel_all();
     if let Some(plugin) = previous {
         if let Some(log) = plugin.tracker.log() {
             log.flush();
@@ -131,9 +143,13 @@ impl Plugin {
         };
         Plugin {
             tracker: ErrorTracker::new(config.error_buffer_size, log, None),
-            log_records: config.state_dir.as_deref().map(RecordStore::new),
+            log_records: config
+                .state_dir
+                .as_deref()
+                .map(|dir| Box::new(RecordStore::new(dir)) as Box<dyn LogRecordStore>),
             log_metrics: LogMetrics::default(),
             keyed: Mutex::new(None),
+            cancel: cancel::token(),
             config,
             clock,
         }
@@ -178,10 +194,11 @@ impl Plugin {
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let mut progress = RetryProgress::default();
-        retry::run_now(
+        retry::run_until_cancelled(
             &self.config.retry_policy(),
             &mut progress,
             retry::no_progress,
+            self.cancel,
             op,
         )
     }
@@ -201,11 +218,11 @@ impl Plugin {
         self.execute(|_| durable::write_atomic(path, data).map_err(Failure::from))
     }
 
-    fn log_records(&self) -> Result<&RecordStore, Failure> {
+    fn log_records(&self) -> Result<&dyn LogRecordStore, Failure> {
         self.state_dir()?;
         Ok(self
             .log_records
-            .as_ref()
+            .as_deref()
             .expect("a state_dir gives a record store"))
     }
 
@@ -224,7 +241,7 @@ impl Plugin {
                 return Err(failure);
             }
         };
-        let mut sleeper = CancellableSleeper(crate::cancel::token());
+        let mut sleeper = CancellableSleeper(self.cancel);
         let mut runner = Runner {
             store,
             clock: self.clock(),
@@ -241,7 +258,7 @@ impl Plugin {
     }
 
     pub fn reset_log_retry_records(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
-        self.log_records()?.remove(task, command)
+        self.log_records()?.reset(task, command)
     }
 
     fn keyed(&self) -> Result<Arc<Keyed>, Failure> {
@@ -293,68 +310,17 @@ impl Plugin {
         self.keyed()?.forget(self.clock(), key)
     }
 
-    /// Prometheus text of the plugin's counters.
+    /// Prometheus text of the plugin's counters (rendered by `crate::metrics`).
     pub fn metrics_text(&self) -> String {
-        use std::fmt::Write as _;
         let (errors, retries) = self.tracker.stats();
-        let log_failures = self.tracker.log().map_or(0, |log| log.write_failures());
-        let mut out = String::new();
-        let mut family = |name: &str, help: &str, kind: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(
-            "backup_errors_total",
-            "Errors recorded since init.",
-            "counter",
-        );
-        family(
-            "backup_retries_total",
-            "Retries performed by plugin-level operations.",
-            "counter",
-        );
-        family(
-            "backup_error_log_write_failures_total",
-            "Error log lines that could not be written.",
-            "counter",
-        );
-        let _ = writeln!(out, "backup_errors_total {errors}\nbackup_retries_total {retries}\nbackup_error_log_write_failures_total {log_failures}");
-        let names = [
-            (
-                "backup_log_command_retries_total",
-                "Retries of log-backup commands.",
-            ),
-            (
-                "backup_log_command_recoveries_total",
-                "Log-backup commands that succeeded after failing.",
-            ),
-            (
-                "backup_log_command_skips_total",
-                "Log-backup commands skipped because their effect was already there.",
-            ),
-            (
-                "backup_log_command_state_syncs_total",
-                "Log-backup commands whose observed state disagreed with them.",
-            ),
-        ];
-        for (i, (name, help)) in names.iter().enumerate() {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for command in SubCommand::ALL {
-                let _ = writeln!(
-                    out,
-                    "{name}{{command=\"{}\"}} {}",
-                    command.name(),
-                    self.log_metrics.of(command)[i]
-                );
-            }
-        }
         let keyed = self.keyed.lock().clone();
-        for (name, help, value) in keyed
-            .map(|k| k.metrics.snapshot())
-            .unwrap_or_else(|| KeyedMetrics::default().snapshot())
-        {
-            let _ = writeln!(out, "# HELP backup_idempotency_{name}_total {help}\n# TYPE backup_idempotency_{name}_total counter\nbackup_idempotency_{name}_total {value}");
-        }
-        out
+        crate::metrics::render(&crate::metrics::PluginCounters {
+            errors,
+            retries,
+            error_log_write_failures: self.tracker.log().map_or(0, |log| log.write_failures()),
+            log: &self.log_metrics,
+            keyed: keyed.as_ref().map(|k| &k.metrics),
+        })
     }
 
     pub fn error_log_path(&self) -> Option<PathBuf> {

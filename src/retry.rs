@@ -324,7 +324,24 @@ where
     F: FnMut(u32) -> Result<(), Failure>,
     P: FnMut(&RetryProgress),
 {
-    let mut sleeper = CancellableSleeper(crate::cancel::token());
+    run_until_cancelled(policy, progress, on_progress, crate::cancel::token(), op)
+}
+
+/// [`run_now`] with waits cancelled through `token`: a caller that took its token earlier
+/// (the plugin instance, at init) is cancelled by any cleanup since.
+#[inline]
+pub fn run_until_cancelled<F, P>(
+    policy: &RetryPolicy,
+    progress: &mut RetryProgress,
+    on_progress: P,
+    token: CancelToken,
+    op: F,
+) -> Execution
+where
+    F: FnMut(u32) -> Result<(), Failure>,
+    P: FnMut(&RetryProgress),
+{
+    let mut sleeper = CancellableSleeper(token);
     let mut env = RetryEnv {
         clock: &crate::clock::SystemClock,
         sleeper: &mut sleeper,

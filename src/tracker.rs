@@ -87,6 +87,17 @@ impl ErrorTracker {
         }
     }
 
+    /// Makes `message` the last error without booking it: for the calls of ABI §4 that
+    /// are not plugin-level operations (their failures name the problem, uncounted).
+    pub fn set_last_error(&self, message: &str) {
+        let clean = sanitize_message(message);
+        let message: Arc<str> = match self.redact(&clean) {
+            Some(redacted) => Arc::from(redacted),
+            None => Arc::from(&*clean),
+        };
+        self.recent.lock().last = Some(message);
+    }
+
     pub fn add_retries(&self, retries: u64) {
         if retries > 0 {
             self.retry_count.fetch_add(retries, Ordering::Relaxed);

@@ -11,7 +11,9 @@ use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
 use backup_coordinator::ffi::plugin::{backup_plugin_get_last_error, backup_plugin_init};
 use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
 use backup_coordinator::idempotency::keyed::Keyed;
-use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
+use backup_coordinator::idempotency::{
+    fingerprint, Claim, ClaimToken, Completion, IdempotencyStore,
+};
 use backup_coordinator::retry::Execution;
 use common::Mount;
 use std::collections::HashMap;
@@ -372,14 +374,22 @@ fn a_full_disk_fails_claims_closed_but_never_a_completion() {
         .unwrap());
 
     // Claims outstanding when the disk fills up still complete.
-    let outstanding: Vec<String> = (0..20).map(|i| format!("outstanding-{i}")).collect();
-    for key in &outstanding {
-        let claim = store.claim(key.as_bytes(), &fp, 1).unwrap();
-        assert_eq!(claim, Claim::Acquired { taken_over: false });
-    }
+    let outstanding: Vec<(String, ClaimToken)> = (0..20)
+        .map(|i| {
+            let key = format!("outstanding-{i}");
+            match store.claim(key.as_bytes(), &fp, 1).unwrap() {
+                Claim::Acquired {
+                    token,
+                    taken_over: false,
+                } => (key, token),
+                other => panic!("{key}: {other:?}"),
+            }
+        })
+        .collect();
     let filler = fill(&mount.path);
-    for key in &outstanding {
-        store.complete(key.as_bytes(), 0, 2).unwrap();
+    for (key, token) in &outstanding {
+        let done = store.complete(key.as_bytes(), *token, &fp, 0, 2).unwrap();
+        assert_eq!(done, Completion::Recorded);
     }
 
     // New keys run while the reserved room lasts, then fail closed: never run unrecorded.
@@ -436,6 +446,55 @@ fn a_full_disk_fails_claims_closed_but_never_a_completion() {
         .execute(&clock, b"after", &fp, counted_op(&runs))
         .result
         .unwrap());
+}
+
+#[test]
+fn a_nearly_full_disk_runs_claims_while_their_room_is_there() {
+    let mount = Mount::new(&["-t", "tmpfs", "-o", "size=256k", "tmpfs"]);
+    let store = open_store(&mount.path);
+    let keyed = keyed(&store);
+    let clock = SystemClock;
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let fp = fingerprint(b"p");
+    // 12 KiB left: far less than a claim's usual 64 KiB reservation ahead.
+    let filler = fill(&mount.path);
+    let len = fs::metadata(&filler).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(len - 12 * 1024)
+        .unwrap();
+    let mut ran = 0;
+    let failure = loop {
+        let key = format!("key-{ran}");
+        match keyed
+            .execute(&clock, key.as_bytes(), &fp, counted_op(&runs))
+            .result
+        {
+            Ok(replayed) => assert!(!replayed),
+            Err(failure) => break failure,
+        }
+        ran += 1;
+        assert!(ran < 2000, "a full disk never refused a claim");
+    };
+    assert_eq!(
+        failure.code,
+        ErrorCode::DiskFull as i32,
+        "{}",
+        failure.detail
+    );
+    assert!(ran >= 5, "only {ran} claims ran in 12 KiB");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst) as usize, ran);
+    for i in 0..ran {
+        let out = keyed.execute(
+            &clock,
+            format!("key-{i}").as_bytes(),
+            &fp,
+            counted_op(&runs),
+        );
+        assert!(out.result.unwrap(), "key-{i} replayed");
+    }
 }
 
 #[test]

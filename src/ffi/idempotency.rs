@@ -3,7 +3,7 @@
 #![allow(non_camel_case_types)]
 
 use super::guard::{c_bytes, c_slice, ffi_guard, null_arg};
-use super::plugin::{host_op, with_plugin};
+use super::plugin::{host_op, with_plugin, with_plugin_unbooked};
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::keyed::check_key;
 use std::ffi::{c_char, c_void};
@@ -68,13 +68,7 @@ pub extern "C" fn backup_execute_idempotent(
 pub extern "C" fn backup_idempotency_forget(key: *const c_char) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
         // SAFETY: key NUL-terminated.
-        let key = match unsafe { key_arg(key) } {
-            Ok(key) => key,
-            Err(failure) => return failure.code,
-        };
-        match crate::plugin::instance() {
-            Ok(plugin) => super::guard::code_of(&plugin.forget_idempotency_key(key)),
-            Err(failure) => failure.code,
-        }
+        let key = unsafe { key_arg(key) };
+        with_plugin_unbooked(key, |plugin, key| plugin.forget_idempotency_key(key))
     })
 }

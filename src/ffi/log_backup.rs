@@ -2,8 +2,8 @@
 //! with records that survive a restart.
 #![allow(non_camel_case_types)]
 
-use super::guard::{c_str, code_of, copy_to_buffer, ffi_guard, null_arg};
-use super::plugin::with_plugin;
+use super::guard::{c_str, copy_to_buffer, ffi_guard, null_arg};
+use super::plugin::{with_plugin, with_plugin_unbooked};
 use crate::error::{ErrorCode, Failure};
 use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
 use crate::log_backup::{decide, KernelState, SubCommand};
@@ -227,35 +227,23 @@ pub extern "C" fn backup_log_get_retry_records(
             }
             Ok((task, command))
         });
-        let (task, command) = match args {
-            Ok(args) => args,
-            Err(failure) => return failure.code,
-        };
-        let plugin = match crate::plugin::instance() {
-            Ok(plugin) => plugin,
-            Err(failure) => return failure.code,
-        };
-        let sequence = match plugin.log_retry_records(task, command) {
-            Ok(sequence) => sequence,
-            Err(failure) => {
-                plugin.record_error(failure.code, Some(&failure.detail));
-                return failure.code;
+        with_plugin_unbooked(args, |plugin, (task, command)| {
+            let sequence = plugin.log_retry_records(task, command)?;
+            // SAFETY: count_out non-NULL; out valid for `capacity` records.
+            unsafe {
+                *count_out = sequence.records.len() as u32;
+                for (i, r) in sequence.records.iter().take(capacity as usize).enumerate() {
+                    let slot = &mut *out.add(i);
+                    slot.retry_num = r.retry_num;
+                    slot.detect_failed_at_ms = r.detect_failed_at_ms;
+                    slot.expected_retry_at_ms = r.expected_retry_at_ms;
+                    slot.real_retry_at_ms = r.real_retry_at_ms;
+                    slot.reason_code = r.reason_code;
+                    copy_to_buffer(&r.original_reason, &mut slot.original_reason);
+                }
             }
-        };
-        // SAFETY: count_out non-NULL; out valid for `capacity` records.
-        unsafe {
-            *count_out = sequence.records.len() as u32;
-            for (i, r) in sequence.records.iter().take(capacity as usize).enumerate() {
-                let slot = &mut *out.add(i);
-                slot.retry_num = r.retry_num;
-                slot.detect_failed_at_ms = r.detect_failed_at_ms;
-                slot.expected_retry_at_ms = r.expected_retry_at_ms;
-                slot.real_retry_at_ms = r.real_retry_at_ms;
-                slot.reason_code = r.reason_code;
-                copy_to_buffer(&r.original_reason, &mut slot.original_reason);
-            }
-        }
-        ErrorCode::Success.raw()
+            Ok(())
+        })
     })
 }
 
@@ -267,13 +255,9 @@ pub extern "C" fn backup_log_reset_retry_records(
 ) -> i32 {
     ffi_guard!(ErrorCode::Unknown.raw(), {
         // SAFETY: task NUL-terminated.
-        let (task, command) = match unsafe { records_key(task, command) } {
-            Ok(args) => args,
-            Err(failure) => return failure.code,
-        };
-        match crate::plugin::instance() {
-            Ok(plugin) => code_of(&plugin.reset_log_retry_records(task, command)),
-            Err(failure) => failure.code,
-        }
+        let args = unsafe { records_key(task, command) };
+        with_plugin_unbooked(args, |plugin, (task, command)| {
+            plugin.reset_log_retry_records(task, command)
+        })
     })
 }

@@ -207,9 +207,29 @@ pub(crate) fn with_plugin<A>(
     }
 }
 
-/// The plugin's counters as Prometheus text: errors, retries, error-log write failures;
-/// by log-backup command: retries, recoveries, idempotent skips, state syncs; and of
-/// idempotency keys: claims, replays, conflicts, in-progress rejections, take-overs. `*len_out`
+/// The frame of the plugin's calls that are not plugin-level operations (forget, reset,
+/// reading retry records): parameter checks first, then init; a failure becomes the last
+/// error (naming the problem, `state_dir` included) without being booked in `error_count`.
+pub(crate) fn with_plugin_unbooked<A>(
+    args: Result<A, Failure>,
+    op: impl FnOnce(&Arc<Plugin>, A) -> Result<(), Failure>,
+) -> i32 {
+    let plugin = plugin::instance();
+    let result = args.and_then(|args| match &plugin {
+        Ok(plugin) => op(plugin, args),
+        Err(failure) => Err(failure.clone()),
+    });
+    if let (Err(failure), Ok(plugin)) = (&result, &plugin) {
+        plugin.tracker().set_last_error(&failure.detail);
+    }
+    code_of(&result)
+}
+
+/// The plugin's counters as Prometheus text, each family one group (HELP, TYPE, samples):
+/// errors, retries, error-log write failures; by log-backup command: retries (by reason),
+/// recoveries, skips, state syncs (by observed state), the retry-duration histogram; of
+/// idempotency keys: claims, replays, conflicts, in-progress rejections, take-overs; of the
+/// state store: errors by code, failovers, unknown outcomes (README "Metrics"). `*len_out`
 /// receives the text's length (NUL excluded); the text and a NUL are copied when
 /// `capacity` is larger than that, else BACKUP_ERROR_INVALID_PARAM (call again with a
 /// buffer of `*len_out + 1`).

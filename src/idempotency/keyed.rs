@@ -2,9 +2,12 @@
 //! then record its success or release the key.
 
 use super::lease::LeaseKeeper;
-use super::{display_key, Claim, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES};
+use super::{
+    display_key, Claim, Completion, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES,
+};
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Failure};
+use crate::metrics::store_failed;
 use crate::retry::Execution;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,32 +28,32 @@ impl KeyedMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (name, help, value) of each counter, in a fixed order.
+    /// (family name, help, value) of each counter, in a fixed order.
     pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 5] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
-                "claims",
+                "backup_idempotency_claims_total",
                 "Keys claimed to run their operation.",
                 get(&self.claims),
             ),
             (
-                "replays",
+                "backup_idempotency_replays_total",
                 "Calls answered with a completed key's stored result.",
                 get(&self.replays),
             ),
             (
-                "conflicts",
+                "backup_idempotency_conflicts_total",
                 "Keys reused with a different fingerprint.",
                 get(&self.conflicts),
             ),
             (
-                "in_progress",
+                "backup_idempotency_in_progress_total",
                 "Calls refused because another caller runs the key.",
                 get(&self.in_progress),
             ),
             (
-                "takeovers",
+                "backup_idempotency_takeovers_total",
                 "Claims taken over from an owner whose lease ran out.",
                 get(&self.takeovers),
             ),
@@ -127,10 +130,10 @@ impl Keyed {
         let now = clock.unix_ms();
         let claim = match self.store.claim(key, fingerprint, now) {
             Ok(claim) => claim,
-            Err(failure) => return refused(failure),
+            Err(failure) => return refused(store_failed(failure)),
         };
         let shown = display_key(key);
-        match claim {
+        let token = match claim {
             Claim::Replay { result } => {
                 KeyedMetrics::bump(&self.metrics.replays);
                 tracing::debug!(key = %shown, "idempotency key completed earlier: replayed");
@@ -154,21 +157,31 @@ impl Keyed {
                     format!("Operation already in progress: key {shown} is claimed by another caller whose lease has not run out"),
                 ));
             }
-            Claim::Acquired { taken_over } => {
+            Claim::Acquired { token, taken_over } => {
                 KeyedMetrics::bump(&self.metrics.claims);
                 if taken_over {
                     KeyedMetrics::bump(&self.metrics.takeovers);
                     tracing::warn!(key = %shown, "idempotency key taken over from an owner whose lease ran out");
                 }
+                token
             }
-        }
-        let held = self.keeper.hold(key, now);
+        };
+        let held = self.keeper.hold(key, token, now);
         let execution = run();
         drop(held);
         let result = match execution.result {
-            Ok(()) => match self.store.complete(key, 0, clock.unix_ms()) {
-                Ok(()) => Ok(false),
+            // The operation ran and succeeded: that stands, whoever holds the key now.
+            Ok(()) => match self
+                .store
+                .complete(key, token, fingerprint, 0, clock.unix_ms())
+            {
+                Ok(Completion::Recorded) => Ok(false),
+                Ok(Completion::Superseded) => {
+                    tracing::warn!(key = %shown, "idempotent operation succeeded after its lease ran out and another caller took the key: its completion is not recorded over that caller's");
+                    Ok(false)
+                }
                 Err(failure) => {
+                    let failure = store_failed(failure);
                     let failure = Failure {
                         code: failure.code,
                         detail: format!(
@@ -181,7 +194,7 @@ impl Keyed {
                 }
             },
             Err(failure) => {
-                if let Err(release) = self.store.release(key) {
+                if let Err(release) = self.store.release(key, token).map_err(store_failed) {
                     tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
                 }
                 Err(failure)
@@ -199,7 +212,7 @@ impl Keyed {
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
-        match self.store.forget(key, clock.unix_ms())? {
+        match self.store.forget(key, clock.unix_ms()).map_err(store_failed)? {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
             Forgotten::InProgress => Err(Failure::new(
                 ErrorCode::InProgress,
@@ -214,7 +227,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::idempotency::file_store::{FileStore, FileStoreSettings};
-    use crate::idempotency::{fingerprint, KeyRecord};
+    use crate::idempotency::{fingerprint, ClaimToken, KeyRecord};
     use std::cell::Cell;
 
     const LEASE: Duration = Duration::from_secs(90);
@@ -233,17 +246,24 @@ mod tests {
                 None => self.inner.claim(key, fp, now),
             }
         }
-        fn renew(&self, keys: &[Vec<u8>], now: u64) -> Result<(), Failure> {
-            self.inner.renew(keys, now)
+        fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<(), Failure> {
+            self.inner.renew(claims, now)
         }
-        fn complete(&self, key: &[u8], result: i32, now: u64) -> Result<(), Failure> {
+        fn complete(
+            &self,
+            key: &[u8],
+            token: ClaimToken,
+            fp: &Fingerprint,
+            result: i32,
+            now: u64,
+        ) -> Result<Completion, Failure> {
             match self.fail_complete {
                 Some(code) => Err(Failure::from_code(code.raw())),
-                None => self.inner.complete(key, result, now),
+                None => self.inner.complete(key, token, fp, result, now),
             }
         }
-        fn release(&self, key: &[u8]) -> Result<(), Failure> {
-            self.inner.release(key)
+        fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+            self.inner.release(key, token)
         }
         fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
             self.inner.get(key, now)
@@ -394,6 +414,111 @@ mod tests {
         assert_eq!(counters(&s.keyed)[4], 0, "never taken over");
     }
 
+    /// A second caller ("process B") on the same directory, with its own store handle.
+    fn rival(s: &Setup, dir: &std::path::Path) -> Keyed {
+        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
+        let store = FileStore::open(dir, settings).unwrap();
+        Keyed::new(Arc::new(store), Arc::new(s.clock.clone()), LEASE).unwrap()
+    }
+
+    fn fail_with(code: ErrorCode) -> impl FnOnce() -> Execution {
+        move || Execution {
+            result: Err(Failure::from_code(code.raw())),
+            retries: 0,
+            last_failure: None,
+        }
+    }
+
+    #[test]
+    fn a_stalled_owner_whose_op_succeeded_records_its_own_fingerprint_when_the_key_is_free() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let fp = fingerprint(b"payload");
+        let runs = Cell::new(0);
+        // A claims, then stalls past its lease; B takes over, fails and releases.
+        let a = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            let taken = b.execute(&s.clock, b"k", &fp, fail_with(ErrorCode::FileIo));
+            assert_eq!(taken.result.unwrap_err().code, ErrorCode::FileIo.raw());
+            assert_eq!(b.metrics.takeovers.load(Ordering::Relaxed), 1);
+            succeed(&runs)()
+        });
+        assert!(!a.result.unwrap(), "A's operation ran and succeeded");
+        // The same payload replays (never a conflict); another payload conflicts.
+        let again = b.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "replayed");
+        let other = b.execute(&s.clock, b"k", &fingerprint(b"else"), succeed(&runs));
+        assert_eq!(
+            other.result.unwrap_err().code,
+            ErrorCode::IdempotencyConflict.raw()
+        );
+        assert_eq!(runs.get(), 1);
+    }
+
+    #[test]
+    fn a_stalled_owner_returns_its_success_and_never_overwrites_a_live_taker() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let third = rival(&s, s._dir.path());
+        let fp = fingerprint(b"payload");
+        let runs = Cell::new(0);
+        let b_runs = Cell::new(0);
+        let b_result = std::cell::RefCell::new(None);
+        let a = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            // B takes the key over, and is still running when A resumes and finishes.
+            let b_out = b.execute(&s.clock, b"k", &fp, || {
+                let a_done = succeed(&runs)();
+                // A third caller meanwhile is refused: B's claim is live.
+                let meanwhile = third.execute(&s.clock, b"k", &fp, succeed(&runs));
+                assert_eq!(
+                    meanwhile.result.unwrap_err().code,
+                    ErrorCode::InProgress.raw()
+                );
+                b_runs.set(1);
+                *b_result.borrow_mut() = Some(a_done);
+                Execution {
+                    result: Ok(()),
+                    retries: 0,
+                    last_failure: None,
+                }
+            });
+            assert!(!b_out.result.unwrap());
+            b_result.borrow_mut().take().unwrap()
+        });
+        // A's operation succeeded: A returns that success, not IN_PROGRESS.
+        assert!(!a.result.unwrap(), "A's success stands");
+        assert_eq!((runs.get(), b_runs.get()), (1, 1));
+        let again = third.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "the same payload replays");
+    }
+
+    #[test]
+    fn one_threads_release_never_frees_another_threads_takeover() {
+        let s = setup(None, None);
+        let fp = fingerprint(b"");
+        let runs = Cell::new(0);
+        // Both claims are made through the same handle (two threads of one process).
+        let first = s.keyed.execute(&s.clock, b"k", &fp, || {
+            s.clock.advance(LEASE);
+            let second = s.keyed.execute(&s.clock, b"k", &fp, || {
+                // The first caller fails late and releases: the second's claim must stay.
+                let rival_now = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+                assert_eq!(
+                    rival_now.result.unwrap_err().code,
+                    ErrorCode::InProgress.raw()
+                );
+                succeed(&runs)()
+            });
+            assert!(!second.result.unwrap());
+            fail_with(ErrorCode::Network)()
+        });
+        assert_eq!(first.result.unwrap_err().code, ErrorCode::Network.raw());
+        let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert!(again.result.unwrap(), "the taker's completion stands");
+        assert_eq!(runs.get(), 1);
+    }
+
     #[test]
     fn forget_lets_a_key_run_again_but_not_while_it_runs() {
         let s = setup(None, None);
@@ -433,5 +558,23 @@ mod tests {
             "{}",
             err.detail
         );
+    }
+
+    #[test]
+    fn store_failures_are_counted_by_code_in_the_state_store_metrics() {
+        // TIMEOUT and CONNECTION_LOST: codes no other unit test's store fails with, since
+        // the state-store counters are process-wide.
+        let errors = &crate::metrics::store().errors;
+        let (timeouts, lost) = (errors.get(-7), errors.get(-11));
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"p");
+        let s = setup(Some(ErrorCode::Timeout), None);
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -7);
+        let s = setup(None, Some(ErrorCode::ConnectionLost));
+        let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
+        assert_eq!(out.result.unwrap_err().code, -11);
+        assert!(errors.get(-7) > timeouts, "a failed claim is counted");
+        assert!(errors.get(-11) > lost, "a failed completion is counted");
     }
 }

@@ -1,16 +1,18 @@
 //! Keeps the leases of running operations alive, and the store tidy.
 //!
-//! One thread per store handle: every tick it renews the held keys whose lease is a third
+//! One thread per store handle: every tick it renews the held claims whose lease is a third
 //! used up (so a live owner never loses a claim, however long its operation takes) and
-//! lets the store do its housekeeping. The thread ends when the keeper is dropped or the
-//! store is gone.
+//! lets the store do its housekeeping. It renews *claims*, each by its token, not keys: a
+//! claim that was taken over is not renewed for its old owner. The thread ends when the
+//! keeper is dropped (which joins it) or the store is gone.
 
-use super::IdempotencyStore;
+use super::{ClaimToken, IdempotencyStore};
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Failure};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Longest sleep of the thread: housekeeping runs at least this often.
@@ -18,6 +20,7 @@ const MAX_TICK: Duration = Duration::from_secs(1);
 
 pub struct LeaseKeeper {
     shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -29,20 +32,20 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    /// Held keys and when each lease was last renewed (unix ms).
-    held: HashMap<Vec<u8>, u64>,
+    /// Held claims: their key, and when the lease was last renewed (unix ms).
+    held: HashMap<ClaimToken, (Vec<u8>, u64)>,
     stop: bool,
 }
 
-/// A key whose lease is kept alive until this is dropped.
+/// A claim whose lease is kept alive until this is dropped.
 pub struct HeldLease<'a> {
     keeper: &'a LeaseKeeper,
-    key: Vec<u8>,
+    token: ClaimToken,
 }
 
 impl Drop for HeldLease<'_> {
     fn drop(&mut self) {
-        self.keeper.shared.state.lock().held.remove(&self.key);
+        self.keeper.shared.state.lock().held.remove(&self.token);
     }
 }
 
@@ -61,7 +64,7 @@ impl LeaseKeeper {
         });
         let tick = renew_after.min(MAX_TICK);
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("backup-idem-lease".into())
             .spawn(move || loop {
                 {
@@ -82,15 +85,23 @@ impl LeaseKeeper {
                     format!("Memory allocation failed: cannot start the lease thread: {e}"),
                 )
             })?;
-        Ok(LeaseKeeper { shared })
+        Ok(LeaseKeeper {
+            shared,
+            thread: Some(thread),
+        })
     }
 
-    /// Keeps `key`'s lease (just granted at `now_ms`) alive until the guard is dropped.
-    pub fn hold(&self, key: &[u8], now_ms: u64) -> HeldLease<'_> {
-        self.shared.state.lock().held.insert(key.to_vec(), now_ms);
+    /// Keeps the lease of the claim `token` of `key` (just granted at `now_ms`) alive
+    /// until the guard is dropped.
+    pub fn hold(&self, key: &[u8], token: ClaimToken, now_ms: u64) -> HeldLease<'_> {
+        self.shared
+            .state
+            .lock()
+            .held
+            .insert(token, (key.to_vec(), now_ms));
         HeldLease {
             keeper: self,
-            key: key.to_vec(),
+            token,
         }
     }
 
@@ -107,21 +118,21 @@ impl LeaseKeeper {
 
 impl Shared {
     fn tick(&self, store: &dyn IdempotencyStore, now_ms: u64) {
-        let due: Vec<Vec<u8>> = {
+        let due: Vec<(Vec<u8>, ClaimToken)> = {
             let state = self.state.lock();
             state
                 .held
                 .iter()
-                .filter(|(_, renewed)| now_ms.saturating_sub(**renewed) >= self.renew_after_ms)
-                .map(|(key, _)| key.clone())
+                .filter(|(_, (_, renewed))| now_ms.saturating_sub(*renewed) >= self.renew_after_ms)
+                .map(|(token, (key, _))| (key.clone(), *token))
                 .collect()
         };
         if !due.is_empty() {
             match store.renew(&due, now_ms) {
                 Ok(()) => {
                     let mut state = self.state.lock();
-                    for key in &due {
-                        if let Some(renewed) = state.held.get_mut(key) {
+                    for (_, token) in &due {
+                        if let Some((_, renewed)) = state.held.get_mut(token) {
                             *renewed = now_ms;
                         }
                     }
@@ -143,5 +154,12 @@ impl Drop for LeaseKeeper {
     fn drop(&mut self) {
         self.shared.state.lock().stop = true;
         self.shared.wake.notify_all();
+        // Joined, so that nothing of the store (open files, a mount being unmounted) outlives
+        // the keeper. The thread never owns the keeper, so this never joins itself.
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
     }
 }

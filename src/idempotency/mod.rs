@@ -25,10 +25,33 @@ pub fn fingerprint(payload: &[u8]) -> Fingerprint {
     Sha256::digest(payload).into()
 }
 
+/// The identity of one claim: a fencing token, unique per claim (never 0). Renewing,
+/// completing and releasing act only on the claim whose token they carry, so a caller that
+/// stalled past its lease can never touch the claim of the caller that took the key over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(pub u64);
+
+impl ClaimToken {
+    /// A fresh random token.
+    pub fn new() -> Self {
+        ClaimToken(fastrand::u64(1..))
+    }
+}
+
+impl Default for ClaimToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
-    /// An owner runs the operation; after `lease_until_ms` a dead owner's claim is taken over.
-    Claimed { owner: u64, lease_until_ms: u64 },
+    /// The claim `token` runs the operation; after `lease_until_ms` a dead owner's claim
+    /// is taken over.
+    Claimed {
+        token: ClaimToken,
+        lease_until_ms: u64,
+    },
     /// The operation succeeded with `result`; replayed until `expires_at_ms`.
     Completed { result: i32, expires_at_ms: u64 },
 }
@@ -52,9 +75,9 @@ impl KeyRecord {
 /// What a call finds when it asks for a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// The caller owns the key now and runs the operation; `taken_over`: from an owner
-    /// whose lease ran out.
-    Acquired { taken_over: bool },
+    /// The caller owns the key now, as the claim `token`, and runs the operation;
+    /// `taken_over`: from an owner whose lease ran out.
+    Acquired { token: ClaimToken, taken_over: bool },
     /// Completed earlier with the same fingerprint: return `result` without running.
     Replay { result: i32 },
     /// Another live owner runs it.
@@ -65,17 +88,58 @@ pub enum Claim {
 
 /// The decision table of ABI §8. A mismatch is reported before "in progress"; a lease that
 /// ran out is taken over whatever its fingerprint; an expired completion is forgotten.
-pub fn decide(existing: Option<&KeyRecord>, fingerprint: &Fingerprint, now_ms: u64) -> Claim {
+/// `token` is the identity the new claim gets when the key is acquired.
+pub fn decide(
+    existing: Option<&KeyRecord>,
+    fingerprint: &Fingerprint,
+    now_ms: u64,
+    token: ClaimToken,
+) -> Claim {
     let Some(record) = existing else {
-        return Claim::Acquired { taken_over: false };
+        return Claim::Acquired {
+            token,
+            taken_over: false,
+        };
     };
     match (record.state, record.is_live(now_ms)) {
-        (KeyState::Claimed { .. }, false) => Claim::Acquired { taken_over: true },
-        (KeyState::Completed { .. }, false) => Claim::Acquired { taken_over: false },
+        (KeyState::Claimed { .. }, false) => Claim::Acquired {
+            token,
+            taken_over: true,
+        },
+        (KeyState::Completed { .. }, false) => Claim::Acquired {
+            token,
+            taken_over: false,
+        },
         _ if record.fingerprint != *fingerprint => Claim::Conflict,
         (KeyState::Claimed { .. }, true) => Claim::InProgress,
         (KeyState::Completed { result, .. }, true) => Claim::Replay { result },
     }
+}
+
+/// What became of a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Recorded: the key replays its result with the claim's fingerprint.
+    Recorded,
+    /// Another caller holds a live claim or completion of the key: nothing was written
+    /// (the operation's success stands; the key is that caller's).
+    Superseded,
+}
+
+/// Whether [`IdempotencyStore::complete`] may write over `existing` for the claim `token`:
+/// its own claim (lapsed or not), or a free key, take the completion; another caller's
+/// live claim or completion is never overwritten.
+pub fn completion_allowed(existing: Option<&KeyRecord>, token: ClaimToken, now_ms: u64) -> bool {
+    match existing {
+        None => true,
+        Some(record) if is_claim(Some(record), token) => true,
+        Some(record) => !record.is_live(now_ms),
+    }
+}
+
+/// Whether `existing` is the claim `token` (whatever its lease).
+pub fn is_claim(existing: Option<&KeyRecord>, token: ClaimToken) -> bool {
+    matches!(existing, Some(KeyRecord { state: KeyState::Claimed { token: current, .. }, .. }) if *current == token)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,20 +155,31 @@ pub enum Forgotten {
 /// of the same store, in this process and in others sharing it; a method that returns
 /// `Ok` after writing has made the write durable.
 pub trait IdempotencyStore: Send + Sync {
-    /// Decides on `key` as [`decide`] does and, when acquired, records a claim owned by
-    /// this store handle with a lease until `now_ms + lease`. Durable before it returns,
+    /// Decides on `key` as [`decide`] does and, when acquired, records a claim with a
+    /// fresh [`ClaimToken`] and a lease until `now_ms + lease`. Durable before it returns,
     /// and it reserves the room the key's completion needs: a claim that cannot be
     /// recorded is an error, and the operation must not run.
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure>;
 
-    /// Extends the leases of the given keys that this handle still owns to `now_ms + lease`.
-    fn renew(&self, keys: &[Vec<u8>], now_ms: u64) -> Result<(), Failure>;
+    /// Extends to `now_ms + lease` the leases of those claims that are still current
+    /// (the key still holds that token); the others are skipped.
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure>;
 
-    /// Records the success of a claimed key; replayed until `now_ms + ttl`.
-    fn complete(&self, key: &[u8], result: i32, now_ms: u64) -> Result<(), Failure>;
+    /// Records the success of the claim `token` with `fingerprint` (the claim's own),
+    /// replayed until `now_ms + ttl`, when [`completion_allowed`] says so; otherwise
+    /// writes nothing and returns [`Completion::Superseded`].
+    fn complete(
+        &self,
+        key: &[u8],
+        token: ClaimToken,
+        fingerprint: &Fingerprint,
+        result: i32,
+        now_ms: u64,
+    ) -> Result<Completion, Failure>;
 
-    /// Drops this handle's claim of `key` (the operation failed; a later call may try).
-    fn release(&self, key: &[u8]) -> Result<(), Failure>;
+    /// Drops the claim `token` of `key` if it is still the key's claim (the operation
+    /// failed; a later call may try); otherwise changes nothing.
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure>;
 
     /// The live record of `key`, if any.
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure>;
@@ -146,11 +221,13 @@ mod tests {
     const A: Fingerprint = [1; 32];
     const B: Fingerprint = [2; 32];
 
+    const T: ClaimToken = ClaimToken(9);
+
     fn claimed(fp: Fingerprint, lease_until_ms: u64) -> KeyRecord {
         KeyRecord {
             fingerprint: fp,
             state: KeyState::Claimed {
-                owner: 7,
+                token: ClaimToken(7),
                 lease_until_ms,
             },
         }
@@ -168,13 +245,21 @@ mod tests {
 
     #[test]
     fn the_decision_table() {
-        let fresh = Claim::Acquired { taken_over: false };
+        let decide =
+            |existing: Option<&KeyRecord>, fp: &Fingerprint, now| decide(existing, fp, now, T);
+        let fresh = Claim::Acquired {
+            token: T,
+            taken_over: false,
+        };
         assert_eq!(decide(None, &A, 100), fresh);
         // Live claim: same fingerprint waits, another conflicts (mismatch first).
         assert_eq!(decide(Some(&claimed(A, 101)), &A, 100), Claim::InProgress);
         assert_eq!(decide(Some(&claimed(A, 101)), &B, 100), Claim::Conflict);
         // Lease ran out (the boundary included): taken over whatever the fingerprint.
-        let takeover = Claim::Acquired { taken_over: true };
+        let takeover = Claim::Acquired {
+            token: T,
+            taken_over: true,
+        };
         assert_eq!(decide(Some(&claimed(A, 100)), &A, 100), takeover);
         assert_eq!(decide(Some(&claimed(A, 100)), &B, 100), takeover);
         // Completed and live: replay or conflict; expired: a fresh claim.
@@ -184,6 +269,23 @@ mod tests {
         );
         assert_eq!(decide(Some(&completed(A, 101)), &B, 100), Claim::Conflict);
         assert_eq!(decide(Some(&completed(A, 100)), &B, 100), fresh);
+    }
+
+    #[test]
+    fn completions_never_overwrite_another_live_claim_or_completion() {
+        let mine = ClaimToken(7);
+        // Its own claim, lapsed or not; a free or expired key.
+        assert!(completion_allowed(Some(&claimed(A, 101)), mine, 100));
+        assert!(completion_allowed(Some(&claimed(A, 50)), mine, 100));
+        assert!(completion_allowed(None, mine, 100));
+        assert!(completion_allowed(Some(&completed(B, 100)), mine, 100));
+        assert!(completion_allowed(Some(&claimed(B, 100)), T, 100));
+        // Another caller's live claim or completion.
+        assert!(!completion_allowed(Some(&claimed(A, 101)), T, 100));
+        assert!(!completion_allowed(Some(&completed(A, 101)), mine, 100));
+        assert!(is_claim(Some(&claimed(A, 1)), mine));
+        assert!(!is_claim(Some(&claimed(A, 1)), T));
+        assert!(!is_claim(Some(&completed(A, 1)), mine));
     }
 
     #[test]

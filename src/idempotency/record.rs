@@ -1,12 +1,12 @@
 //! One line of the idempotency journal: the new state of one key.
 //!
-//! `<crc32 of the rest, 8 hex> <kind> <owner> <time> <result> <fingerprint> <key hex>\n`
+//! `<crc32 of the rest, 8 hex> <kind> <token> <time> <result> <fingerprint> <key hex>\n`
 //!
-//! kind `C`: claimed by `owner` until `time` (its lease); `D`: completed with `result`,
+//! kind `C`: claimed by the claim `token` until `time` (its lease); `D`: completed with `result`,
 //! replayed until `time`; `X`: the key is gone (released or forgotten). Lines are text so
 //! that an operator can read the journal; the key is hex so any byte content is safe.
 
-use super::{Fingerprint, KeyRecord, KeyState, MAX_KEY_BYTES};
+use super::{ClaimToken, Fingerprint, KeyRecord, KeyState, MAX_KEY_BYTES};
 use crate::hex::{hex, unhex};
 use std::fmt::Write as _;
 
@@ -24,18 +24,18 @@ pub struct Entry {
 /// Appends the line of `key` becoming `state` to `out`.
 pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
     let mut body = String::with_capacity(128 + 2 * key.len());
-    let (kind, owner, time, result) = match state.map(|r| &r.state) {
+    let (kind, token, time, result) = match state.map(|r| &r.state) {
         Some(KeyState::Claimed {
-            owner,
+            token,
             lease_until_ms,
-        }) => ('C', *owner, *lease_until_ms, 0),
+        }) => ('C', token.0, *lease_until_ms, 0),
         Some(KeyState::Completed {
             result,
             expires_at_ms,
         }) => ('D', 0, *expires_at_ms, *result),
         None => ('X', 0, 0, 0),
     };
-    let _ = write!(body, "{kind} {owner:016x} {time} {result} ");
+    let _ = write!(body, "{kind} {token:016x} {time} {result} ");
     body.push_str(&hex(&state.map_or([0; 32], |r| r.fingerprint)));
     body.push(' ');
     body.push_str(&hex(key));
@@ -54,7 +54,7 @@ pub fn decode(line: &[u8]) -> Option<Entry> {
     }
     let mut fields = body.split(' ');
     let kind = fields.next()?;
-    let owner = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let token = ClaimToken(u64::from_str_radix(fields.next()?, 16).ok()?);
     let time: u64 = fields.next()?.parse().ok()?;
     let result: i32 = fields.next()?.parse().ok()?;
     let fingerprint: Fingerprint = unhex(fields.next()?)?.try_into().ok()?;
@@ -64,7 +64,7 @@ pub fn decode(line: &[u8]) -> Option<Entry> {
     }
     let state = match kind {
         "C" => Some(KeyState::Claimed {
-            owner,
+            token,
             lease_until_ms: time,
         }),
         "D" => Some(KeyState::Completed {
@@ -108,7 +108,7 @@ mod tests {
             Some(KeyRecord {
                 fingerprint: fp,
                 state: KeyState::Claimed {
-                    owner: u64::MAX,
+                    token: ClaimToken(u64::MAX),
                     lease_until_ms: u64::MAX,
                 },
             }),

@@ -4,6 +4,7 @@
 //! survive a restart.
 
 pub mod records;
+mod run_lock;
 pub mod runner;
 
 /// The state of a task as the kernel reports it.

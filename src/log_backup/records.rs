@@ -1,23 +1,26 @@
-//! Durable retry records of log-backup commands: one file per (task, command) under
+//! Durable retry records of log-backup commands, behind [`LogRecordStore`]: the store of
+//! the records of each (task, command), and the claim that lets one runner at a time run
+//! it, across threads, processes and (with a shared store) hosts.
+//!
+//! [`RecordStore`] is the embedded implementation: one file per (task, command) under
 //! `<state_dir>/log_backup/`, replaced atomically (temp, fsync, rename, fsync of the dir).
+//! A run is claimed by a lock the kernel releases when the runner's process dies (see
+//! [`super::run_lock`]): a dead runner never blocks the next.
 //!
 //! Task names are never used raw as file names: the file is named by a 64-bit FNV-1a hash
 //! of the task and the command, and holds the full task name (hex) to detect a collision.
 //! The file ends with a checksum; a file that does not parse or check is reported as
 //! BACKUP_ERROR_DATA_CORRUPTION with its path, never silently reset.
 
+use super::run_lock::{slot_of, RunLocks, RunSlot};
 use super::SubCommand;
 use crate::durable::{self, FileError};
 use crate::error::{ErrorCode, Failure};
 use crate::hex::{hex, unhex};
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Longest reason kept, NUL excluded (the C record has 256 bytes).
 pub const MAX_REASON_BYTES: usize = 255;
@@ -44,10 +47,43 @@ pub struct Sequence {
     pub first_failure_ms: Option<u64>,
 }
 
+/// Where the retry records of log-backup commands live, and who runs each (task, command).
+pub trait LogRecordStore: Send + Sync {
+    /// Claims the run of (task, command) for the caller: BACKUP_ERROR_IN_PROGRESS at once
+    /// while another live runner (thread, process, host) holds it. The claim ends when the
+    /// returned guard is dropped, or when its runner dies.
+    fn begin_run(&self, task: &str, command: SubCommand)
+        -> Result<Box<dyn RunClaim + '_>, Failure>;
+
+    /// The records of (task, command), if any.
+    fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure>;
+
+    /// Removes the records of (task, command), abandoning an unfinished sequence; none is
+    /// fine. While a run holds (task, command): BACKUP_ERROR_IN_PROGRESS, nothing removed.
+    fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure>;
+}
+
+/// The running claim of one (task, command): its writes are fenced on the claim.
+pub trait RunClaim {
+    /// Persists the sequence (durable before this returns).
+    fn save(&self, sequence: &Sequence) -> Result<(), Failure>;
+    /// Removes the records (a success clears them); none is fine.
+    fn remove(&self) -> Result<(), Failure>;
+}
+
+pub fn in_progress(task: &str, command: SubCommand) -> Failure {
+    Failure::new(
+        ErrorCode::InProgress,
+        format!(
+            "Operation already in progress: {} of task {task:?} is being run by another caller",
+            command.name()
+        ),
+    )
+}
+
 pub struct RecordStore {
     dir: PathBuf,
-    /// One runner at a time per (task, command) in this process.
-    key_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    runs: RunLocks,
 }
 
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -67,27 +103,19 @@ pub fn truncate_reason(reason: &str) -> String {
 
 impl RecordStore {
     pub fn new(state_dir: &Path) -> Self {
+        let dir = state_dir.join("log_backup");
         RecordStore {
-            dir: state_dir.join("log_backup"),
-            key_locks: Mutex::new(HashMap::new()),
+            runs: RunLocks::new(&dir),
+            dir,
         }
     }
 
-    pub fn path(&self, task: &str, command: SubCommand) -> PathBuf {
-        self.dir.join(format!(
-            "{:016x}-{}.rec",
-            fnv1a64(task.as_bytes()),
-            command.name()
-        ))
+    fn stem(task: &str, command: SubCommand) -> String {
+        format!("{:016x}-{}", fnv1a64(task.as_bytes()), command.name())
     }
 
-    /// Serializes runners of one (task, command) in this process.
-    pub fn lock_key(&self, task: &str, command: SubCommand) -> Arc<Mutex<()>> {
-        self.key_locks
-            .lock()
-            .entry(self.path(task, command))
-            .or_default()
-            .clone()
+    pub fn path(&self, task: &str, command: SubCommand) -> PathBuf {
+        self.dir.join(format!("{}.rec", Self::stem(task, command)))
     }
 
     pub fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
@@ -158,12 +186,7 @@ impl RecordStore {
         Ok(Some(sequence))
     }
 
-    pub fn save(
-        &self,
-        task: &str,
-        command: SubCommand,
-        sequence: &Sequence,
-    ) -> Result<(), Failure> {
+    fn save(&self, task: &str, command: SubCommand, sequence: &Sequence) -> Result<(), Failure> {
         self.ensure_dir()?;
         let mut body = String::new();
         let _ = writeln!(body, "{MAGIC}");
@@ -198,7 +221,7 @@ impl RecordStore {
     }
 
     /// Removes the records of (task, command); none is fine.
-    pub fn remove(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+    fn remove(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
         let path = self.path(task, command);
         match fs::remove_file(&path) {
             Ok(()) => durable::sync_dir(&self.dir).map_err(Failure::from),
@@ -208,16 +231,58 @@ impl RecordStore {
     }
 
     fn ensure_dir(&self) -> Result<(), Failure> {
-        if self.dir.is_dir() {
-            return Ok(());
+        // 0750 whatever the umask; the new directory entry must survive a crash too.
+        durable::create_private_dir(&self.dir).map_err(Failure::from)
+    }
+}
+
+/// The run of one (task, command) in the file store.
+struct FileRun<'a> {
+    store: &'a RecordStore,
+    task: String,
+    command: SubCommand,
+    _slot: RunSlot<'a>,
+}
+
+impl RunClaim for FileRun<'_> {
+    fn save(&self, sequence: &Sequence) -> Result<(), Failure> {
+        self.store.save(&self.task, self.command, sequence)
+    }
+
+    fn remove(&self) -> Result<(), Failure> {
+        self.store.remove(&self.task, self.command)
+    }
+}
+
+impl LogRecordStore for RecordStore {
+    fn begin_run(
+        &self,
+        task: &str,
+        command: SubCommand,
+    ) -> Result<Box<dyn RunClaim + '_>, Failure> {
+        if !self.runs.is_open() {
+            self.ensure_dir()?;
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&self.dir)
-            .map_err(|e| FileError::new("create directory", &self.dir, e))?;
-        // The new directory entry must survive a crash too.
-        durable::sync_dir(durable::parent_dir(&self.dir)).map_err(Failure::from)
+        // The slot hashes the task and the command: one lock per (task, command).
+        let key = fnv1a64(format!("{}\0{task}", command.name()).as_bytes());
+        match self.runs.try_acquire(slot_of(key))? {
+            Some(slot) => Ok(Box::new(FileRun {
+                store: self,
+                task: task.to_string(),
+                command,
+                _slot: slot,
+            })),
+            None => Err(in_progress(task, command)),
+        }
+    }
+
+    fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
+        RecordStore::load(self, task, command)
+    }
+
+    fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+        let run = self.begin_run(task, command)?;
+        run.remove()
     }
 }
 
@@ -259,21 +324,53 @@ mod tests {
         let store = RecordStore::new(dir.path());
         let task = "tâche/../with spaces\nand newline";
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), None);
-        store.save(task, SubCommand::Start, &sample()).unwrap();
+        let run = store.begin_run(task, SubCommand::Start).unwrap();
+        run.save(&sample()).unwrap();
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), Some(sample()));
         assert_eq!(store.load(task, SubCommand::Stop).unwrap(), None);
         assert_eq!(store.load("other", SubCommand::Start).unwrap(), None);
         let name = store.path(task, SubCommand::Start);
         assert!(name.parent().unwrap().ends_with("log_backup"));
-        store.remove(task, SubCommand::Start).unwrap();
+        run.remove().unwrap();
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), None);
+    }
+
+    #[test]
+    fn one_runner_at_a_time_and_no_reset_under_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::new(dir.path());
+        // A second handle on the same directory stands for another process.
+        let other = RecordStore::new(dir.path());
+        let run = store.begin_run("t", SubCommand::Stop).unwrap();
+        run.save(&sample()).unwrap();
+        let busy =
+            |r: Result<_, Failure>| r.err().map(|f| f.code) == Some(ErrorCode::InProgress.raw());
+        assert!(busy(store.begin_run("t", SubCommand::Stop).map(|_| ())));
+        assert!(busy(other.begin_run("t", SubCommand::Stop).map(|_| ())));
+        assert!(busy(other.reset("t", SubCommand::Stop)));
+        assert_eq!(other.load("t", SubCommand::Stop).unwrap(), Some(sample()));
+        // Another command or task is not held.
+        drop(other.begin_run("t", SubCommand::Start).unwrap());
+        drop(run);
+        other.reset("t", SubCommand::Stop).unwrap();
+        assert_eq!(store.load("t", SubCommand::Stop).unwrap(), None);
+        // Nothing piles up per run: only the one shared lock file is left.
+        let left: Vec<_> = fs::read_dir(dir.path().join("log_backup"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["runs.lock"]);
     }
 
     #[test]
     fn a_corrupt_file_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::new(dir.path());
-        store.save("t", SubCommand::Pause, &sample()).unwrap();
+        store
+            .begin_run("t", SubCommand::Pause)
+            .unwrap()
+            .save(&sample())
+            .unwrap();
         let path = store.path("t", SubCommand::Pause);
         let mut bytes = fs::read(&path).unwrap();
         bytes[30] ^= 0x01;

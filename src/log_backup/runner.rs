@@ -3,12 +3,12 @@
 //! wait so that a restarted process continues the same sequence (same count, same budget,
 //! only the remainder of a wait already begun).
 
-use super::records::{truncate_reason, RecordStore, RetryRecord, Sequence};
+use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::Sleeper;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -71,25 +71,41 @@ pub trait TaskDriver {
     fn execute(&mut self, command: SubCommand) -> i32;
 }
 
-/// Counters by command, for the metrics call.
+/// Counters by command (indexed by `SubCommand as usize`), rendered by `crate::metrics`.
 #[derive(Default)]
 pub struct LogMetrics {
-    retries: [AtomicU64; 5],
-    recoveries: [AtomicU64; 5],
-    skips: [AtomicU64; 5],
-    syncs: [AtomicU64; 5],
+    /// Retries made, by the code of the failure each one follows.
+    pub retries: [CodeCounters; 5],
+    pub recoveries: [Counter; 5],
+    pub skips: [Counter; 5],
+    /// State syncs, by the observed state (indexed by `KernelState as usize`).
+    pub syncs: [[Counter; 4]; 5],
+    /// From a sequence's first detected failure to its terminal outcome.
+    pub retry_duration: [Histogram; 5],
 }
 
 impl LogMetrics {
-    fn bump(counter: &[AtomicU64; 5], command: SubCommand) {
-        counter[command as usize].fetch_add(1, Ordering::Relaxed);
+    fn bump(counter: &[Counter; 5], command: SubCommand) {
+        counter[command as usize].inc();
     }
 
-    /// (retries, recoveries, skips, syncs) of a command.
+    /// (retries, recoveries, skips, syncs) of a command, over every reason and state.
     pub fn of(&self, command: SubCommand) -> [u64; 4] {
         let i = command as usize;
-        [&self.retries, &self.recoveries, &self.skips, &self.syncs]
-            .map(|c| c[i].load(Ordering::Relaxed))
+        [
+            self.retries[i].total(),
+            self.recoveries[i].get(),
+            self.skips[i].get(),
+            self.syncs[i].iter().map(Counter::get).sum(),
+        ]
+    }
+
+    /// A sequence reached its terminal outcome at `now_ms`: how long its retries took.
+    fn finished(&self, command: SubCommand, sequence: &Sequence, now_ms: u64) {
+        if let Some(first) = sequence.first_failure_ms {
+            self.retry_duration[command as usize]
+                .observe(Duration::from_millis(now_ms.saturating_sub(first)));
+        }
     }
 }
 
@@ -97,7 +113,7 @@ impl LogMetrics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
     pub result: Result<(), Failure>,
-    /// Retries this call started (records it wrote before a wait).
+    /// Retries this call made (attempts after a wait it finished), not those it scheduled.
     pub retries: u32,
     pub skipped: bool,
 }
@@ -121,7 +137,7 @@ enum Step {
 }
 
 pub struct Runner<'a> {
-    pub store: &'a RecordStore,
+    pub store: &'a dyn LogRecordStore,
     pub clock: &'a dyn Clock,
     pub sleeper: &'a mut dyn Sleeper,
     pub metrics: &'a LogMetrics,
@@ -135,16 +151,23 @@ impl Runner<'_> {
         policy: &LogRetryPolicy,
         driver: &mut dyn TaskDriver,
     ) -> RunOutcome {
-        let key = self.store.lock_key(task, command);
-        let _one_runner = key.lock();
         let mut outcome = RunOutcome {
             result: Ok(()),
             retries: 0,
             skipped: false,
         };
-        let (mut sequence, mut step) = match self.store.load(task, command) {
+        // One runner per (task, command), across threads, processes and hosts.
+        let run = match self.store.begin_run(task, command) {
+            Ok(run) => run,
             Err(failure) => {
                 outcome.result = Err(failure);
+                return outcome;
+            }
+        };
+        let run = run.as_ref();
+        let (mut sequence, mut step) = match self.store.load(task, command) {
+            Err(failure) => {
+                outcome.result = Err(store_failed(failure));
                 return outcome;
             }
             Ok(Some(seq)) if seq.outcome.is_none() && !seq.records.is_empty() => {
@@ -167,8 +190,8 @@ impl Runner<'_> {
             Ok(existing) => {
                 // A finished sequence stays readable until the next one starts: now.
                 if existing.is_some() {
-                    if let Err(failure) = self.store.remove(task, command) {
-                        outcome.result = Err(failure);
+                    if let Err(failure) = run.remove() {
+                        outcome.result = Err(store_failed(failure));
                         return outcome;
                     }
                 }
@@ -179,9 +202,15 @@ impl Runner<'_> {
             let attempt = match step {
                 Step::Wait => {
                     let last = sequence.records.last().expect("a wait follows a record");
+                    // Never longer than the wait as scheduled, even if the wall clock
+                    // stepped back since (a resumed wait only waits its remainder).
+                    let nominal = last
+                        .expected_retry_at_ms
+                        .saturating_sub(last.detect_failed_at_ms);
                     let remaining = last
                         .expected_retry_at_ms
-                        .saturating_sub(self.clock.unix_ms());
+                        .saturating_sub(self.clock.unix_ms())
+                        .min(nominal);
                     if self
                         .sleeper
                         .sleep(Duration::from_millis(remaining))
@@ -206,21 +235,27 @@ impl Runner<'_> {
                         .expect("checked above")
                         .real_retry_at_ms = now.max(1);
                     // Persisted before the attempt: an attempt cut short by death counts as made.
-                    if let Err(failure) = self.store.save(task, command, &sequence) {
-                        outcome.result = Err(failure);
+                    if let Err(failure) = run.save(&sequence) {
+                        outcome.result = Err(store_failed(failure));
                         return outcome;
                     }
+                    // Counted when made, by the process making it: a wait cancelled by
+                    // cleanup made no retry, and the process that resumes it makes it.
+                    outcome.retries += 1;
+                    let reason = sequence.records.last().map_or(0, |r| r.reason_code);
+                    self.metrics.retries[command as usize].inc(reason);
                     self.attempt(command, driver)
                 }
                 Step::Attempt => self.attempt(command, driver),
-                Step::AfterInterruptedAttempt => match driver.query() {
-                    Ok((state, truncated)) if decide(command, state, truncated).should_skip => {
-                        Attempt::Done {
-                            skipped: false,
-                            recovered: true,
-                        }
-                    }
-                    _ => Attempt::Retryable(Failure::new(
+                // The interrupted attempt counts as made: look at the state as any attempt
+                // does; where it would run the command again, wait for the next retry.
+                Step::AfterInterruptedAttempt => match self.observe(command, driver) {
+                    Err(Attempt::Done { .. }) => Attempt::Done {
+                        skipped: false,
+                        recovered: true,
+                    },
+                    Err(other) => other,
+                    Ok(_) => Attempt::Retryable(Failure::new(
                         ErrorCode::Unknown,
                         "the previous attempt was interrupted (the process died)",
                     )),
@@ -246,23 +281,21 @@ impl Runner<'_> {
                         );
                     }
                     outcome.skipped = skipped;
+                    self.metrics
+                        .finished(command, &sequence, self.clock.unix_ms());
                     // Records exist on disk only once a retry was scheduled.
                     if !sequence.records.is_empty() {
-                        outcome.result = self.store.remove(task, command);
+                        outcome.result = run.remove().map_err(store_failed);
                     }
                     return outcome;
                 }
                 Attempt::Permanent(failure) => {
-                    outcome.result = Err(self.finish(task, command, &mut sequence, failure));
+                    outcome.result = Err(self.finish(run, task, command, &mut sequence, failure));
                     return outcome;
                 }
                 Attempt::Retryable(failure) => {
-                    match self.schedule_retry(task, command, policy, &mut sequence, failure) {
-                        Ok(()) => {
-                            outcome.retries += 1;
-                            LogMetrics::bump(&self.metrics.retries, command);
-                            step = Step::Wait;
-                        }
+                    match self.schedule_retry(run, task, command, policy, &mut sequence, failure) {
+                        Ok(()) => step = Step::Wait,
                         Err(failure) => {
                             outcome.result = Err(failure);
                             return outcome;
@@ -273,36 +306,49 @@ impl Runner<'_> {
         }
     }
 
-    fn attempt(&self, command: SubCommand, driver: &mut dyn TaskDriver) -> Attempt {
+    /// Queries the task and decides: `Ok(command to run)`, or how the attempt ends
+    /// without running anything (skipped, a state to retry, a permanent error).
+    fn observe(
+        &self,
+        command: SubCommand,
+        driver: &mut dyn TaskDriver,
+    ) -> Result<SubCommand, Attempt> {
         let (state, truncated) = match driver.query() {
             Ok(observed) => observed,
-            Err(failure) if is_retryable(failure.code) => return Attempt::Retryable(failure),
-            Err(failure) => return Attempt::Permanent(failure),
+            Err(failure) if is_retryable(failure.code) => return Err(Attempt::Retryable(failure)),
+            Err(failure) => return Err(Attempt::Permanent(failure)),
         };
         let decision = decide(command, state, truncated);
         if decision.need_sync {
-            LogMetrics::bump(&self.metrics.syncs, command);
+            self.metrics.syncs[command as usize][state as usize].inc();
         }
         if state == KernelState::Unknown {
-            return Attempt::Retryable(Failure::new(
+            return Err(Attempt::Retryable(Failure::new(
                 ErrorCode::Unknown,
                 "the task's state is UNKNOWN",
-            ));
+            )));
         }
         if decision.should_skip {
-            return Attempt::Done {
+            return Err(Attempt::Done {
                 skipped: true,
                 recovered: false,
-            };
+            });
         }
-        let Some(actual) = decision.actual else {
-            return Attempt::Permanent(Failure::new(
+        decision.actual.ok_or_else(|| {
+            Attempt::Permanent(Failure::new(
                 ErrorCode::InvalidState,
                 format!(
                     "Invalid state for command: cannot {} a task in state {state:?}",
                     command.name()
                 ),
-            ));
+            ))
+        })
+    }
+
+    fn attempt(&self, command: SubCommand, driver: &mut dyn TaskDriver) -> Attempt {
+        let actual = match self.observe(command, driver) {
+            Ok(actual) => actual,
+            Err(ended) => return ended,
         };
         let code = driver.execute(actual);
         if code == 0 {
@@ -341,6 +387,7 @@ impl Runner<'_> {
     /// retries or the budget are spent.
     fn schedule_retry(
         &self,
+        run: &dyn RunClaim,
         task: &str,
         command: SubCommand,
         policy: &LogRetryPolicy,
@@ -358,7 +405,7 @@ impl Runner<'_> {
                     command.name(), policy.max_retry, failure.code, failure.detail
                 ),
             );
-            return Err(self.finish(task, command, sequence, reason));
+            return Err(self.finish(run, task, command, sequence, reason));
         }
         let wait_ms = policy.wait(retry_num).as_millis() as u64;
         let expected = now.saturating_add(wait_ms);
@@ -371,7 +418,7 @@ impl Runner<'_> {
                     command.name(), policy.timeout.as_millis(), failure.code, failure.detail
                 ),
             );
-            return Err(self.finish(task, command, sequence, reason));
+            return Err(self.finish(run, task, command, sequence, reason));
         }
         sequence.records.push(RetryRecord {
             retry_num,
@@ -389,12 +436,13 @@ impl Runner<'_> {
             wait_ms,
             "log-backup command failed, retrying"
         );
-        self.store.save(task, command, sequence)
+        run.save(sequence).map_err(store_failed)
     }
 
     /// Ends the sequence with `failure` (persisted when there are records to keep).
     fn finish(
         &self,
+        run: &dyn RunClaim,
         task: &str,
         command: SubCommand,
         sequence: &mut Sequence,
@@ -402,8 +450,10 @@ impl Runner<'_> {
     ) -> Failure {
         tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
         sequence.outcome = Some(failure.code);
+        self.metrics
+            .finished(command, sequence, self.clock.unix_ms());
         if !sequence.records.is_empty() {
-            if let Err(save_failure) = self.store.save(task, command, sequence) {
+            if let Err(save_failure) = run.save(sequence).map_err(store_failed) {
                 tracing::warn!(error = %save_failure, "could not persist the end of a retry sequence");
             }
         }
@@ -415,6 +465,7 @@ impl Runner<'_> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::log_backup::records::RecordStore;
     use crate::retry::FakeSleeper;
     use KernelState::*;
 
@@ -704,7 +755,11 @@ mod tests {
             outcome: None,
             first_failure_ms: Some(f.clock.unix_ms()),
         };
-        f.store.save("task-1", SubCommand::Start, &seq).unwrap();
+        f.store
+            .begin_run("task-1", SubCommand::Start)
+            .unwrap()
+            .save(&seq)
+            .unwrap();
         let mut task = FakeTask::new(NotExist);
         task.execute_results = vec![-6; 100];
         let policy = LogRetryPolicy::from_raw(2, 1, 1, 1_000_000);
@@ -712,6 +767,156 @@ mod tests {
         assert_eq!(code(&outcome), ErrorCode::RetryExhausted.raw());
         // Retry 1 was the interrupted attempt; only retry 2 runs now.
         assert_eq!(task.executed.len(), 1);
+    }
+
+    /// An unfinished sequence whose last attempt was interrupted by the process's death.
+    fn interrupted(f: &Fixture, command: SubCommand) {
+        let now = f.clock.unix_ms();
+        let seq = Sequence {
+            records: vec![RetryRecord {
+                retry_num: 1,
+                detect_failed_at_ms: now - 10,
+                expected_retry_at_ms: now - 5,
+                real_retry_at_ms: now - 5,
+                reason_code: -6,
+                original_reason: "x".into(),
+            }],
+            outcome: None,
+            first_failure_ms: Some(now - 10),
+        };
+        f.store
+            .begin_run("task-1", command)
+            .unwrap()
+            .save(&seq)
+            .unwrap();
+    }
+
+    #[test]
+    fn after_an_interrupted_attempt_permanent_answers_end_the_call() {
+        let policy = LogRetryPolicy::from_raw(5, 1, 1, 1_000_000);
+        // A state the command cannot act on: INVALID_STATE, not a retry as UNKNOWN.
+        let f = Fixture::new();
+        interrupted(&f, SubCommand::Pause);
+        let mut task = FakeTask::new(NotExist);
+        let (outcome, waits) = f.run(SubCommand::Pause, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::InvalidState.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+        let seq = f.records(SubCommand::Pause).unwrap();
+        assert_eq!(seq.outcome, Some(ErrorCode::InvalidState.raw()), "finished");
+        // A query failing with a permanent code: that code.
+        let f = Fixture::new();
+        interrupted(&f, SubCommand::Start);
+        let mut task = FakeTask::new(NotExist);
+        task.query_error = Some(ErrorCode::PermissionDenied.raw());
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(code(&outcome), ErrorCode::PermissionDenied.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+    }
+
+    #[test]
+    fn a_resumed_wait_never_outgrows_its_length_when_the_clock_steps_back() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![-6; 100];
+        let policy = LogRetryPolicy::from_raw(1, 4_000, 100_000, 10_000_000);
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, Some(1));
+        assert_eq!(code(&outcome), ErrorCode::Cancelled.raw());
+        // The wall clock steps far back before the next process resumes.
+        f.clock.set_unix_ms(f.clock.unix_ms() / 2);
+        let (_, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!(waits, vec![4_000], "at most the 4 s wait as scheduled");
+    }
+
+    #[test]
+    fn a_second_runner_of_the_same_command_is_refused_at_once() {
+        let f = Fixture::new();
+        let held = f.store.begin_run("task-1", SubCommand::Start).unwrap();
+        let mut task = FakeTask::new(NotExist);
+        let (outcome, waits) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut task,
+            None,
+        );
+        assert_eq!(code(&outcome), ErrorCode::InProgress.raw());
+        assert!(waits.is_empty() && task.executed.is_empty());
+        drop(held);
+        let (outcome, _) = f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut task,
+            None,
+        );
+        assert_eq!(code(&outcome), 0);
+    }
+
+    #[test]
+    fn a_retry_is_counted_by_the_run_that_makes_it_not_the_one_that_schedules_it() {
+        let f = Fixture::new();
+        let mut task = FakeTask::new(NotExist);
+        task.execute_results = vec![ErrorCode::Network.raw()];
+        let policy = LogRetryPolicy::from_raw(5, 1_000, 100_000, 10_000_000);
+        // The first run fails, schedules retry 1, and is cancelled during its wait.
+        let (outcome, _) = f.run(SubCommand::Start, policy, &mut task, Some(1));
+        assert_eq!(code(&outcome), ErrorCode::Cancelled.raw());
+        assert_eq!(outcome.retries, 0, "a cancelled wait made no retry");
+        assert_eq!(f.metrics.of(SubCommand::Start)[0], 0);
+        // The run that resumes it makes the retry, which succeeds: counted there.
+        f.clock.advance(Duration::from_millis(400));
+        let (outcome, waits) = f.run(SubCommand::Start, policy, &mut task, None);
+        assert_eq!((code(&outcome), outcome.retries), (0, 1));
+        assert_eq!(waits, vec![600]);
+        let m = &f.metrics;
+        assert_eq!(m.retries[SubCommand::Start as usize].get(-6), 1);
+        assert_eq!(
+            m.of(SubCommand::Start)[..2],
+            [1, 1],
+            "one retry, one recovery"
+        );
+        // 1 s from the first failure to the success: the first bucket (le=1).
+        let h = m.retry_duration[SubCommand::Start as usize].snapshot();
+        assert_eq!((h.count(), h.sum_ms, h.cumulative[0]), (1, 1_000, 1));
+    }
+
+    #[test]
+    fn metrics_name_the_reason_the_observed_state_and_every_terminal_outcome() {
+        let f = Fixture::new();
+        // START on a paused task: a state sync observed in state PAUSED.
+        f.run(
+            SubCommand::Start,
+            LogRetryPolicy::default(),
+            &mut FakeTask::new(Paused),
+            None,
+        );
+        assert_eq!(
+            f.metrics.syncs[SubCommand::Start as usize][Paused as usize].get(),
+            1
+        );
+        // Two retries after an UNKNOWN state, then exhaustion after 3 s.
+        let policy = LogRetryPolicy::from_raw(2, 1_000, 2_000, 1_000_000);
+        f.run(
+            SubCommand::Resume,
+            policy,
+            &mut FakeTask::new(Unknown),
+            None,
+        );
+        let resume = SubCommand::Resume as usize;
+        assert_eq!(f.metrics.retries[resume].get(ErrorCode::Unknown.raw()), 2);
+        assert_eq!(f.metrics.syncs[resume][Unknown as usize].get(), 3);
+        let h = f.metrics.retry_duration[resume].snapshot();
+        assert_eq!((h.count(), h.sum_ms), (1, 3_000));
+        assert_eq!(h.cumulative[..3], [0, 0, 1], "3 s lies in le=4");
+        // A host code outside the table is permanent: no retry, no duration observed.
+        let mut odd = FakeTask::new(Running);
+        odd.execute_results = vec![-1234];
+        f.run(SubCommand::Stop, policy, &mut odd, None);
+        assert_eq!(f.metrics.of(SubCommand::Stop)[0], 0);
+        assert_eq!(
+            f.metrics.retry_duration[SubCommand::Stop as usize]
+                .snapshot()
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -120,11 +120,12 @@ static void test_run_command(void) {
     CHECK_EQ_INT(backup_log_run_command("\xff\xfe", LOG_SUBCOMMAND_START, &fast, query, execute, &t), BACKUP_ERROR_INVALID_PARAM);
     CHECK_STR_CONTAINS(backup_plugin_get_last_error(), "UTF-8");
 
-    char metrics[8192];
+    char metrics[32768];
     size_t len = 0;
     CHECK_EQ_INT(backup_plugin_get_metrics(metrics, sizeof metrics, &len), BACKUP_SUCCESS);
     CHECK_STR_CONTAINS(metrics, "backup_log_command_skips_total{command=\"start\"} 1\n");
-    CHECK_STR_CONTAINS(metrics, "backup_log_command_retries_total{command=\"pause\"} 5\n");
+    CHECK_STR_CONTAINS(metrics, "backup_log_command_retries_total{command=\"pause\",reason=\"-11\"} 5\n");
+    CHECK_STR_CONTAINS(metrics, "backup_log_command_state_syncs_total{command=\"start\",state=\"paused\"} 1\n");
     CHECK_STR_CONTAINS(metrics, "backup_log_command_recoveries_total{command=\"start\"} 1\n");
     CHECK_EQ_INT(backup_plugin_get_metrics(metrics, 4, &len), BACKUP_ERROR_INVALID_PARAM);
     CHECK(len > 100);

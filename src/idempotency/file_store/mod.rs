@@ -18,20 +18,28 @@
 //!   copied under it before the new file is renamed over the journal. Other processes see
 //!   the old journal unlinked and reopen the new one. A restart reads live records only.
 
-use super::record::{self, Entry, MAX_RECORD_BYTES};
-use super::{decide, Claim, Fingerprint, Forgotten, IdempotencyStore, KeyRecord, KeyState};
+mod compaction;
+mod files;
+mod group_commit;
+mod journal;
+
+use super::record::{self, Entry};
+use super::{
+    completion_allowed, decide, is_claim, Claim, ClaimToken, Completion, Fingerprint, Forgotten,
+    IdempotencyStore, KeyRecord, KeyState,
+};
 use crate::durable::{self, FileError};
-use crate::error::{ErrorCode, Failure};
-use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use crate::error::Failure;
+use files::{open_rw, FileLock};
+use journal::apply;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FileStoreSettings {
@@ -67,8 +75,6 @@ pub struct FileStore {
     /// `flock`ed by the one process compacting.
     compact_lock: File,
     compact_lock_path: PathBuf,
-    /// Who this handle's claims belong to.
-    owner: u64,
     lease_ms: u64,
     ttl_ms: u64,
     slack: u64,
@@ -154,88 +160,12 @@ impl Txn<'_> {
     }
 }
 
-/// An exclusive `flock`, released on drop.
-struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    fn acquire(file: &'a File, path: &Path, wait: bool) -> Result<Option<Self>, FileError> {
-        let flags = if wait {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_EX | libc::LOCK_NB
-        };
-        loop {
-            // SAFETY: flock on a descriptor this process owns.
-            if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
-                return Ok(Some(FileLock(file)));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
-                _ => return Err(FileError::new("lock", path, err)),
-            }
-        }
-    }
-}
-
-impl Drop for FileLock<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as above; unlocking cannot fail in a way worth reporting.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-fn open_rw(path: &Path) -> Result<File, FileError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| FileError::new("open", path, e))
-}
-
-/// Allocates `len` bytes from `offset` without changing the file's size. `Ok(false)`:
-/// the file system cannot reserve room (the store then works without a reservation).
-fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {
-    loop {
-        // SAFETY: fallocate on a descriptor this process owns.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) => return Ok(false),
-            _ => return Err(err),
-        }
-    }
-}
-
-/// Room a journal needs past `end` for `claims` outstanding claims.
-fn room_for(claims: u64) -> u64 {
-    claims * 2 * MAX_RECORD_BYTES as u64
-}
-
 impl FileStore {
     /// Opens (creating when missing) the store under `<state_dir>/idempotency/` and reads it.
     pub fn open(state_dir: &Path, settings: FileStoreSettings) -> Result<Self, Failure> {
         let dir = state_dir.join("idempotency");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&dir)
-            .map_err(|e| FileError::new("create directory", &dir, e))?;
+        // 0750 whatever the umask, and its entry in `state_dir` durable before any claim.
+        durable::create_private_dir(&dir)?;
         let journal_path = dir.join("journal");
         let journal_lock_path = dir.join("lock");
         let compact_lock_path = dir.join("compact.lock");
@@ -251,7 +181,6 @@ impl FileStore {
             journal_lock_path,
             compact_lock,
             compact_lock_path,
-            owner: fastrand::u64(1..),
             lease_ms: settings.lease.as_millis() as u64,
             ttl_ms: settings.ttl.as_millis() as u64,
             slack: settings.compaction_slack_bytes,
@@ -367,332 +296,20 @@ impl FileStore {
         drop(inner);
         Ok((value, point))
     }
-
-    /// Writes `bytes` at the end of the journal; on failure nothing of them stays.
-    fn append(
-        &self,
-        inner: &mut Inner,
-        bytes: &[u8],
-        claims_need_room: bool,
-    ) -> Result<(), Failure> {
-        let claims_after = inner.claims + claims_need_room as u64;
-        let needed = inner.end + bytes.len() as u64 + room_for(claims_after);
-        // The margin covers blocks a file system counts for its own metadata.
-        if inner.allocated < needed + ALLOCATION_MARGIN {
-            match reserve(
-                &inner.journal,
-                inner.end,
-                needed - inner.end + RESERVE_CHUNK,
-            ) {
-                Ok(true) => inner.allocated = needed + RESERVE_CHUNK,
-                // Nothing to reserve with: the store works, without the guarantee.
-                Ok(false) => inner.allocated = u64::MAX,
-                Err(e) if claims_need_room => {
-                    return Err(FileError::new("reserve room in", &self.journal_path, e).into())
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "idempotency journal: no room reserved for lease renewals")
-                }
-            }
-        }
-        if let Err(e) = inner.journal.write_all_at(bytes, inner.end) {
-            // Leave no partial line for the next record to land after.
-            let _ = inner.journal.set_len(inner.end);
-            inner.allocated = 0;
-            return Err(FileError::new("append to", &self.journal_path, e).into());
-        }
-        inner.end += bytes.len() as u64;
-        self.sync.lock().written = inner.end;
-        if inner.end > inner.compact_at {
-            self.compaction_due.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Reads what other processes appended, following the journal when it was replaced,
-    /// and cuts a torn last line off.
-    fn catch_up(&self, inner: &mut Inner) -> Result<(), Failure> {
-        let mut meta = inner
-            .journal
-            .metadata()
-            .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-        if meta.nlink() == 0 {
-            // A compaction in another process renamed a new journal over this one.
-            let journal = Arc::new(open_rw(&self.journal_path)?);
-            meta = journal
-                .metadata()
-                .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-            inner.journal = journal.clone();
-            inner.generation += 1;
-            inner.end = 0;
-            inner.index.clear();
-            inner.claims = 0;
-            inner.compact_at = (meta.len() * 2).max(self.slack);
-            let mut sync = self.sync.lock();
-            sync.generation = inner.generation;
-            sync.file = journal;
-            sync.written = 0;
-            sync.synced = 0;
-        }
-        inner.allocated = meta.blocks() * 512;
-        let len = meta.len();
-        if len < inner.end {
-            return Err(self.corrupt(
-                inner,
-                format!("it shrank from {} to {len} bytes", inner.end),
-            ));
-        }
-        if len == inner.end {
-            return Ok(());
-        }
-        let mut bytes = vec![0; (len - inner.end) as usize];
-        inner
-            .journal
-            .read_exact_at(&mut bytes, inner.end)
-            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
-        let mut at = 0;
-        while at < bytes.len() {
-            let line_end = bytes[at..].iter().position(|&b| b == b'\n');
-            let decoded = line_end.and_then(|n| record::decode(&bytes[at..at + n]));
-            match (line_end, decoded) {
-                (Some(n), Some(entry)) => {
-                    apply(inner, entry);
-                    at += n + 1;
-                    inner.end += n as u64 + 1;
-                }
-                _ if !has_good_line_after(&bytes[at..]) => {
-                    tracing::warn!(
-                        journal = %self.journal_path.display(),
-                        offset = inner.end,
-                        bytes = bytes.len() - at,
-                        "idempotency journal: torn last record (a writer died mid-write) discarded"
-                    );
-                    inner
-                        .journal
-                        .set_len(inner.end)
-                        .map_err(|e| FileError::new("truncate", &self.journal_path, e))?;
-                    // Truncating frees the room reserved past the end, too.
-                    inner.allocated = 0;
-                    break;
-                }
-                _ => {
-                    let offset = inner.end;
-                    return Err(
-                        self.corrupt(inner, format!("the record at byte {offset} does not check"))
-                    );
-                }
-            }
-        }
-        self.sync.lock().written = inner.end;
-        Ok(())
-    }
-
-    fn corrupt(&self, inner: &mut Inner, why: String) -> Failure {
-        let failure = Failure::new(
-            ErrorCode::DataCorruption,
-            format!(
-                "Data corruption detected: idempotency journal {}: {why}; it is left as it is for inspection",
-                self.journal_path.display()
-            ),
-        );
-        tracing::error!(reason = %failure.detail, "idempotency store refuses work");
-        inner.broken = Some(failure.clone());
-        failure
-    }
-
-    /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
-    ///
-    /// Group commit: while one fsync is in flight the next records queue up. Before it
-    /// starts its fsync, a leader waits (at most half of the last fsync's time) for the
-    /// callers the previous fsync released to append their next records, and for callers
-    /// in the middle of a transaction, so that one fsync covers them all. Alone, it waits
-    /// for nobody.
-    fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
-        let mut sync = self.sync.lock();
-        loop {
-            if let Some(failure) = &sync.failed {
-                return Err(failure.clone());
-            }
-            // A newer generation was fsynced whole by the compaction that made it.
-            if sync.generation != point.generation || sync.synced >= point.offset {
-                return Ok(());
-            }
-            if sync.syncing {
-                sync.waiters += 1;
-                self.synced.wait(&mut sync);
-                sync.waiters -= 1;
-                continue;
-            }
-            sync.syncing = true;
-            let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
-            while (sync.waiters + 1 < sync.released
-                || self.in_transaction.load(Ordering::Acquire) > 0)
-                && Instant::now() < deadline
-            {
-                MutexGuard::unlocked(&mut sync, std::thread::yield_now);
-            }
-            let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
-            let started = Instant::now();
-            let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
-            sync.last_sync = started.elapsed();
-            sync.released = sync.waiters + 1;
-            sync.syncing = false;
-            match result {
-                Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),
-                Ok(()) => {}
-                Err(e) => {
-                    let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
-                    sync.failed = Some(Failure {
-                        code: failure.code,
-                        detail: format!("{}; the idempotency store refuses further work until the plugin is restarted", failure.detail),
-                    });
-                }
-            }
-            self.synced.notify_all();
-        }
-    }
-
-    fn claimed_by_me(&self, record: Option<&KeyRecord>) -> bool {
-        matches!(record, Some(KeyRecord { state: KeyState::Claimed { owner, .. }, .. }) if *owner == self.owner)
-    }
-
-    /// Rewrites the journal with its live records once it has grown enough.
-    fn compact(&self, now_ms: u64) -> Result<(), Failure> {
-        let Some(_in_process) = self.compaction.try_lock() else {
-            return Ok(());
-        };
-        let Some(_across_processes) =
-            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
-        else {
-            return Ok(());
-        };
-        // 1. Under the lock: the live records, and where the journal ends.
-        let (snapshot, from, generation) = {
-            let mut inner = self.inner.lock();
-            let _lock = self.lock_journal()?;
-            self.catch_up(&mut inner)?;
-            if inner.end <= inner.compact_at {
-                self.compaction_due.store(false, Ordering::Relaxed);
-                return Ok(());
-            }
-            let mut snapshot = Vec::new();
-            for (key, record) in inner.index.iter().filter(|(_, r)| r.is_live(now_ms)) {
-                record::encode(&mut snapshot, key, Some(record));
-            }
-            (snapshot, inner.end, inner.generation)
-        };
-        // 2. Without it: the snapshot, written to the side.
-        let _ = fs::remove_file(&self.compact_path);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.compact_path)
-            .map_err(|e| FileError::new("create", &self.compact_path, e))?;
-        let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
-        file.write_all(&snapshot).map_err(side)?;
-        // 3. Under the lock again: what was appended meanwhile, then the switch.
-        let mut inner = self.inner.lock();
-        let _lock = self.lock_journal()?;
-        self.catch_up(&mut inner)?;
-        if inner.generation != generation {
-            let _ = fs::remove_file(&self.compact_path);
-            return Ok(());
-        }
-        let mut tail = vec![0; (inner.end - from) as usize];
-        inner
-            .journal
-            .read_exact_at(&mut tail, from)
-            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
-        let new_len = (snapshot.len() + tail.len()) as u64;
-        let result = file
-            .write_all(&tail)
-            .and_then(|()| reserve(&file, new_len, room_for(inner.claims) + RESERVE_CHUNK))
-            .and_then(|_| file.sync_data())
-            .map_err(side)
-            .and_then(|()| {
-                fs::rename(&self.compact_path, &self.journal_path)
-                    .map_err(|e| FileError::new("rename", &self.compact_path, e).into())
-            });
-        if let Err(failure) = result {
-            let _ = fs::remove_file(&self.compact_path);
-            return Err(failure);
-        }
-        // The rename must be durable before anything is appended to the new journal.
-        durable::sync_dir(&self.dir)?;
-        let touched: HashSet<Vec<u8>> = tail
-            .split(|&b| b == b'\n')
-            .filter_map(record::decode)
-            .map(|entry| entry.key)
-            .collect();
-        inner
-            .index
-            .retain(|key, record| record.is_live(now_ms) || touched.contains(&key[..]));
-        inner.claims = inner
-            .index
-            .values()
-            .filter(|r| matches!(r.state, KeyState::Claimed { .. }))
-            .count() as u64;
-        let file = Arc::new(file);
-        inner.journal = file.clone();
-        inner.generation += 1;
-        inner.end = new_len;
-        inner.allocated = 0;
-        inner.compact_at = (new_len * 2).max(new_len + self.slack);
-        let mut sync = self.sync.lock();
-        sync.generation = inner.generation;
-        sync.file = file;
-        sync.written = new_len;
-        sync.synced = new_len;
-        drop(sync);
-        self.synced.notify_all();
-        self.compactions.fetch_add(1, Ordering::Relaxed);
-        self.compaction_due.store(false, Ordering::Relaxed);
-        tracing::info!(
-            from_bytes = from,
-            to_bytes = new_len,
-            "idempotency journal compacted"
-        );
-        Ok(())
-    }
-}
-
-/// Whether a whole, good record follows the bad bytes at the start of `rest`: then the
-/// bad bytes are corruption, not a torn end.
-fn has_good_line_after(rest: &[u8]) -> bool {
-    rest.split(|&b| b == b'\n')
-        .skip(1)
-        .any(|line| record::decode(line).is_some())
-}
-
-fn apply(inner: &mut Inner, entry: Entry) {
-    let is_claim = |r: &KeyRecord| matches!(r.state, KeyState::Claimed { .. });
-    if entry.state.as_ref().is_some_and(is_claim) {
-        inner.claims += 1;
-    }
-    let old = match entry.state {
-        Some(record) => inner.index.insert(entry.key.into_boxed_slice(), record),
-        None => inner.index.remove(&entry.key[..]),
-    };
-    if old.as_ref().is_some_and(is_claim) {
-        inner.claims -= 1;
-    }
 }
 
 impl IdempotencyStore for FileStore {
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         self.transact(|txn| {
-            let claim = decide(txn.get(key), fingerprint, now_ms);
-            if let Claim::Acquired { .. } = claim {
+            let claim = decide(txn.get(key), fingerprint, now_ms, ClaimToken::new());
+            if let Claim::Acquired { token, .. } = claim {
                 txn.claims_need_room = true;
                 txn.put(
                     key,
                     Some(KeyRecord {
                         fingerprint: *fingerprint,
                         state: KeyState::Claimed {
-                            owner: self.owner,
+                            token,
                             lease_until_ms: now_ms.saturating_add(self.lease_ms),
                         },
                     }),
@@ -702,17 +319,13 @@ impl IdempotencyStore for FileStore {
         })
     }
 
-    fn renew(&self, keys: &[Vec<u8>], now_ms: u64) -> Result<(), Failure> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure> {
         self.transact(|txn| {
-            for key in keys {
-                if let Some(record) = txn
-                    .get(key)
-                    .filter(|r| self.claimed_by_me(Some(r)))
-                    .copied()
-                {
+            for (key, token) in claims {
+                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)).copied() {
                     let renewed = KeyRecord {
                         state: KeyState::Claimed {
-                            owner: self.owner,
+                            token: *token,
                             lease_until_ms: now_ms.saturating_add(self.lease_ms),
                         },
                         ..record
@@ -723,39 +336,35 @@ impl IdempotencyStore for FileStore {
         })
     }
 
-    fn complete(&self, key: &[u8], result: i32, now_ms: u64) -> Result<(), Failure> {
-        self.transact(|txn| match txn.get(key).copied() {
-            Some(KeyRecord {
-                state: KeyState::Completed { .. },
-                ..
-            }) => Ok(()),
-            Some(KeyRecord {
-                state: KeyState::Claimed { owner, .. },
-                ..
-            }) if owner != self.owner => Err(Failure::new(
-                ErrorCode::InProgress,
-                "its lease ran out and another caller took the key over",
-            )),
-            existing => {
-                let fingerprint = existing.map_or([0; 32], |r| r.fingerprint);
-                txn.put(
-                    key,
-                    Some(KeyRecord {
-                        fingerprint,
-                        state: KeyState::Completed {
-                            result,
-                            expires_at_ms: now_ms.saturating_add(self.ttl_ms),
-                        },
-                    }),
-                );
-                Ok(())
+    fn complete(
+        &self,
+        key: &[u8],
+        token: ClaimToken,
+        fingerprint: &Fingerprint,
+        result: i32,
+        now_ms: u64,
+    ) -> Result<Completion, Failure> {
+        self.transact(|txn| {
+            if !completion_allowed(txn.get(key), token, now_ms) {
+                return Completion::Superseded;
             }
-        })?
+            txn.put(
+                key,
+                Some(KeyRecord {
+                    fingerprint: *fingerprint,
+                    state: KeyState::Completed {
+                        result,
+                        expires_at_ms: now_ms.saturating_add(self.ttl_ms),
+                    },
+                }),
+            );
+            Completion::Recorded
+        })
     }
 
-    fn release(&self, key: &[u8]) -> Result<(), Failure> {
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         self.transact(|txn| {
-            if self.claimed_by_me(txn.get(key)) {
+            if is_claim(txn.get(key), token) {
                 txn.put(key, None);
             }
         })
@@ -802,6 +411,8 @@ impl IdempotencyStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
+    use std::fs;
 
     const LEASE_MS: u64 = 90_000;
     const TTL_MS: u64 = 3_600_000;
@@ -820,17 +431,49 @@ mod tests {
         FileStore::open(dir, settings()).expect("store opens")
     }
 
-    const FRESH: Claim = Claim::Acquired { taken_over: false };
+    /// The token of a fresh (not taken over) claim; panics on anything else.
+    fn fresh(claim: Result<Claim, Failure>) -> ClaimToken {
+        match claim.unwrap() {
+            Claim::Acquired {
+                token,
+                taken_over: false,
+            } => token,
+            other => panic!("expected a fresh claim, got {other:?}"),
+        }
+    }
+
+    fn is_fresh(claim: Result<Claim, Failure>) -> bool {
+        matches!(
+            claim,
+            Ok(Claim::Acquired {
+                taken_over: false,
+                ..
+            })
+        )
+    }
+
+    fn taken_over(claim: Result<Claim, Failure>) -> ClaimToken {
+        match claim.unwrap() {
+            Claim::Acquired {
+                token,
+                taken_over: true,
+            } => token,
+            other => panic!("expected a takeover, got {other:?}"),
+        }
+    }
 
     #[test]
     fn claim_complete_replay_conflict_and_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.claim(b"k", &A, 1000).unwrap(), FRESH);
+        let token = fresh(store.claim(b"k", &A, 1000));
         // The owner's own second call, and a different payload while it runs.
         assert_eq!(store.claim(b"k", &A, 1001).unwrap(), Claim::InProgress);
         assert_eq!(store.claim(b"k", &B, 1001).unwrap(), Claim::Conflict);
-        store.complete(b"k", 0, 2000).unwrap();
+        assert_eq!(
+            store.complete(b"k", token, &A, 0, 2000).unwrap(),
+            Completion::Recorded
+        );
         assert_eq!(
             store.claim(b"k", &A, 2001).unwrap(),
             Claim::Replay { result: 0 }
@@ -842,22 +485,22 @@ mod tests {
             Claim::Replay { result: 0 }
         );
         assert_eq!(store.get(b"k", 2000 + TTL_MS).unwrap(), None);
-        assert_eq!(store.claim(b"k", &B, 2000 + TTL_MS).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"k", &B, 2000 + TTL_MS)));
     }
 
     #[test]
     fn a_released_key_may_run_again_and_forget_spares_a_live_claim() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        assert_eq!(store.claim(b"k", &A, 10).unwrap(), FRESH);
+        let token = fresh(store.claim(b"k", &A, 10));
         assert_eq!(store.forget(b"k", 11).unwrap(), Forgotten::InProgress);
-        store.release(b"k").unwrap();
+        store.release(b"k", token).unwrap();
         assert_eq!(store.get(b"k", 12).unwrap(), None);
-        assert_eq!(store.claim(b"k", &B, 12).unwrap(), FRESH);
-        store.complete(b"k", 0, 13).unwrap();
+        let token = fresh(store.claim(b"k", &B, 12));
+        store.complete(b"k", token, &B, 0, 13).unwrap();
         assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Removed);
         assert_eq!(store.forget(b"k", 14).unwrap(), Forgotten::Absent);
-        assert_eq!(store.claim(b"k", &A, 15).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"k", &A, 15)));
     }
 
     #[test]
@@ -865,7 +508,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = open(dir.path());
         let second = open(dir.path());
-        assert_eq!(first.claim(b"k", &A, 100).unwrap(), FRESH);
+        let dead = fresh(first.claim(b"k", &A, 100));
         assert_eq!(second.claim(b"k", &A, 100).unwrap(), Claim::InProgress);
         assert_eq!(second.claim(b"k", &B, 100).unwrap(), Claim::Conflict);
         // The owner "dies": its claim holds until its lease runs out, then anyone takes it.
@@ -875,14 +518,18 @@ mod tests {
             third.claim(b"k", &A, 100 + LEASE_MS - 1).unwrap(),
             Claim::InProgress
         );
+        let taker = taken_over(third.claim(b"k", &B, 100 + LEASE_MS));
+        // The dead owner's late completion or release never touches the new owner's claim.
         assert_eq!(
-            third.claim(b"k", &B, 100 + LEASE_MS).unwrap(),
-            Claim::Acquired { taken_over: true }
+            second.complete(b"k", dead, &A, 0, 100 + LEASE_MS).unwrap(),
+            Completion::Superseded
         );
-        // The dead owner's late completion would not overwrite the new owner's claim.
-        let err = second.complete(b"k", 0, 100 + LEASE_MS).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InProgress.raw());
-        third.complete(b"k", 0, 200 + LEASE_MS).unwrap();
+        second.release(b"k", dead).unwrap();
+        assert_eq!(
+            second.claim(b"k", &B, 101 + LEASE_MS).unwrap(),
+            Claim::InProgress
+        );
+        third.complete(b"k", taker, &B, 0, 200 + LEASE_MS).unwrap();
         assert_eq!(
             second.claim(b"k", &B, 300 + LEASE_MS).unwrap(),
             Claim::Replay { result: 0 }
@@ -894,18 +541,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let owner = open(dir.path());
         let other = open(dir.path());
-        assert_eq!(owner.claim(b"k", &A, 0).unwrap(), FRESH);
-        owner.renew(&[b"k".to_vec()], LEASE_MS - 1).unwrap();
+        let token = fresh(owner.claim(b"k", &A, 0));
+        owner
+            .renew(&[(b"k".to_vec(), token)], LEASE_MS - 1)
+            .unwrap();
         assert_eq!(
             other.claim(b"k", &A, LEASE_MS + 5).unwrap(),
             Claim::InProgress
         );
-        // Renewing is for the owner only.
-        other.renew(&[b"k".to_vec()], 10 * LEASE_MS).unwrap();
-        assert_eq!(
-            other.claim(b"k", &A, 2 * LEASE_MS - 1).unwrap(),
-            Claim::Acquired { taken_over: true }
-        );
+        // Renewing is for the claim's token only.
+        other
+            .renew(&[(b"k".to_vec(), ClaimToken(token.0 ^ 1))], 10 * LEASE_MS)
+            .unwrap();
+        let taker = taken_over(other.claim(b"k", &A, 2 * LEASE_MS - 1));
+        // The old owner's renewal no longer extends anything: the key is the taker's.
+        owner
+            .renew(&[(b"k".to_vec(), token)], 2 * LEASE_MS)
+            .unwrap();
+        match other.get(b"k", 2 * LEASE_MS).unwrap().unwrap().state {
+            KeyState::Claimed { token, .. } => assert_eq!(token, taker),
+            state => panic!("{state:?}"),
+        }
     }
 
     #[test]
@@ -915,9 +571,9 @@ mod tests {
             let store = open(dir.path());
             for i in 0..50u32 {
                 let key = format!("key-{i}");
-                assert_eq!(store.claim(key.as_bytes(), &A, 1).unwrap(), FRESH);
+                let token = fresh(store.claim(key.as_bytes(), &A, 1));
                 if i % 2 == 0 {
-                    store.complete(key.as_bytes(), 0, 2).unwrap();
+                    store.complete(key.as_bytes(), token, &A, 0, 2).unwrap();
                 }
             }
         }
@@ -942,8 +598,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = {
             let store = open(dir.path());
-            store.claim(b"whole", &A, 1).unwrap();
-            store.complete(b"whole", 0, 1).unwrap();
+            let token = fresh(store.claim(b"whole", &A, 1));
+            store.complete(b"whole", token, &A, 0, 1).unwrap();
             store.claim(b"torn", &A, 1).unwrap();
             store.journal_path().to_path_buf()
         };
@@ -962,7 +618,7 @@ mod tests {
             store.claim(b"whole", &A, 2).unwrap(),
             Claim::Replay { result: 0 }
         );
-        assert_eq!(store.claim(b"torn", &A, 2).unwrap(), FRESH);
+        assert!(is_fresh(store.claim(b"torn", &A, 2)));
     }
 
     #[test]
@@ -1014,11 +670,11 @@ mod tests {
         // Short-lived completions and a few that outlive the compaction.
         for i in 0..200u32 {
             let key = format!("gone-{i}");
-            store.claim(key.as_bytes(), &A, 0).unwrap();
-            store.complete(key.as_bytes(), 0, 0).unwrap();
+            let token = fresh(store.claim(key.as_bytes(), &A, 0));
+            store.complete(key.as_bytes(), token, &A, 0, 0).unwrap();
         }
-        store.claim(b"kept", &A, TTL_MS).unwrap();
-        store.complete(b"kept", 0, TTL_MS).unwrap();
+        let token = fresh(store.claim(b"kept", &A, TTL_MS));
+        store.complete(b"kept", token, &A, 0, TTL_MS).unwrap();
         store.claim(b"running", &B, TTL_MS).unwrap();
         let before = store.journal_len();
         assert!(before > 4096 * 2, "{before}");
@@ -1033,7 +689,7 @@ mod tests {
                 handle.claim(b"kept", &A, now).unwrap(),
                 Claim::Replay { result: 0 }
             );
-            assert_eq!(handle.claim(gone.as_bytes(), &A, now).unwrap(), FRESH);
+            assert!(is_fresh(handle.claim(gone.as_bytes(), &A, now)));
         }
         assert_eq!(other.claim(b"running", &B, now).unwrap(), Claim::InProgress);
         // Both handles append to the new journal; a restart reads it.
@@ -1062,7 +718,7 @@ mod tests {
                     .flat_map(|store| [store, store])
                     .map(|store| {
                         let key = key.clone();
-                        scope.spawn(move || store.claim(key.as_bytes(), &A, 5).unwrap() == FRESH)
+                        scope.spawn(move || is_fresh(store.claim(key.as_bytes(), &A, 5)))
                     })
                     .collect();
                 handles
@@ -1096,11 +752,14 @@ mod compaction_race {
                 let mut n = 0u32;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("key-{n}");
-                    assert_eq!(
-                        writer.claim(key.as_bytes(), &[1; 32], 10).unwrap(),
-                        Claim::Acquired { taken_over: false }
-                    );
-                    writer.complete(key.as_bytes(), 0, 10).unwrap();
+                    let Ok(Claim::Acquired { token, .. }) =
+                        writer.claim(key.as_bytes(), &[1; 32], 10)
+                    else {
+                        panic!("{key} not acquired");
+                    };
+                    writer
+                        .complete(key.as_bytes(), token, &[1; 32], 0, 10)
+                        .unwrap();
                     n += 1;
                 }
                 n

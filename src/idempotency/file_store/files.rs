@@ -1,0 +1,66 @@
+//! The file-system calls the store needs beyond `std`, through `rustix` (no `unsafe`).
+
+use crate::durable::FileError;
+use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
+use rustix::io::Errno;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// An exclusive `flock`, released on drop.
+pub(super) struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    /// Takes the lock, waiting for it when `wait`; `Ok(None)`: held elsewhere (not waiting).
+    pub(super) fn acquire(
+        file: &'a File,
+        path: &Path,
+        wait: bool,
+    ) -> Result<Option<Self>, FileError> {
+        let op = if wait {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        loop {
+            match flock(file, op) {
+                Ok(()) => return Ok(Some(FileLock(file))),
+                Err(Errno::INTR) => continue,
+                Err(Errno::WOULDBLOCK) if !wait => return Ok(None),
+                Err(e) => return Err(FileError::new("lock", path, io::Error::from(e))),
+            }
+        }
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // Unlocking cannot fail in a way worth reporting; closing would unlock too.
+        let _ = flock(self.0, FlockOperation::Unlock);
+    }
+}
+
+pub(super) fn open_rw(path: &Path) -> Result<File, FileError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| FileError::new("open", path, e))
+}
+
+/// Allocates `len` bytes from `offset` without changing the file's size. `Ok(false)`:
+/// the file system cannot reserve room (the store then works without a reservation).
+pub(super) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    loop {
+        match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => return Ok(true),
+            Err(Errno::INTR) => continue,
+            Err(Errno::OPNOTSUPP) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

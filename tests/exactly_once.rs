@@ -1,0 +1,516 @@
+//! "Exactly once for real", proven through the C ABI by breaking things: an owner process
+//! SIGSTOPped past its lease while another takes its key over; cleanup landing while 24
+//! threads hold claims; a reset and a second run of a log-backup command while the first
+//! waits (in this process and from another one); paths that name no file.
+//!
+//! The plugin is one instance per process, so the tests of this file take turns
+//! (`serial`). Child processes are this test binary run again with `EO_ROLE` set.
+
+use backup_coordinator::error::ErrorCode;
+use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
+use backup_coordinator::ffi::log_backup::{
+    backup_log_get_retry_records, backup_log_reset_retry_records, backup_log_run_command,
+    SLogBackupRetryPolicy,
+};
+use backup_coordinator::ffi::plugin::{
+    backup_plugin_cleanup, backup_plugin_get_error_stats, backup_plugin_get_last_error,
+    backup_plugin_init, backup_plugin_write_file_with_retry,
+};
+use parking_lot::Mutex;
+use std::ffi::{c_void, CStr, CString};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SUCCESS: i32 = 0;
+const IN_PROGRESS: i32 = ErrorCode::InProgress as i32;
+const CANCELLED: i32 = ErrorCode::Cancelled as i32;
+const NOT_INITIALIZED: i32 = ErrorCode::NotInitialized as i32;
+const INVALID_PARAM: i32 = ErrorCode::InvalidParam as i32;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Takes the plugin for one test; cleans it up however the test ends.
+struct Turn(#[allow(dead_code)] parking_lot::MutexGuard<'static, ()>);
+
+fn turn() -> Turn {
+    Turn(SERIAL.lock())
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        backup_plugin_cleanup();
+    }
+}
+
+fn init(config: &str) {
+    let rc = backup_plugin_init(config.as_ptr() as *const _, config.len() as u32);
+    assert_eq!(rc, SUCCESS, "init: {}", last_error());
+}
+
+fn last_error() -> String {
+    // SAFETY: the plugin returns a NUL-terminated string valid until our next call.
+    unsafe { CStr::from_ptr(backup_plugin_get_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stats() -> (u64, u64) {
+    let (mut errors, mut retries) = (0, 0);
+    backup_plugin_get_error_stats(&mut errors, &mut retries);
+    (errors, retries)
+}
+
+/// Runs `key` with `payload`; `op` is the C operation, `data` its argument.
+fn execute(
+    key: &str,
+    payload: &str,
+    op: unsafe extern "C" fn(*mut c_void) -> i32,
+    data: usize,
+) -> (i32, bool) {
+    let key = CString::new(key).unwrap();
+    let mut replayed = false;
+    let rc = backup_execute_idempotent(
+        key.as_ptr(),
+        payload.as_ptr() as *const c_void,
+        payload.len(),
+        Some(op),
+        data as *mut c_void,
+        &mut replayed,
+    );
+    (rc, replayed)
+}
+
+/// Returns the code in `data`, counting calls.
+static OP_CALLS: AtomicU32 = AtomicU32::new(0);
+unsafe extern "C" fn return_code(data: *mut c_void) -> i32 {
+    OP_CALLS.fetch_add(1, Ordering::SeqCst);
+    data as usize as i32
+}
+
+/// Prints RUNNING, then takes `data` milliseconds (the parent stops us meanwhile).
+unsafe extern "C" fn slow_success(data: *mut c_void) -> i32 {
+    println!("RUNNING");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(data as u64));
+    0
+}
+
+fn spawn_child(role: &str, dir: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "eo_child", "--nocapture", "--test-threads=1"])
+        .env("EO_ROLE", role)
+        .env("EO_DIR", dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+/// Reads the child's lines until one starts with `prefix`; returns it.
+fn wait_for(out: &mut BufReader<std::process::ChildStdout>, prefix: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child ended before {prefix}"
+        );
+        // libtest may have written "test eo_child ... " before it on the same line.
+        if let Some(at) = line.find(prefix) {
+            return line[at..].trim().to_string();
+        }
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn state_config(dir: &Path, extra: &str) -> String {
+    format!(
+        "state_dir = \"{}\"\nidempotency_lease = \"1s\"\nerror_retry_max = 0\n{extra}",
+        dir.join("state").display()
+    )
+}
+
+/// The body of a child process; a no-op in the normal test run.
+#[test]
+fn eo_child() {
+    let Ok(role) = std::env::var("EO_ROLE") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(std::env::var("EO_DIR").unwrap());
+    init(&state_config(&dir, ""));
+    match role.as_str() {
+        // Claims `stalled` and runs a 600 ms operation (SIGSTOPped meanwhile).
+        "owner" => {
+            let (rc, replayed) = execute("stalled", "payload-a", slow_success, 600);
+            println!("RESULT {rc} {replayed} {}", last_error());
+        }
+        // Runs a log-backup command that keeps failing, with long waits.
+        "runner" => {
+            let task = CString::new("task-x").unwrap();
+            let policy = long_waits();
+            println!("RUNNING");
+            std::io::stdout().flush().unwrap();
+            let rc = backup_log_run_command(
+                task.as_ptr(),
+                0,
+                &policy,
+                Some(query_not_exist),
+                Some(execute_fails),
+                std::ptr::null_mut(),
+            );
+            println!("RESULT {rc}");
+        }
+        other => panic!("unknown role {other}"),
+    }
+    std::io::stdout().flush().unwrap();
+}
+
+#[test]
+fn a_stalled_owner_never_poisons_its_key() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    init(&state_config(dir.path(), ""));
+
+    // Story 1: A stalls past its lease; B takes over, fails and releases; A resumes.
+    let (mut a, mut a_out) = spawn_child("owner", dir.path());
+    wait_for(&mut a_out, "RUNNING");
+    signal(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let (rc, _) = execute(
+        "stalled",
+        "payload-b",
+        return_code,
+        ErrorCode::PermissionDenied as usize,
+    );
+    assert_eq!(
+        rc,
+        ErrorCode::PermissionDenied as i32,
+        "B took over and failed: {}",
+        last_error()
+    );
+    signal(&a, libc::SIGCONT);
+    let result = wait_for(&mut a_out, "RESULT");
+    assert!(a.wait().unwrap().success());
+    assert!(
+        result.starts_with("RESULT 0 false"),
+        "A's success stands: {result}"
+    );
+    // A's completion carries A's fingerprint: the same payload replays, no conflict.
+    let (rc, replayed) = execute("stalled", "payload-a", return_code, 0);
+    assert_eq!((rc, replayed), (SUCCESS, true), "{}", last_error());
+    let (rc, _) = execute("stalled", "payload-b", return_code, 0);
+    assert_eq!(rc, ErrorCode::IdempotencyConflict as i32);
+
+    // Story 2: B still runs when A resumes: A returns its success, B's claim stands,
+    // and a third caller meanwhile is refused.
+    let (mut a, mut a_out) = spawn_child("owner", dir.path());
+    // A fresh key for this story: the child always uses `stalled`, so forget it first.
+    backup_backup_forget("stalled");
+    wait_for(&mut a_out, "RUNNING");
+    signal(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let calls_before = OP_CALLS.load(Ordering::SeqCst);
+    let b = std::thread::spawn(|| execute("stalled", "payload-a", b_waits_for_a, 0));
+    while !B_RUNNING.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&a, libc::SIGCONT);
+    let result = wait_for(&mut a_out, "RESULT");
+    assert!(a.wait().unwrap().success());
+    assert!(
+        result.starts_with("RESULT 0 false"),
+        "not IN_PROGRESS: {result}"
+    );
+    let (rc, _) = execute("stalled", "payload-a", return_code, 0);
+    assert_eq!(rc, IN_PROGRESS, "B's live claim is B's");
+    B_MAY_FINISH.store(true, Ordering::SeqCst);
+    assert_eq!(b.join().unwrap(), (SUCCESS, false));
+    let (rc, replayed) = execute("stalled", "payload-a", return_code, 0);
+    assert_eq!((rc, replayed), (SUCCESS, true));
+    assert_eq!(
+        OP_CALLS.load(Ordering::SeqCst),
+        calls_before,
+        "no replay ran the op"
+    );
+    backup_plugin_cleanup();
+}
+
+fn backup_backup_forget(key: &str) {
+    let key = CString::new(key).unwrap();
+    let rc = backup_coordinator::ffi::idempotency::backup_idempotency_forget(key.as_ptr());
+    assert_eq!(rc, SUCCESS, "{}", last_error());
+}
+
+static B_RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static B_MAY_FINISH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+unsafe extern "C" fn b_waits_for_a(_: *mut c_void) -> i32 {
+    B_RUNNING.store(true, Ordering::SeqCst);
+    while !B_MAY_FINISH.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    0
+}
+
+unsafe extern "C" fn network_error(_: *mut c_void) -> i32 {
+    ErrorCode::Network as i32
+}
+
+#[test]
+fn cleanup_cancels_every_call_in_flight_wherever_it_is() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "state_dir = \"{}\"\nerror_retry_max = 2\nerror_retry_interval = 3\n",
+        dir.path().join("state").display()
+    );
+    let (mut calls, mut cancelled) = (0, 0);
+    for round in 0..12u64 {
+        init(&config);
+        let started = Instant::now();
+        let threads: Vec<_> = (0..24u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let key = format!("round-{round}-thread-{t}");
+                    let began = Instant::now();
+                    let (rc, _) = execute(&key, "p", network_error, 0);
+                    (rc, began.elapsed())
+                })
+            })
+            .collect();
+        // Cleanup lands at a different instant each round: during claims, fsyncs, waits.
+        std::thread::sleep(Duration::from_micros(round * 700));
+        backup_plugin_cleanup();
+        for thread in threads {
+            let (rc, took) = thread.join().unwrap();
+            calls += 1;
+            assert!(
+                rc == CANCELLED || rc == NOT_INITIALIZED,
+                "round {round}: a call in flight returned {rc} after {took:?}"
+            );
+            assert!(
+                took < Duration::from_secs(2),
+                "round {round}: ran its schedule ({took:?})"
+            );
+            cancelled += (rc == CANCELLED) as u32;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    assert!(
+        cancelled > 0,
+        "no call was in flight when cleanup came ({calls} calls)"
+    );
+    eprintln!("{cancelled} of {calls} calls were cancelled in flight");
+}
+
+fn long_waits() -> SLogBackupRetryPolicy {
+    SLogBackupRetryPolicy {
+        max_retry_times: 3,
+        min_retry_duration_ms: 60_000,
+        max_retry_duration_ms: 60_000,
+        retry_timeout_ms: 3_600_000,
+    }
+}
+
+static EXECUTES: AtomicU32 = AtomicU32::new(0);
+unsafe extern "C" fn query_not_exist(_: *mut c_void, state: *mut i32, truncated: *mut bool) -> i32 {
+    // SAFETY: the plugin passes valid out-pointers.
+    unsafe {
+        *state = 1; // NOT_EXIST
+        *truncated = false;
+    }
+    0
+}
+unsafe extern "C" fn execute_fails(_: *mut c_void, _command: i32) -> i32 {
+    EXECUTES.fetch_add(1, Ordering::SeqCst);
+    ErrorCode::Network as i32
+}
+
+fn records(task: &CString) -> u32 {
+    let mut count = 0;
+    let rc = backup_log_get_retry_records(task.as_ptr(), 0, std::ptr::null_mut(), 0, &mut count);
+    assert_eq!(rc, SUCCESS, "{}", last_error());
+    count
+}
+
+#[test]
+fn a_running_log_command_is_neither_reset_nor_run_twice() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    init(&state_config(dir.path(), ""));
+    let task = CString::new("task-x").unwrap();
+
+    // In this process: the first call waits 60 s after its first failure.
+    let first = std::thread::spawn(|| {
+        let task = CString::new("task-x").unwrap();
+        let policy = long_waits();
+        backup_log_run_command(
+            task.as_ptr(),
+            0,
+            &policy,
+            Some(query_not_exist),
+            Some(execute_fails),
+            std::ptr::null_mut(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records(&task) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first call never scheduled a retry"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let began = Instant::now();
+    let policy = long_waits();
+    let rc = backup_log_run_command(
+        task.as_ptr(),
+        0,
+        &policy,
+        Some(query_not_exist),
+        Some(execute_fails),
+        std::ptr::null_mut(),
+    );
+    assert_eq!(rc, IN_PROGRESS, "{}", last_error());
+    assert!(began.elapsed() < Duration::from_secs(1), "returned at once");
+    assert_eq!(
+        backup_log_reset_retry_records(task.as_ptr(), 0),
+        IN_PROGRESS
+    );
+    assert!(last_error().contains("in progress"), "{}", last_error());
+    assert_eq!(records(&task), 1, "nothing removed");
+    assert_eq!(EXECUTES.load(Ordering::SeqCst), 1, "one execute so far");
+    backup_plugin_cleanup();
+    assert_eq!(first.join().unwrap(), CANCELLED);
+
+    // Nobody runs it now: the unfinished sequence can be reset.
+    init(&state_config(dir.path(), ""));
+    assert_eq!(
+        backup_log_reset_retry_records(task.as_ptr(), 0),
+        SUCCESS,
+        "{}",
+        last_error()
+    );
+    assert_eq!(records(&task), 0);
+    // From another process: its run holds (task, command) until it dies.
+    let (mut runner, mut out) = spawn_child("runner", dir.path());
+    wait_for(&mut out, "RUNNING");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records(&task) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the child never scheduled its retry"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        backup_log_reset_retry_records(task.as_ptr(), 0),
+        IN_PROGRESS
+    );
+    let rc = backup_log_run_command(
+        task.as_ptr(),
+        0,
+        &policy,
+        Some(query_not_exist),
+        Some(execute_fails),
+        std::ptr::null_mut(),
+    );
+    assert_eq!(rc, IN_PROGRESS);
+    assert_eq!(records(&task), 1);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    // The dead runner's claim went with it: reset works now.
+    assert_eq!(
+        backup_log_reset_retry_records(task.as_ptr(), 0),
+        SUCCESS,
+        "{}",
+        last_error()
+    );
+    assert_eq!(records(&task), 0);
+    backup_plugin_cleanup();
+}
+
+#[test]
+fn paths_that_name_no_file_are_refused_at_once() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "error_retry_max = 5\nerror_retry_interval = 1\n";
+    init(config);
+    let d = dir.path().display();
+    for bad in [
+        format!("{d}/.."),
+        format!("{d}/."),
+        format!("{d}/"),
+        String::new(),
+    ] {
+        let path = CString::new(bad.clone()).unwrap();
+        let began = Instant::now();
+        let rc =
+            backup_plugin_write_file_with_retry(path.as_ptr(), b"x".as_ptr() as *const c_void, 1);
+        assert_eq!(rc, INVALID_PARAM, "{bad:?}: {}", last_error());
+        assert!(
+            began.elapsed() < Duration::from_millis(500),
+            "{bad:?} was retried"
+        );
+        let named = if bad.is_empty() {
+            "`path` is empty"
+        } else {
+            "names no file"
+        };
+        assert!(last_error().contains(named), "{}", last_error());
+    }
+    assert_eq!(stats(), (4, 0), "four errors, no retries");
+    backup_plugin_cleanup();
+}
+
+#[test]
+fn calls_without_a_state_store_name_state_dir_the_same_way() {
+    let _turn = turn();
+    init("");
+    let key = CString::new("k").unwrap();
+    let task = CString::new("t").unwrap();
+    type Call<'a> = (&'a str, Box<dyn Fn() -> i32 + 'a>);
+    let calls: [Call; 4] = [
+        (
+            "forget",
+            Box::new(|| {
+                backup_coordinator::ffi::idempotency::backup_idempotency_forget(key.as_ptr())
+            }),
+        ),
+        (
+            "reset",
+            Box::new(|| backup_log_reset_retry_records(task.as_ptr(), 0)),
+        ),
+        (
+            "get records",
+            Box::new(|| {
+                let mut n = 0;
+                backup_log_get_retry_records(task.as_ptr(), 0, std::ptr::null_mut(), 0, &mut n)
+            }),
+        ),
+        (
+            "execute_idempotent",
+            Box::new(|| execute("k", "p", return_code, 0).0),
+        ),
+    ];
+    for (name, call) in calls.iter() {
+        backup_coordinator::ffi::plugin::backup_plugin_clear_error();
+        assert_eq!(call(), INVALID_PARAM, "{name}");
+        assert!(
+            last_error().contains("state_dir"),
+            "{name}: {}",
+            last_error()
+        );
+    }
+    // Only the plugin-level operation is counted.
+    assert_eq!(stats().0, 1);
+    backup_plugin_cleanup();
+}

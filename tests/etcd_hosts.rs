@@ -10,14 +10,11 @@ mod etcd_cluster;
 
 use backup_coordinator::clock::unix_ms_now;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::etcd::contract::{
-    Claim, Completion, IdempotencyStore, KeyState, LogRecordStore,
-};
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::log_records::EtcdLogRecords;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
-use backup_coordinator::idempotency::fingerprint;
-use backup_coordinator::log_backup::records::{RetryRecord, Sequence};
+use backup_coordinator::idempotency::{fingerprint, Claim, Completion, IdempotencyStore, KeyState};
+use backup_coordinator::log_backup::records::{LogRecordStore, RetryRecord, Sequence};
 use backup_coordinator::log_backup::SubCommand;
 use etcd_cluster::Cluster;
 use std::collections::HashMap;

@@ -7,12 +7,11 @@ mod etcd_cluster;
 
 use backup_coordinator::clock::unix_ms_now;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::etcd::contract::{
-    Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyState,
-};
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
-use backup_coordinator::idempotency::fingerprint;
+use backup_coordinator::idempotency::{
+    fingerprint, Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyState,
+};
 use etcd_cluster::Cluster;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

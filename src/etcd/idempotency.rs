@@ -11,13 +11,13 @@
 //! the claim's lease, which deletes the key only while the claim is still ours.
 
 use super::client::{Conn, TxnOutcome};
-use super::contract::{
-    Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyRecord, KeyState,
-};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::hex::{hex, unhex};
-use crate::idempotency::{display_key, Fingerprint};
+use crate::idempotency::{
+    display_key, Claim, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
+    KeyRecord, KeyState,
+};
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, TxnOp};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -249,7 +249,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                     // etcd keeps a claim only while its lease lives.
                     return Ok(Forgotten::InProgress);
                 }
-                let live = stored.record.is_live_at(now_ms);
+                let live = stored.record.is_live(now_ms);
                 let when = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
                 match conn
                     .txn_or_get(
@@ -273,15 +273,6 @@ impl IdempotencyStore for EtcdIdempotencyStore {
             }
             Err(gave_up(&raw_key))
         })
-    }
-}
-
-impl KeyRecord {
-    fn is_live_at(&self, now_ms: u64) -> bool {
-        match self.state {
-            KeyState::Claimed { lease_until_ms, .. } => now_ms < lease_until_ms,
-            KeyState::Completed { expires_at_ms, .. } => now_ms < expires_at_ms,
-        }
     }
 }
 

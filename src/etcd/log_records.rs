@@ -9,11 +9,10 @@
 //! stalled past the lease) writes nothing.
 
 use super::client::{Conn, TxnOutcome};
-use super::contract::{LogRecordStore, RunClaim};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::hex::{hex, unhex};
-use crate::log_backup::records::{RetryRecord, Sequence};
+use crate::log_backup::records::{LogRecordStore, RetryRecord, RunClaim, Sequence};
 use crate::log_backup::SubCommand;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
 use std::fmt::Write as _;

@@ -9,7 +9,6 @@
 //! lease, bound to an etcd lease that the owner keeps alive.
 
 pub mod client;
-pub mod contract;
 pub mod idempotency;
 pub mod log_records;
 mod runtime;

@@ -8,14 +8,22 @@
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
 
+use backup_coordinator::cancel::Cancelled;
 use backup_coordinator::clock::unix_ms_now;
+use backup_coordinator::clock::SystemClock;
 use backup_coordinator::error::ErrorCode;
+use backup_coordinator::error::Failure;
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::log_records::EtcdLogRecords;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
 use backup_coordinator::idempotency::{fingerprint, Claim, Completion, IdempotencyStore, KeyState};
 use backup_coordinator::log_backup::records::{LogRecordStore, RetryRecord, Sequence};
+use backup_coordinator::log_backup::runner::{
+    LogMetrics, LogRetryPolicy, RunOutcome, Runner, TaskDriver,
+};
+use backup_coordinator::log_backup::KernelState;
 use backup_coordinator::log_backup::SubCommand;
+use backup_coordinator::retry::Sleeper;
 use etcd_cluster::Cluster;
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -77,6 +85,10 @@ fn etcd_host_child() {
         "keys" => run_keys(client, &log),
         "log-run" => hold_log_run(client),
         "stalling-owner" => stalling_owner(client),
+        "log-runner" => {
+            let outcome = run_log_command(client, &log);
+            panic!("host A should have been killed in its second wait, got {outcome:?}");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -174,6 +186,60 @@ fn stalling_owner(client: Arc<EtcdClient>) {
     store.release(b"stalled", token).unwrap();
     println!("completion {completion:?}");
     std::io::stdout().flush().unwrap();
+}
+
+/// A task whose START keeps failing with a network error; each attempt is one line
+/// "<pid> <unix ms>" in `log`.
+struct FailingTask<'a> {
+    log: &'a Path,
+}
+
+impl TaskDriver for FailingTask<'_> {
+    fn query(&mut self) -> Result<(KernelState, bool), Failure> {
+        Ok((KernelState::NotExist, false))
+    }
+    fn execute(&mut self, _command: SubCommand) -> i32 {
+        let mut file = OpenOptions::new().append(true).open(self.log).unwrap();
+        file.write_all(format!("{} {}\n", std::process::id(), unix_ms_now()).as_bytes())
+            .unwrap();
+        ErrorCode::Network.raw()
+    }
+}
+
+struct RealSleeper;
+
+impl Sleeper for RealSleeper {
+    fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
+        std::thread::sleep(duration);
+        Ok(())
+    }
+}
+
+const LOG_TASK: &str = "moving task";
+const LOG_POLICY: LogRetryPolicy = LogRetryPolicy {
+    max_retry: 3,
+    min_wait: Duration::from_millis(1500),
+    max_wait: Duration::from_millis(1500),
+    timeout: Duration::from_secs(120),
+};
+
+/// `backup_log_run_command`'s runner on the etcd record store.
+fn run_log_command(client: Arc<EtcdClient>, log: &Path) -> RunOutcome {
+    let store = EtcdLogRecords::new(client, Duration::from_secs(2));
+    let metrics = LogMetrics::default();
+    let mut sleeper = RealSleeper;
+    let mut runner = Runner {
+        store: &store,
+        clock: &SystemClock,
+        sleeper: &mut sleeper,
+        metrics: &metrics,
+    };
+    runner.run(
+        LOG_TASK,
+        SubCommand::Start,
+        &LOG_POLICY,
+        &mut FailingTask { log },
+    )
 }
 
 fn sample_sequence() -> Sequence {
@@ -452,4 +518,61 @@ fn etcd_sigstopped_owner_is_fenced_after_a_takeover() {
         third.claim(b"stalled", &fp, unix_ms_now()).unwrap(),
         Claim::Replay { result: 0 }
     );
+}
+
+#[test]
+fn etcd_log_backup_sequence_continues_on_another_host_after_a_kill() {
+    let cluster = Cluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("attempts.log");
+    fs::write(&log, "").unwrap();
+    let mut host_a = Hosts(vec![spawn_host("log-runner", &cluster, &log)]);
+    // The first attempt and the first retry have failed: A is in its second wait.
+    wait_for_lines(&log, 2, &mut host_a);
+    std::thread::sleep(Duration::from_millis(300));
+    host_a.0[0].kill().unwrap();
+    host_a.0[0].wait().unwrap();
+    assert_eq!(lines(&log), 2, "A was killed in its second wait");
+
+    // Host B (its own client, no shared files): the same (task, command) goes on.
+    let client = Arc::new(EtcdClient::new(&settings_from(&cluster.endpoints().join(","))).unwrap());
+    let start = Instant::now();
+    let outcome = loop {
+        let outcome = run_log_command(client.clone(), &log);
+        match &outcome.result {
+            // A's run claim lives until its lease runs out.
+            Err(f) if f.code == ErrorCode::InProgress.raw() => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "A's run claim never expired"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            _ => break outcome,
+        }
+    };
+    let code = outcome.result.as_ref().unwrap_err().code;
+    assert_eq!(code, ErrorCode::RetryExhausted.raw(), "{outcome:?}");
+    let text = fs::read_to_string(&log).unwrap();
+    let attempts: Vec<(&str, u64)> = text
+        .lines()
+        .map(|l| {
+            let (pid, at) = l.split_once(' ').unwrap();
+            (pid, at.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        attempts.len(),
+        1 + LOG_POLICY.max_retry as usize,
+        "1 + max retries in all: {text}"
+    );
+    let b_pid = std::process::id().to_string();
+    assert!(attempts[2..].iter().all(|(pid, _)| *pid == b_pid), "{text}");
+    // B's first attempt is A's second retry: not before A's wait was over.
+    assert!(attempts[2].1 >= attempts[1].1 + 1500, "{text}");
+    // The exhausted sequence stays readable on every host.
+    let store = EtcdLogRecords::new(client, Duration::from_secs(2));
+    let sequence = store.load(LOG_TASK, SubCommand::Start).unwrap().unwrap();
+    assert_eq!(sequence.records.len(), LOG_POLICY.max_retry as usize);
+    assert_eq!(sequence.outcome, Some(ErrorCode::RetryExhausted.raw()));
 }

@@ -44,16 +44,16 @@ pub fn ensure_etcd_installed() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let have = |bin: &str| Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-        if have("etcd") && have("etcdctl") {
+        if have("etcd") && have("etcdctl") && have("openssl") {
             return;
         }
         let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        assert!(root, "etcd and etcdctl are missing: install Debian's etcd-server and etcd-client (.ci/run does)");
+        assert!(root, "etcd, etcdctl or openssl is missing: install Debian's etcd-server, etcd-client and openssl (.ci/run does)");
         let status = Command::new("sh")
-            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null"])
+            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client openssl >/dev/null"])
             .status()
             .expect("apt-get");
-        assert!(status.success(), "installing etcd-server and etcd-client failed");
+        assert!(status.success(), "installing etcd-server, etcd-client and openssl failed");
     });
 }
 

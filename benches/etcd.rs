@@ -48,29 +48,50 @@ fn store_rate(store: &Arc<EtcdIdempotencyStore>, threads: usize, keys: usize) ->
     keys as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Keys per second of the same requests issued directly, one after the other.
-fn floor_rate(runtime: &tokio::runtime::Runtime, client: &Client, prefix: &str, keys: usize) -> f64 {
+/// Keys per second of the same requests issued directly, by `tasks` concurrent tasks.
+fn floor_rate(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    tasks: usize,
+    keys: usize,
+) -> f64 {
     runtime.block_on(async {
-        let mut client = client.clone();
-        let completion_lease = client.lease_grant(3600, None).await.unwrap().id();
+        let completion_lease = client.clone().lease_grant(3600, None).await.unwrap().id();
         let start = Instant::now();
-        for _ in 0..keys {
-            let key = format!("{prefix}floor/{}", fresh_key()).into_bytes();
-            let lease = client.lease_grant(90, None).await.unwrap().id();
-            let claim = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), vec![b'c'; 90], Some(PutOptions::new().with_lease(lease)))])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            assert!(client.txn(claim).await.unwrap().succeeded());
-            let complete = Txn::new()
-                .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-                .and_then([TxnOp::put(key.clone(), vec![b'd'; 90], Some(PutOptions::new().with_lease(completion_lease)))])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            assert!(client.txn(complete).await.unwrap().succeeded());
-            let mut revoker = client.clone();
-            tokio::spawn(async move {
-                let _ = revoker.lease_revoke(lease).await;
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..tasks {
+            let mut client = client.clone();
+            set.spawn(async move {
+                for _ in 0..keys / tasks {
+                    let key = format!("/bench/floor/{}", fresh_key()).into_bytes();
+                    let lease = client.lease_grant(90, None).await.unwrap().id();
+                    let claim = Txn::new()
+                        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            key.clone(),
+                            vec![b'c'; 90],
+                            Some(PutOptions::new().with_lease(lease)),
+                        )])
+                        .or_else([TxnOp::get(key.clone(), None)]);
+                    assert!(client.txn(claim).await.unwrap().succeeded());
+                    let complete = Txn::new()
+                        .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                        .and_then([TxnOp::put(
+                            key.clone(),
+                            vec![b'd'; 90],
+                            Some(PutOptions::new().with_lease(completion_lease)),
+                        )])
+                        .or_else([TxnOp::get(key.clone(), None)]);
+                    assert!(client.txn(complete).await.unwrap().succeeded());
+                    let mut revoker = client.clone();
+                    tokio::spawn(async move {
+                        let _ = revoker.lease_revoke(lease).await;
+                    });
+                }
             });
+        }
+        while let Some(done) = set.join_next().await {
+            done.unwrap();
         }
         keys as f64 / start.elapsed().as_secs_f64()
     })
@@ -92,22 +113,27 @@ fn main() {
         Duration::from_secs(90),
         Duration::from_secs(3600),
     ));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     // The floor talks to one member, as the store does.
     let client = runtime
         .block_on(Client::connect([cluster.endpoints()[0].clone()], None))
         .unwrap();
     // Warm both paths (connections, the completion lease).
     store_rate(&store, 1, 20);
-    floor_rate(&runtime, &client, "/bench/", 20);
+    floor_rate(&runtime, &client, 1, 20);
 
-    let (mut one, mut eight, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut one, mut eight, mut floor, mut floor8) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        floor.push(floor_rate(&runtime, &client, "/bench/", keys));
+        floor.push(floor_rate(&runtime, &client, 1, keys));
         one.push(store_rate(&store, 1, keys));
+        floor8.push(floor_rate(&runtime, &client, 8, keys * 4));
         eight.push(store_rate(&store, 8, keys * 4));
     }
-    let (one, eight, floor) = (median(one), median(eight), median(floor));
+    let (one, eight, floor, floor8) = (median(one), median(eight), median(floor), median(floor8));
     println!("etcd idempotency store, 3-member loopback cluster, claim + completion per key ({rounds} rounds, medians):");
     println!("  floor (same requests, direct etcd-client): {floor:8.0} keys/s");
     println!(
@@ -117,5 +143,10 @@ fn main() {
     println!(
         "  8 threads: {eight:8.0} keys/s  = 1-thread rate x {:.1}  (target >= 4)",
         eight / one
+    );
+    println!(
+        "  (the cluster's own scaling: 8 concurrent floors {floor8:8.0} keys/s = x {:.1} the 1-task floor; the store's 8 threads reach {:.2} of it)",
+        floor8 / floor,
+        eight / floor8
     );
 }

@@ -50,10 +50,11 @@ impl EtcdRuntime {
         &self,
         future: impl Future<Output = Result<T, Failure>> + Send + 'static,
     ) -> Result<T, Failure> {
-        if Handle::try_current().is_ok() {
+        // Another runtime's thread (a Rust host's) may wait here; ours would wait for itself.
+        if self.thread.as_ref().map(|t| t.thread().id()) == Some(std::thread::current().id()) {
             return Err(Failure::new(
                 ErrorCode::InvalidState,
-                "Invalid state for command: a synchronous etcd store call from a thread of an async runtime",
+                "Invalid state for command: a synchronous etcd store call from the etcd runtime's own thread",
             ));
         }
         let (tx, rx) = mpsc::sync_channel(1);
@@ -96,5 +97,27 @@ impl Drop for EtcdRuntime {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn calls_from_other_threads_wait_and_the_runtime_s_own_thread_is_refused() {
+        let runtime = Arc::new(EtcdRuntime::start().unwrap());
+        assert_eq!(runtime.run(async { Ok(7) }).unwrap(), 7);
+        // A host's own async runtime may call in (from a blocking-capable thread).
+        let host = Builder::new_current_thread().build().unwrap();
+        let from_host = host.block_on(async { runtime.run(async { Ok(8) }) });
+        assert_eq!(from_host.unwrap(), 8);
+        // From the etcd runtime's own thread: refused instead of a deadlock.
+        let inner = runtime.clone();
+        let refused = runtime
+            .run(async move { Ok(inner.run(async { Ok(9) })) })
+            .unwrap();
+        assert_eq!(refused.unwrap_err().code, ErrorCode::InvalidState.raw());
     }
 }

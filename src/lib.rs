@@ -8,6 +8,7 @@ pub mod cancel;
 pub mod clock;
 pub mod config;
 pub mod coordinator;
+pub mod diagnostics;
 pub mod durable;
 pub mod error;
 pub mod error_log;

@@ -405,12 +405,32 @@ fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
     match err.span() {
         Some(span) => {
             let (line, column) = line_column(text, span.start);
+            if defines_secret(text.lines().nth(line - 1).unwrap_or("")) {
+                // The parser may quote what it found; on a secret's line that is the secret.
+                return ConfigError(format!(
+                    "TOML syntax error at line {line}, column {column}, in the value of a secret key (not shown)"
+                ));
+            }
             ConfigError(format!(
                 "TOML syntax error at line {line}, column {column}: {message}"
             ))
         }
         None => ConfigError(format!("TOML syntax error: {message}")),
     }
+}
+
+/// Whether a line assigns `encryption_key` or `etcd_password` (in any spelling).
+fn defines_secret(line: &str) -> bool {
+    let Some((key, _)) = line.split_once('=') else {
+        return false;
+    };
+    let key: String = key
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
+        .collect();
+    // `password` alone: `[etcd]` then `password = ...`, or `etcd.password`.
+    let key = key.rsplit('.').next().unwrap_or("");
+    SECRET_KEYS.contains(&key) || key == "password"
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -979,6 +999,19 @@ mod tests {
         }
         let c = parse("etcd_user = \"root\"\netcd_password = \"hunter22\"").unwrap();
         assert!(!format!("{c:?}").contains("hunter22"));
+    }
+
+    #[test]
+    fn syntax_errors_on_a_secret_line_do_not_quote_it() {
+        for text in [
+            "encryption_key = s3cr3tvalue",
+            "etcd_password = \"s3cr3tvalue",
+            "etcd.password = s3cr3tvalue x",
+            "[etcd]\npassword = 's3cr3tvalue",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains("secret") && !err.contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The demo tells the truth: two runs with different DEMO_DIRs each write and verify their
 //! own files; files missing after a pass fail it; bad arguments are refused with the usage.
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -17,7 +18,7 @@ fn make_demo(dir: &Path) -> Output {
         .args(["-C", PLUGIN_DIR, "demo", "PROFILE=debug"])
         .arg(format!("DEMO_DIR={}", dir.display()))
         .arg(format!(
-            "DEMO_ARGS=--files {FILES} --size {SIZE} --failure-rate 0.2 --threads 3"
+            "DEMO_ARGS=--files {FILES} --size {SIZE} --failure-rate 0.3 --threads 3"
         ))
         .output()
         .expect("make runs")
@@ -78,9 +79,30 @@ fn two_runs_in_different_dirs_each_write_and_verify_their_own_files() {
         for sub in ["state", "errors", "logs", "plugins"] {
             assert!(dir.join(sub).is_dir(), "{sub} not under {}", dir.display());
         }
+        // The dlopen'ed library wrote its own diagnostics there: one file, 0640, whose lines
+        // tell of both inits and the retries of the injected failures.
+        let logs: Vec<PathBuf> = fs::read_dir(dir.join("logs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(logs.len(), 1, "{logs:?}");
+        let name = logs[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("backup_plugin.log."), "{name}");
+        assert_eq!(
+            fs::metadata(&logs[0]).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let diagnostics = fs::read_to_string(&logs[0]).unwrap();
+        assert_eq!(
+            diagnostics
+                .matches("plugin initialized enable=true")
+                .count(),
+            2,
+            "{diagnostics}"
+        );
         assert!(
-            fs::read_dir(dir.join("logs")).unwrap().count() == 1,
-            "one diagnostics file"
+            diagnostics.contains("operation failed, retrying"),
+            "{diagnostics}"
         );
         // No progress bar: stderr is not a terminal here.
         assert!(!said.contains("\r  ["), "progress bar drawn into a pipe");
@@ -160,4 +182,33 @@ fn arguments_are_checked_and_help_exits_0() {
         assert!(said.contains("usage: "), "{args:?}: {said}");
         assert!(!Path::new("/nonexistent/demo").exists());
     }
+}
+
+#[test]
+fn the_progress_bar_is_drawn_on_a_terminal_only() {
+    let _turn = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tty");
+    let out = make_demo(&dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("\r  ["), "bar drawn into a pipe");
+    // The same host under a pseudo-terminal (`script` from util-linux) draws it.
+    let again = tmp.path().join("tty2");
+    let command = format!(
+        "'{}' --config demo/taosx.toml --plugin-dir '{}' --work-dir '{}' --files 8 --size 512",
+        host().display(),
+        dir.join("plugins").display(),
+        again.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .current_dir(PLUGIN_DIR)
+        .output()
+        .expect("script (util-linux) runs");
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("\r  [") && said.contains("8/8 files"),
+        "{said}"
+    );
 }

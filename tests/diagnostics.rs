@@ -177,3 +177,53 @@ fn a_log_path_that_is_not_a_directory_fails_init_naming_it() {
     );
     backup_plugin_cleanup();
 }
+
+#[test]
+fn encryption_key_is_in_no_file_the_plugin_wrote() {
+    let _turn = PLUGIN.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[plugins.incremental_bitmap]\nerror_retry_max = 2\nerror_retry_interval = 0\n\
+         error_store_path = \"{0}/errors\"\nstate_dir = \"{0}/state\"\nlog_path = \"{0}/logs\"\n\
+         log_level = \"trace\"\nenable_encryption = true\nencryption_key = \"{KEY}\"\n",
+        tmp.path().display()
+    );
+    assert_eq!(init(&config), 0);
+    for message in [
+        format!("upload refused for key {KEY}"),
+        format!("{KEY}{KEY}"),
+        format!("prefix {KEY} suffix"),
+    ] {
+        let message = CString::new(message).unwrap();
+        backup_plugin_record_error(-6, message.as_ptr());
+    }
+    assert_eq!(run_op_failing_twice(), 0);
+    let last = unsafe {
+        std::ffi::CStr::from_ptr(backup_coordinator::ffi::plugin::backup_plugin_get_last_error())
+    }
+    .to_string_lossy()
+    .into_owned();
+    backup_plugin_cleanup();
+    assert!(!last.contains(&KEY[..8]), "{last}");
+    let files = files_under(tmp.path());
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("backup_error_")),
+        "the error log was written: {files:?}"
+    );
+    assert!(files
+        .iter()
+        .any(|f| f.to_string_lossy().contains("backup_plugin.log.")));
+    for path in files {
+        let bytes = fs::read(&path).unwrap();
+        assert!(
+            !bytes
+                .windows(8)
+                .any(|w| KEY.as_bytes().windows(8).any(|k| k == w)),
+            "{} holds a piece of encryption_key:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+}

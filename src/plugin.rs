@@ -98,7 +98,12 @@ pub fn cleanup() {
         }
         tracing::info!("plugin cleaned up; waits in progress cancelled");
     }
-    crate::diagnostics::uninstall();
+    // Flushes the diagnostics log; under the instance lock, so that an init racing this
+    // cleanup keeps the log it installed.
+    let slot = INSTANCE.write();
+    if slot.is_none() {
+        crate::diagnostics::uninstall();
+    }
 }
 
 /// The running instance, or NOT_INITIALIZED.

@@ -2,12 +2,13 @@
 //!
 //! The crate is a pure Rust core (everything outside `ffi`) that knows nothing of C, and a
 //! thin `ffi` layer that checks pointers, guards panics, converts types and calls the core.
-//! The C contract is `include/backup_coordinator.h` (generated) and `shared/ABI.md`.
+//! The C contract is `include/backup_coordinator.h` (generated), described in `docs/C_API.md`.
 
 pub mod cancel;
 pub mod clock;
 pub mod config;
 pub mod coordinator;
+pub mod diagnostics;
 pub mod durable;
 pub mod error;
 pub mod error_log;

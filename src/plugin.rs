@@ -61,7 +61,9 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
         // The running instance's last error stays what it was.
         return Err(failure);
     }
-    let config = match PluginConfig::parse(config_bytes) {
+    let config = match PluginConfig::load(config_bytes)
+        .and_then(|c| crate::diagnostics::install_for(&c).map(|()| c))
+    {
         Ok(config) => config,
         Err(err) => {
             let failure = Failure::invalid_param(err.to_string());
@@ -73,6 +75,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
     let plugin = Plugin::new(config, clock);
     *INIT_FAILURE.lock() = None;
     tracing::info!(
+        enable = plugin.config.enable,
         retry_max = plugin.config.error_retry_max,
         retry_interval_ms = plugin.config.error_retry_interval.as_millis() as u64,
         error_log = ?plugin.config.error_store_path,
@@ -106,6 +109,12 @@ pub fn cleanup() {
             log.flush();
         }
         tracing::info!("plugin cleaned up; waits in progress cancelled");
+    }
+    // Flushes the diagnostics log; under the instance lock, so that an init racing this
+    // cleanup keeps the log it installed.
+    let slot = INSTANCE.write();
+    if slot.is_none() {
+        crate::diagnostics::uninstall();
     }
 }
 
@@ -142,7 +151,16 @@ impl Plugin {
             _ => None,
         };
         Plugin {
-            tracker: ErrorTracker::new(config.error_buffer_size, log, None),
+            // The coordinator settings' key is redacted from the plugin's messages too.
+            tracker: ErrorTracker::new(
+                config.error_buffer_size,
+                log,
+                config
+                    .coordinator
+                    .encryption_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string()),
+            ),
             log_records: config
                 .state_dir
                 .as_deref()

@@ -183,7 +183,13 @@ fn child_role() {
     let Ok(dir) = std::env::var("METRICS_DIR") else {
         return;
     };
-    init(&config(Path::new(&dir)));
+    // Not the parent's error_store_path: the parent turned it into a plain file, which
+    // init refuses.
+    let state = Path::new(&dir).join("state");
+    init(&format!(
+        "state_dir = \"{}\"\nidempotency_lease = \"1s\"\n",
+        state.display()
+    ));
     idempotent("orphan", b"p", claim_and_hang, std::ptr::null_mut());
     unreachable!("the op never returns");
 }

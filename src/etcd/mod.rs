@@ -102,6 +102,22 @@ impl EtcdSettings {
     }
 }
 
+/// The `etcd_*` keys as the configuration parsed them.
+impl From<&crate::config::EtcdSettings> for EtcdSettings {
+    fn from(config: &crate::config::EtcdSettings) -> Self {
+        EtcdSettings {
+            endpoints: config.endpoints.clone(),
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            user: config.user.clone(),
+            password: config.password.as_ref().map(|p| p.expose().to_string()),
+            ca_file: config.ca_file.clone(),
+            cert_file: config.cert_file.clone(),
+            key_file: config.key_file.clone(),
+        }
+    }
+}
+
 impl fmt::Debug for EtcdSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdSettings")
@@ -129,6 +145,26 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cret-pw"), "{shown}");
         assert!(shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn settings_come_from_the_configuration() {
+        let config = crate::config::PluginConfig::parse(
+            "state_backend = \"etcd\"\netcd_endpoints = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\netcd_timeout = \"2s\"\netcd_user = \"backup\"\netcd_password = \"pw-1\"\n".as_bytes(),
+        )
+        .unwrap();
+        let s = EtcdSettings::from(&config.etcd);
+        assert_eq!(
+            s.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(s.prefix, DEFAULT_PREFIX);
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(
+            (s.user.as_deref(), s.password.as_deref()),
+            (Some("backup"), Some("pw-1"))
+        );
+        assert!(s.validate().is_ok());
     }
 
     #[test]

@@ -431,3 +431,123 @@ fn etcd_tls_with_client_certificates() {
         failure.detail
     );
 }
+
+/// A TCP proxy in front of one member that, once armed, forwards the next request but
+/// swallows every answer for 500ms and then drops the connection: the client's request was
+/// applied, and it never learns so.
+struct LossyProxy {
+    url: String,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    swallowed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LossyProxy {
+    fn start(upstream: &str) -> LossyProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let armed = Arc::new(AtomicBool::new(false));
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let (armed2, swallowed2) = (armed.clone(), swallowed.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                let (armed, swallowed) = (armed2.clone(), swallowed2.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    let mut cut_at: Option<Instant> = None;
+                    loop {
+                        if cut_at.is_none() && armed.swap(false, Ordering::SeqCst) {
+                            cut_at = Some(Instant::now());
+                        }
+                        if cut_at.is_some_and(|t| t.elapsed() > Duration::from_millis(500)) {
+                            let _ = c_out.shutdown(Shutdown::Both);
+                            let _ = s_in.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        s_in.set_read_timeout(Some(Duration::from_millis(20)))
+                            .unwrap();
+                        match s_in.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) if cut_at.is_some() => {
+                                swallowed.fetch_add(n, Ordering::SeqCst);
+                            }
+                            Ok(n) => {
+                                if c_out.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        LossyProxy {
+            url,
+            armed,
+            swallowed,
+        }
+    }
+}
+
+#[test]
+fn etcd_a_lost_answer_is_resolved_by_reading_the_key_back() {
+    use std::sync::atomic::Ordering;
+    let cluster = Cluster::start(3);
+    let proxy = LossyProxy::start(&cluster.endpoints()[0]);
+    let mut s = settings(&cluster);
+    s.endpoints = vec![proxy.url.clone()];
+    s.timeout = Duration::from_secs(4);
+    let store = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let fp = fingerprint(b"lost answer");
+    // The completion lease is granted by the first completion: later ones are one request.
+    let warm = acquired(store.claim(b"warm", &fp, unix_ms_now()).unwrap());
+    store
+        .complete(b"warm", warm, &fp, 0, unix_ms_now())
+        .unwrap();
+    let token = acquired(store.claim(b"lost", &fp, unix_ms_now()).unwrap());
+
+    // The completion is applied, its answer lost with the connection. Retried, its compare
+    // (the key still bound to the claim's lease) fails: only the claim's own token in the
+    // value read back tells that the completion is ours, not another caller's.
+    proxy.armed.store(true, Ordering::SeqCst);
+    let completion = store
+        .complete(b"lost", token, &fp, 0, unix_ms_now())
+        .unwrap();
+    assert!(
+        proxy.swallowed.load(Ordering::SeqCst) >= 60,
+        "the answer was not swallowed ({} bytes)",
+        proxy.swallowed.load(Ordering::SeqCst)
+    );
+    assert_eq!(completion, Completion::Recorded);
+    // Written once: the claim's put and the completion's put.
+    let fields = cluster.etcdctl(&[
+        "get",
+        &format!("{PREFIX}idem/{}", "6c6f7374"),
+        "-w",
+        "fields",
+    ]);
+    assert!(fields.contains("\"Version\" : 2"), "{fields}");
+    assert_eq!(
+        store.claim(b"lost", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+}

@@ -551,3 +551,52 @@ fn etcd_a_lost_answer_is_resolved_by_reading_the_key_back() {
         Claim::Replay { result: 0 }
     );
 }
+
+#[test]
+fn etcd_database_space_exceeded_is_disk_full() {
+    // A 2 MiB quota, filled by another client until etcd raises its NOSPACE alarm.
+    let cluster = Cluster::start_with_args(3, &["--quota-backend-bytes", "2097152"]);
+    let store = host(
+        &settings(&cluster),
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let fp = fingerprint(b"full");
+    let token = acquired(store.claim(b"before", &fp, unix_ms_now()).unwrap());
+    let filler = cluster.dir.path().join("filler");
+    std::fs::write(&filler, vec![b'x'; 512 * 1024]).unwrap();
+    let mut full = false;
+    for i in 0..40 {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "etcdctl --endpoints={} put /filler/{i} < {}",
+                cluster.endpoints()[0],
+                filler.display()
+            ))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stderr).contains("database space exceeded") {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "etcd never reported its quota exhausted");
+    let started = Instant::now();
+    let failure = store.claim(b"after", &fp, unix_ms_now()).unwrap_err();
+    assert_eq!(failure.code, ErrorCode::DiskFull.raw(), "{failure:?}");
+    assert!(
+        failure.detail.contains("database space"),
+        "{}",
+        failure.detail
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a full cluster is not retried"
+    );
+    // A completion too (its claim was recorded before the cluster filled up).
+    let failure = store
+        .complete(b"before", token, &fp, 0, unix_ms_now())
+        .unwrap_err();
+    assert_eq!(failure.code, ErrorCode::DiskFull.raw(), "{failure:?}");
+}

@@ -27,6 +27,8 @@ pub struct Cluster {
     tls: Option<Tls>,
     /// etcdctl's credentials once auth is enabled (root).
     root_auth: Option<String>,
+    /// More flags for every member.
+    extra_args: Vec<String>,
 }
 
 /// Files of a test CA, a server certificate for 127.0.0.1 and a client certificate.
@@ -67,15 +69,20 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(size: usize) -> Cluster {
-        Self::start_with(size, false)
+        Self::start_with(size, false, &[])
     }
 
     /// Clients talk https with client certificates; peers stay plain on loopback.
     pub fn start_tls(size: usize) -> Cluster {
-        Self::start_with(size, true)
+        Self::start_with(size, true, &[])
     }
 
-    fn start_with(size: usize, tls: bool) -> Cluster {
+    /// With more etcd flags on every member (a small `--quota-backend-bytes`).
+    pub fn start_with_args(size: usize, extra_args: &[&str]) -> Cluster {
+        Self::start_with(size, false, extra_args)
+    }
+
+    fn start_with(size: usize, tls: bool, extra_args: &[&str]) -> Cluster {
         ensure_etcd_installed();
         let dir = tempfile::tempdir().unwrap();
         let tls = tls.then(|| make_certs(dir.path()));
@@ -100,6 +107,7 @@ impl Cluster {
             dir,
             tls,
             root_auth: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..size {
             cluster.launch(i);
@@ -136,7 +144,8 @@ impl Cluster {
             .args(["--initial-cluster-state", state])
             .args(["--initial-cluster-token", "backup-coordinator-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
-            .args(["--logger", "zap", "--log-level", "warn"]);
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra_args);
         if let Some(tls) = &self.tls {
             cmd.arg("--cert-file").arg(&tls.server_cert);
             cmd.arg("--key-file").arg(&tls.server_key);

@@ -96,8 +96,11 @@ fn etcd_host_child() {
 /// Works through every key until each one is done (run here, or replayed), retrying the
 /// keys another host holds and the calls that failed while the cluster had no leader.
 fn run_keys(client: Arc<EtcdClient>, log: &Path) {
-    let store =
-        EtcdIdempotencyStore::new(client, Duration::from_secs(3), Duration::from_secs(3600));
+    let store = EtcdIdempotencyStore::new(
+        client.clone(),
+        Duration::from_secs(3),
+        Duration::from_secs(3600),
+    );
     let mut pending: Vec<usize> = (0..KEYS).collect();
     fastrand::seed(std::process::id() as u64);
     fastrand::shuffle(&mut pending);
@@ -155,7 +158,11 @@ fn run_keys(client: Arc<EtcdClient>, log: &Path) {
         pending = next;
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("host {} ran {ran} failures {failures}", std::process::id());
+    println!(
+        "host {} ran {ran} failures {failures} failovers {}",
+        std::process::id(),
+        client.failovers()
+    );
 }
 
 /// Claims a key, keeps its lease alive from a thread (as the plugin's lease keeper does),

@@ -15,7 +15,7 @@ use etcd_client::{
     TxnOpResponse,
 };
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -37,6 +37,8 @@ pub struct Conn {
     clients: Vec<tokio::sync::Mutex<Option<Client>>>,
     /// The endpoint requests go to; moves on when one fails.
     current: AtomicUsize,
+    /// Attempts that failed transiently and moved to the next endpoint.
+    failovers: AtomicU64,
 }
 
 /// Why one attempt failed.
@@ -76,6 +78,7 @@ impl EtcdClient {
                 .collect(),
             // Hosts spread over the members instead of all starting on the first one.
             current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
+            failovers: AtomicU64::new(0),
         });
         Ok(EtcdClient {
             conn,
@@ -104,6 +107,11 @@ impl EtcdClient {
 
     pub fn conn(&self) -> &Conn {
         &self.conn
+    }
+
+    /// Requests moved to another endpoint (or retried on the only one) since the start.
+    pub fn failovers(&self) -> u64 {
+        self.conn.failovers.load(Ordering::Relaxed)
     }
 }
 
@@ -182,6 +190,7 @@ impl Conn {
                 Fault::Retry { reason, sent } => (reason, sent),
             };
             sent_any |= sent;
+            self.failovers.fetch_add(1, Ordering::Relaxed);
             let next = (index + 1) % self.endpoints.len();
             let _ =
                 self.current

@@ -52,7 +52,10 @@ pub fn ensure_etcd_installed() {
         let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
         assert!(root, "etcd, etcdctl or openssl is missing: install Debian's etcd-server, etcd-client and openssl (.ci/run does)");
         let status = Command::new("sh")
-            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client openssl >/dev/null"])
+            // policy-rc.d keeps the package's own etcd service from being started.
+            .args(["-c", "made=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\\nexit 101\\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }; \
+                apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client openssl >/dev/null; rc=$?; \
+                [ -z \"$made\" ] || rm -f /usr/sbin/policy-rc.d; exit $rc"])
             .status()
             .expect("apt-get");
         assert!(status.success(), "installing etcd-server, etcd-client and openssl failed");

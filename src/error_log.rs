@@ -30,7 +30,7 @@ use std::sync::{Arc, LazyLock, Weak};
 const FILE_PREFIX: &str = "backup_error_";
 const FILE_SUFFIX: &str = ".log";
 /// One message never takes more than this in a line, the "..." of a cut included.
-pub const MAX_MESSAGE_BYTES: usize = 4096;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 4096;
 const CUT_MARK: &str = "...";
 /// A name further ahead of the clock than this (a year) is junk, not a writer's file: it
 /// is not followed when choosing the next name (`backup_error_18446744073709551615.log`

@@ -106,11 +106,6 @@ typedef struct {
 
 
 /*
- One message never takes more than this in a line, the "..." of a cut included.
- */
-#define MAX_MESSAGE_BYTES 4096
-
-/*
  Longest reason kept, NUL excluded (the C record has 256 bytes).
  */
 #define MAX_REASON_BYTES 255

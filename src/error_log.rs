@@ -67,6 +67,14 @@ struct ActiveFile {
     path: PathBuf,
 }
 
+/// What the log's lock guards: the current file and its size (this log is the file's only
+/// writer, so the size it counts is the file's).
+#[derive(Default)]
+struct Active {
+    current: Option<Arc<ActiveFile>>,
+    size: u64,
+}
+
 /// Why a line was not written, with the file or directory it concerns.
 #[derive(Debug, thiserror::Error)]
 #[error("could not {action} {}: {source}", path.display())]
@@ -89,7 +97,7 @@ impl LogError {
 
 pub struct ErrorLog {
     settings: LogSettings,
-    active: Mutex<Option<ActiveFile>>,
+    active: Mutex<Active>,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
@@ -110,7 +118,7 @@ impl ErrorLog {
         }
         let log = Arc::new(ErrorLog {
             settings: settings.clone(),
-            active: Mutex::new(None),
+            active: Mutex::new(Active::default()),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -129,7 +137,7 @@ impl ErrorLog {
 
     /// The file lines currently go to, once one exists.
     pub fn current_path(&self) -> Option<PathBuf> {
-        self.active.lock().as_ref().map(|a| a.path.clone())
+        self.active.lock().current.as_ref().map(|a| a.path.clone())
     }
 
     /// Appends one line for an error recorded at `unix_ms`. A failure is counted and traced
@@ -154,57 +162,70 @@ impl ErrorLog {
     }
 
     fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> Result<(), LogError> {
-        let mut active = self.active.lock();
-        // The one extra syscall per line: the size the line starts at (to cut a torn
-        // write back to it), and whether someone removed the file (or its directory).
-        let mut start = None;
-        if let Some(current) = active.as_ref() {
-            let stat = rustix::fs::fstat(&current.file)
-                .map_err(|e| LogError::new("fstat", &current.path, e.into()))?;
-            if stat.st_nlink == 0 {
-                tracing::warn!(
-                    path = %current.path.display(),
-                    "the error log file was removed; the next line starts a new file"
-                );
-            } else {
-                start = Some(stat.st_size as u64);
+        // The one extra syscall per line: an fstat that notices a file (or its directory)
+        // removed by someone else. It runs outside the lock, so that other threads' lines
+        // do not wait for it; a file that changed meanwhile is checked in turn.
+        let mut checked = self.active.lock().current.clone();
+        loop {
+            let removed = match &checked {
+                Some(file) => {
+                    rustix::fs::fstat(&file.file)
+                        .map_err(|e| LogError::new("fstat", &file.path, e.into()))?
+                        .st_nlink
+                        == 0
+                }
+                None => false,
+            };
+            let mut active = self.active.lock();
+            let same = match (&active.current, &checked) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                checked = active.current.clone();
+                continue;
             }
-        }
-        let start = match start {
-            Some(size)
-                if size == 0
-                    || size.saturating_add(line.len() as u64) <= self.settings.rotation_size =>
-            {
-                size
-            }
-            _ => {
-                // Our lock on the old file goes first, so that the pruning done for the new
-                // file may take the old one when it is beyond the count.
-                *active = None;
-                *active = Some(self.create_file(clock)?);
-                0
-            }
-        };
-        let current = active.as_ref().expect("a file is open");
-        if let Err(source) = write_whole(&current.file, line) {
-            let path = current.path.clone();
-            let torn = rustix::fs::fstat(&current.file).map_or(true, |s| s.st_size as u64 != start);
-            if torn {
-                if let Err(err) = current.file.set_len(start) {
-                    // The partial bytes stay: never append to them, start a new file.
-                    tracing::warn!(path = %path.display(), error = %err,
-                        "could not cut a torn line from the error log; the next line starts a new file");
-                    *active = None;
+            if removed {
+                if let Some(file) = &active.current {
+                    tracing::warn!(path = %file.path.display(),
+                        "the error log file was removed; the next line starts a new file");
                 }
             }
-            return Err(LogError::new("append a line to", &path, source));
+            let fits = active.size == 0
+                || active.size.saturating_add(line.len() as u64) <= self.settings.rotation_size;
+            if removed || active.current.is_none() || !fits {
+                // Our lock on the old file goes first, so that the pruning done for the new
+                // file may take the old one when it is beyond the count.
+                active.current = None;
+                active.current = Some(Arc::new(self.create_file(clock)?));
+                active.size = 0;
+            }
+            let file = active.current.clone().expect("a file is open");
+            let start = active.size;
+            if let Err(source) = write_whole(&file.file, line) {
+                // Whatever part of the line went in is cut back: the next line must not be
+                // glued to a torn one.
+                let torn =
+                    rustix::fs::fstat(&file.file).map_or(true, |s| s.st_size as u64 != start);
+                if torn {
+                    if let Err(err) = file.file.set_len(start) {
+                        // The partial bytes stay: never append to them, start a new file.
+                        tracing::warn!(path = %file.path.display(), error = %err,
+                            "could not cut a torn line from the error log; the next line starts a new file");
+                        active.current = None;
+                    }
+                }
+                return Err(LogError::new("append a line to", &file.path, source));
+            }
+            active.size += line.len() as u64;
+            return Ok(());
         }
-        Ok(())
     }
 
     /// fsync of the current file (cleanup, and before a planned exit).
     pub fn flush(&self) {
-        if let Some(active) = self.active.lock().as_ref() {
+        if let Some(active) = self.active.lock().current.as_ref() {
             if let Err(err) = active.file.sync_data() {
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %active.path.display(), error = %err, "could not fsync the error log");

@@ -698,4 +698,37 @@ mod tests {
             assert_eq!(sanitize_message(&once), once);
         }
     }
+
+    #[test]
+    fn threads_rolling_one_log_lose_and_glue_no_line() {
+        let root = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000);
+        let log = ErrorLog::shared(settings(root.path(), 4096, 10_000));
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (log, clock) = (&log, &clock);
+                s.spawn(move || {
+                    for i in 0..500 {
+                        log.append(
+                            clock,
+                            clock.unix_ms(),
+                            -6,
+                            &format!("thread {t} line {i:03}"),
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(log.write_failures(), 0);
+        let mut seen = std::collections::HashSet::new();
+        for (_, path) in log_files(root.path()).unwrap() {
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.len() <= 4096 && text.ends_with('\n'));
+            for line in text.lines() {
+                let message = line.strip_prefix("[1000] Error -6: ").unwrap();
+                assert!(seen.insert(message.to_string()), "{message} twice");
+            }
+        }
+        assert_eq!(seen.len(), 8 * 500);
+    }
 }

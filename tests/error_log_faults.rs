@@ -17,6 +17,7 @@ use backup_coordinator::ffi::types::{
     SBackupCoordinator, SBackupCoordinatorConfig, SBackupErrorRecord,
 };
 use common::Mount;
+use std::collections::HashSet;
 use std::ffi::{c_char, CStr, CString};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -401,22 +402,23 @@ fn a_line_torn_by_a_full_disk_is_cut_back_and_later_lines_stay_whole() {
 
 /// Every 8-byte window of the key, as raw bytes and as they would read once control
 /// characters became spaces.
-fn key_windows(key: &str) -> Vec<Vec<u8>> {
+fn key_windows(key: &str) -> HashSet<[u8; 8]> {
+    assert!(key.len() >= 8);
     let spaced: Vec<u8> = key
         .bytes()
         .map(|b| if b.is_ascii_control() { b' ' } else { b })
         .collect();
-    let mut windows = Vec::new();
-    for bytes in [key.as_bytes(), &spaced[..]] {
-        windows.extend(bytes.windows(8.min(bytes.len())).map(<[u8]>::to_vec));
-    }
-    windows
+    [key.as_bytes(), &spaced[..]]
+        .iter()
+        .flat_map(|bytes| bytes.windows(8))
+        .map(|w| w.try_into().unwrap())
+        .collect()
 }
 
-fn assert_no_window(haystack: &[u8], windows: &[Vec<u8>], what: &str) {
-    for window in windows {
+fn assert_no_window(haystack: &[u8], windows: &HashSet<[u8; 8]>, what: &str) {
+    for window in haystack.windows(8) {
         assert!(
-            !haystack.windows(window.len()).any(|w| w == &window[..]),
+            !windows.contains(window),
             "{:?} of the key found in {what}",
             String::from_utf8_lossy(window)
         );

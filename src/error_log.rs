@@ -240,7 +240,7 @@ impl ErrorLog {
         let mut name_ms = 0;
         for _ in 0..CREATE_ATTEMPTS {
             if !dir.is_dir() {
-                create_dirs(dir).map_err(|e| LogError::new("create the directory", dir, e))?;
+                create_dirs_0750(dir).map_err(|e| LogError::new("create the directory", dir, e))?;
             }
             if name_ms == 0 {
                 let files = log_files(dir).map_err(|e| LogError::new("list", dir, e))?;
@@ -389,7 +389,8 @@ fn remove_if_unlocked(path: &Path) -> io::Result<bool> {
 
 /// Creates `dir` and its missing parents 0750 whatever the umask: each directory this
 /// makes gets its mode set explicitly. Directories that exist are left as they are.
-fn create_dirs(dir: &Path) -> io::Result<()> {
+/// (The rule of ABI §6; the same one fits every directory the plugin creates.)
+pub fn create_dirs_0750(dir: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut current = Some(dir);
     while let Some(path) = current {

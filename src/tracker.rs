@@ -158,6 +158,16 @@ impl Redactor {
                     patterns.push(spaced);
                 }
             }
+            // A secret that was not UTF-8 reached us with U+FFFD for its bad bytes; where a
+            // message's own bytes made those decode otherwise, its long valid runs still go.
+            if secret.contains(char::REPLACEMENT_CHARACTER) {
+                patterns.extend(
+                    secret
+                        .split(char::REPLACEMENT_CHARACTER)
+                        .filter(|run| run.len() >= 8)
+                        .map(str::to_string),
+                );
+            }
             patterns.push(secret);
         }
         patterns.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
@@ -296,5 +306,16 @@ mod tests {
         assert_eq!(redactor.redact("clean"), "clean");
         assert!(matches!(redactor.redact("clean"), Cow::Borrowed(_)));
         assert!(Redactor::new(None).is_empty());
+    }
+
+    #[test]
+    fn the_valid_runs_of_a_secret_that_was_not_utf8_go_too() {
+        let key =
+            String::from_utf8_lossy(b"\x80first-run-of-key\xffsecond-run-of-key").into_owned();
+        let redactor = Redactor::new([key]);
+        // The message's byte before the key made "\xC3\x80" decode as one character.
+        let message = String::from_utf8_lossy(b"x \xC3\x80first-run-of-key\xffsecond-run-of-key y");
+        let out = redactor.redact(&message);
+        assert!(!out.contains("run-of-"), "{out}");
     }
 }

@@ -21,9 +21,9 @@ use parking_lot::Mutex;
 use rustix::fs::FlockOperation;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
@@ -40,7 +40,6 @@ const FUTURE_NAME_LIMIT_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 /// Attempts at creating a new file before the line is given up (names taken by others,
 /// a file pruned by another writer before this one could lock it).
 const CREATE_ATTEMPTS: u32 = 1000;
-const DIR_MODE: u32 = 0o750;
 const FILE_MODE: u32 = 0o640;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -238,7 +237,8 @@ impl ErrorLog {
         let mut name_ms = 0;
         for _ in 0..CREATE_ATTEMPTS {
             if !dir.is_dir() {
-                create_dirs_0750(dir).map_err(|e| LogError::new("create the directory", dir, e))?;
+                crate::durable::create_private_dir(dir)
+                    .map_err(|e| LogError::new("create the directory", dir, e.source))?;
             }
             if name_ms == 0 {
                 let files = log_files(dir).map_err(|e| LogError::new("list", dir, e))?;
@@ -398,30 +398,6 @@ fn remove_if_unlocked(path: &Path) -> io::Result<bool> {
     }
     // The lock goes with `file`, after the unlink.
     Ok(true)
-}
-
-/// Creates `dir` and its missing parents 0750 whatever the umask: each directory this
-/// makes gets its mode set explicitly. Directories that exist are left as they are.
-/// (The rule of ABI §6; the same one fits every directory the plugin creates.)
-pub fn create_dirs_0750(dir: &Path) -> io::Result<()> {
-    let mut missing = Vec::new();
-    let mut current = Some(dir);
-    while let Some(path) = current {
-        if path.as_os_str().is_empty() || path.is_dir() {
-            break;
-        }
-        missing.push(path);
-        current = path.parent();
-    }
-    for path in missing.into_iter().rev() {
-        match DirBuilder::new().mode(DIR_MODE).create(path) {
-            Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE))?,
-            // Another writer made it first.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The log files of a directory, oldest first.

@@ -64,11 +64,7 @@ impl ErrorTracker {
 
     /// Records an error: `None` records the code's own message.
     pub fn record(&self, clock: &dyn Clock, code: i32, message: Option<&str>) {
-        let text = message.unwrap_or_else(|| message_of(code));
-        // Redaction first, on the raw text: a cut could leave part of a secret, and
-        // control characters turned into spaces would hide one containing a tab.
-        let redacted = self.redactor.redact(text);
-        let message: Arc<str> = Arc::from(&*sanitize_message(&redacted));
+        let message = self.clean(message.unwrap_or_else(|| message_of(code)));
         let unix_ms = clock.unix_ms();
         self.error_count.fetch_add(1, Ordering::Relaxed);
         {
@@ -93,12 +89,16 @@ impl ErrorTracker {
     /// Makes `message` the last error without booking it: for the calls of ABI §4 that
     /// are not plugin-level operations (their failures name the problem, uncounted).
     pub fn set_last_error(&self, message: &str) {
-        let clean = sanitize_message(message);
-        let message: Arc<str> = match self.redact(&clean) {
-            Some(redacted) => Arc::from(redacted),
-            None => Arc::from(&*clean),
-        };
+        let message = self.clean(message);
         self.recent.lock().last = Some(message);
+    }
+
+    /// A message as it may be shown and logged. Redaction first, on the raw text: a cut
+    /// could leave part of a secret, and control characters turned into spaces would hide
+    /// one containing a tab.
+    fn clean(&self, text: &str) -> Arc<str> {
+        let redacted = self.redactor.redact(text);
+        Arc::from(&*sanitize_message(&redacted))
     }
 
     pub fn add_retries(&self, retries: u64) {

@@ -80,6 +80,12 @@ impl EtcdSettings {
                     "`etcd_endpoints`: {endpoint:?} must start with http:// or https://"
                 ));
             };
+            // Endpoints are shown in messages: credentials go in etcd_user / etcd_password.
+            if rest.contains('@') {
+                return bad(
+                    "`etcd_endpoints`: an endpoint must not carry credentials (user@host); use `etcd_user` and `etcd_password`"
+                .into());
+            }
             if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
                 return bad(format!(
                     "`etcd_endpoints`: {endpoint:?} must be http(s)://host:port"
@@ -177,6 +183,12 @@ mod tests {
             .unwrap_err()
             .detail
             .contains("etcd_endpoints"));
+        let creds = EtcdSettings::new(vec!["http://u:secret@127.0.0.1:2379".into()]);
+        let detail = creds.validate().unwrap_err().detail;
+        assert!(
+            detail.contains("etcd_user") && !detail.contains("secret"),
+            "{detail}"
+        );
         let scheme = EtcdSettings::new(vec!["127.0.0.1:2379".into()]);
         assert!(scheme.validate().unwrap_err().detail.contains("http://"));
         let mut user_only = ok.clone();

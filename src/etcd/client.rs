@@ -105,10 +105,6 @@ impl EtcdClient {
         self.runtime.spawn(work(self.conn.clone()))
     }
 
-    pub fn conn(&self) -> &Conn {
-        &self.conn
-    }
-
     /// Requests moved to another endpoint (or retried on the only one) since the start.
     pub fn failovers(&self) -> u64 {
         self.conn.failovers.load(Ordering::Relaxed)
@@ -150,10 +146,6 @@ impl Conn {
             key.extend_from_slice(hex(part).as_bytes());
         }
         key
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// One logical request: `call` is tried on the current endpoint and, while it fails

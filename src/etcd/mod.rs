@@ -6,7 +6,8 @@
 //! request with failover across the endpoints within `etcd_timeout`.
 //! [`idempotency::EtcdIdempotencyStore`] and [`log_records::EtcdLogRecords`] implement the
 //! store traits on it: claims are single transactions compared on the key's revision or
-//! lease, bound to an etcd lease that the owner keeps alive.
+//! lease, bound to an etcd lease that the owner keeps alive. [`EtcdBackend`] is what a
+//! plugin instance holds: one client for both stores, opened from the configuration.
 
 pub mod client;
 pub mod idempotency;
@@ -14,11 +15,60 @@ pub mod log_records;
 mod runtime;
 
 use crate::error::Failure;
+use crate::idempotency::IdempotencyStore;
+use crate::log_backup::records::LogRecordStore;
+use idempotency::EtcdIdempotencyStore;
+use log_records::EtcdLogRecords;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::EtcdClient;
+
+/// The etcd backend of a plugin instance: one client (its runtime thread started, nothing
+/// connected) shared by both stores. Dropping the last handle stops the runtime thread.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    client: Arc<EtcdClient>,
+    lease: Duration,
+    ttl: Duration,
+}
+
+impl EtcdBackend {
+    /// `None` unless `state_backend = "etcd"`. Init does not need the cluster: this only
+    /// checks the settings, reads the TLS files and starts the runtime thread.
+    pub fn open(config: &crate::config::PluginConfig) -> Result<Option<Self>, Failure> {
+        if config.state_backend != crate::config::StateBackend::Etcd {
+            return Ok(None);
+        }
+        Ok(Some(EtcdBackend {
+            client: Arc::new(EtcdClient::new(&EtcdSettings::from(&config.etcd))?),
+            lease: config.idempotency_lease,
+            ttl: config.idempotency_ttl,
+        }))
+    }
+
+    /// The idempotency keys (§8) on etcd, with `idempotency_lease` and `idempotency_ttl`.
+    pub fn idempotency_store(&self) -> Arc<dyn IdempotencyStore> {
+        Arc::new(EtcdIdempotencyStore::new(
+            self.client.clone(),
+            self.lease,
+            self.ttl,
+        ))
+    }
+
+    /// The log-backup retry records (§7) on etcd; a dead runner's claim of a (task,
+    /// command) ends with its lease, `idempotency_lease`.
+    pub fn log_records(&self) -> Box<dyn LogRecordStore> {
+        Box::new(EtcdLogRecords::new(self.client.clone(), self.lease))
+    }
+
+    /// Requests moved to another endpoint since the start (for the metrics).
+    pub fn failovers(&self) -> u64 {
+        self.client.failovers()
+    }
+}
 
 /// Default prefix of every key the plugin writes (ABI §5).
 pub const DEFAULT_PREFIX: &str = "/taosx/backup/";
@@ -171,6 +221,19 @@ mod tests {
             (Some("backup"), Some("pw-1"))
         );
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn the_backend_opens_only_for_etcd_and_without_the_cluster() {
+        let file = crate::config::PluginConfig::parse(b"").unwrap();
+        assert!(EtcdBackend::open(&file).unwrap().is_none());
+        // Nothing listens on port 1: opening connects nothing.
+        let etcd = crate::config::PluginConfig::parse(
+            b"state_backend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        let backend = EtcdBackend::open(&etcd).unwrap().expect("an etcd backend");
+        assert_eq!(backend.failovers(), 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Once;
+use std::sync::{Mutex, MutexGuard, Once};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,12 @@ pub struct Cluster {
     root_auth: Option<String>,
     /// More flags for every member.
     extra_args: Vec<String>,
+    /// One cluster at a time per test binary: a few members on a loaded 2-core machine keep
+    /// their short election timeouts, a dozen would not.
+    _one_at_a_time: MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Files of a test CA, a server certificate for 127.0.0.1 and a client certificate.
 #[derive(Clone)]
@@ -86,6 +91,8 @@ impl Cluster {
     }
 
     fn start_with(size: usize, tls: bool, extra_args: &[&str]) -> Cluster {
+        // A test that failed while holding it poisoned nothing worth refusing.
+        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         ensure_etcd_installed();
         let dir = tempfile::tempdir().unwrap();
         let tls = tls.then(|| make_certs(dir.path()));
@@ -111,6 +118,7 @@ impl Cluster {
             tls,
             root_auth: None,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            _one_at_a_time: one_at_a_time,
         };
         for i in 0..size {
             cluster.launch(i);

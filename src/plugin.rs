@@ -15,9 +15,10 @@ use crate::config::PluginConfig;
 use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
+use crate::etcd::EtcdBackend;
 use crate::idempotency::file_store::{FileStore, FileStoreSettings};
 use crate::idempotency::keyed::Keyed;
-use crate::idempotency::{self as idem};
+use crate::idempotency::{self as idem, IdempotencyStore};
 use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
@@ -38,6 +39,8 @@ pub struct Plugin {
     /// Log-backup retry records, when a state store is configured.
     log_records: Option<Box<dyn LogRecordStore>>,
     log_metrics: LogMetrics,
+    /// The shared state store on etcd (ABI §9), when `state_backend = "etcd"`.
+    etcd: Option<EtcdBackend>,
     /// The idempotency store, opened on first use (an open that fails is tried again).
     keyed: Mutex<Option<Arc<Keyed>>>,
 }
@@ -72,7 +75,14 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
             return Err(failure);
         }
     };
-    let plugin = Plugin::new(config, clock);
+    let plugin = match Plugin::new(config, clock) {
+        Ok(plugin) => plugin,
+        Err(failure) => {
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
+            tracing::error!(reason = %failure.detail, "plugin init failed");
+            return Err(failure);
+        }
+    };
     *INIT_FAILURE.lock() = None;
     tracing::info!(
         enable = plugin.config.enable,
@@ -140,8 +150,17 @@ pub fn last_error_text() -> Arc<str> {
         .unwrap_or_else(|| Arc::from(NOT_INITIALIZED))
 }
 
+/// What calls that keep durable state return when no state store is configured.
+fn no_state_store() -> Failure {
+    Failure::invalid_param(
+        "Invalid parameter: no state store is configured (set `state_dir`, or `state_backend = \"etcd\"` with `etcd_endpoints`); this operation keeps durable state there",
+    )
+}
+
 impl Plugin {
-    fn new(config: PluginConfig, clock: Arc<dyn Clock>) -> Self {
+    fn new(config: PluginConfig, clock: Arc<dyn Clock>) -> Result<Self, Failure> {
+        // Only checks the settings and starts the runtime thread: the cluster may be down.
+        let etcd = EtcdBackend::open(&config)?;
         let log = match (&config.error_store_path, config.enable_error_logging) {
             (Some(dir), true) => Some(ErrorLog::shared(LogSettings {
                 dir: dir.clone(),
@@ -150,24 +169,26 @@ impl Plugin {
             })),
             _ => None,
         };
-        Plugin {
-            // The coordinator settings' key is redacted from the plugin's messages too.
+        let log_records = match (&etcd, config.state_dir.as_deref()) {
+            (Some(etcd), _) => Some(etcd.log_records()),
+            (None, Some(dir)) => Some(Box::new(RecordStore::new(dir)) as Box<dyn LogRecordStore>),
+            (None, None) => None,
+        };
+        Ok(Plugin {
             tracker: ErrorTracker::new(
                 config.error_buffer_size,
                 log,
                 // Every configured secret (encryption_key, etcd_password) is redacted.
                 config.secrets().into_iter().map(str::to_string),
             ),
-            log_records: config
-                .state_dir
-                .as_deref()
-                .map(|dir| Box::new(RecordStore::new(dir)) as Box<dyn LogRecordStore>),
+            log_records,
             log_metrics: LogMetrics::default(),
+            etcd,
             keyed: Mutex::new(None),
             cancel: cancel::token(),
             config,
             clock,
-        }
+        })
     }
 
     pub fn config(&self) -> &PluginConfig {
@@ -184,11 +205,7 @@ impl Plugin {
 
     /// The directory for durable state, or INVALID_PARAM naming `state_dir`.
     pub fn state_dir(&self) -> Result<&Path, Failure> {
-        self.config.state_dir.as_deref().ok_or_else(|| {
-            Failure::invalid_param(
-                "Invalid parameter: no `state_dir` is configured; this operation keeps durable state there",
-            )
-        })
+        self.config.state_dir.as_deref().ok_or_else(no_state_store)
     }
 
     pub fn record_error(&self, code: i32, message: Option<&str>) {
@@ -234,11 +251,7 @@ impl Plugin {
     }
 
     fn log_records(&self) -> Result<&dyn LogRecordStore, Failure> {
-        self.state_dir()?;
-        Ok(self
-            .log_records
-            .as_deref()
-            .expect("a state_dir gives a record store"))
+        self.log_records.as_deref().ok_or_else(no_state_store)
     }
 
     /// `backup_log_run_command`, booked as a plugin-level operation.
@@ -277,17 +290,21 @@ impl Plugin {
     }
 
     fn keyed(&self) -> Result<Arc<Keyed>, Failure> {
-        let state_dir = self.state_dir()?;
         let mut slot = self.keyed.lock();
         if let Some(keyed) = slot.as_ref() {
             return Ok(keyed.clone());
         }
-        let settings = FileStoreSettings {
-            lease: self.config.idempotency_lease,
-            ttl: self.config.idempotency_ttl,
-            compaction_slack_bytes: self.config.idempotency_compaction_slack,
+        let store: Arc<dyn IdempotencyStore> = match &self.etcd {
+            Some(etcd) => etcd.idempotency_store(),
+            None => {
+                let settings = FileStoreSettings {
+                    lease: self.config.idempotency_lease,
+                    ttl: self.config.idempotency_ttl,
+                    compaction_slack_bytes: self.config.idempotency_compaction_slack,
+                };
+                Arc::new(FileStore::open(self.state_dir()?, settings)?)
+            }
         };
-        let store = Arc::new(FileStore::open(state_dir, settings)?);
         let keyed = Arc::new(Keyed::new(
             store,
             self.clock.clone(),

@@ -183,6 +183,7 @@ impl Conn {
             };
             sent_any |= sent;
             self.failovers.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::store().failovers.inc();
             let next = (index + 1) % self.endpoints.len();
             let _ =
                 self.current

@@ -336,6 +336,7 @@ async fn claim(
         let stored = decode(&kv)?;
         if stored.token == ours {
             // An earlier attempt whose answer was lost did apply.
+            crate::metrics::store().unknown_outcomes.inc();
             return Ok(Claim::Acquired {
                 token: ours,
                 taken_over: false,
@@ -405,7 +406,10 @@ async fn complete(
         let found = decode(&kv)?;
         match found.record.state {
             // An earlier attempt whose answer was lost did apply.
-            KeyState::Completed { .. } if found.token == token => return Ok(Completion::Recorded),
+            KeyState::Completed { .. } if found.token == token => {
+                crate::metrics::store().unknown_outcomes.inc();
+                return Ok(Completion::Recorded);
+            }
             KeyState::Completed { expires_at_ms, .. } if now_ms >= expires_at_ms => {
                 when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, kv.mod_revision());
             }

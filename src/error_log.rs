@@ -203,7 +203,7 @@ impl ErrorLog {
                 path = %err.path.display(),
                 action = err.action,
                 error = %err.source,
-                "could not write a line to the error log; the line is lost"
+                "could not write the error log; the line is lost"
             );
         }
     }

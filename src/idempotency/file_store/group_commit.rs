@@ -11,7 +11,7 @@ impl FileStore {
     /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
     ///
     /// Group commit: while one fsync is in flight the next records queue up. Before it
-    /// starts its fsync, a leader waits (at most as long as the last fsync took, on a
+    /// starts its fsync, a leader waits (at most half of the last fsync's time, on a
     /// condition variable that each arriving caller signals) for the callers the previous
     /// fsync released to append their next records, and for callers in the middle of a
     /// transaction, so that one fsync covers them all. Alone, it waits for nobody.
@@ -41,7 +41,7 @@ impl FileStore {
             // The leader sleeps until the last expected caller has queued (each one wakes
             // it), never spinning: on a machine with few cores a spinning leader takes the
             // CPU the callers it waits for need to reach it.
-            let deadline = Instant::now() + sync.last_sync.min(MAX_GATHER);
+            let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
             while sync.waiters + 1 < sync.released
                 || self.in_transaction.load(Ordering::Acquire) > 0
             {

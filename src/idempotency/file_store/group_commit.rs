@@ -11,17 +11,12 @@ impl FileStore {
     /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
     ///
     /// Group commit: while one fsync is in flight the next records queue up. Before it
-    /// starts its fsync, a leader waits (at most half of the last fsync's time, on a
-    /// condition variable that each arriving caller signals) for the callers the previous
-    /// fsync released to append their next records, and for callers in the middle of a
-    /// transaction, so that one fsync covers them all. Alone, it waits for nobody.
+    /// starts its fsync, a leader waits (at most half of the last fsync's time) for the
+    /// callers the previous fsync released to append their next records, and for callers
+    /// in the middle of a transaction, so that one fsync covers them all. Alone, it waits
+    /// for nobody.
     pub(super) fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
         let mut sync = self.sync.lock();
-        // A leader gathering callers waits for this one (it left its transaction, or is
-        // about to queue): let it look again.
-        if sync.syncing {
-            self.joined.notify_one();
-        }
         loop {
             if let Some(failure) = &sync.failed {
                 return Err(failure.clone());
@@ -32,22 +27,17 @@ impl FileStore {
             }
             if sync.syncing {
                 sync.waiters += 1;
-                self.joined.notify_one();
                 self.synced.wait(&mut sync);
                 sync.waiters -= 1;
                 continue;
             }
             sync.syncing = true;
-            // The leader sleeps until the last expected caller has queued (each one wakes
-            // it), never spinning: on a machine with few cores a spinning leader takes the
-            // CPU the callers it waits for need to reach it.
             let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
-            while sync.waiters + 1 < sync.released
-                || self.in_transaction.load(Ordering::Acquire) > 0
+            while (sync.waiters + 1 < sync.released
+                || self.in_transaction.load(Ordering::Acquire) > 0)
+                && Instant::now() < deadline
             {
-                if self.joined.wait_until(&mut sync, deadline).timed_out() {
-                    break;
-                }
+                MutexGuard::unlocked(&mut sync, std::thread::yield_now);
             }
             let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
             let started = Instant::now();

@@ -81,8 +81,6 @@ pub struct FileStore {
     inner: Mutex<Inner>,
     sync: Mutex<SyncState>,
     synced: Condvar,
-    /// Signalled by each caller reaching the group commit, for a leader gathering them.
-    joined: Condvar,
     compaction: Mutex<()>,
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
@@ -208,7 +206,6 @@ impl FileStore {
                 failed: None,
             }),
             synced: Condvar::new(),
-            joined: Condvar::new(),
             compaction: Mutex::new(()),
             in_transaction: AtomicUsize::new(0),
             compaction_due: AtomicBool::new(false),

@@ -6,15 +6,20 @@
 //!   cargo bench --bench overhead -- quick   fewer rounds
 //!
 //! 1. backup_execute_with_retry with an operation that succeeds at once, vs calling the
-//!    operation directly (target: under 10 ns of overhead per call).
+//!    operation directly (target: at most 3 ns of overhead per call).
 //! 2. backup_plugin_record_error with the file log on, vs a raw write(2) of the same line
-//!    to an O_APPEND file (target: at least 0.7 of the floor's rate), 1 and 8 threads.
+//!    to an O_APPEND file (target: at least 0.85 of the floor's rate), 1 and 8 threads
+//!    (target: 8 threads at least the 1-thread rate). Also against the honest floor of
+//!    ABI §6: that write(2) plus the removal check (a statx of the link count) that the
+//!    log must make before each line.
 //! 3. Durable write of 4 KiB and 1 MiB, vs the raw open/write/fsync/rename/fsync-dir
 //!    sequence (target: within 1.3x and 1.15x).
 //! 4. A skipped log-backup command vs the bare query callback (no target).
 //! 5. backup_execute_idempotent with a new key each call, vs the floor of two
 //!    write(2)+fdatasync(2) per key, the claim's and the completion's (target: 1 thread
-//!    within 1.3x of the floor; 8 threads at least 4x the 1-thread rate).
+//!    within 1.3x of the floor; 8 threads at least 6x the 1-thread rate).
+//!
+//! Extra words pick benchmarks by name: `cargo bench --bench overhead -- quick execute`.
 
 use backup_coordinator::durable::write_atomic;
 use backup_coordinator::ffi::plugin::{
@@ -39,6 +44,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The spread of per-round ratios: "lowest-highest".
+fn spread(ratios: &[f64]) -> String {
+    let lo = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("rounds {lo:.2}-{hi:.2}")
+}
+
+/// Interleaves rounds of each of `paths` (each returns seconds per operation); the
+/// seconds of every round, per path.
+fn compare_all(rounds: usize, paths: &mut [&mut dyn FnMut() -> f64]) -> Vec<Vec<f64>> {
+    let mut results = vec![Vec::new(); paths.len()];
+    for _ in 0..rounds {
+        for (path, result) in paths.iter_mut().zip(&mut results) {
+            result.push(path());
+        }
+    }
+    results
+}
+
 /// Interleaves rounds of `measured` and `floor` (each returns seconds per operation) and
 /// returns the medians.
 fn compare(
@@ -46,12 +70,9 @@ fn compare(
     mut measured: impl FnMut() -> f64,
     mut floor: impl FnMut() -> f64,
 ) -> (f64, f64) {
-    let (mut m, mut f) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        f.push(floor());
-        m.push(measured());
-    }
-    (median(m), median(f))
+    let mut results = compare_all(rounds, &mut [&mut floor, &mut measured]);
+    let m = median(results.pop().unwrap());
+    (m, median(results.pop().unwrap()))
 }
 
 fn bench_execute(rounds: usize) {
@@ -61,32 +82,37 @@ fn bench_execute(rounds: usize) {
     let mut counter = 0u64;
     let counter_ptr = &mut counter as *mut u64 as *mut c_void;
     let op: extern "C" fn(*mut c_void) -> i32 = black_box(succeed);
-    let (wrapped, direct) = compare(
-        rounds,
-        || {
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                let rc = backup_execute_with_retry(black_box(&mut ctx), Some(op), counter_ptr);
-                black_box(rc);
-            }
-            start.elapsed().as_secs_f64() / CALLS as f64
-        },
-        || {
-            let start = Instant::now();
-            for _ in 0..CALLS {
-                black_box(op(counter_ptr));
-            }
-            start.elapsed().as_secs_f64() / CALLS as f64
-        },
-    );
-    let overhead_ns = (wrapped - direct) * 1e9;
+    let mut wrapped = || {
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            let rc = backup_execute_with_retry(black_box(&mut ctx), Some(op), counter_ptr);
+            black_box(rc);
+        }
+        start.elapsed().as_secs_f64() / CALLS as f64
+    };
+    let mut direct = || {
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            black_box(op(counter_ptr));
+        }
+        start.elapsed().as_secs_f64() / CALLS as f64
+    };
+    let results = compare_all(rounds, &mut [&mut direct, &mut wrapped]);
+    let overheads: Vec<f64> = results[1]
+        .iter()
+        .zip(&results[0])
+        .map(|(w, d)| (w - d) * 1e9)
+        .collect();
+    let (direct, wrapped) = (median(results[0].clone()), median(results[1].clone()));
+    let overhead_ns = median(overheads.clone());
     println!(
-        "execute_with_retry (success at once): {:.1} ns/call vs direct call {:.1} ns/call: overhead {:.1} ns ({:.2}x the floor)  target < 10 ns  {}",
+        "execute_with_retry (success at once): {:.1} ns/call vs direct call {:.1} ns/call: overhead {:.1} ns (median of rounds; {} ns) ({:.2}x the floor)  target <= 3 ns over  {}",
         wrapped * 1e9,
         direct * 1e9,
         overhead_ns,
+        spread(&overheads),
         wrapped / direct,
-        if overhead_ns < 10.0 { "MET" } else { "MISSED" }
+        if overhead_ns <= 3.0 { "MET" } else { "MISSED" }
     );
 }
 
@@ -112,7 +138,25 @@ fn seconds_per_op(threads: usize, per_thread: usize, op: impl Fn() + Sync) -> f6
     start.elapsed().as_secs_f64() / (per_thread * threads) as f64
 }
 
-fn bench_record_error(rounds: usize, threads: usize) {
+/// The removal check the log makes before each line (ABI §6): the open file's link count.
+fn link_count(fd: i32) -> u32 {
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_NLINK,
+            &mut stx,
+        )
+    };
+    assert_eq!(rc, 0);
+    stx.stx_nlink
+}
+
+/// Records/s of record_error with the file log, on `threads` threads, against two floors:
+/// a raw write(2) of the same line, and that write with the removal check ABI §6 requires.
+fn bench_record_error(rounds: usize, threads: usize) -> f64 {
     const RECORDS: usize = 20_000;
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let config = format!(
@@ -126,45 +170,71 @@ fn bench_record_error(rounds: usize, threads: usize) {
     let message = CString::new("Network connection to taosd lost").unwrap();
     let fd = raw_append_fd(&dir.path().join("raw.log"));
     let per_thread = RECORDS / threads;
-    let (ours, raw) = compare(
+    let raw_line = |checked: bool| {
+        // The floor formats the same line, then one write(2).
+        let line = format!(
+            "[{}] Error {}: {}\n",
+            backup_coordinator::clock::unix_ms_now(),
+            -6,
+            "Network connection to taosd lost"
+        );
+        if checked {
+            assert_ne!(link_count(fd), 0);
+        }
+        let n = unsafe { libc::write(fd, line.as_ptr() as *const c_void, line.len()) };
+        assert_eq!(n as usize, line.len());
+    };
+    let results = compare_all(
         rounds,
-        || {
-            seconds_per_op(threads, per_thread, || {
-                backup_plugin_record_error(-6, message.as_ptr())
-            })
-        },
-        || {
-            seconds_per_op(threads, per_thread, || {
-                // The floor formats the same line, then one write(2).
-                let line = format!(
-                    "[{}] Error {}: {}\n",
-                    backup_coordinator::clock::unix_ms_now(),
-                    -6,
-                    "Network connection to taosd lost"
-                );
-                let n = unsafe { libc::write(fd, line.as_ptr() as *const c_void, line.len()) };
-                assert_eq!(n as usize, line.len());
-            })
-        },
+        &mut [
+            &mut || seconds_per_op(threads, per_thread, || raw_line(false)),
+            &mut || seconds_per_op(threads, per_thread, || raw_line(true)),
+            &mut || {
+                seconds_per_op(threads, per_thread, || {
+                    backup_plugin_record_error(-6, message.as_ptr())
+                })
+            },
+        ],
     );
     unsafe { libc::close(fd) };
     backup_plugin_cleanup();
-    let ratio = raw / ours; // rate ratio
+    // Rate ratios, per round and their medians.
+    let ratios = |floor: &Vec<f64>| -> Vec<f64> {
+        floor.iter().zip(&results[2]).map(|(f, o)| f / o).collect()
+    };
+    let (vs_write, vs_checked) = (ratios(&results[0]), ratios(&results[1]));
+    let ours = median(results[2].clone());
+    let (raw, checked) = (median(results[0].clone()), median(results[1].clone()));
+    let ratio = median(vs_write.clone());
     let verdict = if threads == 1 {
-        if ratio >= 0.7 {
-            "target >= 0.7  MET"
+        if ratio >= 0.85 {
+            "target >= 0.85  MET"
         } else {
-            "target >= 0.7  MISSED"
+            "target >= 0.85  MISSED"
         }
     } else {
         "(reported)"
     };
     println!(
-        "record_error with file log, {threads} thread(s): {:.0} records/s vs raw write(2) {:.0} lines/s: {:.2} of the floor's rate  {verdict}",
+        "record_error with file log, {threads} thread(s): {:.0} records/s vs raw write(2) {:.0} lines/s: {:.2} of the floor's rate ({})  {verdict}",
         1.0 / ours,
         1.0 / raw,
-        ratio
+        ratio,
+        spread(&vs_write),
     );
+    println!(
+        "    vs raw write(2) + the removal check ABI §6 requires (statx of the link count) {:.0} lines/s: {:.2} of that floor's rate ({})",
+        1.0 / checked,
+        median(vs_checked.clone()),
+        spread(&vs_checked),
+    );
+    if threads == 1 {
+        println!(
+            "    (the removal check is one syscall per line that a bare write(2) does not make: {:.2} of the bare write's rate is the most any §6-conforming log reaches here)",
+            raw / checked
+        );
+    }
+    1.0 / ours
 }
 
 /// The physical floor of a durable replacement: exactly the syscalls it cannot avoid.
@@ -370,32 +440,61 @@ fn bench_idempotent(rounds: usize) {
     backup_plugin_cleanup();
     let expected = (rounds * (KEYS * 2 + KEYS / 8 * 2 * 8)) as u64;
     assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), expected);
+    let per_round = |a: &Vec<f64>, b: &Vec<f64>| -> Vec<f64> {
+        a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<f64>>()
+    };
+    let (one_vs_floor, eight_vs_one) = (per_round(&one, &floor), per_round(&one, &eight));
     let (floor, one, eight) = (median(floor), median(one), median(eight));
     println!(
-        "idempotent execution, 1 thread: {:.0} keys/s vs floor of two write+fdatasync per key {:.0} keys/s: {:.3}x the floor's time  target <= 1.3x  {}",
+        "idempotent execution, 1 thread: {:.0} keys/s vs floor of two write+fdatasync per key {:.0} keys/s: {:.3}x the floor's time ({})  target <= 1.3x  {}",
         1.0 / one,
         1.0 / floor,
-        one / floor,
-        if one / floor <= 1.3 { "MET" } else { "MISSED" }
+        median(one_vs_floor.clone()),
+        spread(&one_vs_floor),
+        if median(one_vs_floor.clone()) <= 1.3 { "MET" } else { "MISSED" }
     );
+    let scale = median(eight_vs_one.clone());
     println!(
-        "idempotent execution, 8 threads: {:.0} keys/s: {:.2}x the 1-thread rate ({:.2}x the floor's rate)  target >= 4x  {}",
+        "idempotent execution, 8 threads: {:.0} keys/s: {:.2}x the 1-thread rate ({}) ({:.2}x the floor's rate)  target >= 6x  {}",
         1.0 / eight,
-        one / eight,
+        scale,
+        spread(&eight_vs_one),
         floor / eight,
-        if one / eight >= 4.0 { "MET" } else { "MISSED" }
+        if scale >= 6.0 { "MET" } else { "MISSED" }
     );
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Other words pick benchmarks by name: `-- quick execute record_error idempotent`.
+    let picked: Vec<&String> = args.iter().filter(|a| *a != "quick").collect();
+    let run = |name: &str| picked.is_empty() || picked.iter().any(|p| name.contains(p.as_str()));
     let rounds = if quick { 5 } else { 15 };
     println!("benchmarks ({rounds} interleaved rounds each; medians; ratios against the floor measured in this run)");
-    bench_execute(rounds);
-    bench_record_error(rounds, 1);
-    bench_record_error(rounds, 8);
-    bench_durable(rounds, 4096, 1.3);
-    bench_durable(rounds, 1 << 20, 1.15);
-    bench_log_skip(rounds);
-    bench_idempotent(rounds);
+    if run("execute_with_retry") {
+        bench_execute(rounds);
+    }
+    if run("record_error") {
+        let one = bench_record_error(rounds, 1);
+        let eight = bench_record_error(rounds, 8);
+        println!(
+            "record_error with file log, 8 threads vs 1: {:.2}x the 1-thread rate  target >= 1x  {}",
+            eight / one,
+            if eight >= one { "MET" } else { "MISSED" }
+        );
+    }
+    if run("durable") {
+        bench_durable(rounds, 4096, 1.3);
+        bench_durable(rounds, 1 << 20, 1.15);
+    }
+    if run("log_skip") {
+        bench_log_skip(rounds);
+    }
+    if run("idempotent") {
+        bench_idempotent(rounds);
+    }
 }

@@ -11,13 +11,19 @@
 //! Several writers (processes, the plugin and coordinators) may share one directory. Each
 //! holds a shared `flock` on the file it appends to; a pruner deletes a file only while it
 //! holds an exclusive lock on it, so a live writer's file is never deleted under it.
-//! Before each line one `statx` (the link count alone) of the open file notices a file (or
+//! Before each write one `statx` (the link count alone) of the open file notices a file (or
 //! its directory) removed by someone else: the next line goes to a new file instead of an
-//! unlinked one. A write that fails half-way is cut back to where its line began, so every
+//! unlinked one. A write that fails half-way is cut back to where its lines began, so every
 //! line is one whole record.
+//!
+//! Threads of one process recording at once share their writes: the first caller that
+//! finds no write in progress leads, and writes every line handed over meanwhile in one
+//! `write(2)` (one per file when the batch crosses a rotation); the others wait for it.
+//! Formatting is per thread, the hand-over one short critical section, and every call
+//! still returns only once its own line is in the kernel.
 
 use crate::clock::Clock;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rustix::fs::FlockOperation;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -68,11 +74,38 @@ struct ActiveFile {
 }
 
 /// What the log's lock guards: the current file and its size (this log is the file's only
-/// writer, so the size it counts is the file's).
+/// writer, so the size it counts is the file's). Only the leader of a batch takes it on the
+/// write path, so it is not contended there.
 #[derive(Default)]
 struct Active {
-    current: Option<Arc<ActiveFile>>,
+    current: Option<ActiveFile>,
     size: u64,
+}
+
+/// Lines handed over by concurrent callers: the one that finds no batch being written
+/// becomes the leader and writes every line gathered so far in one `write(2)`; the others
+/// wait for it. Each call returns only once its own line was written (or failed).
+#[derive(Default)]
+struct Queue {
+    /// Lines of the batch being gathered, back to back, and where each ends.
+    lines: Vec<u8>,
+    ends: Vec<usize>,
+    /// Number of the batch being gathered.
+    gathering: u64,
+    /// A leader is writing a batch.
+    writing: bool,
+    /// Every batch numbered below this is done.
+    done_below: u64,
+    /// Failures of finished batches, until each of their followers has read them.
+    failures: Vec<BatchFailures>,
+    /// Buffers of the last batch, kept for their capacity.
+    spare: (Vec<u8>, Vec<usize>),
+}
+
+struct BatchFailures {
+    batch: u64,
+    followers_left: usize,
+    failed: Vec<(std::ops::Range<usize>, LogError)>,
 }
 
 /// Why a line was not written, with the file or directory it concerns.
@@ -93,11 +126,23 @@ impl LogError {
             source,
         }
     }
+
+    /// The same error for another caller of the batch it concerns.
+    fn duplicate(&self) -> Self {
+        let source = match self.source.raw_os_error() {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::new(self.source.kind(), self.source.to_string()),
+        };
+        LogError::new(self.action, &self.path, source)
+    }
 }
 
 pub struct ErrorLog {
     settings: LogSettings,
     active: Mutex<Active>,
+    queue: Mutex<Queue>,
+    /// Signalled when a batch is done.
+    batch_done: Condvar,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
@@ -119,6 +164,8 @@ impl ErrorLog {
         let log = Arc::new(ErrorLog {
             settings: settings.clone(),
             active: Mutex::new(Active::default()),
+            queue: Mutex::new(Queue::default()),
+            batch_done: Condvar::new(),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -156,67 +203,140 @@ impl ErrorLog {
                 path = %err.path.display(),
                 action = err.action,
                 error = %err.source,
-                "could not write a line to the error log; the line is lost"
+                "could not write the error log; the line is lost"
             );
         }
     }
 
+    /// Hands `line` to the batch being gathered and returns once it was written: as the
+    /// leader that writes the batch, or as a follower woken when its batch is done.
     fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> Result<(), LogError> {
-        // The one extra syscall per line: a statx that notices a file (or its directory)
-        // removed by someone else. It runs outside the lock, so that other threads' lines
-        // do not wait for it; a file that changed meanwhile is checked in turn.
-        let mut checked = self.active.lock().current.clone();
+        let mut queue = self.queue.lock();
+        let batch = queue.gathering;
+        queue.lines.extend_from_slice(line);
+        let end = queue.lines.len();
+        queue.ends.push(end);
+        let index = queue.ends.len() - 1;
         loop {
-            let removed = match &checked {
-                Some(file) => {
-                    is_unlinked(&file.file).map_err(|e| LogError::new("stat", &file.path, e))?
-                }
-                None => false,
-            };
-            let mut active = self.active.lock();
-            let same = match (&active.current, &checked) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                checked = active.current.clone();
-                continue;
+            if queue.done_below > batch {
+                return follower_outcome(&mut queue, batch, index);
             }
-            if removed {
-                if let Some(file) = &active.current {
+            if !queue.writing {
+                // Ours is the batch being gathered (an earlier one would be done).
+                return self.lead(clock, queue, index);
+            }
+            self.batch_done.wait(&mut queue);
+        }
+    }
+
+    /// Writes the batch being gathered, which holds the leader's line at `index`.
+    fn lead(
+        &self,
+        clock: &dyn Clock,
+        mut queue: parking_lot::MutexGuard<'_, Queue>,
+        index: usize,
+    ) -> Result<(), LogError> {
+        let batch = queue.gathering;
+        queue.gathering += 1;
+        queue.writing = true;
+        let spare = std::mem::take(&mut queue.spare);
+        let lines = std::mem::replace(&mut queue.lines, spare.0);
+        let ends = std::mem::replace(&mut queue.ends, spare.1);
+        drop(queue);
+        // Whatever happens (a panic included), the batch ends and its followers wake.
+        let mut finish = FinishBatch {
+            log: self,
+            batch,
+            followers: ends.len() - 1,
+            failed: Vec::new(),
+            buffers: None,
+        };
+        self.write_batch(clock, &lines, &ends, &mut finish.failed);
+        let own = finish
+            .failed
+            .iter()
+            .find(|(range, _)| range.contains(&index))
+            .map(|(_, err)| err.duplicate());
+        finish.buffers = Some((lines, ends));
+        drop(finish);
+        own.map_or(Ok(()), Err)
+    }
+
+    /// Writes whole lines, as many as fit in the current file in each `write(2)`; notes in
+    /// `failed` the lines that were not written and why.
+    fn write_batch(
+        &self,
+        clock: &dyn Clock,
+        lines: &[u8],
+        ends: &[usize],
+        failed: &mut Vec<(std::ops::Range<usize>, LogError)>,
+    ) {
+        let mut active = self.active.lock();
+        // The one extra syscall per batch (per line when alone): a statx that notices a file
+        // (or its directory) removed by someone else. Every line of the batch was handed
+        // over before it, so a line recorded after a removal goes to a new file.
+        if let Some(file) = &active.current {
+            match is_unlinked(&file.file) {
+                Ok(false) => {}
+                Ok(true) => {
                     tracing::warn!(path = %file.path.display(),
                         "the error log file was removed; the next line starts a new file");
+                    active.current = None;
+                }
+                Err(e) => {
+                    failed.push((0..ends.len(), LogError::new("stat", &file.path, e)));
+                    return;
                 }
             }
-            let fits = active.size == 0
-                || active.size.saturating_add(line.len() as u64) <= self.settings.rotation_size;
-            if removed || active.current.is_none() || !fits {
+        }
+        let mut first = 0;
+        while first < ends.len() {
+            let begin = if first == 0 { 0 } else { ends[first - 1] };
+            let fits = |active: &Active, end: usize| {
+                active.size.saturating_add((end - begin) as u64) <= self.settings.rotation_size
+            };
+            if active.current.is_none() || (active.size > 0 && !fits(&active, ends[first])) {
                 // Our lock on the old file goes first, so that the pruning done for the new
                 // file may take the old one when it is beyond the count.
                 active.current = None;
-                active.current = Some(Arc::new(self.create_file(clock)?));
                 active.size = 0;
+                match self.create_file(clock) {
+                    Ok(file) => active.current = Some(file),
+                    Err(err) => {
+                        // Each line tries again, as it would have alone.
+                        failed.push((first..first + 1, err));
+                        first += 1;
+                        continue;
+                    }
+                }
             }
-            let file = active.current.clone().expect("a file is open");
+            // The lines that fit, the first one always (an empty file takes any line).
+            let mut last = first + 1;
+            while last < ends.len() && fits(&active, ends[last]) {
+                last += 1;
+            }
+            let chunk = &lines[begin..ends[last - 1]];
             let start = active.size;
-            if let Err(source) = write_whole(&file.file, line) {
-                // Whatever part of the line went in is cut back: the next line must not be
+            let file = active.current.as_ref().expect("a file is open");
+            if let Err(source) = write_whole(&file.file, chunk) {
+                // Whatever part of the lines went in is cut back: the next line must not be
                 // glued to a torn one.
                 let torn =
                     rustix::fs::fstat(&file.file).map_or(true, |s| s.st_size as u64 != start);
+                let err = LogError::new("append a line to", &file.path, source);
                 if torn {
-                    if let Err(err) = file.file.set_len(start) {
+                    if let Err(e) = file.file.set_len(start) {
                         // The partial bytes stay: never append to them, start a new file.
-                        tracing::warn!(path = %file.path.display(), error = %err,
+                        tracing::warn!(path = %file.path.display(), error = %e,
                             "could not cut a torn line from the error log; the next line starts a new file");
                         active.current = None;
                     }
                 }
-                return Err(LogError::new("append a line to", &file.path, source));
+                failed.push((first..last, err));
+            } else {
+                active.size += chunk.len() as u64;
             }
-            active.size += line.len() as u64;
-            return Ok(());
+            first = last;
         }
     }
 
@@ -300,6 +420,66 @@ impl ErrorLog {
             }
         }
     }
+}
+
+/// Ends a batch: marks it done, leaves its failures for its followers, wakes them.
+struct FinishBatch<'a> {
+    log: &'a ErrorLog,
+    batch: u64,
+    followers: usize,
+    failed: Vec<(std::ops::Range<usize>, LogError)>,
+    /// The batch's buffers, returned for their capacity (`None` after a panic).
+    buffers: Option<(Vec<u8>, Vec<usize>)>,
+}
+
+impl Drop for FinishBatch<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.log.queue.lock();
+        queue.writing = false;
+        queue.done_below = self.batch + 1;
+        if let Some((mut lines, mut ends)) = self.buffers.take() {
+            lines.clear();
+            ends.clear();
+            queue.spare = (lines, ends);
+        } else if self.failed.is_empty() {
+            // A panic before the batch was written: its lines are lost; say so.
+            self.failed.push((
+                0..usize::MAX,
+                LogError::new(
+                    "write a batch of lines to",
+                    &self.log.settings.dir,
+                    io::Error::other("internal error while writing"),
+                ),
+            ));
+        }
+        if !self.failed.is_empty() && self.followers > 0 {
+            queue.failures.push(BatchFailures {
+                batch: self.batch,
+                followers_left: self.followers,
+                failed: std::mem::take(&mut self.failed),
+            });
+        }
+        drop(queue);
+        self.log.batch_done.notify_all();
+    }
+}
+
+/// How the line at `index` of a finished `batch` went, for a follower.
+fn follower_outcome(queue: &mut Queue, batch: u64, index: usize) -> Result<(), LogError> {
+    let Some(at) = queue.failures.iter().position(|f| f.batch == batch) else {
+        return Ok(());
+    };
+    let failures = &mut queue.failures[at];
+    let own = failures
+        .failed
+        .iter()
+        .find(|(range, _)| range.contains(&index))
+        .map(|(_, err)| err.duplicate());
+    failures.followers_left -= 1;
+    if failures.followers_left == 0 {
+        queue.failures.swap_remove(at);
+    }
+    own.map_or(Ok(()), Err)
 }
 
 /// Whether the open file has no name left (removed, or its directory was). A `statx` asking
@@ -687,6 +867,58 @@ mod tests {
             assert!(!once.contains('\t'));
             assert_eq!(sanitize_message(&once), once);
         }
+    }
+
+    #[test]
+    fn a_line_recorded_after_a_removal_lands_in_a_new_file_while_other_threads_write() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("errors");
+        let clock = ManualClock::new(1_000);
+        let log = ErrorLog::shared(settings(&dir, 1 << 30, 1000));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        // The busy threads stop also when an assertion fails, so that a failure ends the test.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|s| {
+            let _stop = StopOnDrop(&stop);
+            for t in 0..4 {
+                let (log, clock, stop) = (&log, &clock, &stop);
+                s.spawn(move || {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        log.append(clock, clock.unix_ms(), -6, &format!("busy {t} {i}"));
+                        i += 1;
+                    }
+                });
+            }
+            for round in 0..50 {
+                log.append(&clock, clock.unix_ms(), -6, "before");
+                // The busy threads may make the directory again meanwhile: remove until gone.
+                let mut tries = 0;
+                while let Err(e) = fs::remove_dir_all(&dir) {
+                    tries += 1;
+                    assert!(tries < 1000, "cannot remove {}: {e}", dir.display());
+                }
+                // Batched with other threads' lines or not, the line must be on disk now.
+                let marker = format!("marker {round}");
+                log.append(&clock, clock.unix_ms(), -6, &marker);
+                let found = log_files(&dir).unwrap().iter().any(|(_, path)| {
+                    fs::read_to_string(path)
+                        .unwrap()
+                        .lines()
+                        .any(|l| l.ends_with(&marker))
+                });
+                assert!(
+                    found,
+                    "round {round}: {marker} was written to a removed file"
+                );
+            }
+        });
+        assert_eq!(log.write_failures(), 0);
     }
 
     #[test]

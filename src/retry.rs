@@ -140,6 +140,18 @@ pub trait Sleeper {
     fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled>;
 }
 
+/// A sleeper that takes its cancel token at its first wait (a call that never waits never
+/// reads the epoch); every wait of the call is cancelled by a cleanup since that first one.
+pub struct LazyCancellableSleeper(pub Option<CancelToken>);
+
+impl Sleeper for LazyCancellableSleeper {
+    fn sleep(&mut self, duration: Duration) -> Result<(), Cancelled> {
+        self.0
+            .get_or_insert_with(crate::cancel::token)
+            .sleep(duration)
+    }
+}
+
 /// The real sleeper: a condition-variable wait that `cancel_all` interrupts.
 pub struct CancellableSleeper(pub CancelToken);
 
@@ -176,6 +188,16 @@ pub struct Execution {
 }
 
 impl Execution {
+    /// The first attempt succeeded.
+    #[inline]
+    fn at_once() -> Self {
+        Execution {
+            result: Ok(()),
+            retries: 0,
+            last_failure: None,
+        }
+    }
+
     pub fn code(&self) -> i32 {
         match &self.result {
             Ok(()) => ErrorCode::Success.raw(),
@@ -185,6 +207,10 @@ impl Execution {
 }
 
 /// Runs `op` under `policy`, updating `progress` as the state machine of ABI §2 says.
+///
+/// The first attempt is inlined into the caller and its success costs a few stores: the
+/// progress shown twice (RETRYING, then SUCCESS), nothing else. Backoff, budget, clock and
+/// sleeper are touched only after a failure, in [`run_after_failure`], kept out of line.
 #[inline]
 pub fn run<F, P>(
     policy: &RetryPolicy,
@@ -196,18 +222,62 @@ where
     F: FnMut(u32) -> Result<(), Failure>,
     P: FnMut(&RetryProgress),
 {
-    *progress = RetryProgress {
+    match first_attempt(progress, &mut env.on_progress, || op(0)) {
+        Ok(()) => Execution::at_once(),
+        Err(failure) => run_after_failure(policy, env, progress, &mut op, failure),
+    }
+}
+
+/// The first attempt of an execution (ABI §2: RETRYING shown, the operation called, SUCCESS
+/// shown if it succeeded). Callers that keep the failure path out of line call this, then
+/// [`run_now_after`] with its failure; the error type is theirs until then, so that the
+/// success path builds no [`Failure`].
+#[inline(always)]
+pub fn first_attempt<E, P>(
+    progress: &mut RetryProgress,
+    on_progress: &mut P,
+    op: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E>
+where
+    P: FnMut(&RetryProgress),
+{
+    // Built in a local and stored after the call, so that the success path keeps it in
+    // registers instead of writing the caller's memory before the operation runs.
+    let shown = RetryProgress {
+        current_retry: 0,
         state: RetryState::Retrying,
         last_error: ErrorCode::Success.raw(),
         last_retry_time_ms: progress.last_retry_time_ms,
-        current_retry: 0,
     };
-    (env.on_progress)(progress);
+    on_progress(&shown);
+    let result = op();
+    *progress = shown;
+    if result.is_ok() {
+        progress.state = RetryState::Success;
+        on_progress(progress);
+    }
+    result
+}
+
+/// The rest of [`run`] once an attempt has failed: decide, wait, try again.
+#[cold]
+fn run_after_failure<F, P>(
+    policy: &RetryPolicy,
+    env: &mut RetryEnv<'_, P>,
+    progress: &mut RetryProgress,
+    op: &mut F,
+    first_failure: Failure,
+) -> Execution
+where
+    F: FnMut(u32) -> Result<(), Failure>,
+    P: FnMut(&RetryProgress),
+{
     // Built at the first failure: an operation that succeeds at once pays for none of it.
     let mut backoff: Option<Backoff> = None;
     let mut budget_end_ms: Option<u64> = None;
+    let mut attempt = Err(first_failure);
     loop {
-        let failure = match op(progress.current_retry) {
+        let failure = match attempt {
             Ok(()) => {
                 // last_error keeps the last failure's code (0 when none): it names the
                 // last *error* an attempt returned, as in the original plugin.
@@ -308,11 +378,15 @@ where
         }
         progress.last_retry_time_ms = env.clock.unix_ms();
         (env.on_progress)(progress);
+        attempt = op(progress.current_retry);
     }
 }
 
 /// Runs `op` with real time: the system clock, and waits that `cancel_all` interrupts.
-/// The cancel token is taken now, so a cleanup during any later wait of this call cancels it.
+/// The cancel token is taken at the first wait, so that a call that succeeds at once never
+/// reads it; a cleanup during that wait or any later one cancels the call. (ABI §4's rule
+/// for calls that started before a cleanup concerns plugin-level calls, which hold the
+/// instance's token: see [`run_until_cancelled`].)
 #[inline]
 pub fn run_now<F, P>(
     policy: &RetryPolicy,
@@ -324,7 +398,37 @@ where
     F: FnMut(u32) -> Result<(), Failure>,
     P: FnMut(&RetryProgress),
 {
-    run_until_cancelled(policy, progress, on_progress, crate::cancel::token(), op)
+    let mut on_progress = on_progress;
+    let mut op = op;
+    match first_attempt(progress, &mut on_progress, || op(0)) {
+        Ok(()) => Execution::at_once(),
+        Err(failure) => run_now_after(policy, progress, on_progress, op, failure),
+    }
+}
+
+/// [`run_now`] from the failure of its [`first_attempt`] on: `progress` is as that left it,
+/// and `op` makes the retries (numbered from 1).
+#[cold]
+#[inline(never)]
+pub fn run_now_after<F, P>(
+    policy: &RetryPolicy,
+    progress: &mut RetryProgress,
+    on_progress: P,
+    mut op: F,
+    failure: Failure,
+) -> Execution
+where
+    F: FnMut(u32) -> Result<(), Failure>,
+    P: FnMut(&RetryProgress),
+{
+    let mut sleeper = LazyCancellableSleeper(None);
+    let mut env = RetryEnv {
+        clock: &crate::clock::SystemClock,
+        sleeper: &mut sleeper,
+        jitter_seed: None,
+        on_progress,
+    };
+    run_after_failure(policy, &mut env, progress, &mut op, failure)
 }
 
 /// [`run_now`] with waits cancelled through `token`: a caller that took its token earlier

@@ -79,8 +79,10 @@ pub extern "C" fn backup_execute_with_retry(
             return ErrorCode::InvalidParam.raw();
         }
         // SAFETY: non-NULL context owned by the caller for the duration of the call.
-        let policy = unsafe { context_policy(retry_context) };
-        unsafe { execute_into_context(retry_context, &policy, op, user_data) }
+        // The policy is read from the context only once the first attempt has failed (as
+        // the original plugin read `max_retry` at each retry).
+        let policy = || unsafe { context_policy(retry_context) };
+        unsafe { execute_into_context(retry_context, policy, op, user_data) }
     })
 }
 
@@ -112,7 +114,7 @@ pub extern "C" fn backup_execute_with_retry_policy(
             }
         };
         unsafe { (*retry_context).max_retry = policy.max_retry };
-        unsafe { execute_into_context(retry_context, &policy, op, user_data) }
+        unsafe { execute_into_context(retry_context, move || policy, op, user_data) }
     })
 }
 
@@ -171,32 +173,85 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
 }
 
 /// Mirrors the core's progress into the caller's context as it changes, so that an
-/// operation may look at `current_retry` while it runs.
+/// operation may look at `current_retry` while it runs. The first attempt is inlined here
+/// and its success costs a few stores; everything a failure needs is out of line.
 ///
 /// # Safety
 /// `ctx` is non-NULL and valid for the whole call.
-#[inline]
+#[inline(always)]
 unsafe fn execute_into_context(
     ctx: *mut SRetryContext,
-    policy: &RetryPolicy,
+    policy: impl FnOnce() -> RetryPolicy,
     op: BackupOperationFn,
     user_data: *mut c_void,
 ) -> i32 {
     let Some(op) = op else {
         return ErrorCode::InvalidParam.raw();
     };
-    let mut progress = RetryProgress {
-        last_retry_time_ms: unsafe { (*ctx).last_retry_time },
-        ..RetryProgress::default()
-    };
-    let mirror = |p: &RetryProgress| unsafe { write_progress(ctx, p) };
+    let mut progress = RetryProgress::default();
     // SAFETY: the host's function, called with the host's pointer, as the contract says.
-    let execution = retry::run_now(policy, &mut progress, mirror, |_| {
+    let first = retry::first_attempt(&mut progress, &mut unsafe { mirror(ctx) }, || {
         match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::from_code(code)),
+            code => Err(code),
         }
     });
+    match first {
+        Ok(()) => {
+            // A success leaves no message: nothing to free unless an earlier call left one.
+            if !unsafe { (*ctx).error_message }.is_null() {
+                unsafe { replace_malloc_string(&raw mut (*ctx).error_message, None) };
+            }
+            ErrorCode::Success.raw()
+        }
+        Err(code) => unsafe { retry_into_context(ctx, &policy(), progress, op, user_data, code) },
+    }
+}
+
+/// The progress shown in the caller's context.
+///
+/// # Safety
+/// `ctx` is non-NULL and valid while the closure is used.
+#[inline(always)]
+unsafe fn mirror(ctx: *mut SRetryContext) -> impl FnMut(&RetryProgress) {
+    move |p: &RetryProgress| unsafe {
+        (*ctx).current_retry = p.current_retry;
+        (*ctx).state = p.state as i32;
+        (*ctx).last_error = p.last_error;
+        // Set once a retry has started in this execution; until then the context keeps
+        // the time of the previous execution's last retry (and the first attempt's
+        // progress costs no load of it).
+        if p.current_retry > 0 {
+            (*ctx).last_retry_time = p.last_retry_time_ms;
+        }
+    }
+}
+
+/// The retries after a first attempt that failed with `code`.
+///
+/// # Safety
+/// As for [`execute_into_context`].
+#[cold]
+#[inline(never)]
+unsafe fn retry_into_context(
+    ctx: *mut SRetryContext,
+    policy: &RetryPolicy,
+    mut progress: RetryProgress,
+    op: unsafe extern "C" fn(*mut c_void) -> i32,
+    user_data: *mut c_void,
+    code: i32,
+) -> i32 {
+    // SAFETY: as in the first attempt.
+    let execution = retry::run_now_after(
+        policy,
+        &mut progress,
+        unsafe { mirror(ctx) },
+        |_| match unsafe { op(user_data) } {
+            0 => Ok(()),
+            code => Err(Failure::from_code(code)),
+        },
+        Failure::from_code(code),
+    );
     unsafe { finish_context(ctx, &progress, &execution, true) };
     execution.code()
 }

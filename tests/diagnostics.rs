@@ -100,7 +100,7 @@ fn events_reach_a_daily_file_with_their_fields_and_no_secret() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("could not write a line to the error log")
+            .any(|l| l.contains("could not write the error log")
                 && l.contains(&errors.display().to_string())),
         "a failed error-log write names its path: {text}"
     );

@@ -77,7 +77,7 @@ for i in 0 1 2; do
 done
 echo "hosts: 3 taosX hosts shipping the same $files blocks (pids ${host_pids[*]})"
 
-written() { find "$dir"/host*/backup_set -name '*.dat' 2>/dev/null | wc -l; }
+written() { { find "$dir"/host*/backup_set -name '*.dat' 2>/dev/null || true; } | wc -l; }
 hosts_running() { for pid in "${host_pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 
 # Mid-run: once a third of the blocks are written, SIGKILL the member that leads now.

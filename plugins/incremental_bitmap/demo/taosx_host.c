@@ -26,6 +26,7 @@ typedef struct {
     long file_size;
     double failure_rate;
     long threads;
+    const char* peers; /* NULL, or other hosts' work dirs (':'-separated) sharing the keys */
 } Options;
 
 static BackupPlugin g_plugin;
@@ -79,9 +80,14 @@ static void* worker(void* arg) {
         WriteJob job = {path, data, (size_t)g_opt.file_size, &seed};
         /* The key names the block (relative to the work dir); the content is the fingerprint. */
         bool replayed = false;
-        if (g_plugin.execute_idempotent(path + strlen(g_opt.work_dir), data, (size_t)g_opt.file_size,
-                                        ship_block, &job, &replayed) != BACKUP_SUCCESS)
-            atomic_fetch_add(&g_failed, 1);
+        int32_t rc;
+        /* With --peers, another host may be running the same key: wait for its outcome (a
+         * replay, or a takeover once a dead host's lease ran out). */
+        while ((rc = g_plugin.execute_idempotent(path + strlen(g_opt.work_dir), data, (size_t)g_opt.file_size,
+                                                 ship_block, &job, &replayed)) == BACKUP_ERROR_IN_PROGRESS &&
+               g_opt.peers)
+            usleep(20 * 1000);
+        if (rc != BACKUP_SUCCESS) atomic_fetch_add(&g_failed, 1);
         if (replayed) atomic_fetch_add(&g_replayed, 1);
         atomic_fetch_add(&g_done, 1);
     }
@@ -102,24 +108,39 @@ typedef struct {
     int verified, missing, wrong;
 } Verification;
 
+/* Whether the block's file in `dir` is there (1) and intact (else counted in *wrong). */
+static int check_copy(const char* dir, long i, const unsigned char* expect, unsigned char* got, int* wrong) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/backup_set/vg%02ld_block_%05ld.dat", dir, i % 4, i);
+    FILE* f = fopen(path, "rb");
+    if (!f) return 0;
+    size_t n = fread(got, 1, (size_t)g_opt.file_size + 1, f);
+    fclose(f);
+    if (n != (size_t)g_opt.file_size || memcmp(got, expect, n) != 0) (*wrong)++;
+    return 1;
+}
+
 /* Reads every file of the set back: a file that is absent or differs from what was sent
- * is counted, never skipped. */
+ * is counted, never skipped. With --peers, a block lives in exactly one of the hosts' work
+ * dirs: a second copy is counted wrong. */
 static Verification verify(void) {
     Verification v = {0, 0, 0};
     unsigned char* expect = (unsigned char*)malloc((size_t)g_opt.file_size);
     unsigned char* got = (unsigned char*)malloc((size_t)g_opt.file_size + 1);
-    char path[4096];
     for (long i = 0; i < g_opt.files; i++) {
-        block_path(path, sizeof path, i);
-        FILE* f = fopen(path, "rb");
-        if (!f) {
-            v.missing++;
-            continue;
-        }
-        size_t n = fread(got, 1, (size_t)g_opt.file_size + 1, f);
-        fclose(f);
         fill(expect, (size_t)g_opt.file_size, i);
-        if (n != (size_t)g_opt.file_size || memcmp(got, expect, n) != 0)
+        int wrong = 0, copies = check_copy(g_opt.work_dir, i, expect, got, &wrong);
+        for (const char* p = g_opt.peers; p && *p;) {
+            const char* end = strchr(p, ':');
+            size_t len = end ? (size_t)(end - p) : strlen(p);
+            char peer[4096];
+            snprintf(peer, sizeof peer, "%.*s", (int)len, p);
+            copies += check_copy(peer, i, expect, got, &wrong);
+            p = end ? end + 1 : p + len;
+        }
+        if (copies == 0)
+            v.missing++;
+        else if (wrong || copies > 1)
             v.wrong++;
         else
             v.verified++;
@@ -162,7 +183,7 @@ static double run_pass(void) {
 static void usage(FILE* out, const char* argv0) {
     fprintf(out,
             "usage: %s --config FILE --work-dir DIR [--plugin-dir DIR] [--files N] [--size BYTES]\n"
-            "          [--failure-rate RATE] [--threads N]\n"
+            "          [--failure-rate RATE] [--threads N] [--peers DIR:DIR...]\n"
             "  --config FILE         a taosX config with a [plugins.incremental_bitmap] section\n"
             "  --work-dir DIR        every file the demo writes goes under DIR: backup_set/, and the\n"
             "                        plugin's state/, errors/ and logs/ (replacing the config's paths)\n"
@@ -172,6 +193,8 @@ static void usage(FILE* out, const char* argv0) {
             "  --failure-rate RATE   share of attempts failing with a transient error, 0 <= RATE < 1\n"
             "                        (default 0.25)\n"
             "  --threads N           writer threads, 1 to 64 (default 4)\n"
+            "  --peers DIRS          other hosts' work dirs (':'-separated) sharing the same keys (a\n"
+            "                        shared etcd state store): each block must be in exactly one dir\n"
             "  --help                this text\n"
             "Exit code: 0 when every file was written and read back intact, 1 otherwise,\n"
             "2 for bad arguments.\n",
@@ -219,6 +242,7 @@ static int parse_args(int argc, char** argv) {
         else if (!strcmp(arg, "--size")) ok = parse_long(value, 1, 64L << 20, &g_opt.file_size);
         else if (!strcmp(arg, "--failure-rate")) ok = parse_rate(value, &g_opt.failure_rate);
         else if (!strcmp(arg, "--threads")) ok = parse_long(value, 1, 64, &g_opt.threads);
+        else if (!strcmp(arg, "--peers")) g_opt.peers = value;
         else {
             fprintf(stderr, "%s: unknown option %s\n", argv[0], arg);
             usage(stderr, argv[0]);
@@ -303,6 +327,16 @@ static char* section_for_work_dir(const char* section, size_t len, size_t* out_l
     return out;
 }
 
+/* The plugin's metric lines starting with one of the prefixes. */
+static void print_metrics(const char* const* prefixes, size_t count) {
+    char metrics[16384];
+    size_t metrics_len = 0;
+    if (g_plugin.get_metrics(metrics, sizeof metrics, &metrics_len) != BACKUP_SUCCESS) return;
+    for (char* line = strtok(metrics, "\n"); line; line = strtok(NULL, "\n"))
+        for (size_t k = 0; k < count; k++)
+            if (!strncmp(line, prefixes[k], strlen(prefixes[k]))) printf("  %s\n", line);
+}
+
 static void print_pass(const char* title, Verification v, double elapsed) {
     uint64_t errors = 0, retries = 0;
     g_plugin.get_error_stats(&errors, &retries);
@@ -368,8 +402,11 @@ int main(int argc, char** argv) {
     const char* log_path = g_plugin.get_error_log_path();
     printf("  error log         %s\n", log_path ? log_path : "(none: no error was recorded)");
     printf("  diagnostics       %s/logs/\n", g_opt.work_dir);
-    /* Every file the pass did not give up on must be on disk, intact. */
-    bool ok = first.wrong == 0 && first.missing == gave_up;
+    static const char* const store_metrics[] = {"backup_idempotency_", "backup_state_store_"};
+    if (g_opt.peers) print_metrics(store_metrics, 2);
+    /* Every file the pass did not give up on must be on disk, intact (with peers, a block
+     * this host gave up on may have been shipped by another host). */
+    bool ok = first.wrong == 0 && (g_opt.peers ? first.missing <= gave_up : first.missing == gave_up);
 
     /* taosX restarts and resubmits the same batch, as a pipeline does after a crash: every
      * block already shipped is replayed from the idempotency store, none is written twice. */
@@ -384,14 +421,11 @@ int main(int argc, char** argv) {
     Verification second = verify();
     print_pass("second pass", second, elapsed);
     int written_again = atomic_load(&g_writes);
-    char metrics[16384];
-    size_t metrics_len = 0;
-    if (g_plugin.get_metrics(metrics, sizeof metrics, &metrics_len) == BACKUP_SUCCESS) {
-        for (char* line = strtok(metrics, "\n"); line; line = strtok(NULL, "\n"))
-            if (!strncmp(line, "backup_idempotency_", 19)) printf("  %s\n", line);
-    }
+    print_metrics(store_metrics, g_opt.peers ? 2 : 1);
     /* Only blocks that gave up before are shipped again; after it, the whole set is there. */
-    ok = ok && written_again <= gave_up && atomic_load(&g_replayed) == g_opt.files - gave_up &&
+    int replayed_again = atomic_load(&g_replayed);
+    ok = ok && written_again <= gave_up &&
+         (g_opt.peers ? replayed_again >= g_opt.files - gave_up : replayed_again == g_opt.files - gave_up) &&
          second.verified == g_opt.files;
 
     g_plugin.cleanup();

@@ -8,7 +8,7 @@ use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, message_of, ErrorCode, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
-use crate::retry::Sleeper;
+use crate::retry::{RetryPolicy, Sleeper};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -54,13 +54,19 @@ impl LogRetryPolicy {
         }
     }
 
-    /// The wait before retry `n` (1-based): `min << (n-1)`, capped.
+    /// The same schedule as a policy of the retry core: waits doubling from `min_wait`,
+    /// capped at `max_wait`, within `timeout` of the first failure.
+    pub fn as_retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::fixed(self.max_retry, self.min_wait)
+            .with_multiplier(2.0)
+            .with_max_interval(Some(self.max_wait))
+            .with_timeout(Some(self.timeout))
+    }
+
+    /// The wait before retry `n` (1-based): `min << (n-1)`, capped; computed by the retry
+    /// core's backoff, so both loops wait by one rule.
     pub fn wait(&self, n: u32) -> Duration {
-        let min = self.min_wait.as_millis() as u64;
-        let shifted = min
-            .checked_shl(n.saturating_sub(1))
-            .filter(|v| v >> n.saturating_sub(1) == min);
-        Duration::from_millis(shifted.unwrap_or(u64::MAX)).min(self.max_wait)
+        self.as_retry_policy().nominal_wait(n)
     }
 }
 
@@ -917,6 +923,30 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn the_retry_cores_backoff_gives_the_doubling_schedule_exactly() {
+        for (min, max) in [
+            (1, u64::MAX),
+            (30_000, 480_000),
+            (7, 1 << 40),
+            (1_000, 1_000),
+        ] {
+            let policy = LogRetryPolicy::from_raw(100, min, max, 0);
+            for n in 1..80u32 {
+                let shifted = min
+                    .checked_shl(n - 1)
+                    .filter(|v| v >> (n - 1) == min)
+                    .unwrap_or(u64::MAX)
+                    .min(max);
+                assert_eq!(
+                    policy.wait(n),
+                    Duration::from_millis(shifted),
+                    "{min} {max} {n}"
+                );
+            }
+        }
     }
 
     #[test]

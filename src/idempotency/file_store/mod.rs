@@ -21,6 +21,8 @@
 mod compaction;
 mod files;
 mod group_commit;
+mod image;
+mod index;
 mod journal;
 
 use super::record::{self, Entry};
@@ -29,11 +31,11 @@ use super::{
     IdempotencyStore, KeyRecord, KeyState,
 };
 use crate::durable::{self, FileError};
-use crate::error::Failure;
+use crate::error::{ErrorCode, Failure};
 use files::{open_rw, FileLock};
+use index::Index;
 use journal::apply;
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,9 @@ pub struct FileStore {
     dir: PathBuf,
     journal_path: PathBuf,
     compact_path: PathBuf,
+    /// The index image (`index`) and its side file while being written.
+    image_path: PathBuf,
+    image_tmp_path: PathBuf,
     /// `flock`ed around every transaction on the journal.
     journal_lock: File,
     journal_lock_path: PathBuf,
@@ -99,9 +104,10 @@ struct Inner {
     end: u64,
     /// Bytes the file had allocated when last looked at.
     allocated: u64,
-    index: HashMap<Box<[u8]>, KeyRecord>,
-    /// Claims in the index, live or not: each may still need room for its completion.
-    claims: u64,
+    /// Every key of the journal: its hash and the offset of its last record.
+    index: Index,
+    /// The offset of the journal that the index image on disk covers (0: none).
+    imaged: u64,
     /// Compaction is due once `end` passes this.
     compact_at: u64,
     /// Corruption found: every call reports it.
@@ -135,28 +141,42 @@ struct SyncPoint {
 
 /// What one transaction reads and the records it appends.
 pub struct Txn<'a> {
+    store: &'a FileStore,
     inner: &'a Inner,
     appended: Vec<u8>,
-    entries: Vec<Entry>,
+    /// Each record appended: where it starts in `appended`, and what it says.
+    entries: Vec<(usize, Entry)>,
     /// A claim is among the records: room must be reserved first, or nothing is written.
     claims_need_room: bool,
+    /// A record could not be read back: the transaction fails, writing nothing.
+    failed: Option<Failure>,
 }
 
 impl Txn<'_> {
-    fn get(&self, key: &[u8]) -> Option<&KeyRecord> {
+    fn get(&mut self, key: &[u8]) -> Option<KeyRecord> {
         // A key written earlier in this transaction wins.
-        match self.entries.iter().rev().find(|e| e.key == key) {
-            Some(entry) => entry.state.as_ref(),
-            None => self.inner.index.get(key),
+        if let Some((_, entry)) = self.entries.iter().rev().find(|(_, e)| e.key == key) {
+            return entry.state;
+        }
+        match self.store.lookup(self.inner, key) {
+            Ok(found) => found.map(|(_, record)| record),
+            Err(failure) => {
+                self.failed.get_or_insert(failure);
+                None
+            }
         }
     }
 
     fn put(&mut self, key: &[u8], state: Option<KeyRecord>) {
+        let at = self.appended.len();
         record::encode(&mut self.appended, key, state.as_ref());
-        self.entries.push(Entry {
-            key: key.to_vec(),
-            state,
-        });
+        self.entries.push((
+            at,
+            Entry {
+                key: key.to_vec(),
+                state,
+            },
+        ));
     }
 }
 
@@ -174,8 +194,15 @@ impl FileStore {
         let journal = Arc::new(open_rw(&journal_path)?);
         // The journal's directory entry must survive a power loss before any claim does.
         durable::sync_dir(&dir)?;
+        let image_path = dir.join("index");
+        // The image of the index, when there is one of this journal: only the journal past
+        // it is read. A compaction may replace the journal meanwhile: the first
+        // transaction's catch-up then follows it.
+        let (index, end) = image::load(&image_path, &journal).unwrap_or_default();
         let store = FileStore {
             compact_path: dir.join("journal.compact"),
+            image_tmp_path: dir.join("index.compact"),
+            image_path,
             journal_path,
             journal_lock,
             journal_lock_path,
@@ -187,18 +214,18 @@ impl FileStore {
             inner: Mutex::new(Inner {
                 journal: journal.clone(),
                 generation: 0,
-                end: 0,
+                end,
                 allocated: 0,
-                index: HashMap::new(),
-                claims: 0,
+                index,
+                imaged: end,
                 compact_at: settings.compaction_slack_bytes,
                 broken: None,
             }),
             sync: Mutex::new(SyncState {
                 generation: 0,
                 file: journal,
-                written: 0,
-                synced: 0,
+                written: end,
+                synced: end,
                 syncing: false,
                 waiters: 0,
                 released: 1,
@@ -237,6 +264,11 @@ impl FileStore {
         self.compactions.load(Ordering::Relaxed)
     }
 
+    /// Compacts the journal now, however little it has grown (for tools and benchmarks).
+    pub fn compact_now(&self, now_ms: u64) -> Result<(), Failure> {
+        self.compact(now_ms, true)
+    }
+
     /// Waits for the journal's cross-process lock.
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
@@ -270,22 +302,43 @@ impl FileStore {
         let lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         let mut txn = Txn {
+            store: self,
             inner: &inner,
             appended: Vec::new(),
             entries: Vec::new(),
             claims_need_room: false,
+            failed: None,
         };
         let value = f(&mut txn);
         let Txn {
             appended,
             entries,
             claims_need_room,
+            failed,
             ..
         } = txn;
+        if let Some(failure) = failed {
+            if failure.code == ErrorCode::DataCorruption.raw() {
+                inner.broken = Some(failure.clone());
+            }
+            return Err(failure);
+        }
         if !appended.is_empty() {
+            let start = inner.end;
             self.append(&mut inner, &appended, claims_need_room)?;
-            for entry in entries {
-                apply(&mut inner, entry);
+            let inner = &mut *inner;
+            for (at, entry) in &entries {
+                let offset = start + *at as u64;
+                if let Err(failure) = apply(
+                    &mut inner.index,
+                    &inner.journal,
+                    &self.journal_path,
+                    entry,
+                    offset,
+                ) {
+                    inner.broken = Some(failure.clone());
+                    return Err(failure);
+                }
             }
         }
         let point = SyncPoint {
@@ -301,7 +354,8 @@ impl FileStore {
 impl IdempotencyStore for FileStore {
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         self.transact(|txn| {
-            let claim = decide(txn.get(key), fingerprint, now_ms, ClaimToken::new());
+            let existing = txn.get(key);
+            let claim = decide(existing.as_ref(), fingerprint, now_ms, ClaimToken::new());
             if let Claim::Acquired { token, .. } = claim {
                 txn.claims_need_room = true;
                 txn.put(
@@ -322,7 +376,7 @@ impl IdempotencyStore for FileStore {
     fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure> {
         self.transact(|txn| {
             for (key, token) in claims {
-                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)).copied() {
+                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)) {
                     let renewed = KeyRecord {
                         state: KeyState::Claimed {
                             token: *token,
@@ -345,7 +399,7 @@ impl IdempotencyStore for FileStore {
         now_ms: u64,
     ) -> Result<Completion, Failure> {
         self.transact(|txn| {
-            if !completion_allowed(txn.get(key), token, now_ms) {
+            if !completion_allowed(txn.get(key).as_ref(), token, now_ms) {
                 return Completion::Superseded;
             }
             txn.put(
@@ -364,14 +418,14 @@ impl IdempotencyStore for FileStore {
 
     fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         self.transact(|txn| {
-            if is_claim(txn.get(key), token) {
+            if is_claim(txn.get(key).as_ref(), token) {
                 txn.put(key, None);
             }
         })
     }
 
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
-        self.transact(|txn| txn.get(key).filter(|r| r.is_live(now_ms)).copied())
+        self.transact(|txn| txn.get(key).filter(|r| r.is_live(now_ms)))
     }
 
     fn forget(&self, key: &[u8], now_ms: u64) -> Result<Forgotten, Failure> {
@@ -398,9 +452,9 @@ impl IdempotencyStore for FileStore {
             })
         };
         if self.maintenance_due() || grown() {
-            self.compact(now_ms)?;
+            self.compact(now_ms, false)?;
         }
-        Ok(())
+        self.checkpoint()
     }
 
     fn maintenance_due(&self) -> bool {
@@ -596,20 +650,16 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = {
+        let (journal, last_start) = {
             let store = open(dir.path());
             let token = fresh(store.claim(b"whole", &A, 1));
             store.complete(b"whole", token, &A, 0, 1).unwrap();
+            let last_start = store.journal_len();
             store.claim(b"torn", &A, 1).unwrap();
-            store.journal_path().to_path_buf()
+            (store.journal_path().to_path_buf(), last_start as usize)
         };
         // Cut the last record in half, as a writer killed mid-write leaves it.
         let bytes = fs::read(&journal).unwrap();
-        let last_start = bytes[..bytes.len() - 1]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .unwrap()
-            + 1;
         let cut = last_start + (bytes.len() - last_start) / 2;
         fs::write(&journal, &bytes[..cut]).unwrap();
         let store = open(dir.path());

@@ -39,6 +39,18 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// The process's peak RSS so far.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
 fn key(prefix: &str, i: u64) -> Vec<u8> {
     // A block key as taosX would form it: job, vnode, block number.
     format!("{prefix}/vnode-{}/block-{i:012}", i % 128).into_bytes()
@@ -128,6 +140,7 @@ fn run_case(base: &Path, live: u64) {
         out
     });
     let rss_after = rss_bytes();
+    let peak = peak_rss_bytes();
     let (claim_full, _) = fill(&store, "more", 0..SAMPLE);
     let replay_full = replay(&store, "full", live);
     let live_total = live + SAMPLE;
@@ -144,7 +157,7 @@ fn run_case(base: &Path, live: u64) {
     drop(store);
     std::fs::remove_dir_all(&full_dir).unwrap();
     println!(
-        "result {} {} {} {} {} {} {} {} {} {}",
+        "result {} {} {} {} {} {} {} {} {} {} {}",
         (rss_after.saturating_sub(rss_before)) as f64 / live as f64,
         disk as f64 / live_total as f64,
         restart.as_secs_f64(),
@@ -155,6 +168,7 @@ fn run_case(base: &Path, live: u64) {
         fill_rate,
         worst.as_secs_f64() * 1000.0,
         live,
+        (peak.saturating_sub(rss_before)) as f64 / live as f64,
     );
 }
 
@@ -202,9 +216,10 @@ fn main() {
             let v: Vec<f64> = line[7..].split(' ').map(|x| x.parse().unwrap()).collect();
             let (mem, disk_b, restart) = (v[0], v[1], v[2]);
             let (ce, cf, re, rf, fill_rate, worst) = (v[3], v[4], v[5], v[6], v[7], v[8]);
+            let peak = v[10];
             println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s, longest call {worst:.1} ms):");
             println!(
-                "  memory per key      {mem:7.1} B    ratio to target 64 B:  {:.2}",
+                "  memory per key      {mem:7.1} B    ratio to target 64 B:  {:.2} (peak {peak:.1} B)",
                 mem / 64.0
             );
             println!(

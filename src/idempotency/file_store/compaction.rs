@@ -9,8 +9,8 @@
 //!
 //! Between compactions, once the journal has grown past what the image on disk covers by a
 //! sixteenth, the index is written as a new image, copied in pieces under the mutex (slots
-//! never move between rebuilds, and slots of records past the image's end are written as
-//! tombstones), so that a restart replays a short tail.
+//! move only while the table grows, and keys whose last record lies past the image's end
+//! are left to the journal), so that a restart replays a short tail.
 
 use super::files::{reserve, FileLock};
 use super::image::{Covers, ImageWriter};
@@ -239,10 +239,11 @@ impl FileStore {
         rw.file.sync_data().map_err(side)?;
         // The image of the new journal's index, up to here.
         let covered = rw.flushed;
-        let imaged = covered >= 4;
-        if imaged {
+        // No image while the new index still grows (it was sized for the keys at the start).
+        let imaged = covered >= 4 && rw.index.slots().is_some();
+        if let (true, Some(slots)) = (imaged, rw.index.slots()) {
             let mut image = ImageWriter::create(&self.image_tmp_path)?;
-            image.push(rw.index.slots(), covered, &self.image_tmp_path)?;
+            image.push(slots, covered, &self.image_tmp_path)?;
             let covers = Covers::of(&rw.file, covered).map_err(side)?;
             image.finish(covers, &self.image_tmp_path)?;
         }
@@ -344,6 +345,10 @@ impl FileStore {
         let (covered, generation, epoch, slots, journal) = {
             let inner = self.inner.lock();
             let behind = inner.end.saturating_sub(inner.imaged);
+            // While the index grows its slots move: the next maintenance writes it.
+            let Some(slots) = inner.index.slots().map(<[Slot]>::len) else {
+                return Ok(());
+            };
             if inner.broken.is_some() || behind <= (inner.end / 16).max(self.slack) {
                 return Ok(());
             }
@@ -351,7 +356,7 @@ impl FileStore {
                 inner.end,
                 inner.generation,
                 inner.index.epoch,
-                inner.index.slots().len(),
+                slots,
                 inner.journal.clone(),
             )
         };
@@ -379,7 +384,11 @@ impl FileStore {
                 }
                 let end = (start + IMAGE_PIECE).min(slots);
                 piece.clear();
-                piece.extend_from_slice(&inner.index.slots()[start..end]);
+                let table = inner
+                    .index
+                    .slots()
+                    .expect("not growing: the epoch is the same");
+                piece.extend_from_slice(&table[start..end]);
             }
             image.push(&piece, covered, tmp)?;
         }

@@ -1,8 +1,9 @@
 //! The index image: the in-memory index written to `index`, so that a restart loads it and
 //! replays only the journal past the offset it covers, instead of the whole journal.
 //!
-//! `magic | journal inode | anchor | covered | slots | keys | tombstones | claims | crc32`
-//! (64 bytes, little-endian), then the slots (16 bytes each). `anchor` is the CRC field of
+//! `magic | journal inode | anchor | covered | table slots | keys | 0 | claims | crc32`
+//! (64 bytes, little-endian), then the keys' slots (hash and offset, 16 bytes a key), in
+//! table order, so that loading them into a table of the same size writes it in order. `anchor` is the CRC field of
 //! the journal's last record before `covered`: with the inode it ties the image to one
 //! journal file. An image that does not check or does not match is ignored (the journal
 //! is then read whole): it only saves time, the journal stays the truth.
@@ -48,7 +49,8 @@ pub(super) struct ImageWriter {
     buffer: Vec<u8>,
     written: u64,
     keys: u64,
-    tombs: u64,
+    /// Slots of the table the image is of (its size when loaded).
+    table: u64,
     claims: u64,
 }
 
@@ -69,21 +71,17 @@ impl ImageWriter {
             buffer: Vec::with_capacity(BUFFER + 64 * 1024),
             written: HEADER as u64,
             keys: 0,
-            tombs: 0,
+            table: 0,
             claims: 0,
         })
     }
 
     /// Adds the next slots, as of the journal up to `covered`.
     pub fn push(&mut self, slots: &[Slot], covered: u64, path: &Path) -> Result<(), Failure> {
-        for slot in slots {
-            let slot = slot.as_of(covered);
-            if slot.is_full() {
-                self.keys += 1;
-                self.claims += slot.is_claim() as u64;
-            } else if slot.meta != 0 {
-                self.tombs += 1;
-            }
+        self.table += slots.len() as u64;
+        for slot in slots.iter().filter(|s| s.covered_by(covered)) {
+            self.keys += 1;
+            self.claims += slot.is_claim() as u64;
             self.buffer.extend_from_slice(&slot.hash.to_le_bytes());
             self.buffer.extend_from_slice(&slot.meta.to_le_bytes());
         }
@@ -106,12 +104,11 @@ impl ImageWriter {
     /// Writes the header and makes the image durable (the caller renames it into place).
     pub fn finish(mut self, covers: Covers, path: &Path) -> Result<(), Failure> {
         self.flush(path)?;
-        let slots = (self.written - HEADER as u64) / SLOT as u64;
         let mut header = Vec::with_capacity(HEADER);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&covers.inode.to_le_bytes());
         header.extend_from_slice(&covers.anchor.to_le_bytes());
-        for n in [covers.covered, slots, self.keys, self.tombs, self.claims] {
+        for n in [covers.covered, self.table, self.keys, 0, self.claims] {
             header.extend_from_slice(&n.to_le_bytes());
         }
         let mut crc = crc32fast::Hasher::new();
@@ -153,35 +150,41 @@ fn try_load(path: &Path, journal: &File) -> io::Result<Option<(Index, u64)>> {
         anchor: u32::from_le_bytes(header[16..20].try_into().unwrap()),
         covered: u64_at(20),
     };
-    let (slots, keys, tombs, claims) = (u64_at(28), u64_at(36), u64_at(44), u64_at(52));
+    let (table, keys, claims) = (u64_at(28), u64_at(36), u64_at(52));
     let journal_len = journal.metadata()?.len();
     if &header[..8] != MAGIC
         || stored.covered < 4
         || stored.covered > journal_len
-        || !slots.is_power_of_two()
-        || file.metadata()?.len() != HEADER as u64 + slots * SLOT as u64
+        || !table.is_power_of_two()
+        || keys > table
+        || file.metadata()?.len() != HEADER as u64 + keys * SLOT as u64
         || Covers::of(journal, stored.covered)? != stored
     {
         return Ok(None);
     }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header[..HEADER - 4]);
-    let mut table = Vec::with_capacity(slots as usize);
+    let mut index = Index::with_slots(table as usize);
     let mut buffer = vec![0; BUFFER];
-    let mut left = slots as usize * SLOT;
+    let mut left = keys as usize * SLOT;
     while left > 0 {
         let n = left.min(BUFFER);
         file.read_exact(&mut buffer[..n])?;
         crc.update(&buffer[..n]);
-        table.extend(buffer[..n].chunks_exact(SLOT).map(|s| Slot {
-            hash: u64::from_le_bytes(s[..8].try_into().unwrap()),
-            meta: u64::from_le_bytes(s[8..].try_into().unwrap()),
-        }));
+        for bytes in buffer[..n].chunks_exact(SLOT) {
+            let slot = Slot {
+                hash: u64::from_le_bytes(bytes[..8].try_into().unwrap()),
+                meta: u64::from_le_bytes(bytes[8..].try_into().unwrap()),
+            };
+            if !slot.covered_by(stored.covered) {
+                return Ok(None);
+            }
+            index.insert_loaded(slot);
+        }
         left -= n;
     }
-    if crc.finalize().to_le_bytes() != header[HEADER - 4..] {
+    if crc.finalize().to_le_bytes() != header[HEADER - 4..] || index.claims() != claims {
         return Ok(None);
     }
-    let index = Index::from_slots(table, keys as usize, tombs as usize, claims);
     Ok(Some((index, stored.covered)))
 }

@@ -3,7 +3,7 @@
 //! record itself stays in the journal and is read back (`pread`) when a hash matches, which
 //! also settles the rare hash collisions by comparing the stored key.
 //!
-//! Deletions leave tombstones, so that entries never move except when the table is rebuilt:
+//! Deletions leave tombstones, so that entries never move except while the table grows:
 //! an image of the table can then be copied in pieces while callers keep using it.
 
 /// A slot: `meta` 0 is empty, 1 a tombstone, else `(offset + 1) << 1 | is_claim`.
@@ -33,17 +33,10 @@ impl Slot {
             meta: (offset + 1) << 1 | claim as u64,
         }
     }
-    /// The slot as an image covering the journal up to `covered` keeps it: a later record
-    /// is replayed from the journal, so its slot becomes a tombstone (keeping probe chains).
-    pub fn as_of(&self, covered: u64) -> Slot {
-        if self.is_full() && self.offset() >= covered {
-            Slot {
-                hash: self.hash,
-                meta: TOMB,
-            }
-        } else {
-            *self
-        }
+    /// Whether an image covering the journal up to `covered` holds the slot: a key whose
+    /// last record lies past it is replayed from the journal instead.
+    pub fn covered_by(&self, covered: u64) -> bool {
+        self.is_full() && self.offset() < covered
     }
 }
 
@@ -67,12 +60,21 @@ pub(super) fn hash_key(key: &[u8]) -> u64 {
 
 pub(super) struct Index {
     slots: Vec<Slot>,
+    /// While the table grows: the previous table, moved over a few slots at each insertion
+    /// (never all at once, which would stall callers); its slots below `moved` are moved.
+    old: Vec<Slot>,
+    moved: usize,
+    /// Keys in both tables.
     len: usize,
-    tombs: usize,
+    /// Full slots and tombstones of `slots`.
+    used: usize,
     claims: u64,
-    /// Moves on each rebuild (entries moved): an image copied in pieces starts over.
+    /// Moves whenever slots move between tables: an image copied in pieces starts over.
     pub epoch: u64,
 }
+
+/// Old slots moved to the new table at each insertion while growing.
+const MOVE_STEP: usize = 64;
 
 impl Default for Index {
     fn default() -> Self {
@@ -83,26 +85,23 @@ impl Default for Index {
 impl Index {
     /// An empty index with room for `keys` keys before it grows.
     pub fn with_capacity(keys: usize) -> Self {
-        let slots = (keys.saturating_mul(4) / 3 + 1)
-            .next_power_of_two()
-            .max(MIN_SLOTS);
-        Index {
-            slots: vec![Slot::default(); slots],
-            len: 0,
-            tombs: 0,
-            claims: 0,
-            epoch: 0,
-        }
+        Index::with_slots(
+            (keys.saturating_mul(4) / 3 + 1)
+                .next_power_of_two()
+                .max(MIN_SLOTS),
+        )
     }
 
-    /// An index from an image's slots and counts.
-    pub fn from_slots(slots: Vec<Slot>, len: usize, tombs: usize, claims: u64) -> Self {
-        debug_assert!(slots.len().is_power_of_two());
+    /// An empty index of `slots` slots (a power of two).
+    pub fn with_slots(slots: usize) -> Self {
+        debug_assert!(slots.is_power_of_two());
         Index {
-            slots,
-            len,
-            tombs,
-            claims,
+            slots: vec![Slot::default(); slots.max(MIN_SLOTS)],
+            old: Vec::new(),
+            moved: 0,
+            len: 0,
+            used: 0,
+            claims: 0,
             epoch: 0,
         }
     }
@@ -110,44 +109,45 @@ impl Index {
     pub fn len(&self) -> usize {
         self.len
     }
-    #[cfg(test)]
-    pub fn tombs(&self) -> usize {
-        self.tombs
-    }
     /// Keys whose last record is a claim: each may still need room for its completion.
     pub fn claims(&self) -> u64 {
         self.claims
     }
-    pub fn slots(&self) -> &[Slot] {
-        &self.slots
+    /// The table's slots; `None` while it grows (slots move).
+    pub fn slots(&self) -> Option<&[Slot]> {
+        self.old.is_empty().then_some(&self.slots[..])
     }
     #[cfg(test)]
     pub fn bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>()
-    }
-
-    fn mask(&self) -> usize {
-        self.slots.len() - 1
+        (self.slots.len() + self.old.len()) * std::mem::size_of::<Slot>()
     }
 
     /// The slot of the key hashed `hash` for which `is_key(offset)` holds (it reads the
-    /// record at the offset and compares keys).
+    /// record at the offset and compares keys). Slots of the old table while growing are
+    /// numbered after the new table's.
     pub fn find<E>(
         &self,
         hash: u64,
         mut is_key: impl FnMut(u64) -> Result<bool, E>,
     ) -> Result<Option<usize>, E> {
-        let mut at = hash as usize & self.mask();
-        loop {
-            let slot = self.slots[at];
-            if slot.meta == EMPTY {
-                return Ok(None);
+        for (table, base) in [(&self.slots, 0), (&self.old, self.slots.len())] {
+            if table.is_empty() {
+                continue;
             }
-            if slot.is_full() && slot.hash == hash && is_key(slot.offset())? {
-                return Ok(Some(at));
+            let mask = table.len() - 1;
+            let mut at = hash as usize & mask;
+            loop {
+                let slot = table[at];
+                if slot.meta == EMPTY {
+                    break;
+                }
+                if slot.is_full() && slot.hash == hash && is_key(slot.offset())? {
+                    return Ok(Some(base + at));
+                }
+                at = (at + 1) & mask;
             }
-            at = (at + 1) & self.mask();
         }
+        Ok(None)
     }
 
     /// Whether the slot of hash `hash` points at `offset` (the key's current record).
@@ -155,18 +155,26 @@ impl Index {
         matches!(self.find::<()>(hash, |at| Ok(at == offset)), Ok(Some(_)))
     }
 
+    fn slot_mut(&mut self, at: usize) -> &mut Slot {
+        match at.checked_sub(self.slots.len()) {
+            Some(old) => &mut self.old[old],
+            None => &mut self.slots[at],
+        }
+    }
+
     #[cfg(test)]
-    pub fn slot(&self, at: usize) -> Slot {
-        self.slots[at]
+    pub fn slot(&mut self, at: usize) -> Slot {
+        *self.slot_mut(at)
     }
 
     /// Points the key found at `found` (or a new key hashed `hash`) at the record at `offset`.
     pub fn set(&mut self, found: Option<usize>, hash: u64, offset: u64, claim: bool) {
         match found {
             Some(at) => {
-                let old = self.slots[at];
-                self.claims = self.claims - old.is_claim() as u64 + claim as u64;
-                self.slots[at] = Slot::full(hash, offset, claim);
+                let slot = self.slot_mut(at);
+                let was_claim = slot.is_claim();
+                *slot = Slot::full(hash, offset, claim);
+                self.claims = self.claims - was_claim as u64 + claim as u64;
             }
             None => self.insert_new(hash, offset, claim),
         }
@@ -174,51 +182,85 @@ impl Index {
 
     /// Adds a key known not to be in the index.
     pub fn insert_new(&mut self, hash: u64, offset: u64, claim: bool) {
-        if (self.len + self.tombs + 1) * 4 > self.slots.len() * 3 {
-            self.rebuild();
+        if !self.old.is_empty() {
+            self.move_some(MOVE_STEP);
         }
-        let mut at = hash as usize & self.mask();
-        while self.slots[at].is_full() {
-            at = (at + 1) & self.mask();
+        if (self.used + 1) * 4 > self.slots.len() * 3 {
+            // Growing again before the last growth is done: finish it first.
+            self.move_some(usize::MAX);
+            self.start_growing();
         }
-        if self.slots[at].meta == TOMB {
-            self.tombs -= 1;
-        }
-        self.slots[at] = Slot::full(hash, offset, claim);
+        self.place(Slot::full(hash, offset, claim));
         self.len += 1;
         self.claims += claim as u64;
     }
 
-    pub fn remove(&mut self, at: usize) {
-        let old = self.slots[at];
-        debug_assert!(old.is_full());
-        self.claims -= old.is_claim() as u64;
-        self.slots[at] = Slot {
-            hash: old.hash,
-            meta: TOMB,
-        };
-        self.len -= 1;
-        self.tombs += 1;
+    /// Puts a full slot in the first free (empty or tombstone) slot of its chain.
+    fn place(&mut self, slot: Slot) {
+        let mask = self.slots.len() - 1;
+        let mut at = slot.hash as usize & mask;
+        while self.slots[at].is_full() {
+            at = (at + 1) & mask;
+        }
+        if self.slots[at].meta == EMPTY {
+            self.used += 1;
+        }
+        self.slots[at] = slot;
     }
 
-    /// Rehashes without tombstones, twice as large when more than 3/8 full.
-    fn rebuild(&mut self) {
+    pub fn remove(&mut self, at: usize) {
+        // A tombstone, in the old table too, keeps chains whole; it goes with the table.
+        let slot = self.slot_mut(at);
+        debug_assert!(slot.is_full());
+        let was_claim = slot.is_claim();
+        slot.meta = TOMB;
+        self.claims -= was_claim as u64;
+        self.len -= 1;
+    }
+
+    /// Adds a slot of an index image (its key is not in the index yet).
+    pub fn insert_loaded(&mut self, slot: Slot) {
+        debug_assert!(slot.is_full() && self.old.is_empty());
+        if (self.used + 1) * 4 > self.slots.len() * 3 {
+            self.move_some(usize::MAX);
+            self.start_growing();
+            self.move_some(usize::MAX);
+        }
+        self.place(slot);
+        self.len += 1;
+        self.claims += slot.is_claim() as u64;
+    }
+
+    /// A new table (twice as large when more than 3/8 full, else as large, without the
+    /// tombstones); the current one becomes the old table, moved over bit by bit.
+    fn start_growing(&mut self) {
         let size = if self.len * 8 > self.slots.len() * 3 {
             self.slots.len() * 2
         } else {
             self.slots.len()
         };
-        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); size]);
-        let mask = size - 1;
-        for slot in old.into_iter().filter(Slot::is_full) {
-            let mut at = slot.hash as usize & mask;
-            while self.slots[at].is_full() {
-                at = (at + 1) & mask;
-            }
-            self.slots[at] = slot;
-        }
-        self.tombs = 0;
+        self.old = std::mem::replace(&mut self.slots, vec![Slot::default(); size]);
+        self.moved = 0;
+        self.used = 0;
         self.epoch += 1;
+    }
+
+    /// Moves up to `n` old slots to the new table.
+    fn move_some(&mut self, n: usize) {
+        let end = self.moved.saturating_add(n).min(self.old.len());
+        for at in self.moved..end {
+            let slot = self.old[at];
+            if slot.is_full() {
+                self.place(slot);
+                // A tombstone keeps the old table's chains whole for lookups.
+                self.old[at].meta = TOMB;
+            }
+        }
+        self.moved = end;
+        if self.moved == self.old.len() && !self.old.is_empty() {
+            self.old = Vec::new();
+            self.epoch += 1;
+        }
     }
 }
 
@@ -245,7 +287,7 @@ mod tests {
         assert!(find(&index, 10).is_none());
         assert!(find(&index, 30).is_some(), "found past the tombstone");
         assert!(index.is_current(7, 40) && !index.is_current(7, 10));
-        assert_eq!((index.len(), index.tombs()), (2, 1));
+        assert_eq!(index.len(), 2);
     }
 
     #[test]
@@ -254,19 +296,27 @@ mod tests {
         for i in 0..100_000u64 {
             index.insert_new(hash_key(&i.to_le_bytes()), i * 100, i % 3 == 0);
         }
-        assert!(index.slots().len() >= 100_000 * 4 / 3);
-        assert!(index.bytes() / 100_000 <= 48, "{}", index.bytes() / 100_000);
+        // Growing moves the old table over bit by bit: every key is found meanwhile.
         for i in (0..100_000u64).step_by(7) {
+            assert!(index.is_current(hash_key(&i.to_le_bytes()), i * 100), "{i}");
+        }
+        for i in 100_000..250_000u64 {
+            index.insert_new(hash_key(&i.to_le_bytes()), i * 100, false);
+        }
+        let slots = index.slots().expect("done growing").len();
+        assert!(slots >= 250_000 * 4 / 3);
+        assert!(index.bytes() / 250_000 <= 48, "{}", index.bytes() / 250_000);
+        for i in (0..250_000u64).step_by(7) {
             assert!(index.is_current(hash_key(&i.to_le_bytes()), i * 100), "{i}");
         }
         assert_eq!(index.claims(), 33_334);
     }
 
     #[test]
-    fn image_slots_past_the_covered_offset_become_tombstones() {
+    fn an_image_holds_the_keys_whose_last_record_it_covers() {
         let slot = Slot::full(1, 50, true);
-        assert_eq!(slot.as_of(51), slot);
-        assert!(!slot.as_of(50).is_full());
-        assert_eq!(slot.as_of(50).meta, TOMB);
+        assert!(slot.covered_by(51));
+        assert!(!slot.covered_by(50));
+        assert!(!Slot::default().covered_by(51));
     }
 }

@@ -7,7 +7,7 @@ use super::index::{hash_key, Index};
 use super::{image, FileStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
 use crate::durable::FileError;
 use crate::error::{ErrorCode, Failure};
-use crate::idempotency::record::{self, Entry, MAGIC, MAX_RECORD_BYTES};
+use crate::idempotency::record::{self, Entry, MAX_RECORD_BYTES};
 use crate::idempotency::{KeyRecord, KeyState};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -266,7 +266,7 @@ fn good_record_after(file: &File, path: &Path, offset: u64, end: u64) -> Result<
             .map_err(|e| FileError::new("read", path, e))?;
         let last = pos + n as u64 == end;
         let scan = if last { n } else { n - MAX_RECORD_BYTES };
-        if (0..scan).any(|at| buf[at] == MAGIC && record::decode(&buf[at..]).is_some()) {
+        if (0..scan).any(|at| record::is_kind(buf[at]) && record::decode(&buf[at..]).is_some()) {
             return Ok(true);
         }
         pos += scan as u64;

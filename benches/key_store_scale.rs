@@ -24,8 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const THREADS: u64 = 8;
-/// Keys of each rate measurement.
+/// Keys of the empty store.
 const SAMPLE: u64 = 100_000;
+/// Rounds of rate measurements, and calls per round.
+const ROUNDS: u64 = 5;
+const ROUND: u64 = 20_000;
 const NOW_MS: u64 = 1_700_000_000_000;
 
 fn settings() -> FileStoreSettings {
@@ -92,7 +95,7 @@ fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
             let done = &done;
             scope.spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(t);
-                while done.fetch_add(1, Ordering::Relaxed) < SAMPLE {
+                while done.fetch_add(1, Ordering::Relaxed) < ROUND {
                     let key = key(prefix, rng.u64(0..live));
                     let fp = fingerprint(&key);
                     let claim = store.claim(&key, &fp, NOW_MS + 1).unwrap();
@@ -101,7 +104,12 @@ fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
             });
         }
     });
-    SAMPLE as f64 / started.elapsed().as_secs_f64()
+    ROUND as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rates[rates.len() / 2]
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -115,14 +123,10 @@ fn dir_bytes(dir: &Path) -> u64 {
 fn run_case(base: &Path, live: u64) {
     let empty_dir = base.join("empty");
     let full_dir = base.join("full");
-    // The empty store's rates: the reference.
-    let (claim_empty, replay_empty) = {
-        let store = FileStore::open(&empty_dir, settings()).unwrap();
-        let (rate, _) = fill(&store, "empty", 0..SAMPLE);
-        (rate, replay(&store, "empty", SAMPLE))
-    };
-    std::fs::remove_dir_all(&empty_dir).unwrap();
-
+    // The empty store: the reference, measured in rounds interleaved with the full one's
+    // (the machine is shared and noisy).
+    let empty = FileStore::open(&empty_dir, settings()).unwrap();
+    fill(&empty, "empty", 0..SAMPLE);
     let rss_before = rss_bytes();
     let store = FileStore::open(&full_dir, settings()).unwrap();
     let stop = AtomicBool::new(false);
@@ -141,9 +145,19 @@ fn run_case(base: &Path, live: u64) {
     });
     let rss_after = rss_bytes();
     let peak = peak_rss_bytes();
-    let (claim_full, _) = fill(&store, "more", 0..SAMPLE);
-    let replay_full = replay(&store, "full", live);
-    let live_total = live + SAMPLE;
+    let (mut claims, mut replays) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for round in 0..ROUNDS {
+        let keys = SAMPLE + round * ROUND..SAMPLE + (round + 1) * ROUND;
+        claims[0].push(fill(&empty, "empty", keys.clone()).0);
+        claims[1].push(fill(&store, "more", keys.clone()).0);
+        replays[0].push(replay(&empty, "empty", SAMPLE));
+        replays[1].push(replay(&store, "full", live));
+    }
+    let [claim_empty, claim_full] = claims.map(median);
+    let [replay_empty, replay_full] = replays.map(median);
+    drop(empty);
+    std::fs::remove_dir_all(&empty_dir).unwrap();
+    let live_total = live + SAMPLE + ROUNDS * ROUND;
     store.compact_now(NOW_MS).unwrap();
     let disk = dir_bytes(&full_dir);
     drop(store);

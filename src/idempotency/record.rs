@@ -68,6 +68,12 @@ pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// The length of the record of a `key_len`-byte key, a claim or a completion.
+pub fn len_of(claim: bool, key_len: usize) -> usize {
+    let kind = if claim { CLAIMED } else { COMPLETED };
+    HEAD + fields_len(kind).unwrap_or(0) + key_len + CRC
+}
+
 /// Whether `byte` may start a record.
 pub fn is_kind(byte: u8) -> bool {
     fields_len(byte).is_some()

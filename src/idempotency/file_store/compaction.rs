@@ -369,6 +369,10 @@ impl FileStore {
             return Ok(());
         };
         let tmp = &self.image_tmp_path;
+        // The image never covers records that a power loss could still take back.
+        journal
+            .sync_data()
+            .map_err(|e| FileError::new("fsync", &self.journal_path, e))?;
         let covers = Covers::of(&journal, covered)
             .map_err(|e| FileError::new("read", &self.journal_path, e))?;
         let mut image = ImageWriter::create(tmp)?;

@@ -122,13 +122,13 @@ impl Index {
         (self.slots.len() + self.old.len()) * std::mem::size_of::<Slot>()
     }
 
-    /// The slot of the key hashed `hash` for which `is_key(offset)` holds (it reads the
-    /// record at the offset and compares keys). Slots of the old table while growing are
+    /// The slot of the key hashed `hash` for which `is_key(offset, is_claim)` holds (it
+    /// reads the record at the offset and compares keys). Slots of the old table while growing are
     /// numbered after the new table's.
     pub fn find<E>(
         &self,
         hash: u64,
-        mut is_key: impl FnMut(u64) -> Result<bool, E>,
+        mut is_key: impl FnMut(u64, bool) -> Result<bool, E>,
     ) -> Result<Option<usize>, E> {
         for (table, base) in [(&self.slots, 0), (&self.old, self.slots.len())] {
             if table.is_empty() {
@@ -141,7 +141,7 @@ impl Index {
                 if slot.meta == EMPTY {
                     break;
                 }
-                if slot.is_full() && slot.hash == hash && is_key(slot.offset())? {
+                if slot.is_full() && slot.hash == hash && is_key(slot.offset(), slot.is_claim())? {
                     return Ok(Some(base + at));
                 }
                 at = (at + 1) & mask;
@@ -152,7 +152,7 @@ impl Index {
 
     /// Whether the slot of hash `hash` points at `offset` (the key's current record).
     pub fn is_current(&self, hash: u64, offset: u64) -> bool {
-        matches!(self.find::<()>(hash, |at| Ok(at == offset)), Ok(Some(_)))
+        matches!(self.find::<()>(hash, |at, _| Ok(at == offset)), Ok(Some(_)))
     }
 
     fn slot_mut(&mut self, at: usize) -> &mut Slot {
@@ -275,7 +275,7 @@ mod tests {
         for offset in [10, 20, 30] {
             index.insert_new(7, offset, offset == 20);
         }
-        let find = |index: &Index, offset| index.find::<()>(7, |at| Ok(at == offset)).unwrap();
+        let find = |index: &Index, offset| index.find::<()>(7, |at, _| Ok(at == offset)).unwrap();
         let at = find(&index, 20).expect("found");
         assert_eq!(index.slot(at).offset(), 20);
         assert_eq!(index.claims(), 1);

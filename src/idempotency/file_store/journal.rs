@@ -77,13 +77,10 @@ impl FileStore {
         key: &[u8],
     ) -> Result<Option<(usize, KeyRecord)>, Failure> {
         let mut state = None;
-        let found = inner.index.find(hash_key(key), |offset| {
-            let (entry, _) = read_record(&inner.journal, &self.journal_path, offset)?;
-            let same = entry.key == key;
-            if same {
-                state = entry.state;
-            }
-            Ok::<bool, Failure>(same)
+        let found = inner.index.find(hash_key(key), |offset, claim| {
+            let entry = read_if_key(&inner.journal, &self.journal_path, offset, claim, key)?;
+            state = entry.and_then(|e| e.state);
+            Ok::<bool, Failure>(state.is_some())
         })?;
         Ok(found.zip(state))
     }
@@ -147,14 +144,14 @@ impl FileStore {
             }
         };
         if let Some(offset) = bad {
-            let after = good_record_after(&journal, &self.journal_path, offset, len)?;
-            if after {
-                let why = if offset == 0 && is_text_journal(&journal) {
-                    "it is in the text format of an earlier version (move it away to start afresh)"
-                        .to_string()
-                } else {
-                    format!("the record at byte {offset} does not check")
-                };
+            // Never cut off a journal of an earlier build: it is not a torn record.
+            if offset == 0 && is_text_journal(&journal) {
+                let why =
+                    "it is in the text format of an earlier build (move it away to start afresh)";
+                return Err(self.corrupt(inner, why.to_string()));
+            }
+            if good_record_after(&journal, &self.journal_path, offset, len)? {
+                let why = format!("the record at byte {offset} does not check");
                 return Err(self.corrupt(inner, why));
             }
             tracing::warn!(
@@ -197,13 +194,17 @@ pub(super) fn room_for(claims: u64) -> u64 {
     claims * 2 * MAX_RECORD_BYTES as u64
 }
 
-/// The record at `offset` of a journal, read back; one that does not check is corruption.
-pub(super) fn read_record(
+/// The record at `offset` of a journal if it is `key`'s, read back (only its own bytes:
+/// the index says whether it is a claim, and a key of another length is another key).
+fn read_if_key(
     file: &File,
     path: &Path,
     offset: u64,
-) -> Result<(Entry, usize), Failure> {
+    claim: bool,
+    key: &[u8],
+) -> Result<Option<Entry>, Failure> {
     let mut buf = [0u8; MAX_RECORD_BYTES];
+    let buf = &mut buf[..record::len_of(claim, key.len())];
     let mut n = 0;
     // One pread almost always; a short read only at the end of the file.
     while n < buf.len() {
@@ -213,12 +214,13 @@ pub(super) fn read_record(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(FileError::new("read", path, e).into()),
         }
-        if record::record_len(&buf[..n]).is_some_and(|len| len <= n) {
-            break;
-        }
     }
-    record::decode(&buf[..n])
-        .ok_or_else(|| corruption(path, format!("the record at byte {offset} does not check")))
+    if n >= 2 && buf[1] as usize != key.len() {
+        return Ok(None);
+    }
+    let (entry, _) = record::decode(buf)
+        .ok_or_else(|| corruption(path, format!("the record at byte {offset} does not check")))?;
+    Ok((entry.key == key).then_some(entry))
 }
 
 /// Hands each record of `file` from `start` to `end` to `f` with its offset and length;
@@ -291,8 +293,8 @@ pub(super) fn apply(
     offset: u64,
 ) -> Result<(), Failure> {
     let hash = hash_key(&entry.key);
-    let found = index.find(hash, |at| {
-        Ok::<bool, Failure>(read_record(file, path, at)?.0.key == entry.key)
+    let found = index.find(hash, |at, claim| {
+        Ok::<bool, Failure>(read_if_key(file, path, at, claim, &entry.key)?.is_some())
     })?;
     match &entry.state {
         Some(record) => {

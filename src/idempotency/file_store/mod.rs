@@ -696,6 +696,24 @@ mod tests {
     }
 
     #[test]
+    fn a_text_journal_of_an_earlier_build_is_kept_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("idempotency/journal");
+        fs::create_dir_all(journal.parent().unwrap()).unwrap();
+        let line = format!(
+            "1c2d3e4f D 0000000000000000 99 0 {} 6b6579\n",
+            "ab".repeat(32)
+        );
+        fs::write(&journal, &line).unwrap();
+        let err = FileStore::open(dir.path(), settings())
+            .err()
+            .expect("refused");
+        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert!(err.detail.contains("text format"), "{}", err.detail);
+        assert_eq!(fs::read_to_string(&journal).unwrap(), line, "never cut off");
+    }
+
+    #[test]
     fn corruption_found_later_stops_every_call() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());

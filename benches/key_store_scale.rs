@@ -59,10 +59,12 @@ fn key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}/vnode-{}/block-{i:012}", i % 128).into_bytes()
 }
 
-/// Claims and completes keys `range` of `prefix` from 8 threads; keys/s and the longest call.
-fn fill(store: &FileStore, prefix: &str, range: std::ops::Range<u64>) -> (f64, Duration) {
+/// Claims and completes keys `range` of `prefix` from 8 threads; keys/s, the longest
+/// claim + complete, and how many took over 10 ms.
+fn fill(store: &FileStore, prefix: &str, range: std::ops::Range<u64>) -> (f64, Duration, u64) {
     let next = AtomicU64::new(range.start);
     let worst = AtomicU64::new(0);
+    let slow = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..THREADS {
@@ -78,12 +80,17 @@ fn fill(store: &FileStore, prefix: &str, range: std::ops::Range<u64>) -> (f64, D
                     panic!("a new key was not acquired");
                 };
                 store.complete(&key, token, &fp, 0, NOW_MS).unwrap();
-                worst.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let took = t.elapsed().as_micros() as u64;
+                worst.fetch_max(took, Ordering::Relaxed);
+                if took > 10_000 {
+                    slow.fetch_add(1, Ordering::Relaxed);
+                }
             });
         }
     });
     let rate = (range.end - range.start) as f64 / started.elapsed().as_secs_f64();
-    (rate, Duration::from_micros(worst.load(Ordering::Relaxed)))
+    let worst = Duration::from_micros(worst.load(Ordering::Relaxed));
+    (rate, worst, slow.load(Ordering::Relaxed))
 }
 
 /// Claims `SAMPLE` completed keys picked at random among the first `live`: replays/s.
@@ -130,7 +137,7 @@ fn run_case(base: &Path, live: u64) {
     let rss_before = rss_bytes();
     let store = FileStore::open(&full_dir, settings()).unwrap();
     let stop = AtomicBool::new(false);
-    let (fill_rate, worst) = std::thread::scope(|scope| {
+    let (fill_rate, worst, slow) = std::thread::scope(|scope| {
         // Housekeeping as the lease thread does it (its tick, or woken when due).
         let keeper = scope.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
@@ -171,7 +178,7 @@ fn run_case(base: &Path, live: u64) {
     drop(store);
     std::fs::remove_dir_all(&full_dir).unwrap();
     println!(
-        "result {} {} {} {} {} {} {} {} {} {} {}",
+        "result {} {} {} {} {} {} {} {} {} {} {} {}",
         (rss_after.saturating_sub(rss_before)) as f64 / live as f64,
         disk as f64 / live_total as f64,
         restart.as_secs_f64(),
@@ -183,6 +190,7 @@ fn run_case(base: &Path, live: u64) {
         worst.as_secs_f64() * 1000.0,
         live,
         (peak.saturating_sub(rss_before)) as f64 / live as f64,
+        slow,
     );
 }
 
@@ -230,8 +238,8 @@ fn main() {
             let v: Vec<f64> = line[7..].split(' ').map(|x| x.parse().unwrap()).collect();
             let (mem, disk_b, restart) = (v[0], v[1], v[2]);
             let (ce, cf, re, rf, fill_rate, worst) = (v[3], v[4], v[5], v[6], v[7], v[8]);
-            let peak = v[10];
-            println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s, longest call {worst:.1} ms):");
+            let (peak, slow) = (v[10], v[11]);
+            println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s; longest claim+complete {worst:.1} ms, {slow} over 10 ms):");
             println!(
                 "  memory per key      {mem:7.1} B    ratio to target 64 B:  {:.2} (peak {peak:.1} B)",
                 mem / 64.0

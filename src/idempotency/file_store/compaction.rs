@@ -278,7 +278,8 @@ impl FileStore {
         // The rename must be durable before anything is appended to the new journal.
         durable::sync_dir(&self.dir)?;
         let file = Arc::new(rw.file);
-        inner.index = rw.index;
+        // The old index is freed once the lock is released (unmapping takes milliseconds).
+        let old_index = std::mem::replace(&mut inner.index, rw.index);
         inner.journal = file.clone();
         inner.generation += 1;
         inner.end = new_len;
@@ -292,6 +293,9 @@ impl FileStore {
         sync.synced = new_len;
         drop(sync);
         self.synced.notify_all();
+        drop(_lock);
+        drop(inner);
+        drop(old_index);
         self.compactions.fetch_add(1, Ordering::Relaxed);
         self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(

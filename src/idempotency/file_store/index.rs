@@ -64,6 +64,9 @@ pub(super) struct Index {
     /// (never all at once, which would stall callers); its slots below `moved` are moved.
     old: Vec<Slot>,
     moved: usize,
+    /// The old table once moved over: freed by [`Index::take_retired`] outside the mutex
+    /// (unmapping hundreds of MB takes milliseconds).
+    retired: Vec<Slot>,
     /// Keys in both tables.
     len: usize,
     /// Full slots and tombstones of `slots`.
@@ -99,6 +102,7 @@ impl Index {
             slots: vec![Slot::default(); slots.max(MIN_SLOTS)],
             old: Vec::new(),
             moved: 0,
+            retired: Vec::new(),
             len: 0,
             used: 0,
             claims: 0,
@@ -195,6 +199,21 @@ impl Index {
         self.claims += claim as u64;
     }
 
+    /// Whether an old table waits to be freed.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// Keeps the table of an index this one replaces, to be freed outside the mutex.
+    pub fn retire(&mut self, replaced: Index) {
+        self.retired = replaced.slots;
+    }
+
+    /// The old table, to be dropped outside the mutex.
+    pub fn take_retired(&mut self) -> Vec<Slot> {
+        std::mem::take(&mut self.retired)
+    }
+
     /// Puts a full slot in the first free (empty or tombstone) slot of its chain.
     fn place(&mut self, slot: Slot) {
         let mask = self.slots.len() - 1;
@@ -258,7 +277,7 @@ impl Index {
         }
         self.moved = end;
         if self.moved == self.old.len() && !self.old.is_empty() {
-            self.old = Vec::new();
+            self.retired = std::mem::take(&mut self.old);
             self.epoch += 1;
         }
     }

@@ -103,7 +103,9 @@ impl FileStore {
             inner.generation += 1;
             inner.end = end;
             inner.imaged = end;
-            inner.index = index;
+            let replaced = std::mem::replace(&mut inner.index, index);
+            inner.index.retire(replaced);
+            self.compaction_due.store(true, Ordering::Relaxed);
             inner.compact_at = (meta.len() * 2).max(self.slack);
             let mut sync = self.sync.lock();
             sync.generation = inner.generation;

@@ -340,6 +340,10 @@ impl FileStore {
                     return Err(failure);
                 }
             }
+            if inner.index.has_retired() {
+                // The lease thread frees the index's old table, off the callers' path.
+                self.compaction_due.store(true, Ordering::Relaxed);
+            }
         }
         let point = SyncPoint {
             generation: inner.generation,
@@ -444,6 +448,8 @@ impl IdempotencyStore for FileStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
+        let retired = self.inner.lock().index.take_retired();
+        drop(retired);
         // The file's size too, not only this process's view: other processes append.
         let grown = || {
             let inner = self.inner.lock();

@@ -9,14 +9,19 @@
 //! - **Room for completions.** A claim first makes sure the file has blocks allocated
 //!   (`fallocate(FALLOC_FL_KEEP_SIZE)`) for the completion and one lease renewal of every
 //!   claim outstanding, its own included, so a full disk fails a claim, not a completion.
-//! - **Crash safety.** Every line carries a CRC-32. A torn last line (the writer died
-//!   mid-write) is cut off; a bad line with good lines after it is corruption, reported as
-//!   BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is.
+//! - **Small in memory.** Each process indexes the live keys by a 64-bit hash and the offset
+//!   of their last record (16 bytes a slot, see `index.rs`); a call reads the record back.
+//! - **Crash safety.** Every record carries a CRC-32. A torn last record (the writer died
+//!   mid-write) is cut off; a bad record with good records after it is corruption, reported
+//!   as BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is. A record
+//!   read back that does not check is corruption too.
 //! - **Bounded.** Once the journal has doubled since its last compaction (plus some
-//!   slack), [`FileStore::maintain`] rewrites it with the live records only: the snapshot
-//!   is written without holding the lock, and only the records appended meanwhile are
-//!   copied under it before the new file is renamed over the journal. Other processes see
-//!   the old journal unlinked and reopen the new one. A restart reads live records only.
+//!   slack), [`FileStore::maintain`] rewrites it with the live records only, without
+//!   holding the lock but for the last few records (see `compaction.rs`). Other processes see
+//!   the old journal unlinked and reopen the new one.
+//! - **Quick restart.** `index` holds an image of the index (see `image.rs`), written at each
+//!   compaction and whenever the journal has grown a sixteenth past it: a restart loads it and
+//!   reads only the journal past it.
 
 mod compaction;
 mod files;

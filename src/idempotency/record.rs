@@ -1,18 +1,22 @@
-//! One line of the idempotency journal: the new state of one key.
+//! One record of the idempotency journal: the new state of one key, in a compact binary form.
 //!
-//! `<crc32 of the rest, 8 hex> <kind> <token> <time> <result> <fingerprint> <key hex>\n`
-//!
-//! kind `C`: claimed by the claim `token` until `time` (its lease); `D`: completed with `result`,
-//! replayed until `time`; `X`: the key is gone (released or forgotten). Lines are text so
-//! that an operator can read the journal; the key is hex so any byte content is safe.
+//! `kind | key length | fields | key | crc32 of all before it`, little-endian; kind 0xC1:
+//! claimed by the claim `token` (u64) until `time` (u64, its lease), then the fingerprint
+//! (32 bytes); 0xD1: completed with `result` (i32), replayed until `time` (u64), then the
+//! fingerprint; 0xE1: the key is gone (released or forgotten), no fields. The kind bytes are
+//! rare in text and counts, which lets a reader find the next record after a bad one. A
+//! completed 32-byte key takes 82 bytes (the text lines of earlier versions took about 180).
 
 use super::{ClaimToken, Fingerprint, KeyRecord, KeyState, MAX_KEY_BYTES};
-use crate::hex::{hex, unhex};
-use std::fmt::Write as _;
 
-/// The longest line a record can take: reserved for each claim's completion.
-pub(crate) const MAX_RECORD_BYTES: usize =
-    8 + 1 + 1 + 1 + 16 + 1 + 20 + 1 + 11 + 1 + 64 + 1 + 2 * MAX_KEY_BYTES + 1;
+const CLAIMED: u8 = 0xC1;
+const COMPLETED: u8 = 0xD1;
+const GONE: u8 = 0xE1;
+const HEAD: usize = 2;
+const CRC: usize = 4;
+
+/// The longest record: reserved for each claim's completion.
+pub(crate) const MAX_RECORD_BYTES: usize = HEAD + 8 + 8 + 32 + MAX_KEY_BYTES + CRC;
 
 /// A journal entry: a key and its state after the entry (`None`: the key is gone).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,63 +25,100 @@ pub struct Entry {
     pub state: Option<KeyRecord>,
 }
 
-/// Appends the line of `key` becoming `state` to `out`.
-pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
-    let mut body = String::with_capacity(128 + 2 * key.len());
-    let (kind, token, time, result) = match state.map(|r| &r.state) {
-        Some(KeyState::Claimed {
-            token,
-            lease_until_ms,
-        }) => ('C', token.0, *lease_until_ms, 0),
-        Some(KeyState::Completed {
-            result,
-            expires_at_ms,
-        }) => ('D', 0, *expires_at_ms, *result),
-        None => ('X', 0, 0, 0),
-    };
-    let _ = write!(body, "{kind} {token:016x} {time} {result} ");
-    body.push_str(&hex(&state.map_or([0; 32], |r| r.fingerprint)));
-    body.push(' ');
-    body.push_str(&hex(key));
-    let crc = crc32fast::hash(body.as_bytes());
-    out.extend_from_slice(format!("{crc:08x} ").as_bytes());
-    out.extend_from_slice(body.as_bytes());
-    out.push(b'\n');
+fn fields_len(kind: u8) -> Option<usize> {
+    match kind {
+        CLAIMED => Some(8 + 8 + 32),
+        COMPLETED => Some(4 + 8 + 32),
+        GONE => Some(0),
+        _ => None,
+    }
 }
 
-/// Parses one line (without its newline); `None` when it does not check.
-pub fn decode(line: &[u8]) -> Option<Entry> {
-    let line = std::str::from_utf8(line).ok()?;
-    let (crc, body) = line.split_once(' ')?;
-    if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(body.as_bytes()) {
-        return None;
-    }
-    let mut fields = body.split(' ');
-    let kind = fields.next()?;
-    let token = ClaimToken(u64::from_str_radix(fields.next()?, 16).ok()?);
-    let time: u64 = fields.next()?.parse().ok()?;
-    let result: i32 = fields.next()?.parse().ok()?;
-    let fingerprint: Fingerprint = unhex(fields.next()?)?.try_into().ok()?;
-    let key = unhex(fields.next()?)?;
-    if fields.next().is_some() || key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return None;
-    }
-    let state = match kind {
-        "C" => Some(KeyState::Claimed {
-            token,
-            lease_until_ms: time,
-        }),
-        "D" => Some(KeyState::Completed {
-            result,
-            expires_at_ms: time,
-        }),
-        "X" => None,
-        _ => return None,
+/// Appends the record of `key` becoming `state` to `out`.
+pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
+    debug_assert!(!key.is_empty() && key.len() <= MAX_KEY_BYTES);
+    let start = out.len();
+    let kind = match state.map(|r| &r.state) {
+        Some(KeyState::Claimed { .. }) => CLAIMED,
+        Some(KeyState::Completed { .. }) => COMPLETED,
+        None => GONE,
     };
-    Some(Entry {
-        key,
-        state: state.map(|state| KeyRecord { fingerprint, state }),
-    })
+    out.extend_from_slice(&[kind, key.len() as u8]);
+    if let Some(record) = state {
+        match record.state {
+            KeyState::Claimed {
+                token,
+                lease_until_ms,
+            } => {
+                out.extend_from_slice(&token.0.to_le_bytes());
+                out.extend_from_slice(&lease_until_ms.to_le_bytes());
+            }
+            KeyState::Completed {
+                result,
+                expires_at_ms,
+            } => {
+                out.extend_from_slice(&result.to_le_bytes());
+                out.extend_from_slice(&expires_at_ms.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&record.fingerprint);
+    }
+    out.extend_from_slice(key);
+    let crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// The length of the record of a `key_len`-byte key, a claim or a completion.
+pub fn len_of(claim: bool, key_len: usize) -> usize {
+    let kind = if claim { CLAIMED } else { COMPLETED };
+    HEAD + fields_len(kind).unwrap_or(0) + key_len + CRC
+}
+
+/// Whether `byte` may start a record.
+pub fn is_kind(byte: u8) -> bool {
+    fields_len(byte).is_some()
+}
+
+/// The length of the record starting `bytes`, as its head says (`None`: not a record head).
+pub fn record_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < HEAD || bytes[1] == 0 {
+        return None;
+    }
+    Some(HEAD + fields_len(bytes[0])? + bytes[1] as usize + CRC)
+}
+
+/// Decodes the record at the start of `bytes` and its length; `None` when it does not check
+/// (or is cut short).
+pub fn decode(bytes: &[u8]) -> Option<(Entry, usize)> {
+    let len = record_len(bytes)?;
+    let record = bytes.get(..len)?;
+    let (body, crc) = record.split_at(len - CRC);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let (kind, key_len) = (body[0], body[1] as usize);
+    let fields = &body[HEAD..body.len() - key_len];
+    let u64_at = |at: usize| u64::from_le_bytes(fields[at..at + 8].try_into().unwrap());
+    let fp = |at: usize| -> Fingerprint { fields[at..at + 32].try_into().unwrap() };
+    let state = match kind {
+        CLAIMED => Some(KeyRecord {
+            state: KeyState::Claimed {
+                token: ClaimToken(u64_at(0)),
+                lease_until_ms: u64_at(8),
+            },
+            fingerprint: fp(16),
+        }),
+        COMPLETED => Some(KeyRecord {
+            state: KeyState::Completed {
+                result: i32::from_le_bytes(fields[..4].try_into().unwrap()),
+                expires_at_ms: u64_at(4),
+            },
+            fingerprint: fp(12),
+        }),
+        _ => None,
+    };
+    let key = body[body.len() - key_len..].to_vec();
+    Some((Entry { key, state }, len))
 }
 
 #[cfg(test)]
@@ -85,11 +126,13 @@ mod tests {
     use super::*;
 
     fn roundtrip(key: &[u8], state: Option<KeyRecord>) {
-        let mut line = Vec::new();
-        encode(&mut line, key, state.as_ref());
-        assert_eq!(line.last(), Some(&b'\n'));
-        assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
-        let entry = decode(&line[..line.len() - 1]).expect("decodes");
+        let mut bytes = vec![0xee];
+        encode(&mut bytes, key, state.as_ref());
+        let record = &bytes[1..];
+        assert!(record.len() <= MAX_RECORD_BYTES, "{} bytes", record.len());
+        assert_eq!(record_len(record), Some(record.len()));
+        let (entry, len) = decode(record).expect("decodes");
+        assert_eq!(len, record.len());
         assert_eq!(
             entry,
             Entry {
@@ -126,17 +169,39 @@ mod tests {
     }
 
     #[test]
-    fn a_flipped_byte_or_a_cut_line_does_not_check() {
-        let mut line = Vec::new();
-        encode(&mut line, b"key", None);
-        line.pop();
-        for i in 0..line.len() {
-            let mut bad = line.clone();
-            bad[i] ^= 0x01;
-            assert_eq!(decode(&bad), None, "flip at {i}");
+    fn a_completed_32_byte_key_takes_82_bytes() {
+        let mut bytes = Vec::new();
+        let done = KeyRecord {
+            fingerprint: [1; 32],
+            state: KeyState::Completed {
+                result: 0,
+                expires_at_ms: 1,
+            },
+        };
+        encode(&mut bytes, &[b'k'; 32], Some(&done));
+        assert_eq!(bytes.len(), 82);
+    }
+
+    #[test]
+    fn a_flipped_bit_or_a_cut_record_does_not_check() {
+        let mut record = Vec::new();
+        let claimed = KeyRecord {
+            fingerprint: [3; 32],
+            state: KeyState::Claimed {
+                token: ClaimToken(5),
+                lease_until_ms: 6,
+            },
+        };
+        encode(&mut record, b"key", Some(&claimed));
+        for i in 0..record.len() {
+            for bit in 0..8 {
+                let mut bad = record.clone();
+                bad[i] ^= 1 << bit;
+                assert_eq!(decode(&bad), None, "flip at {i}");
+            }
         }
-        for cut in 0..line.len() {
-            assert_eq!(decode(&line[..cut]), None, "cut at {cut}");
+        for cut in 0..record.len() {
+            assert_eq!(decode(&record[..cut]), None, "cut at {cut}");
         }
     }
 }

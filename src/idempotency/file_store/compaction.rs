@@ -1,23 +1,142 @@
-//! Compaction: the journal rewritten with its live records, without stalling callers for
-//! the snapshot (only the tail appended meanwhile is copied under the lock).
+//! Compaction and index images, without stalling callers.
+//!
+//! Compaction rewrites the journal with its live records to a side file: the old journal
+//! is scanned without the lock, each record kept if it is live and still its key's last
+//! one (checked against the index in short batches under the mutex), and a new index is
+//! built as the records are written. What callers append meanwhile is copied in rounds
+//! without the lock; only the last few records are copied under it before the new file
+//! (already fsynced) and the image of its index are renamed into place.
+//!
+//! Between compactions, once the journal has grown past what the image on disk covers by a
+//! sixteenth, the index is written as a new image, copied in pieces under the mutex (slots
+//! move only while the table grows, and keys whose last record lies past the image's end
+//! are left to the journal), so that a restart replays a short tail.
 
 use super::files::{reserve, FileLock};
-use super::journal::room_for;
+use super::image::{Covers, ImageWriter};
+use super::index::{hash_key, Index, Slot};
+use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
 use super::{FileStore, RESERVE_CHUNK};
 use crate::durable::{self, FileError};
 use crate::error::Failure;
-use crate::idempotency::record;
+use crate::idempotency::record::{self, MAX_RECORD_BYTES};
 use crate::idempotency::KeyState;
-use std::collections::HashSet;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// Live records checked against the index at a time (one short hold of the mutex each).
+const BATCH: usize = 8192;
+/// Slots copied into an image at a time under the mutex.
+const IMAGE_PIECE: usize = 16384;
+/// The tail is copied in rounds without the lock until this little is left.
+const TAIL_UNDER_LOCK: u64 = 256 << 10;
+
+/// Why a rewrite stopped early.
+enum Stop {
+    /// Another process compacted meanwhile: its journal stands, ours is dropped.
+    Abandoned,
+    Failed(Failure),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Self {
+        Stop::Failed(failure)
+    }
+}
+
+impl From<FileError> for Stop {
+    fn from(error: FileError) -> Self {
+        Stop::Failed(error.into())
+    }
+}
+
+/// The new journal being written, and its index.
+struct Rewrite<'a> {
+    path: &'a Path,
+    file: File,
+    index: Index,
+    /// Bytes written to the file; `out` follows them.
+    flushed: u64,
+    out: Vec<u8>,
+}
+
+impl Rewrite<'_> {
+    /// Adds a record of a key not yet in the new journal.
+    fn push_new(&mut self, bytes: &[u8], hash: u64, claim: bool) -> Result<(), Failure> {
+        let offset = self.flushed + self.out.len() as u64;
+        self.index.insert_new(hash, offset, claim);
+        self.out.extend_from_slice(bytes);
+        if self.out.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Failure> {
+        self.file
+            .write_all_at(&self.out, self.flushed)
+            .map_err(|e| FileError::new("write", self.path, e))?;
+        self.flushed += self.out.len() as u64;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Copies the records `from..to` of `old` (appended since the snapshot) as they are.
+    fn copy_tail(
+        &mut self,
+        old: &File,
+        old_path: &Path,
+        from: u64,
+        to: u64,
+    ) -> Result<(), Failure> {
+        self.flush()?;
+        if to == from {
+            return Ok(());
+        }
+        let mut tail = vec![0; (to - from) as usize];
+        old.read_exact_at(&mut tail, from)
+            .map_err(|e| FileError::new("read", old_path, e))?;
+        self.file
+            .write_all_at(&tail, self.flushed)
+            .map_err(|e| FileError::new("write", self.path, e))?;
+        let mut at = 0;
+        while at < tail.len() {
+            let (entry, len) = record::decode(&tail[at..]).ok_or_else(|| {
+                corruption(
+                    old_path,
+                    format!("the record at byte {} does not check", from + at as u64),
+                )
+            })?;
+            apply(
+                &mut self.index,
+                &self.file,
+                self.path,
+                &entry,
+                self.flushed + at as u64,
+            )?;
+            at += len;
+        }
+        self.flushed += tail.len() as u64;
+        Ok(())
+    }
+}
+
+/// A live record of the old journal, waiting to be checked against the index.
+struct Candidate {
+    offset: u64,
+    hash: u64,
+    claim: bool,
+    start: usize,
+    len: usize,
+}
+
 impl FileStore {
-    /// Rewrites the journal with its live records once it has grown enough.
-    pub(super) fn compact(&self, now_ms: u64) -> Result<(), Failure> {
+    /// Rewrites the journal with its live records once it has grown enough (or now, when
+    /// `force`).
+    pub(super) fn compact(&self, now_ms: u64, force: bool) -> Result<(), Failure> {
         let Some(_in_process) = self.compaction.try_lock() else {
             return Ok(());
         };
@@ -26,24 +145,24 @@ impl FileStore {
         else {
             return Ok(());
         };
-        // 1. Under the lock: the live records, and where the journal ends.
-        let (snapshot, from, generation) = {
+        // 1. Under the lock: where the journal ends.
+        let (from, generation, old, keys) = {
             let mut inner = self.inner.lock();
             let _lock = self.lock_journal()?;
             self.catch_up(&mut inner)?;
-            if inner.end <= inner.compact_at {
+            if !force && inner.end <= inner.compact_at {
                 self.compaction_due.store(false, Ordering::Relaxed);
                 return Ok(());
             }
-            let mut snapshot = Vec::new();
-            for (key, record) in inner.index.iter().filter(|(_, r)| r.is_live(now_ms)) {
-                record::encode(&mut snapshot, key, Some(record));
-            }
-            (snapshot, inner.end, inner.generation)
+            (
+                inner.end,
+                inner.generation,
+                inner.journal.clone(),
+                inner.index.len(),
+            )
         };
-        // 2. Without it: the snapshot, written to the side.
         let _ = fs::remove_file(&self.compact_path);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
@@ -51,54 +170,120 @@ impl FileStore {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.compact_path)
             .map_err(|e| FileError::new("create", &self.compact_path, e))?;
+        let rewrite = Rewrite {
+            path: &self.compact_path,
+            file,
+            index: Index::with_capacity(keys),
+            flushed: 0,
+            out: Vec::with_capacity(CHUNK + MAX_RECORD_BYTES),
+        };
+        match self.rewrite(now_ms, rewrite, &old, from, generation) {
+            Ok(()) => Ok(()),
+            Err(stop) => {
+                let _ = fs::remove_file(&self.compact_path);
+                let _ = fs::remove_file(&self.image_tmp_path);
+                match stop {
+                    Stop::Abandoned => Ok(()),
+                    Stop::Failed(failure) => Err(failure),
+                }
+            }
+        }
+    }
+
+    fn rewrite(
+        &self,
+        now_ms: u64,
+        mut rw: Rewrite<'_>,
+        old: &File,
+        from: u64,
+        generation: u64,
+    ) -> Result<(), Stop> {
+        // 2. Without the lock: the live records that are their key's last.
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut bytes = Vec::new();
+        let bad = for_each_record(old, &self.journal_path, 0, from, |offset, _, entry| {
+            let Some(record) = entry.state.filter(|r| r.is_live(now_ms)) else {
+                return Ok(());
+            };
+            let start = bytes.len();
+            record::encode(&mut bytes, &entry.key, Some(&record));
+            batch.push(Candidate {
+                offset,
+                hash: hash_key(&entry.key),
+                claim: matches!(record.state, KeyState::Claimed { .. }),
+                start,
+                len: bytes.len() - start,
+            });
+            if batch.len() >= BATCH {
+                self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
+            }
+            Ok::<(), Stop>(())
+        })?;
+        if let Some(offset) = bad {
+            let why = format!("the record at byte {offset} does not check");
+            return Err(corruption(&self.journal_path, why).into());
+        }
+        self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
+        // 3. Still without it: what callers appended meanwhile, in rounds.
+        let mut copied = from;
+        for _ in 0..8 {
+            let end = self.caught_up_end(generation)?;
+            if end - copied <= TAIL_UNDER_LOCK {
+                break;
+            }
+            rw.copy_tail(old, &self.journal_path, copied, end)?;
+            copied = end;
+        }
+        rw.flush()?;
         let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
-        file.write_all(&snapshot).map_err(side)?;
-        // 3. Under the lock again: what was appended meanwhile, then the switch.
+        rw.file.sync_data().map_err(side)?;
+        // The image of the new journal's index, up to here.
+        let covered = rw.flushed;
+        // No image while the new index still grows (it was sized for the keys at the start).
+        let imaged = covered >= 4 && rw.index.slots().is_some();
+        if let (true, Some(slots)) = (imaged, rw.index.slots()) {
+            let mut image = ImageWriter::create(&self.image_tmp_path)?;
+            image.push(slots, covered, &self.image_tmp_path)?;
+            let covers = Covers::of(&rw.file, covered).map_err(side)?;
+            image.finish(covers, &self.image_tmp_path)?;
+        }
+        // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
-            let _ = fs::remove_file(&self.compact_path);
-            return Ok(());
+            return Err(Stop::Abandoned);
         }
-        let mut tail = vec![0; (inner.end - from) as usize];
-        inner
-            .journal
-            .read_exact_at(&mut tail, from)
-            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
-        let new_len = (snapshot.len() + tail.len()) as u64;
-        let result = file
-            .write_all(&tail)
-            .and_then(|()| reserve(&file, new_len, room_for(inner.claims) + RESERVE_CHUNK))
-            .and_then(|_| file.sync_data())
-            .map_err(side)
-            .and_then(|()| {
-                fs::rename(&self.compact_path, &self.journal_path)
-                    .map_err(|e| FileError::new("rename", &self.compact_path, e).into())
-            });
-        if let Err(failure) = result {
-            let _ = fs::remove_file(&self.compact_path);
-            return Err(failure);
-        }
+        rw.copy_tail(old, &self.journal_path, copied, inner.end)?;
+        let new_len = rw.flushed;
+        reserve(
+            &rw.file,
+            new_len,
+            room_for(rw.index.claims()) + RESERVE_CHUNK,
+        )
+        .and_then(|_| rw.file.sync_data())
+        .map_err(side)?;
+        // An image, if any, must not describe the old journal once the new one is in place.
+        let image = if imaged {
+            fs::rename(&self.image_tmp_path, &self.image_path)
+        } else {
+            fs::remove_file(&self.image_path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+        };
+        image.map_err(|e| Failure::from(FileError::new("replace", &self.image_path, e)))?;
+        fs::rename(&self.compact_path, &self.journal_path)
+            .map_err(|e| FileError::new("rename", &self.compact_path, e))?;
         // The rename must be durable before anything is appended to the new journal.
         durable::sync_dir(&self.dir)?;
-        let touched: HashSet<Vec<u8>> = tail
-            .split(|&b| b == b'\n')
-            .filter_map(record::decode)
-            .map(|entry| entry.key)
-            .collect();
-        inner
-            .index
-            .retain(|key, record| record.is_live(now_ms) || touched.contains(&key[..]));
-        inner.claims = inner
-            .index
-            .values()
-            .filter(|r| matches!(r.state, KeyState::Claimed { .. }))
-            .count() as u64;
-        let file = Arc::new(file);
+        let file = Arc::new(rw.file);
+        // The old index is freed once the lock is released (unmapping takes milliseconds).
+        let old_index = std::mem::replace(&mut inner.index, rw.index);
         inner.journal = file.clone();
         inner.generation += 1;
         inner.end = new_len;
+        inner.imaged = if imaged { covered } else { 0 };
         inner.allocated = 0;
         inner.compact_at = (new_len * 2).max(new_len + self.slack);
         let mut sync = self.sync.lock();
@@ -108,6 +293,9 @@ impl FileStore {
         sync.synced = new_len;
         drop(sync);
         self.synced.notify_all();
+        drop(_lock);
+        drop(inner);
+        drop(old_index);
         self.compactions.fetch_add(1, Ordering::Relaxed);
         self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(
@@ -115,6 +303,112 @@ impl FileStore {
             to_bytes = new_len,
             "idempotency journal compacted"
         );
+        Ok(())
+    }
+
+    /// Writes the candidates that are still their key's last record to the new journal.
+    fn keep_current(
+        &self,
+        rw: &mut Rewrite<'_>,
+        batch: &mut Vec<Candidate>,
+        bytes: &mut Vec<u8>,
+        generation: u64,
+    ) -> Result<(), Stop> {
+        let current: Vec<bool> = {
+            let inner = self.inner.lock();
+            if inner.generation != generation {
+                return Err(Stop::Abandoned);
+            }
+            batch
+                .iter()
+                .map(|c| inner.index.is_current(c.hash, c.offset))
+                .collect()
+        };
+        for (c, _) in batch.iter().zip(current).filter(|(_, keep)| *keep) {
+            rw.push_new(&bytes[c.start..c.start + c.len], c.hash, c.claim)?;
+        }
+        batch.clear();
+        bytes.clear();
+        Ok(())
+    }
+
+    /// Where the journal ends once this process has read every append (briefly locked).
+    fn caught_up_end(&self, generation: u64) -> Result<u64, Stop> {
+        let mut inner = self.inner.lock();
+        let _lock = self.lock_journal()?;
+        self.catch_up(&mut inner)?;
+        if inner.generation != generation {
+            return Err(Stop::Abandoned);
+        }
+        Ok(inner.end)
+    }
+
+    /// Writes the index as an image once the journal has grown well past the image on
+    /// disk, so that a restart replays only a short tail.
+    pub(super) fn checkpoint(&self) -> Result<(), Failure> {
+        let (covered, generation, epoch, slots, journal) = {
+            let inner = self.inner.lock();
+            let behind = inner.end.saturating_sub(inner.imaged);
+            // While the index grows its slots move: the next maintenance writes it.
+            let Some(slots) = inner.index.slots().map(<[Slot]>::len) else {
+                return Ok(());
+            };
+            if inner.broken.is_some() || behind <= (inner.end / 16).max(self.slack) {
+                return Ok(());
+            }
+            (
+                inner.end,
+                inner.generation,
+                inner.index.epoch,
+                slots,
+                inner.journal.clone(),
+            )
+        };
+        let Some(_in_process) = self.compaction.try_lock() else {
+            return Ok(());
+        };
+        let Some(_across_processes) =
+            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
+        else {
+            return Ok(());
+        };
+        let tmp = &self.image_tmp_path;
+        // The image never covers records that a power loss could still take back.
+        journal
+            .sync_data()
+            .map_err(|e| FileError::new("fsync", &self.journal_path, e))?;
+        let covers = Covers::of(&journal, covered)
+            .map_err(|e| FileError::new("read", &self.journal_path, e))?;
+        let mut image = ImageWriter::create(tmp)?;
+        let mut piece: Vec<Slot> = Vec::with_capacity(IMAGE_PIECE);
+        for start in (0..slots).step_by(IMAGE_PIECE) {
+            {
+                let inner = self.inner.lock();
+                // Rebuilt (slots moved) or replaced: the next maintenance starts over.
+                if inner.generation != generation || inner.index.epoch != epoch {
+                    drop(inner);
+                    let _ = fs::remove_file(tmp);
+                    return Ok(());
+                }
+                let end = (start + IMAGE_PIECE).min(slots);
+                piece.clear();
+                let table = inner
+                    .index
+                    .slots()
+                    .expect("not growing: the epoch is the same");
+                piece.extend_from_slice(&table[start..end]);
+            }
+            image.push(&piece, covered, tmp)?;
+        }
+        image.finish(covers, tmp)?;
+        let mut inner = self.inner.lock();
+        if inner.generation != generation {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        fs::rename(tmp, &self.image_path).map_err(|e| FileError::new("rename", tmp, e))?;
+        inner.imaged = covered;
+        tracing::debug!(covered, "idempotency index image written");
         Ok(())
     }
 }

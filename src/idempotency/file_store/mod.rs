@@ -9,18 +9,25 @@
 //! - **Room for completions.** A claim first makes sure the file has blocks allocated
 //!   (`fallocate(FALLOC_FL_KEEP_SIZE)`) for the completion and one lease renewal of every
 //!   claim outstanding, its own included, so a full disk fails a claim, not a completion.
-//! - **Crash safety.** Every line carries a CRC-32. A torn last line (the writer died
-//!   mid-write) is cut off; a bad line with good lines after it is corruption, reported as
-//!   BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is.
+//! - **Small in memory.** Each process indexes the live keys by a 64-bit hash and the offset
+//!   of their last record (16 bytes a slot, see `index.rs`); a call reads the record back.
+//! - **Crash safety.** Every record carries a CRC-32. A torn last record (the writer died
+//!   mid-write) is cut off; a bad record with good records after it is corruption, reported
+//!   as BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is. A record
+//!   read back that does not check is corruption too.
 //! - **Bounded.** Once the journal has doubled since its last compaction (plus some
-//!   slack), [`FileStore::maintain`] rewrites it with the live records only: the snapshot
-//!   is written without holding the lock, and only the records appended meanwhile are
-//!   copied under it before the new file is renamed over the journal. Other processes see
-//!   the old journal unlinked and reopen the new one. A restart reads live records only.
+//!   slack), [`FileStore::maintain`] rewrites it with the live records only, without
+//!   holding the lock but for the last few records (see `compaction.rs`). Other processes see
+//!   the old journal unlinked and reopen the new one.
+//! - **Quick restart.** `index` holds an image of the index (see `image.rs`), written at each
+//!   compaction and whenever the journal has grown a sixteenth past it: a restart loads it and
+//!   reads only the journal past it.
 
 mod compaction;
 mod files;
 mod group_commit;
+mod image;
+mod index;
 mod journal;
 
 use super::record::{self, Entry};
@@ -29,11 +36,11 @@ use super::{
     IdempotencyStore, KeyRecord, KeyState,
 };
 use crate::durable::{self, FileError};
-use crate::error::Failure;
+use crate::error::{ErrorCode, Failure};
 use files::{open_rw, FileLock};
+use index::Index;
 use journal::apply;
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -69,6 +76,9 @@ pub struct FileStore {
     dir: PathBuf,
     journal_path: PathBuf,
     compact_path: PathBuf,
+    /// The index image (`index`) and its side file while being written.
+    image_path: PathBuf,
+    image_tmp_path: PathBuf,
     /// `flock`ed around every transaction on the journal.
     journal_lock: File,
     journal_lock_path: PathBuf,
@@ -99,9 +109,10 @@ struct Inner {
     end: u64,
     /// Bytes the file had allocated when last looked at.
     allocated: u64,
-    index: HashMap<Box<[u8]>, KeyRecord>,
-    /// Claims in the index, live or not: each may still need room for its completion.
-    claims: u64,
+    /// Every key of the journal: its hash and the offset of its last record.
+    index: Index,
+    /// The offset of the journal that the index image on disk covers (0: none).
+    imaged: u64,
     /// Compaction is due once `end` passes this.
     compact_at: u64,
     /// Corruption found: every call reports it.
@@ -135,28 +146,42 @@ struct SyncPoint {
 
 /// What one transaction reads and the records it appends.
 pub struct Txn<'a> {
+    store: &'a FileStore,
     inner: &'a Inner,
     appended: Vec<u8>,
-    entries: Vec<Entry>,
+    /// Each record appended: where it starts in `appended`, and what it says.
+    entries: Vec<(usize, Entry)>,
     /// A claim is among the records: room must be reserved first, or nothing is written.
     claims_need_room: bool,
+    /// A record could not be read back: the transaction fails, writing nothing.
+    failed: Option<Failure>,
 }
 
 impl Txn<'_> {
-    fn get(&self, key: &[u8]) -> Option<&KeyRecord> {
+    fn get(&mut self, key: &[u8]) -> Option<KeyRecord> {
         // A key written earlier in this transaction wins.
-        match self.entries.iter().rev().find(|e| e.key == key) {
-            Some(entry) => entry.state.as_ref(),
-            None => self.inner.index.get(key),
+        if let Some((_, entry)) = self.entries.iter().rev().find(|(_, e)| e.key == key) {
+            return entry.state;
+        }
+        match self.store.lookup(self.inner, key) {
+            Ok(found) => found.map(|(_, record)| record),
+            Err(failure) => {
+                self.failed.get_or_insert(failure);
+                None
+            }
         }
     }
 
     fn put(&mut self, key: &[u8], state: Option<KeyRecord>) {
+        let at = self.appended.len();
         record::encode(&mut self.appended, key, state.as_ref());
-        self.entries.push(Entry {
-            key: key.to_vec(),
-            state,
-        });
+        self.entries.push((
+            at,
+            Entry {
+                key: key.to_vec(),
+                state,
+            },
+        ));
     }
 }
 
@@ -174,8 +199,15 @@ impl FileStore {
         let journal = Arc::new(open_rw(&journal_path)?);
         // The journal's directory entry must survive a power loss before any claim does.
         durable::sync_dir(&dir)?;
+        let image_path = dir.join("index");
+        // The image of the index, when there is one of this journal: only the journal past
+        // it is read. A compaction may replace the journal meanwhile: the first
+        // transaction's catch-up then follows it.
+        let (index, end) = image::load(&image_path, &journal).unwrap_or_default();
         let store = FileStore {
             compact_path: dir.join("journal.compact"),
+            image_tmp_path: dir.join("index.compact"),
+            image_path,
             journal_path,
             journal_lock,
             journal_lock_path,
@@ -187,18 +219,18 @@ impl FileStore {
             inner: Mutex::new(Inner {
                 journal: journal.clone(),
                 generation: 0,
-                end: 0,
+                end,
                 allocated: 0,
-                index: HashMap::new(),
-                claims: 0,
+                index,
+                imaged: end,
                 compact_at: settings.compaction_slack_bytes,
                 broken: None,
             }),
             sync: Mutex::new(SyncState {
                 generation: 0,
                 file: journal,
-                written: 0,
-                synced: 0,
+                written: end,
+                synced: end,
                 syncing: false,
                 waiters: 0,
                 released: 1,
@@ -237,6 +269,11 @@ impl FileStore {
         self.compactions.load(Ordering::Relaxed)
     }
 
+    /// Compacts the journal now, however little it has grown (for tools and benchmarks).
+    pub fn compact_now(&self, now_ms: u64) -> Result<(), Failure> {
+        self.compact(now_ms, true)
+    }
+
     /// Waits for the journal's cross-process lock.
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
@@ -270,22 +307,47 @@ impl FileStore {
         let lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         let mut txn = Txn {
+            store: self,
             inner: &inner,
             appended: Vec::new(),
             entries: Vec::new(),
             claims_need_room: false,
+            failed: None,
         };
         let value = f(&mut txn);
         let Txn {
             appended,
             entries,
             claims_need_room,
+            failed,
             ..
         } = txn;
+        if let Some(failure) = failed {
+            if failure.code == ErrorCode::DataCorruption.raw() {
+                inner.broken = Some(failure.clone());
+            }
+            return Err(failure);
+        }
         if !appended.is_empty() {
+            let start = inner.end;
             self.append(&mut inner, &appended, claims_need_room)?;
-            for entry in entries {
-                apply(&mut inner, entry);
+            let inner = &mut *inner;
+            for (at, entry) in &entries {
+                let offset = start + *at as u64;
+                if let Err(failure) = apply(
+                    &mut inner.index,
+                    &inner.journal,
+                    &self.journal_path,
+                    entry,
+                    offset,
+                ) {
+                    inner.broken = Some(failure.clone());
+                    return Err(failure);
+                }
+            }
+            if inner.index.has_retired() {
+                // The lease thread frees the index's old table, off the callers' path.
+                self.compaction_due.store(true, Ordering::Relaxed);
             }
         }
         let point = SyncPoint {
@@ -301,7 +363,8 @@ impl FileStore {
 impl IdempotencyStore for FileStore {
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         self.transact(|txn| {
-            let claim = decide(txn.get(key), fingerprint, now_ms, ClaimToken::new());
+            let existing = txn.get(key);
+            let claim = decide(existing.as_ref(), fingerprint, now_ms, ClaimToken::new());
             if let Claim::Acquired { token, .. } = claim {
                 txn.claims_need_room = true;
                 txn.put(
@@ -322,7 +385,7 @@ impl IdempotencyStore for FileStore {
     fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure> {
         self.transact(|txn| {
             for (key, token) in claims {
-                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)).copied() {
+                if let Some(record) = txn.get(key).filter(|r| is_claim(Some(r), *token)) {
                     let renewed = KeyRecord {
                         state: KeyState::Claimed {
                             token: *token,
@@ -345,7 +408,7 @@ impl IdempotencyStore for FileStore {
         now_ms: u64,
     ) -> Result<Completion, Failure> {
         self.transact(|txn| {
-            if !completion_allowed(txn.get(key), token, now_ms) {
+            if !completion_allowed(txn.get(key).as_ref(), token, now_ms) {
                 return Completion::Superseded;
             }
             txn.put(
@@ -364,14 +427,14 @@ impl IdempotencyStore for FileStore {
 
     fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         self.transact(|txn| {
-            if is_claim(txn.get(key), token) {
+            if is_claim(txn.get(key).as_ref(), token) {
                 txn.put(key, None);
             }
         })
     }
 
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
-        self.transact(|txn| txn.get(key).filter(|r| r.is_live(now_ms)).copied())
+        self.transact(|txn| txn.get(key).filter(|r| r.is_live(now_ms)))
     }
 
     fn forget(&self, key: &[u8], now_ms: u64) -> Result<Forgotten, Failure> {
@@ -390,6 +453,8 @@ impl IdempotencyStore for FileStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
+        let retired = self.inner.lock().index.take_retired();
+        drop(retired);
         // The file's size too, not only this process's view: other processes append.
         let grown = || {
             let inner = self.inner.lock();
@@ -398,9 +463,9 @@ impl IdempotencyStore for FileStore {
             })
         };
         if self.maintenance_due() || grown() {
-            self.compact(now_ms)?;
+            self.compact(now_ms, false)?;
         }
-        Ok(())
+        self.checkpoint()
     }
 
     fn maintenance_due(&self) -> bool {
@@ -596,20 +661,16 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = {
+        let (journal, last_start) = {
             let store = open(dir.path());
             let token = fresh(store.claim(b"whole", &A, 1));
             store.complete(b"whole", token, &A, 0, 1).unwrap();
+            let last_start = store.journal_len();
             store.claim(b"torn", &A, 1).unwrap();
-            store.journal_path().to_path_buf()
+            (store.journal_path().to_path_buf(), last_start as usize)
         };
         // Cut the last record in half, as a writer killed mid-write leaves it.
         let bytes = fs::read(&journal).unwrap();
-        let last_start = bytes[..bytes.len() - 1]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .unwrap()
-            + 1;
         let cut = last_start + (bytes.len() - last_start) / 2;
         fs::write(&journal, &bytes[..cut]).unwrap();
         let store = open(dir.path());
@@ -643,6 +704,24 @@ mod tests {
             err.detail
         );
         assert_eq!(fs::read(&journal).unwrap(), bytes, "never silently emptied");
+    }
+
+    #[test]
+    fn a_text_journal_of_an_earlier_build_is_kept_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("idempotency/journal");
+        fs::create_dir_all(journal.parent().unwrap()).unwrap();
+        let line = format!(
+            "1c2d3e4f D 0000000000000000 99 0 {} 6b6579\n",
+            "ab".repeat(32)
+        );
+        fs::write(&journal, &line).unwrap();
+        let err = FileStore::open(dir.path(), settings())
+            .err()
+            .expect("refused");
+        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert!(err.detail.contains("text format"), "{}", err.detail);
+        assert_eq!(fs::read_to_string(&journal).unwrap(), line, "never cut off");
     }
 
     #[test]
@@ -728,6 +807,124 @@ mod tests {
             });
             assert_eq!(winners, 1, "{key}");
         }
+    }
+}
+
+#[cfg(test)]
+mod images {
+    use super::*;
+    use crate::error::ErrorCode;
+    use std::fs;
+
+    const FP: Fingerprint = [7; 32];
+
+    fn settings() -> FileStoreSettings {
+        FileStoreSettings {
+            lease: Duration::from_secs(60),
+            ttl: Duration::from_secs(3600),
+            compaction_slack_bytes: 4096,
+        }
+    }
+
+    fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
+        for i in keys {
+            let key = format!("key-{i}");
+            let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &FP, 10) else {
+                panic!("{key} not acquired");
+            };
+            store.complete(key.as_bytes(), token, &FP, 0, 10).unwrap();
+        }
+    }
+
+    fn replays(store: &FileStore, keys: std::ops::Range<u32>) {
+        for i in keys {
+            let key = format!("key-{i}");
+            let claim = store.claim(key.as_bytes(), &FP, 11).unwrap();
+            assert_eq!(claim, Claim::Replay { result: 0 }, "{key}");
+        }
+    }
+
+    #[test]
+    fn a_restart_loads_the_image_and_reads_only_the_journal_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        fill(&store, 0..300);
+        store.compact_now(10).unwrap();
+        let covered = store.journal_len();
+        fill(&store, 300..320);
+        let journal = store.journal_path().to_path_buf();
+        drop(store);
+        assert!(dir.path().join("idempotency/index").exists());
+        // A bit flipped in a record the image covers: the restart does not read it...
+        let mut bytes = fs::read(&journal).unwrap();
+        bytes[40] ^= 0x10;
+        fs::write(&journal, &bytes).unwrap();
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        assert_eq!(store.journal_len(), fs::metadata(&journal).unwrap().len());
+        assert!(covered < store.journal_len());
+        replays(&store, 1..320);
+        // ...and reading it back still checks it: corruption, on every call from then on.
+        let err = store.claim(b"key-0", &FP, 11).unwrap_err();
+        assert_eq!(err.code, ErrorCode::DataCorruption.raw(), "{}", err.detail);
+        assert!(err.detail.contains("byte 0"), "{}", err.detail);
+        assert!(store.claim(b"key-5", &FP, 11).is_err());
+    }
+
+    #[test]
+    fn an_image_that_does_not_check_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        fill(&store, 0..200);
+        store.compact_now(10).unwrap();
+        drop(store);
+        let image = dir.path().join("idempotency/index");
+        let mut bytes = fs::read(&image).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x01;
+        fs::write(&image, &bytes).unwrap();
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        replays(&store, 0..200);
+        assert!(is_new(&store, b"key-200"));
+    }
+
+    fn is_new(store: &FileStore, key: &[u8]) -> bool {
+        matches!(
+            store.claim(key, &FP, 11),
+            Ok(Claim::Acquired {
+                taken_over: false,
+                ..
+            })
+        )
+    }
+
+    #[test]
+    fn housekeeping_writes_an_image_between_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let other = FileStore::open(dir.path(), settings()).unwrap();
+        let image = dir.path().join("idempotency/index");
+        // Below the slack: nothing to write yet.
+        fill(&store, 0..10);
+        store.maintain(10).unwrap();
+        assert!(!image.exists());
+        fill(&store, 10..300);
+        store.maintain(10).unwrap();
+        assert_eq!(store.compactions(), 1);
+        let keys_in_image = |n: u64| fs::metadata(&image).unwrap().len() == 64 + 16 * n;
+        assert!(keys_in_image(300));
+        // Grown past the image by more than the slack, short of a compaction: a new image.
+        fill(&store, 300..350);
+        store.maintain(10).unwrap();
+        assert_eq!(store.compactions(), 1);
+        assert!(keys_in_image(350));
+        // Keys forgotten and claimed after the image are replayed from the journal.
+        assert_eq!(store.forget(b"key-3", 11).unwrap(), Forgotten::Removed);
+        store.claim(b"late", &FP, 11).unwrap();
+        drop((store, other));
+        let store = FileStore::open(dir.path(), settings()).unwrap();
+        replays(&store, 4..350);
+        assert!(is_new(&store, b"key-3"));
+        assert_eq!(store.claim(b"late", &FP, 12).unwrap(), Claim::InProgress);
     }
 }
 

@@ -1,0 +1,265 @@
+//! The idempotency key store at scale (issue 14): fills a store to 1 M and 10 M live keys
+//! through the store API (8 threads, new keys, 32-byte fingerprints; a housekeeping thread
+//! calls `maintain` as the lease thread does) and prints, against its floor or target:
+//!
+//! - memory per live key: the process's RSS growth over the filled store (target ≤ 64 B);
+//! - bytes on disk per live key once compacted (target ≤ 100 B);
+//! - restart: open plus the first call (target ≤ 2 s);
+//! - claim rate (claim + complete of new keys) and replay rate (claims of completed keys) at
+//!   N keys against an empty store measured in the same process (target: at least 1/1.2);
+//! - the longest single call seen while filling (compactions run under the callers).
+//!
+//! Each case runs in a child process of its own, so that its RSS is its own store's.
+//!
+//!   cargo bench --bench key_store_scale              1 M and 10 M, on /dev/shm and on disk
+//!   cargo bench --bench key_store_scale -- quick     1 M only (also KEY_STORE_SCALE=quick)
+//!
+//! On disk means a directory under `target/` (override with KEY_STORE_SCALE_DISK=<dir>).
+
+use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const THREADS: u64 = 8;
+/// Keys of the empty store.
+const SAMPLE: u64 = 100_000;
+/// Rounds of rate measurements, and calls per round.
+const ROUNDS: u64 = 5;
+const ROUND: u64 = 20_000;
+const NOW_MS: u64 = 1_700_000_000_000;
+
+fn settings() -> FileStoreSettings {
+    // The plugin's defaults: 90 s lease, 24 h TTL, 4 MB slack.
+    FileStoreSettings::new(Duration::from_secs(90), Duration::from_secs(24 * 3600))
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// The process's peak RSS so far.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+fn key(prefix: &str, i: u64) -> Vec<u8> {
+    // A block key as taosX would form it: job, vnode, block number.
+    format!("{prefix}/vnode-{}/block-{i:012}", i % 128).into_bytes()
+}
+
+/// Claims and completes keys `range` of `prefix` from 8 threads; keys/s, the longest
+/// claim + complete, and how many took over 10 ms.
+fn fill(store: &FileStore, prefix: &str, range: std::ops::Range<u64>) -> (f64, Duration, u64) {
+    let next = AtomicU64::new(range.start);
+    let worst = AtomicU64::new(0);
+    let slow = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= range.end {
+                    break;
+                }
+                let key = key(prefix, i);
+                let fp = fingerprint(&key);
+                let t = Instant::now();
+                let Claim::Acquired { token, .. } = store.claim(&key, &fp, NOW_MS).unwrap() else {
+                    panic!("a new key was not acquired");
+                };
+                store.complete(&key, token, &fp, 0, NOW_MS).unwrap();
+                let took = t.elapsed().as_micros() as u64;
+                worst.fetch_max(took, Ordering::Relaxed);
+                if took > 10_000 {
+                    slow.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let rate = (range.end - range.start) as f64 / started.elapsed().as_secs_f64();
+    let worst = Duration::from_micros(worst.load(Ordering::Relaxed));
+    (rate, worst, slow.load(Ordering::Relaxed))
+}
+
+/// Claims `SAMPLE` completed keys picked at random among the first `live`: replays/s.
+fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
+    let done = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let done = &done;
+            scope.spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(t);
+                while done.fetch_add(1, Ordering::Relaxed) < ROUND {
+                    let key = key(prefix, rng.u64(0..live));
+                    let fp = fingerprint(&key);
+                    let claim = store.claim(&key, &fp, NOW_MS + 1).unwrap();
+                    assert_eq!(claim, Claim::Replay { result: 0 });
+                }
+            });
+        }
+    });
+    ROUND as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rates[rates.len() / 2]
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("idempotency"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// One case, in this (child) process: prints one `result` line for the parent.
+fn run_case(base: &Path, live: u64) {
+    let empty_dir = base.join("empty");
+    let full_dir = base.join("full");
+    // The empty store: the reference, measured in rounds interleaved with the full one's
+    // (the machine is shared and noisy).
+    let empty = FileStore::open(&empty_dir, settings()).unwrap();
+    fill(&empty, "empty", 0..SAMPLE);
+    let rss_before = rss_bytes();
+    let store = FileStore::open(&full_dir, settings()).unwrap();
+    let stop = AtomicBool::new(false);
+    let (fill_rate, worst, slow) = std::thread::scope(|scope| {
+        // Housekeeping as the lease thread does it (its tick, or woken when due).
+        let keeper = scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                store.maintain(NOW_MS).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let out = fill(&store, "full", 0..live);
+        stop.store(true, Ordering::Relaxed);
+        keeper.join().unwrap();
+        out
+    });
+    let rss_after = rss_bytes();
+    let peak = peak_rss_bytes();
+    let (mut claims, mut replays) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for round in 0..ROUNDS {
+        let keys = SAMPLE + round * ROUND..SAMPLE + (round + 1) * ROUND;
+        claims[0].push(fill(&empty, "empty", keys.clone()).0);
+        claims[1].push(fill(&store, "more", keys.clone()).0);
+        replays[0].push(replay(&empty, "empty", SAMPLE));
+        replays[1].push(replay(&store, "full", live));
+    }
+    let [claim_empty, claim_full] = claims.map(median);
+    let [replay_empty, replay_full] = replays.map(median);
+    drop(empty);
+    std::fs::remove_dir_all(&empty_dir).unwrap();
+    let live_total = live + SAMPLE + ROUNDS * ROUND;
+    store.compact_now(NOW_MS).unwrap();
+    let disk = dir_bytes(&full_dir);
+    drop(store);
+
+    let started = Instant::now();
+    let store = FileStore::open(&full_dir, settings()).unwrap();
+    let k = key("full", live / 2);
+    let claim = store.claim(&k, &fingerprint(&k), NOW_MS + 2).unwrap();
+    let restart = started.elapsed();
+    assert_eq!(claim, Claim::Replay { result: 0 });
+    drop(store);
+    std::fs::remove_dir_all(&full_dir).unwrap();
+    println!(
+        "result {} {} {} {} {} {} {} {} {} {} {} {}",
+        (rss_after.saturating_sub(rss_before)) as f64 / live as f64,
+        disk as f64 / live_total as f64,
+        restart.as_secs_f64(),
+        claim_empty,
+        claim_full,
+        replay_empty,
+        replay_full,
+        fill_rate,
+        worst.as_secs_f64() * 1000.0,
+        live,
+        (peak.saturating_sub(rss_before)) as f64 / live as f64,
+        slow,
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "case") {
+        run_case(Path::new(&args[at + 1]), args[at + 2].parse().unwrap());
+        return;
+    }
+    let quick = args.iter().any(|a| a == "quick")
+        || std::env::var("KEY_STORE_SCALE").is_ok_and(|v| v == "quick");
+    let sizes: &[u64] = if quick {
+        &[1_000_000]
+    } else {
+        &[1_000_000, 10_000_000]
+    };
+    let disk = std::env::var_os("KEY_STORE_SCALE_DISK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/key-store-scale")
+        });
+    let places = [
+        ("tmpfs", PathBuf::from("/dev/shm/key-store-scale")),
+        ("disk", disk),
+    ];
+    println!("idempotency key store at scale: 8 threads, new keys, 32-byte fingerprints");
+    for (name, base) in &places {
+        for &live in sizes {
+            let base = base.join(format!("{}-{live}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            std::fs::create_dir_all(&base).unwrap();
+            let out = Command::new(&args[0])
+                .args(["case", base.to_str().unwrap(), &live.to_string()])
+                .output()
+                .unwrap();
+            let _ = std::fs::remove_dir_all(&base);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = stdout.lines().find(|l| l.starts_with("result ")) else {
+                println!(
+                    "{name} {live}: the case failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                continue;
+            };
+            let v: Vec<f64> = line[7..].split(' ').map(|x| x.parse().unwrap()).collect();
+            let (mem, disk_b, restart) = (v[0], v[1], v[2]);
+            let (ce, cf, re, rf, fill_rate, worst) = (v[3], v[4], v[5], v[6], v[7], v[8]);
+            let (peak, slow) = (v[10], v[11]);
+            println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s; longest claim+complete {worst:.1} ms, {slow} over 10 ms):");
+            println!(
+                "  memory per key      {mem:7.1} B    ratio to target 64 B:  {:.2} (peak {peak:.1} B)",
+                mem / 64.0
+            );
+            println!(
+                "  disk per key        {disk_b:7.1} B    ratio to target 100 B: {:.2}",
+                disk_b / 100.0
+            );
+            println!(
+                "  restart (open+call) {restart:7.3} s    ratio to target 2 s:   {:.2}",
+                restart / 2.0
+            );
+            println!(
+                "  claim rate          {cf:7.0}/s  empty store {ce:.0}/s: slowdown {:.2} (target <= 1.2)",
+                ce / cf
+            );
+            println!(
+                "  replay rate         {rf:7.0}/s  empty store {re:.0}/s: slowdown {:.2} (target <= 1.2)",
+                re / rf
+            );
+        }
+    }
+}

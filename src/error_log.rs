@@ -356,12 +356,27 @@ impl ErrorLog {
         let mut last_error = None;
         let mut name_ms = 0;
         for _ in 0..CREATE_ATTEMPTS {
+            // Another writer or an operator may remove the directory at any point here
+            // (`rm -rf` racing a rotation): a step that finds it gone starts over.
             if !dir.is_dir() {
-                crate::durable::create_private_dir(dir)
-                    .map_err(|e| LogError::new("create the directory", dir, e.source))?;
+                match crate::durable::create_private_dir(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.source.kind() == io::ErrorKind::NotFound => {
+                        last_error = Some(LogError::new("create the directory", dir, e.source));
+                        continue;
+                    }
+                    Err(e) => return Err(LogError::new("create the directory", dir, e.source)),
+                }
             }
             if name_ms == 0 {
-                let files = log_files(dir).map_err(|e| LogError::new("list", dir, e))?;
+                let files = match log_files(dir) {
+                    Ok(files) => files,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        last_error = Some(LogError::new("list", dir, e));
+                        continue;
+                    }
+                    Err(e) => return Err(LogError::new("list", dir, e)),
+                };
                 let newest = files
                     .iter()
                     .rev()

@@ -61,7 +61,7 @@ unsafe fn core_from_fields(c: *const SBackupCoordinator) -> Coordinator {
         let config = &raw const (*c).config;
         let settings = CoordinatorSettings {
             error_store_path: optional_path((*config).error_store_path),
-            enable_error_logging: (*config).enable_error_logging,
+            enable_error_logging: (*config).enable_error_logging.get(),
             error_buffer_size: (*config).error_buffer_size as usize,
             secret: optional_string((*config).encryption_key),
         };

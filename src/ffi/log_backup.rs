@@ -4,6 +4,7 @@
 
 use super::guard::{c_str, copy_to_buffer, ffi_guard, null_arg};
 use super::plugin::{with_plugin, with_plugin_unbooked};
+use super::types::CBool;
 use crate::error::{ErrorCode, Failure};
 use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
 use crate::log_backup::{decide, KernelState, SubCommand};
@@ -139,9 +140,13 @@ struct HostTask {
 impl TaskDriver for HostTask {
     fn query(&mut self) -> Result<(KernelState, bool), Failure> {
         let mut state: ELogBackupKernelState = -1;
-        let mut truncated = false;
-        // SAFETY: the host's callback with the host's pointer and two valid out-pointers.
-        let code = unsafe { (self.query)(self.user_data, &mut state, &mut truncated) };
+        // The host writes a C `bool`, whatever byte that is: read back as a byte.
+        let mut truncated = CBool::FALSE;
+        let truncated_out = (&raw mut truncated).cast::<bool>();
+        // SAFETY: the host's callback with the host's pointer and two valid out-pointers
+        // (`CBool` is one byte, like the C `bool` the callback writes).
+        let code = unsafe { (self.query)(self.user_data, &mut state, truncated_out) };
+        let truncated = truncated.get();
         if code != 0 {
             return Err(Failure {
                 code,

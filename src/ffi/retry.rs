@@ -166,7 +166,7 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
     Ok(RetryPolicy::fixed(p.max_retry, ms(p.initial_interval_ms))
         .with_max_interval((p.max_interval_ms > 0).then(|| ms(p.max_interval_ms)))
         .with_multiplier(p.multiplier)
-        .with_jitter(p.jitter)
+        .with_jitter(p.jitter.get())
         .with_timeout((p.timeout_ms > 0).then(|| ms(p.timeout_ms))))
 }
 

@@ -78,6 +78,7 @@ fn command_arg(raw: ELogSubCommand) -> Result<SubCommand, Failure> {
 /// # Safety
 /// `task` is NULL or NUL-terminated.
 unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
+    // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     let task = unsafe { c_str(task, "task") }?;
     if task.is_empty() || task.len() > BACKUP_LOG_TASK_MAX {
         return Err(Failure::invalid_param(format!(
@@ -96,6 +97,7 @@ unsafe fn records_key<'a>(
     task: *const c_char,
     command: ELogSubCommand,
 ) -> Result<(&'a str, SubCommand), Failure> {
+    // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     Ok((unsafe { task_arg(task) }?, command_arg(command)?))
 }
 
@@ -185,6 +187,7 @@ pub extern "C" fn backup_log_run_command(
             let command = command_arg(command)?;
             let query = query.ok_or_else(|| null_arg("query"))?;
             let execute = execute.ok_or_else(|| null_arg("execute"))?;
+            // SAFETY: `policy` is NULL or points to a policy of four integers (any bytes valid).
             let policy = match unsafe { policy.as_ref() } {
                 None => LogRetryPolicy::default(),
                 Some(p) => LogRetryPolicy::from_raw(

@@ -80,6 +80,7 @@ pub extern "C" fn backup_execute_with_retry(
         }
         // SAFETY: non-NULL context owned by the caller for the duration of the call.
         let policy = unsafe { context_policy(retry_context) };
+        // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
         unsafe { execute_into_context(retry_context, &policy, op, user_data) }
     })
 }
@@ -98,10 +99,14 @@ pub extern "C" fn backup_execute_with_retry_policy(
         if retry_context.is_null() || policy.is_null() {
             return ErrorCode::InvalidParam.raw();
         }
-        // SAFETY: non-NULL, caller-owned for the duration of the call.
-        let policy = match from_c_policy(unsafe { &*policy }) {
+        // SAFETY: non-NULL, aligned and caller-owned for the duration of the call; every
+        // field of `SRetryPolicy` is valid for any bytes (integers, an f64, and `jitter` a
+        // `CBool` byte, never a Rust bool), so the reference is to a valid value.
+        let c_policy = unsafe { &*policy };
+        let policy = match from_c_policy(c_policy) {
             Ok(policy) => policy,
             Err(failure) => {
+                // SAFETY: non-NULL context; its message is NULL or the library's (init).
                 unsafe {
                     replace_malloc_string(
                         &raw mut (*retry_context).error_message,
@@ -111,7 +116,9 @@ pub extern "C" fn backup_execute_with_retry_policy(
                 return failure.code;
             }
         };
+        // SAFETY: non-NULL caller-owned context, valid for the whole call.
         unsafe { (*retry_context).max_retry = policy.max_retry };
+        // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
         unsafe { execute_into_context(retry_context, &policy, op, user_data) }
     })
 }
@@ -142,6 +149,7 @@ pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
         // SAFETY: non-NULL caller-owned context.
         let interval = unsafe { (*retry_context).retry_interval };
         let _ = token.sleep(Duration::from_secs(interval as u64));
+        // SAFETY: non-NULL caller-owned context.
         unsafe { (*retry_context).last_retry_time = crate::clock::unix_ms_now() };
     })
 }
@@ -151,6 +159,7 @@ pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
 /// # Safety
 /// `ctx` is non-NULL and valid.
 pub(crate) unsafe fn context_policy(ctx: *const SRetryContext) -> RetryPolicy {
+    // SAFETY: `ctx` is non-NULL and valid (this function's contract); two integer fields.
     let (max_retry, interval) = unsafe { ((*ctx).max_retry, (*ctx).retry_interval) };
     RetryPolicy::fixed(max_retry, Duration::from_secs(interval as u64))
 }
@@ -186,17 +195,20 @@ unsafe fn execute_into_context(
         return ErrorCode::InvalidParam.raw();
     };
     let mut progress = RetryProgress {
+        // SAFETY: `ctx` is non-NULL and valid for the whole call (this function's contract).
         last_retry_time_ms: unsafe { (*ctx).last_retry_time },
         ..RetryProgress::default()
     };
+    // SAFETY: as above; the closure runs only inside `run_now`, within this call.
     let mirror = |p: &RetryProgress| unsafe { write_progress(ctx, p) };
-    // SAFETY: the host's function, called with the host's pointer, as the contract says.
     let execution = retry::run_now(policy, &mut progress, mirror, |_| {
+        // SAFETY: the host's function, called with the host's pointer, as the contract says.
         match unsafe { op(user_data) } {
             0 => Ok(()),
             code => Err(Failure::from_code(code)),
         }
     });
+    // SAFETY: `ctx` is valid (as above); its message is NULL or the library's.
     unsafe { finish_context(ctx, &progress, &execution, true) };
     execution.code()
 }
@@ -204,6 +216,7 @@ unsafe fn execute_into_context(
 /// # Safety
 /// `ctx` is non-NULL and valid.
 pub(crate) unsafe fn write_progress(ctx: *mut SRetryContext, p: &RetryProgress) {
+    // SAFETY: `ctx` is non-NULL and valid (this function's contract); plain field writes.
     unsafe {
         (*ctx).current_retry = p.current_retry;
         (*ctx).state = p.state as i32;
@@ -223,6 +236,8 @@ pub(crate) unsafe fn finish_context(
     execution: &Execution,
     live_mirrored: bool,
 ) {
+    // SAFETY: `ctx` is non-NULL and valid, its message NULL or the library's (this
+    // function's contract).
     unsafe {
         if !live_mirrored {
             write_progress(ctx, p);

@@ -28,8 +28,10 @@ for t in "${targets[@]}"; do
     log="target/fuzz-$t.log"
     before=$(find "$artifacts" -type f | wc -l)
     set +e
+    dict=()
+    [ -f "$here/dict/$t.dict" ] && dict=(-dict="$here/dict/$t.dict")
     # The binaries built above run directly: a source edit during a long run changes nothing.
-    "$bin/$t" "$corpus" "$here/seeds/$t" \
+    "$bin/$t" "$corpus" "$here/seeds/$t" "${dict[@]}" \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$artifacts/" >"$log" 2>&1
     rc=$?

@@ -149,3 +149,28 @@ fn error_buffer_size_is_capped_as_the_plugins_is() {
         .unwrap_err();
     assert!(err.0.contains("1000000"), "{}", err.0);
 }
+
+#[test]
+fn a_library_coordinator_whose_counts_its_caller_reset_keeps_its_string_ownership() {
+    unsafe {
+        let config = {
+            let mut config: SBackupCoordinatorConfig = std::mem::zeroed();
+            config.encryption_key = c"library-copy".as_ptr() as *mut c_char;
+            config.error_buffer_size = 4;
+            config
+        };
+        let c = backup_coordinator_init(&config, null_mut(), null_mut());
+        assert!(!c.is_null());
+        backup_record_error(c, BACKUP_ERROR_NETWORK, c"one".as_ptr());
+        (*c).error_count = 0;
+        backup_record_error(c, BACKUP_ERROR_NETWORK, c"two".as_ptr());
+        assert_eq!(stats(c), (1, 0));
+        // The library's copy of the key is still the library's: destroy frees it (the
+        // ASan run of test_bool_bytes.c checks that nothing leaks), and the caller's stays.
+        backup_coordinator_destroy(c);
+        assert_eq!(
+            CStr::from_ptr(config.encryption_key).to_str().unwrap(),
+            "library-copy"
+        );
+    }
+}

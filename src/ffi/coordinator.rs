@@ -87,6 +87,16 @@ pub fn registered_coordinators() -> usize {
     REGISTRY.lock().len()
 }
 
+/// What the registry holds for an address.
+enum Entry {
+    /// The state of this very coordinator.
+    Current(Arc<Registered>),
+    /// None, or a stale one (removed now). `owns_strings`: the stale entry was the
+    /// library's and the struct still holds the library's copies of the config strings, so
+    /// the library still owns them (the caller changed a count, not the coordinator).
+    Absent { owns_strings: bool },
+}
+
 /// The registered state of `c` if it is still the coordinator it was registered for;
 /// a stale entry (another coordinator at a freed one's address) is removed.
 ///
@@ -95,18 +105,25 @@ pub fn registered_coordinators() -> usize {
 unsafe fn current_entry(
     registry: &mut HashMap<usize, Arc<Registered>>,
     c: *mut SBackupCoordinator,
-) -> Option<Arc<Registered>> {
-    let state = registry.get(&(c as usize))?.clone();
-    let seen = state.fields.lock();
-    // SAFETY: `c` is valid (this function's contract); the field lock is held, so no
-    // other call writes the fields being compared.
-    if *seen == unsafe { Seen::of(c) } {
-        drop(seen);
-        return Some(state);
+) -> Entry {
+    let Some(state) = registry.get(&(c as usize)).cloned() else {
+        return Entry::Absent {
+            owns_strings: false,
+        };
+    };
+    let fields = state.fields.lock();
+    let seen = *fields;
+    // SAFETY: `c` is valid (this function's contract); the field lock is held, so no other
+    // call writes the fields being compared (the library writes them only under it).
+    let now = unsafe { Seen::of(c) };
+    drop(fields);
+    if seen == now {
+        return Entry::Current(state);
     }
-    drop(seen);
     registry.remove(&(c as usize));
-    None
+    Entry::Absent {
+        owns_strings: state.library_owned && seen.strings == now.strings,
+    }
 }
 
 /// Room for one more entry: drops the least recently used caller-allocated entry at the
@@ -134,14 +151,17 @@ unsafe fn registered(c: *mut SBackupCoordinator) -> Arc<Registered> {
     let mut registry = REGISTRY.lock();
     let tick = TICK.fetch_add(1, Ordering::Relaxed);
     // SAFETY: `c` is valid (this function's contract).
-    if let Some(state) = unsafe { current_entry(&mut registry, c) } {
-        state.last_used.store(tick, Ordering::Relaxed);
-        return state;
-    }
+    let owns_strings = match unsafe { current_entry(&mut registry, c) } {
+        Entry::Current(state) => {
+            state.last_used.store(tick, Ordering::Relaxed);
+            return state;
+        }
+        Entry::Absent { owns_strings } => owns_strings,
+    };
     let state = Arc::new(Registered {
         // SAFETY: `c` is valid (this function's contract).
         core: unsafe { core_from_fields(c) },
-        library_owned: false,
+        library_owned: owns_strings,
         // SAFETY: as above.
         fields: Mutex::new(unsafe { Seen::of(c) }),
         last_used: AtomicU64::new(tick),
@@ -295,14 +315,20 @@ pub extern "C" fn backup_coordinator_destroy(coordinator: *mut SBackupCoordinato
         }
         // Only the entry of this very coordinator (not a stale one of a coordinator freed
         // without destroy at the same address) decides who owns the config strings.
-        let state = {
+        let entry = {
             let mut registry = REGISTRY.lock();
             // SAFETY: non-NULL; the caller hands over a filled coordinator.
-            let state = unsafe { current_entry(&mut registry, coordinator) };
+            let entry = unsafe { current_entry(&mut registry, coordinator) };
             registry.remove(&(coordinator as usize));
-            state
+            entry
         };
-        let library_owned = state.as_ref().is_some_and(|s| s.library_owned);
+        let (state, library_owned) = match entry {
+            Entry::Current(state) => {
+                let owned = state.library_owned;
+                (Some(state), owned)
+            }
+            Entry::Absent { owns_strings } => (None, owns_strings),
+        };
         if let Some(log) = state.as_ref().and_then(|s| s.core.tracker().log().cloned()) {
             log.flush();
         }

@@ -340,20 +340,31 @@ fn init(c: &InitConfig) {
             text += &format!("{key} = \"{}\"\n", dir.join(name).display());
         }
     }
-    // No separator, no escape, no parent: whatever path the extra text names stays here.
-    if !c.extra.contains(['/', '\\']) && !c.extra.contains("..") && !c.extra.contains("etcd") {
+    // The fixed part always goes in whole: with a retry interval of 0, no call waits in real
+    // time. The extra text may name no path outside the working directory (no separator,
+    // escape or parent), no etcd (no network), and no retry key (no real waits).
+    let fixed = text.len();
+    let unsafe_extra = c.extra.contains(['/', '\\'])
+        || ["..", "etcd", "retry", "interval", "timeout"]
+            .iter()
+            .any(|w| c.extra.contains(w));
+    if !unsafe_extra {
         text += &c.extra;
     }
     let bytes = text.into_bytes();
-    let len = (bytes.len() as i64 + c.len_delta as i64).clamp(0, bytes.len() as i64 + 1) as u32;
+    let extra = (bytes.len() - fixed) as i64;
+    let len = fixed as u32 + (extra + c.len_delta as i64).clamp(0, extra + 1) as u32;
     let mut buffer = bytes.clone();
     buffer.push(0);
-    let code = if c.null {
-        backup_plugin_init(null(), len % 2)
+    if c.null {
+        // NULL with a length is refused; NULL with 0 means the defaults, whose 5 s retry
+        // interval would make the next failing call wait: that instance is removed at once.
+        let code = backup_plugin_init(null(), len % 2);
+        ok(code);
+        backup_plugin_cleanup();
     } else {
-        backup_plugin_init(buffer.as_ptr() as *const c_char, len)
-    };
-    ok(code);
+        ok(backup_plugin_init(buffer.as_ptr() as *const c_char, len));
+    }
 }
 
 unsafe fn run_coordinator(f: &CoordinatorFields, ops: &[CoordinatorOp]) {
@@ -640,11 +651,16 @@ fn run(op: &Op) {
                 max_retry_duration_ms: 1 + (cap % 2) as u64,
                 retry_timeout_ms: 1 + (timeout % 8) as u64,
             });
+            // The default policy (NULL) waits 30 s before a retry: with it, the host never fails.
+            let (query_codes, exec_codes) = match policy {
+                Some(_) => (Script::new(query_codes), Script::new(exec_codes)),
+                None => (Script::new(&[]), Script::new(&[])),
+            };
             let mut host = HostTask {
                 states: states.iter().copied().take(6).collect(),
                 truncated_byte: *truncated_byte,
-                query_codes: Script::new(query_codes),
-                exec_codes: Script::new(exec_codes),
+                query_codes,
+                exec_codes,
                 calls: 0,
             };
             ok(backup_log_run_command(

@@ -12,7 +12,6 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Value;
@@ -789,7 +788,10 @@ fn ensure_writable_dir(dir: &Path) -> io::Result<()> {
     match std::fs::metadata(dir) {
         Ok(meta) if !meta.is_dir() => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
         Ok(_) => {}
-        Err(err) if err.kind() == io::ErrorKind::NotFound => create_dirs(dir)?,
+        // 0750 whatever the umask, parents included, their entries fsynced.
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            crate::durable::create_private_dir(dir).map_err(|e| e.source)?
+        }
         Err(err) => return Err(err),
     }
     let c_path = CString::new(dir.as_os_str().as_bytes())
@@ -801,23 +803,10 @@ fn ensure_writable_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn create_dirs(dir: &Path) -> io::Result<()> {
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            create_dirs(parent)?;
-        }
-    }
-    match std::fs::DirBuilder::new().mode(0o750).create(dir) {
-        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)),
-        // Another process made it meanwhile: fine, it is checked next.
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(err) => Err(err),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn parse(text: &str) -> Result<PluginConfig, ConfigError> {
         PluginConfig::parse(text.as_bytes())

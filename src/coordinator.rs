@@ -7,6 +7,7 @@ use crate::error::Failure;
 use crate::error_log::{ErrorLog, LogSettings};
 use crate::retry::{self, Execution, RetryPolicy, RetryProgress};
 use crate::tracker::ErrorTracker;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// What a coordinator's config says about error handling.
@@ -53,9 +54,16 @@ impl Coordinator {
         path: &Path,
         data: &[u8],
     ) -> Execution {
-        let execution = retry::run_now(policy, progress, retry::no_progress, |_| {
+        let mut execution = retry::run_now(policy, progress, retry::no_progress, |_| {
             durable::write_atomic(path, data).map_err(Failure::from)
         });
+        // The details name the path: no secret leaves through them either.
+        let failures = execution.result.as_mut().err().into_iter();
+        for failure in failures.chain(execution.last_failure.as_mut()) {
+            if let Cow::Owned(redacted) = self.tracker.redact(&failure.detail) {
+                failure.detail = redacted;
+            }
+        }
         self.tracker.add_retries(execution.retries as u64);
         if let Err(failure) = &execution.result {
             self.record_error(failure.code, Some(&failure.detail));

@@ -7,22 +7,40 @@
 //! the count, over the whole directory, are deleted. Names are unique and increasing
 //! across processes: a file is created exclusively, later than every name present, and a
 //! taken name moves to the next millisecond.
+//!
+//! Several writers (processes, the plugin and coordinators) may share one directory. Each
+//! holds a shared `flock` on the file it appends to; a pruner deletes a file only while it
+//! holds an exclusive lock on it, so a live writer's file is never deleted under it.
+//! Before each line one `statx` (the link count alone) of the open file notices a file (or
+//! its directory) removed by someone else: the next line goes to a new file instead of an
+//! unlinked one. A write that fails half-way is cut back to where its line began, so every
+//! line is one whole record.
 
 use crate::clock::Clock;
 use parking_lot::Mutex;
+use rustix::fs::FlockOperation;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 const FILE_PREFIX: &str = "backup_error_";
 const FILE_SUFFIX: &str = ".log";
-/// One message never takes more than this in a line; the rest is cut with "...".
-const MAX_MESSAGE_BYTES: usize = 4096;
+/// One message never takes more than this in a line, the "..." of a cut included.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 4096;
+const CUT_MARK: &str = "...";
+/// A name further ahead of the clock than this (a year) is junk, not a writer's file: it
+/// is not followed when choosing the next name (`backup_error_18446744073709551615.log`
+/// would leave no name after it) and it is the first to go when pruning.
+const FUTURE_NAME_LIMIT_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+/// Attempts at creating a new file before the line is given up (names taken by others,
+/// a file pruned by another writer before this one could lock it).
+const CREATE_ATTEMPTS: u32 = 1000;
+const FILE_MODE: u32 = 0o640;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LogSettings {
@@ -42,15 +60,44 @@ impl LogSettings {
     }
 }
 
+/// The file lines go to. Holding it holds a shared `flock` on it (released when dropped),
+/// which is what keeps pruners, in this process and others, away from it.
 struct ActiveFile {
     file: File,
     path: PathBuf,
+}
+
+/// What the log's lock guards: the current file and its size (this log is the file's only
+/// writer, so the size it counts is the file's).
+#[derive(Default)]
+struct Active {
+    current: Option<Arc<ActiveFile>>,
     size: u64,
+}
+
+/// Why a line was not written, with the file or directory it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("could not {action} {}: {source}", path.display())]
+pub struct LogError {
+    pub action: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl LogError {
+    fn new(action: &'static str, path: &Path, source: io::Error) -> Self {
+        LogError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 pub struct ErrorLog {
     settings: LogSettings,
-    active: Mutex<Option<ActiveFile>>,
+    active: Mutex<Active>,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
@@ -71,7 +118,7 @@ impl ErrorLog {
         }
         let log = Arc::new(ErrorLog {
             settings: settings.clone(),
-            active: Mutex::new(None),
+            active: Mutex::new(Active::default()),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -90,11 +137,11 @@ impl ErrorLog {
 
     /// The file lines currently go to, once one exists.
     pub fn current_path(&self) -> Option<PathBuf> {
-        self.active.lock().as_ref().map(|a| a.path.clone())
+        self.active.lock().current.as_ref().map(|a| a.path.clone())
     }
 
-    /// Appends one line for an error recorded at `unix_ms`. A failure is counted and traced;
-    /// it never fails the caller.
+    /// Appends one line for an error recorded at `unix_ms`. A failure is counted and traced
+    /// with the path it concerns; it never fails the caller.
     pub fn append(&self, clock: &dyn Clock, unix_ms: u64, code: i32, message: &str) {
         // The line is built in a per-thread buffer: no allocation on this hot path.
         let result = LINE_BUFFER.with(|buffer| {
@@ -105,29 +152,77 @@ impl ErrorLog {
         });
         if let Err(err) = result {
             self.write_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(dir = %self.settings.dir.display(), error = %err, "could not write the error log");
+            tracing::warn!(
+                path = %err.path.display(),
+                action = err.action,
+                error = %err.source,
+                "could not write a line to the error log; the line is lost"
+            );
         }
     }
 
-    fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> io::Result<()> {
-        let mut active = self.active.lock();
-        let needs_new_file = match active.as_ref() {
-            None => true,
-            Some(a) => a.size > 0 && a.size + line.len() as u64 > self.settings.rotation_size,
-        };
-        if needs_new_file {
-            *active = Some(self.create_file(clock)?);
+    fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> Result<(), LogError> {
+        // The one extra syscall per line: a statx that notices a file (or its directory)
+        // removed by someone else. It runs outside the lock, so that other threads' lines
+        // do not wait for it; a file that changed meanwhile is checked in turn.
+        let mut checked = self.active.lock().current.clone();
+        loop {
+            let removed = match &checked {
+                Some(file) => {
+                    is_unlinked(&file.file).map_err(|e| LogError::new("stat", &file.path, e))?
+                }
+                None => false,
+            };
+            let mut active = self.active.lock();
+            let same = match (&active.current, &checked) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                checked = active.current.clone();
+                continue;
+            }
+            if removed {
+                if let Some(file) = &active.current {
+                    tracing::warn!(path = %file.path.display(),
+                        "the error log file was removed; the next line starts a new file");
+                }
+            }
+            let fits = active.size == 0
+                || active.size.saturating_add(line.len() as u64) <= self.settings.rotation_size;
+            if removed || active.current.is_none() || !fits {
+                // Our lock on the old file goes first, so that the pruning done for the new
+                // file may take the old one when it is beyond the count.
+                active.current = None;
+                active.current = Some(Arc::new(self.create_file(clock)?));
+                active.size = 0;
+            }
+            let file = active.current.clone().expect("a file is open");
+            let start = active.size;
+            if let Err(source) = write_whole(&file.file, line) {
+                // Whatever part of the line went in is cut back: the next line must not be
+                // glued to a torn one.
+                let torn =
+                    rustix::fs::fstat(&file.file).map_or(true, |s| s.st_size as u64 != start);
+                if torn {
+                    if let Err(err) = file.file.set_len(start) {
+                        // The partial bytes stay: never append to them, start a new file.
+                        tracing::warn!(path = %file.path.display(), error = %err,
+                            "could not cut a torn line from the error log; the next line starts a new file");
+                        active.current = None;
+                    }
+                }
+                return Err(LogError::new("append a line to", &file.path, source));
+            }
+            active.size += line.len() as u64;
+            return Ok(());
         }
-        let current = active.as_mut().expect("a file was just opened");
-        // One write_all: a single write(2) for any line of sane size, looping on EINTR.
-        current.file.write_all(line)?;
-        current.size += line.len() as u64;
-        Ok(())
     }
 
     /// fsync of the current file (cleanup, and before a planned exit).
     pub fn flush(&self) {
-        if let Some(active) = self.active.lock().as_ref() {
+        if let Some(active) = self.active.lock().current.as_ref() {
             if let Err(err) = active.file.sync_data() {
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %active.path.display(), error = %err, "could not fsync the error log");
@@ -135,57 +230,174 @@ impl ErrorLog {
         }
     }
 
-    fn create_file(&self, clock: &dyn Clock) -> io::Result<ActiveFile> {
+    fn create_file(&self, clock: &dyn Clock) -> Result<ActiveFile, LogError> {
         let dir = &self.settings.dir;
-        if !dir.is_dir() {
-            DirBuilder::new().recursive(true).mode(0o750).create(dir)?;
-        }
-        let newest_existing = log_files(dir)?.last().map(|(ms, _)| *ms).unwrap_or(0);
-        let mut name_ms = clock
-            .unix_ms()
-            .max(newest_existing + 1)
-            .max(self.last_name_ms.load(Ordering::Relaxed) + 1);
-        let (file, path) = loop {
-            let path = dir.join(format!("{FILE_PREFIX}{name_ms}{FILE_SUFFIX}"));
-            match OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .mode(0o640)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-            {
-                Ok(file) => break (file, path),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => name_ms += 1,
-                Err(e) => return Err(e),
+        let now = clock.unix_ms();
+        let mut last_error = None;
+        let mut name_ms = 0;
+        for _ in 0..CREATE_ATTEMPTS {
+            if !dir.is_dir() {
+                crate::durable::create_private_dir(dir)
+                    .map_err(|e| LogError::new("create the directory", dir, e.source))?;
             }
-        };
-        // The umask may have taken bits away; the contract says 0640.
-        file.set_permissions(fs::Permissions::from_mode(0o640))?;
-        self.last_name_ms.store(name_ms, Ordering::Relaxed);
-        self.prune(&path);
-        Ok(ActiveFile {
-            file,
-            path,
-            size: 0,
-        })
+            if name_ms == 0 {
+                let files = log_files(dir).map_err(|e| LogError::new("list", dir, e))?;
+                let newest = files
+                    .iter()
+                    .rev()
+                    .map(|(ms, _)| *ms)
+                    .find(|ms| !is_from_the_far_future(*ms, now))
+                    .unwrap_or(0);
+                name_ms = now
+                    .max(newest.saturating_add(1))
+                    .max(self.last_name_ms.load(Ordering::Relaxed).saturating_add(1));
+            }
+            let path = dir.join(format!("{FILE_PREFIX}{name_ms}{FILE_SUFFIX}"));
+            match open_locked(&path) {
+                Ok(Some(file)) => {
+                    self.last_name_ms.store(name_ms, Ordering::Relaxed);
+                    self.prune(&path, now);
+                    return Ok(ActiveFile { file, path });
+                }
+                // Taken, or pruned by another writer before we could lock it: next name.
+                Ok(None) => name_ms = name_ms.saturating_add(1),
+                // The directory went away between the check and the open: make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    last_error = Some(LogError::new("create", &path, e))
+                }
+                Err(e) => return Err(LogError::new("create", &path, e)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            LogError::new(
+                "find a free name for a new file in",
+                dir,
+                io::Error::from(io::ErrorKind::AlreadyExists),
+            )
+        }))
     }
 
-    /// Deletes the oldest files beyond the count, never the one just created.
-    fn prune(&self, keep: &Path) {
-        let Ok(files) = log_files(&self.settings.dir) else {
+    /// Deletes the oldest files beyond the count, never the one just created, and never a
+    /// file a live writer holds (its shared lock makes our exclusive try fail).
+    fn prune(&self, keep: &Path, now: u64) {
+        let Ok(mut files) = log_files(&self.settings.dir) else {
             return;
         };
+        // Junk names from the far future are the first to go, not the newest files.
+        files.sort_by_key(|(ms, _)| (!is_from_the_far_future(*ms, now), *ms));
         let excess = files
             .len()
             .saturating_sub(self.settings.rotation_count as usize);
         for (_, path) in files.into_iter().take(excess) {
             if path != keep {
-                if let Err(err) = fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %err, "could not delete an old error log");
+                match remove_if_unlocked(&path) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(path = %path.display(),
+                        "an old error log is still written by a live writer; kept"),
+                    Err(err) => tracing::warn!(path = %path.display(), error = %err,
+                        "could not delete an old error log"),
                 }
             }
         }
     }
+}
+
+/// Whether the open file has no name left (removed, or its directory was). A `statx` asking
+/// for the link count alone: on ext4 it costs a third of a full `fstat`, which computes the
+/// block count too.
+fn is_unlinked(file: &File) -> io::Result<bool> {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    match statx(file, c"", AtFlags::EMPTY_PATH, StatxFlags::NLINK) {
+        Ok(stat) if stat.stx_mask & StatxFlags::NLINK.bits() != 0 => Ok(stat.stx_nlink == 0),
+        // No statx (kernels before 4.11, some sandboxes), or no link count from it.
+        Ok(_) | Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) => {
+            Ok(rustix::fs::fstat(file)?.st_nlink == 0)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_from_the_far_future(name_ms: u64, now: u64) -> bool {
+    name_ms > now.saturating_add(FUTURE_NAME_LIMIT_MS)
+}
+
+/// One `write(2)` for the whole line in every sane case; a short write (a disk filling up)
+/// continues, and any failure reports how it ended, so the caller can cut the line back.
+fn write_whole(mut file: &File, line: &[u8]) -> io::Result<()> {
+    let mut written = 0;
+    while written < line.len() {
+        match file.write(&line[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path` exclusively (0640, append-only, no symlink followed) and takes the
+/// shared lock a writer holds. `None`: the name is taken, or a pruner removed the file
+/// between its creation and our lock.
+fn open_locked(path: &Path) -> io::Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // The umask may have taken bits away; the contract says 0640.
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    // Never blocks: a pruner holds its exclusive lock only to unlink the file.
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    if rustix::fs::fstat(&file)?.st_nlink == 0 {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
+/// Unlinks a log file unless a writer holds it. `Ok(false)`: kept, a writer has it.
+fn remove_if_unlocked(path: &Path) -> io::Result<bool> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        // Not a file a writer could hold (a symlink, a fifo...): only the name goes.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            fs::remove_file(path)?;
+            return Ok(true);
+        }
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    // The name must still be the file we locked (not one made after it was deleted).
+    let locked = file.metadata()?;
+    match fs::symlink_metadata(path) {
+        Ok(named) if named.ino() == locked.ino() && named.dev() == locked.dev() => {
+            fs::remove_file(path)?;
+        }
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // The lock goes with `file`, after the unlink.
+    Ok(true)
 }
 
 /// The log files of a directory, oldest first.
@@ -198,6 +410,7 @@ pub fn log_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             .to_str()
             .and_then(|n| n.strip_prefix(FILE_PREFIX))
             .and_then(|n| n.strip_suffix(FILE_SUFFIX))
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
@@ -227,21 +440,33 @@ fn write_line(line: &mut String, unix_ms: u64, code: i32, message: &str) {
     line.push('\n');
 }
 
-/// One line of text of bounded size: control characters become spaces, the end is cut.
-/// Borrows when the message is already clean (the common case).
+/// One line of text of at most `MAX_MESSAGE_BYTES`: control characters become spaces, the
+/// end is cut (with "..."). Applying it twice changes nothing. Borrows when the message is
+/// already clean (the common case). Secrets must be redacted *before* this, on the raw text.
 pub fn sanitize_message(message: &str) -> Cow<'_, str> {
     if message.len() <= MAX_MESSAGE_BYTES
         && !message.bytes().any(|b| b.is_ascii_control() || b >= 0x80)
     {
         return Cow::Borrowed(message);
     }
+    let fits = message.len() <= MAX_MESSAGE_BYTES;
+    if fits && !message.chars().any(char::is_control) {
+        return Cow::Borrowed(message);
+    }
+    let budget = if fits {
+        MAX_MESSAGE_BYTES
+    } else {
+        MAX_MESSAGE_BYTES - CUT_MARK.len()
+    };
     let mut out = String::with_capacity(message.len().min(MAX_MESSAGE_BYTES));
     for ch in message.chars() {
-        if out.len() + ch.len_utf8() > MAX_MESSAGE_BYTES {
-            out.push_str("...");
+        if out.len() + ch.len_utf8() > budget {
             break;
         }
         out.push(if ch.is_control() { ' ' } else { ch });
+    }
+    if !fits {
+        out.push_str(CUT_MARK);
     }
     Cow::Owned(out)
 }
@@ -357,5 +582,143 @@ mod tests {
         let log = ErrorLog::shared(settings(&file.join("sub"), 1 << 20, 30));
         log.append(&clock, clock.unix_ms(), -1, "x");
         assert_eq!(log.write_failures(), 1);
+    }
+
+    #[test]
+    fn a_removed_directory_is_noticed_at_the_next_line() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("errors");
+        let clock = ManualClock::new(1_000);
+        let log = ErrorLog::shared(settings(&dir, 1 << 20, 30));
+        log.append(&clock, clock.unix_ms(), -6, "before");
+        fs::remove_dir_all(&dir).unwrap();
+        clock.advance(std::time::Duration::from_millis(5));
+        log.append(&clock, clock.unix_ms(), -6, "after");
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o750);
+        let files = log_files(&dir).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            fs::read_to_string(&files[0].1).unwrap(),
+            "[1005] Error -6: after\n"
+        );
+        // A removed file alone (logrotate's way) is noticed the same.
+        fs::remove_file(&files[0].1).unwrap();
+        log.append(&clock, clock.unix_ms(), -6, "again");
+        let files = log_files(&dir).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            fs::read_to_string(&files[0].1).unwrap(),
+            "[1005] Error -6: again\n"
+        );
+        assert_eq!(log.write_failures(), 0);
+    }
+
+    #[test]
+    fn a_name_from_the_far_future_neither_wraps_nor_is_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let absurd = root.path().join(format!("backup_error_{}.log", u64::MAX));
+        fs::write(&absurd, "junk\n").unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let log = ErrorLog::shared(settings(root.path(), 40, 2));
+        for i in 0..4 {
+            log.append(&clock, clock.unix_ms(), -1, &format!("line {i}"));
+        }
+        assert_eq!(log.write_failures(), 0);
+        let names: Vec<u64> = log_files(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.0)
+            .collect();
+        // Names went on from the clock, increasing; the junk went first when pruning.
+        assert_eq!(names, vec![1_700_000_000_002, 1_700_000_000_003]);
+        assert!(!absurd.exists());
+    }
+
+    #[test]
+    fn a_far_but_plausible_name_is_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let ahead: u64 = 1_700_000_000_000 + 30 * 24 * 3600 * 1000;
+        fs::write(root.path().join(format!("backup_error_{ahead}.log")), "").unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let log = ErrorLog::shared(settings(root.path(), 1 << 20, 30));
+        log.append(&clock, clock.unix_ms(), -1, "x");
+        assert!(log
+            .current_path()
+            .unwrap()
+            .ends_with(format!("backup_error_{}.log", ahead + 1)));
+    }
+
+    #[test]
+    fn a_file_a_live_writer_holds_is_not_pruned() {
+        let root = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000);
+        // Another writer of this process with other settings, as a coordinator beside the plugin.
+        let quiet = ErrorLog::shared(settings(root.path(), 1 << 20, 30));
+        quiet.append(&clock, clock.unix_ms(), -5, "quiet writer's newest line");
+        let busy = ErrorLog::shared(settings(root.path(), 64, 2));
+        for i in 0..50 {
+            busy.append(&clock, clock.unix_ms(), -6, &format!("busy line {i:03}"));
+        }
+        let quiet_path = quiet.current_path().unwrap();
+        assert!(fs::read_to_string(&quiet_path)
+            .unwrap()
+            .contains("quiet writer's newest line"));
+        // Only the live writer's file is kept beyond the count.
+        assert_eq!(log_files(root.path()).unwrap().len(), 3);
+        quiet.append(&clock, clock.unix_ms(), -5, "and the next one");
+        assert!(fs::read_to_string(&quiet_path)
+            .unwrap()
+            .ends_with("and the next one\n"));
+        // Once the writer is gone, its file ages out by the count.
+        drop(quiet);
+        for i in 0..10 {
+            busy.append(&clock, clock.unix_ms(), -6, &format!("more {i:03}"));
+        }
+        assert!(!quiet_path.exists());
+        assert_eq!(log_files(root.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn sanitizing_bounds_the_message_and_is_idempotent() {
+        for len in [4095, 4096, 4097, 10_000] {
+            let text = format!("{}\t{}", "é".repeat(len / 2), "x".repeat(len / 2));
+            let once = sanitize_message(&text).into_owned();
+            assert!(once.len() <= MAX_MESSAGE_BYTES, "{len}: {}", once.len());
+            assert!(!once.contains('\t'));
+            assert_eq!(sanitize_message(&once), once);
+        }
+    }
+
+    #[test]
+    fn threads_rolling_one_log_lose_and_glue_no_line() {
+        let root = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000);
+        let log = ErrorLog::shared(settings(root.path(), 4096, 10_000));
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (log, clock) = (&log, &clock);
+                s.spawn(move || {
+                    for i in 0..500 {
+                        log.append(
+                            clock,
+                            clock.unix_ms(),
+                            -6,
+                            &format!("thread {t} line {i:03}"),
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(log.write_failures(), 0);
+        let mut seen = std::collections::HashSet::new();
+        for (_, path) in log_files(root.path()).unwrap() {
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.len() <= 4096 && text.ends_with('\n'));
+            for line in text.lines() {
+                let message = line.strip_prefix("[1000] Error -6: ").unwrap();
+                assert!(seen.insert(message.to_string()), "{message} twice");
+            }
+        }
+        assert_eq!(seen.len(), 8 * 500);
     }
 }

@@ -155,11 +155,8 @@ impl Plugin {
             tracker: ErrorTracker::new(
                 config.error_buffer_size,
                 log,
-                config
-                    .coordinator
-                    .encryption_key
-                    .as_ref()
-                    .map(|k| k.expose().to_string()),
+                // Every configured secret (encryption_key, etcd_password) is redacted.
+                config.secrets().into_iter().map(str::to_string),
             ),
             log_records: config
                 .state_dir

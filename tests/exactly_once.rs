@@ -181,10 +181,7 @@ fn a_stalled_owner_never_poisons_its_key() {
     init(&state_config(dir.path(), ""));
 
     // Story 1: A stalls past its lease; B takes over, fails and releases; A resumes.
-    let (mut a, mut a_out) = spawn_child("owner", dir.path());
-    wait_for(&mut a_out, "RUNNING");
-    signal(&a, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(1_500));
+    let (mut a, mut a_out) = stalled_owner(dir.path());
     let (rc, _) = execute(
         "stalled",
         "payload-b",
@@ -212,12 +209,9 @@ fn a_stalled_owner_never_poisons_its_key() {
 
     // Story 2: B still runs when A resumes: A returns its success, B's claim stands,
     // and a third caller meanwhile is refused.
-    let (mut a, mut a_out) = spawn_child("owner", dir.path());
     // A fresh key for this story: the child always uses `stalled`, so forget it first.
-    backup_backup_forget("stalled");
-    wait_for(&mut a_out, "RUNNING");
-    signal(&a, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(1_500));
+    forget("stalled");
+    let (mut a, mut a_out) = stalled_owner(dir.path());
     let calls_before = OP_CALLS.load(Ordering::SeqCst);
     let b = std::thread::spawn(|| execute("stalled", "payload-a", b_waits_for_a, 0));
     while !B_RUNNING.load(Ordering::SeqCst) {
@@ -244,7 +238,16 @@ fn a_stalled_owner_never_poisons_its_key() {
     backup_plugin_cleanup();
 }
 
-fn backup_backup_forget(key: &str) {
+/// A child that claimed `stalled` and is stopped inside its operation, past its lease.
+fn stalled_owner(dir: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
+    let (a, mut a_out) = spawn_child("owner", dir);
+    wait_for(&mut a_out, "RUNNING");
+    signal(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500));
+    (a, a_out)
+}
+
+fn forget(key: &str) {
     let key = CString::new(key).unwrap();
     let rc = backup_coordinator::ffi::idempotency::backup_idempotency_forget(key.as_ptr());
     assert_eq!(rc, SUCCESS, "{}", last_error());

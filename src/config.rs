@@ -176,7 +176,7 @@ impl Default for PluginConfig {
 }
 
 /// Upper bounds that keep a typo from turning into an absurd allocation or wait.
-const MAX_ERROR_BUFFER: i64 = 1_000_000;
+const MAX_ERROR_BUFFER: i64 = crate::tracker::MAX_HISTORY as i64;
 const MAX_ROTATION_COUNT: i64 = 100_000;
 const MAX_PATH_BYTES: usize = 4096;
 /// Keys whose values are never echoed, whatever is wrong with them.

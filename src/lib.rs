@@ -4,6 +4,9 @@
 //! thin `ffi` layer that checks pointers, guards panics, converts types and calls the core.
 //! The C contract is `include/backup_coordinator.h` (generated), described in `docs/C_API.md`.
 
+// Every `unsafe` block says why it is sound (a `// SAFETY:` comment right above it).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cancel;
 pub mod clock;
 pub mod config;

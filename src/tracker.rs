@@ -19,6 +19,11 @@ pub struct ErrorRecord {
     pub message: Arc<str>,
 }
 
+/// Most errors a history keeps, whatever a config asks for: the plugin's config rejects
+/// more (`error_buffer_size` 0 to 1,000,000), and a coordinator's `uint32_t` field is capped
+/// to it, so that no C struct can ask for 4 billion records.
+pub const MAX_HISTORY: usize = 1_000_000;
+
 struct Recent {
     last: Option<Arc<str>>,
     history: VecDeque<ErrorRecord>,
@@ -42,6 +47,7 @@ impl ErrorTracker {
         log: Option<Arc<ErrorLog>>,
         secrets: impl IntoIterator<Item = String>,
     ) -> Self {
+        let history_capacity = history_capacity.min(MAX_HISTORY);
         ErrorTracker {
             error_count: AtomicU64::new(0),
             retry_count: AtomicU64::new(0),
@@ -53,6 +59,11 @@ impl ErrorTracker {
             log,
             redactor: Redactor::new(secrets),
         }
+    }
+
+    /// How many recent errors the history keeps (the asked size, at most [`MAX_HISTORY`]).
+    pub fn history_capacity(&self) -> usize {
+        self.history_capacity
     }
 
     /// Starts the counts where a caller-filled structure left them.

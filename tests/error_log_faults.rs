@@ -42,15 +42,15 @@ impl Coord {
         let config = SBackupCoordinatorConfig {
             max_blocks_per_batch: 0,
             batch_timeout_ms: 0,
-            enable_compression: false,
-            enable_encryption: key.is_some(),
+            enable_compression: false.into(),
+            enable_encryption: key.is_some().into(),
             encryption_key: key
                 .as_ref()
                 .map_or(std::ptr::null_mut(), |k| k.as_ptr() as *mut c_char),
             error_retry_max: 0,
             error_retry_interval: 0,
             error_store_path: path.as_ptr() as *mut c_char,
-            enable_error_logging: true,
+            enable_error_logging: true.into(),
             error_buffer_size: 10_000,
             backup_path: std::ptr::null_mut(),
             backup_max_size: 0,

@@ -23,18 +23,125 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+
+/// Most coordinators the registry holds at once. Only a caller that frees coordinators
+/// with `free()` instead of `backup_coordinator_destroy` (against ABI §3) could otherwise
+/// grow it without end; at this bound the least recently used caller-allocated entry is
+/// dropped (its coordinator keeps its counts, which live in the struct, and loses its
+/// history and last error). Library-created entries are never dropped: destroy needs them
+/// to know which config strings are the library's.
+pub const MAX_REGISTERED_COORDINATORS: usize = 65_536;
 
 struct Registered {
     core: Coordinator,
     /// Created by `backup_coordinator_init`: the config strings are the library's copies.
     library_owned: bool,
-    /// Serializes writes to the struct's fields.
-    fields: Mutex<()>,
+    /// Serializes writes to the struct's fields, and holds what they were last seen to be.
+    fields: Mutex<Seen>,
+    /// Tick of the last use, for the eviction at the bound.
+    last_used: AtomicU64,
+}
+
+/// The fields of a coordinator as the library last wrote or read them. A struct at a
+/// registered address whose fields differ is another coordinator: the registered one was
+/// freed without destroy and its memory reused. Its stale entry is dropped, so the new
+/// coordinator never inherits another's history, counts or string ownership.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    error_count: u64,
+    retry_count: u64,
+    last_error_message: usize,
+    strings: [usize; 3],
+}
+
+impl Seen {
+    /// # Safety
+    /// `c` is non-NULL and points to a filled coordinator.
+    unsafe fn of(c: *const SBackupCoordinator) -> Seen {
+        // SAFETY: `c` is valid (this function's contract); integer and pointer fields only,
+        // read in place.
+        unsafe {
+            Seen {
+                error_count: (*c).error_count,
+                retry_count: (*c).retry_count,
+                last_error_message: (*c).last_error_message as usize,
+                strings: [
+                    (*c).config.encryption_key as usize,
+                    (*c).config.error_store_path as usize,
+                    (*c).config.backup_path as usize,
+                ],
+            }
+        }
+    }
 }
 
 static REGISTRY: LazyLock<Mutex<HashMap<usize, Arc<Registered>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
+static TICK: AtomicU64 = AtomicU64::new(0);
+
+/// Coordinators registered now (live ones, and freed ones not yet detected): at most
+/// [`MAX_REGISTERED_COORDINATORS`].
+pub fn registered_coordinators() -> usize {
+    REGISTRY.lock().len()
+}
+
+/// What the registry holds for an address.
+enum Entry {
+    /// The state of this very coordinator.
+    Current(Arc<Registered>),
+    /// None, or a stale one (removed now). `owns_strings`: the stale entry was the
+    /// library's and the struct still holds the library's copies of the config strings, so
+    /// the library still owns them (the caller changed a count, not the coordinator).
+    Absent { owns_strings: bool },
+}
+
+/// The registered state of `c` if it is still the coordinator it was registered for;
+/// a stale entry (another coordinator at a freed one's address) is removed.
+///
+/// # Safety
+/// `c` is non-NULL and points to a filled coordinator.
+unsafe fn current_entry(
+    registry: &mut HashMap<usize, Arc<Registered>>,
+    c: *mut SBackupCoordinator,
+) -> Entry {
+    let Some(state) = registry.get(&(c as usize)).cloned() else {
+        return Entry::Absent {
+            owns_strings: false,
+        };
+    };
+    let fields = state.fields.lock();
+    let seen = *fields;
+    // SAFETY: `c` is valid (this function's contract); the field lock is held, so no other
+    // call writes the fields being compared (the library writes them only under it).
+    let now = unsafe { Seen::of(c) };
+    drop(fields);
+    if seen == now {
+        return Entry::Current(state);
+    }
+    registry.remove(&(c as usize));
+    Entry::Absent {
+        owns_strings: state.library_owned && seen.strings == now.strings,
+    }
+}
+
+/// Room for one more entry: drops the least recently used caller-allocated entry at the
+/// bound. False when every entry is library-created (all live, as far as the library knows).
+fn make_room(registry: &mut HashMap<usize, Arc<Registered>>) -> bool {
+    if registry.len() < MAX_REGISTERED_COORDINATORS {
+        return true;
+    }
+    let oldest = registry
+        .iter()
+        .filter(|(_, state)| !state.library_owned)
+        .min_by_key(|(_, state)| state.last_used.load(Ordering::Relaxed))
+        .map(|(address, _)| *address);
+    match oldest {
+        Some(address) => registry.remove(&address).is_some(),
+        None => false,
+    }
+}
 
 /// The library's state for `c`, created from its fields on first use for a caller-made one.
 ///
@@ -42,26 +149,41 @@ static REGISTRY: LazyLock<Mutex<HashMap<usize, Arc<Registered>>>> =
 /// `c` is non-NULL and points to a filled coordinator.
 unsafe fn registered(c: *mut SBackupCoordinator) -> Arc<Registered> {
     let mut registry = REGISTRY.lock();
-    registry
-        .entry(c as usize)
-        .or_insert_with(|| {
-            Arc::new(Registered {
-                core: unsafe { core_from_fields(c) },
-                library_owned: false,
-                fields: Mutex::new(()),
-            })
-        })
-        .clone()
+    let tick = TICK.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: `c` is valid (this function's contract).
+    let owns_strings = match unsafe { current_entry(&mut registry, c) } {
+        Entry::Current(state) => {
+            state.last_used.store(tick, Ordering::Relaxed);
+            return state;
+        }
+        Entry::Absent { owns_strings } => owns_strings,
+    };
+    let state = Arc::new(Registered {
+        // SAFETY: `c` is valid (this function's contract).
+        core: unsafe { core_from_fields(c) },
+        library_owned: owns_strings,
+        // SAFETY: as above.
+        fields: Mutex::new(unsafe { Seen::of(c) }),
+        last_used: AtomicU64::new(tick),
+    });
+    // With no room (every entry a live library coordinator), the state serves this call only.
+    if make_room(&mut registry) {
+        registry.insert(c as usize, state.clone());
+    }
+    state
 }
 
 /// # Safety
 /// `c` is non-NULL and points to a filled coordinator.
 unsafe fn core_from_fields(c: *const SBackupCoordinator) -> Coordinator {
+    // SAFETY: `c` is valid (this function's contract); the config's strings are NULL or
+    // NUL-terminated, and `enable_error_logging` is read as the byte it is (`CBool`).
     unsafe {
         let config = &raw const (*c).config;
         let settings = CoordinatorSettings {
             error_store_path: optional_path((*config).error_store_path),
-            enable_error_logging: (*config).enable_error_logging,
+            enable_error_logging: (*config).enable_error_logging.get(),
+            // Capped at MAX_HISTORY by the tracker, as the plugin's config is.
             error_buffer_size: (*config).error_buffer_size as usize,
             secret: optional_string((*config).encryption_key),
         };
@@ -69,33 +191,44 @@ unsafe fn core_from_fields(c: *const SBackupCoordinator) -> Coordinator {
     }
 }
 
+/// # Safety
+/// `ptr` is NULL or NUL-terminated.
 unsafe fn optional_path(ptr: *const c_char) -> Option<PathBuf> {
     if ptr.is_null() {
         return None;
     }
+    // SAFETY: non-NULL and NUL-terminated (this function's contract).
     let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
     (!bytes.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(bytes)))
 }
 
+/// # Safety
+/// `ptr` is NULL or NUL-terminated.
 unsafe fn optional_string(ptr: *const c_char) -> Option<String> {
     if ptr.is_null() {
         return None;
     }
-    Some(String::from_utf8_lossy(unsafe { CStr::from_ptr(ptr) }.to_bytes()).into_owned())
+    // SAFETY: non-NULL and NUL-terminated (this function's contract).
+    let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
+    Some(String::from_utf8_lossy(bytes).into_owned())
 }
 
-/// Copies the tracker's counts and last message into the struct's fields.
+/// Copies the tracker's counts and last message into the struct's fields, and notes them
+/// as seen.
 ///
 /// # Safety
 /// `c` is non-NULL, valid, and `state` is its registered state.
 unsafe fn mirror_fields(c: *mut SBackupCoordinator, state: &Registered) {
-    let _fields = state.fields.lock();
+    let mut seen = state.fields.lock();
     let (errors, retries) = state.core.tracker().stats();
     let last = state.core.tracker().last_error();
+    // SAFETY: `c` is valid (this function's contract), and the field lock is held; its
+    // message is NULL or the library's.
     unsafe {
         (*c).error_count = errors;
         (*c).retry_count = retries;
         replace_malloc_string(&raw mut (*c).last_error_message, last.as_deref());
+        *seen = Seen::of(c);
     }
 }
 
@@ -113,14 +246,25 @@ pub extern "C" fn backup_coordinator_init(
             tracing::warn!("backup_coordinator_init: config is NULL");
             return std::ptr::null_mut();
         }
-        // SAFETY: a fresh allocation of the struct's size, fully written before use.
+        let mut registry = REGISTRY.lock();
+        if !make_room(&mut registry) {
+            tracing::warn!(
+                "backup_coordinator_init: {MAX_REGISTERED_COORDINATORS} coordinators are live already"
+            );
+            return std::ptr::null_mut();
+        }
+        // SAFETY: non-NULL, aligned and caller-owned for the call; every field of the config
+        // is valid for any bytes (integers, pointers, and `CBool` bytes, never Rust bools).
+        let src = unsafe { &*config };
+        // SAFETY: a fresh zeroed allocation of the struct's size (all-zero is a valid
+        // coordinator: NULL pointers, zero counts), fully written below before use; the
+        // config's strings are NULL or NUL-terminated (the caller's contract).
         unsafe {
             let c = libc::calloc(1, std::mem::size_of::<SBackupCoordinator>())
                 as *mut SBackupCoordinator;
             if c.is_null() {
                 return std::ptr::null_mut();
             }
-            let src = &*config;
             let copy = |ptr: *mut c_char| -> *mut c_char {
                 if ptr.is_null() {
                     std::ptr::null_mut()
@@ -152,9 +296,10 @@ pub extern "C" fn backup_coordinator_init(
             let state = Arc::new(Registered {
                 core: core_from_fields(c),
                 library_owned: true,
-                fields: Mutex::new(()),
+                fields: Mutex::new(Seen::of(c)),
+                last_used: AtomicU64::new(TICK.fetch_add(1, Ordering::Relaxed)),
             });
-            REGISTRY.lock().insert(c as usize, state);
+            registry.insert(c as usize, state);
             c
         }
     })
@@ -168,12 +313,28 @@ pub extern "C" fn backup_coordinator_destroy(coordinator: *mut SBackupCoordinato
         if coordinator.is_null() {
             return;
         }
-        let state = REGISTRY.lock().remove(&(coordinator as usize));
-        let library_owned = state.as_ref().is_some_and(|s| s.library_owned);
+        // Only the entry of this very coordinator (not a stale one of a coordinator freed
+        // without destroy at the same address) decides who owns the config strings.
+        let entry = {
+            let mut registry = REGISTRY.lock();
+            // SAFETY: non-NULL; the caller hands over a filled coordinator.
+            let entry = unsafe { current_entry(&mut registry, coordinator) };
+            registry.remove(&(coordinator as usize));
+            entry
+        };
+        let (state, library_owned) = match entry {
+            Entry::Current(state) => {
+                let owned = state.library_owned;
+                (Some(state), owned)
+            }
+            Entry::Absent { owns_strings } => (None, owns_strings),
+        };
         if let Some(log) = state.as_ref().and_then(|s| s.core.tracker().log().cloned()) {
             log.flush();
         }
-        // SAFETY: the caller hands the coordinator over; strings are freed by whoever owns them.
+        // SAFETY: the caller hands the coordinator over (non-NULL, allocated with the C
+        // allocator by the library or by the caller); config strings are freed only when
+        // the library copied them, and the library's own strings always.
         unsafe {
             let c = coordinator;
             if library_owned {
@@ -372,6 +533,8 @@ pub(crate) unsafe fn copy_history(
     count_out: *mut u32,
 ) -> i32 {
     let records = tracker.history(capacity as usize);
+    // SAFETY: `count_out` is non-NULL and `out` valid for `capacity` records (this
+    // function's contract); at most `capacity` records are written.
     unsafe {
         *count_out = tracker.history_len() as u32;
         for (i, record) in records.iter().enumerate() {

@@ -70,6 +70,7 @@ pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Fa
 /// # Safety
 /// As for [`c_bytes`].
 pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
     let bytes = unsafe { c_bytes(ptr, name) }?;
     std::str::from_utf8(bytes).map_err(|e| {
         Failure::invalid_param(format!(
@@ -84,6 +85,7 @@ pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failu
 /// # Safety
 /// As for [`c_bytes`].
 pub unsafe fn c_path<'a>(ptr: *const c_char, name: &str) -> Result<&'a Path, Failure> {
+    // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
     let bytes = unsafe { c_bytes(ptr, name) }?;
     if bytes.is_empty() {
         return Err(Failure::invalid_param(format!(
@@ -172,6 +174,8 @@ pub fn malloc_string(text: &str) -> *mut c_char {
 /// # Safety
 /// `*slot` is NULL or a string the library allocated with the C allocator.
 pub unsafe fn replace_malloc_string(slot: *mut *mut c_char, text: Option<&str>) {
+    // SAFETY: `slot` is valid and its string NULL or the library's malloc'd one (this
+    // function's contract), freed once, after the new one is in place.
     unsafe {
         let old = *slot;
         *slot = text.map_or(std::ptr::null_mut(), malloc_string);

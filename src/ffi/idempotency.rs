@@ -17,6 +17,7 @@ pub type backup_idempotent_op_fn = Option<unsafe extern "C" fn(user_data: *mut c
 /// # Safety
 /// `key` is NULL or NUL-terminated.
 unsafe fn key_arg<'a>(key: *const c_char) -> Result<&'a [u8], Failure> {
+    // SAFETY: `key` is NULL or NUL-terminated (this function's contract).
     let key = unsafe { c_bytes(key, "key") }?;
     check_key(key)?;
     Ok(key)
@@ -49,6 +50,7 @@ pub extern "C" fn backup_execute_idempotent(
         report(false);
         // SAFETY: key NUL-terminated; fingerprint valid for fingerprint_len bytes.
         let args = unsafe { key_arg(key) }.and_then(|key| {
+            // SAFETY: `fingerprint` is NULL or valid for `fingerprint_len` bytes (the contract).
             let fingerprint =
                 unsafe { c_slice(fingerprint as *const u8, fingerprint_len, "fingerprint") }?;
             Ok((key, fingerprint, op.ok_or_else(|| null_arg("op"))?))

@@ -4,6 +4,7 @@
 
 use super::guard::{c_str, copy_to_buffer, ffi_guard, null_arg};
 use super::plugin::{with_plugin, with_plugin_unbooked};
+use super::types::CBool;
 use crate::error::{ErrorCode, Failure};
 use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
 use crate::log_backup::{decide, KernelState, SubCommand};
@@ -77,6 +78,7 @@ fn command_arg(raw: ELogSubCommand) -> Result<SubCommand, Failure> {
 /// # Safety
 /// `task` is NULL or NUL-terminated.
 unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
+    // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     let task = unsafe { c_str(task, "task") }?;
     if task.is_empty() || task.len() > BACKUP_LOG_TASK_MAX {
         return Err(Failure::invalid_param(format!(
@@ -95,6 +97,7 @@ unsafe fn records_key<'a>(
     task: *const c_char,
     command: ELogSubCommand,
 ) -> Result<(&'a str, SubCommand), Failure> {
+    // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     Ok((unsafe { task_arg(task) }?, command_arg(command)?))
 }
 
@@ -139,9 +142,13 @@ struct HostTask {
 impl TaskDriver for HostTask {
     fn query(&mut self) -> Result<(KernelState, bool), Failure> {
         let mut state: ELogBackupKernelState = -1;
-        let mut truncated = false;
-        // SAFETY: the host's callback with the host's pointer and two valid out-pointers.
-        let code = unsafe { (self.query)(self.user_data, &mut state, &mut truncated) };
+        // The host writes a C `bool`, whatever byte that is: read back as a byte.
+        let mut truncated = CBool::FALSE;
+        let truncated_out = (&raw mut truncated).cast::<bool>();
+        // SAFETY: the host's callback with the host's pointer and two valid out-pointers
+        // (`CBool` is one byte, like the C `bool` the callback writes).
+        let code = unsafe { (self.query)(self.user_data, &mut state, truncated_out) };
+        let truncated = truncated.get();
         if code != 0 {
             return Err(Failure {
                 code,
@@ -180,6 +187,7 @@ pub extern "C" fn backup_log_run_command(
             let command = command_arg(command)?;
             let query = query.ok_or_else(|| null_arg("query"))?;
             let execute = execute.ok_or_else(|| null_arg("execute"))?;
+            // SAFETY: `policy` is NULL or points to a policy of four integers (any bytes valid).
             let policy = match unsafe { policy.as_ref() } {
                 None => LogRetryPolicy::default(),
                 Some(p) => LogRetryPolicy::from_raw(

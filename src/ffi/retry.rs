@@ -78,10 +78,12 @@ pub extern "C" fn backup_execute_with_retry(
         if retry_context.is_null() {
             return ErrorCode::InvalidParam.raw();
         }
-        // SAFETY: non-NULL context owned by the caller for the duration of the call.
         // The policy is read from the context only once the first attempt has failed (as
         // the original plugin read `max_retry` at each retry).
+        // SAFETY: non-NULL context owned by the caller for the duration of the call; the
+        // closure is called only within it.
         let policy = || unsafe { context_policy(retry_context) };
+        // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
         unsafe { execute_into_context(retry_context, policy, op, user_data) }
     })
 }
@@ -100,10 +102,14 @@ pub extern "C" fn backup_execute_with_retry_policy(
         if retry_context.is_null() || policy.is_null() {
             return ErrorCode::InvalidParam.raw();
         }
-        // SAFETY: non-NULL, caller-owned for the duration of the call.
-        let policy = match from_c_policy(unsafe { &*policy }) {
+        // SAFETY: non-NULL, aligned and caller-owned for the duration of the call; every
+        // field of `SRetryPolicy` is valid for any bytes (integers, an f64, and `jitter` a
+        // `CBool` byte, never a Rust bool), so the reference is to a valid value.
+        let c_policy = unsafe { &*policy };
+        let policy = match from_c_policy(c_policy) {
             Ok(policy) => policy,
             Err(failure) => {
+                // SAFETY: non-NULL context; its message is NULL or the library's (init).
                 unsafe {
                     replace_malloc_string(
                         &raw mut (*retry_context).error_message,
@@ -113,7 +119,9 @@ pub extern "C" fn backup_execute_with_retry_policy(
                 return failure.code;
             }
         };
+        // SAFETY: non-NULL caller-owned context, valid for the whole call.
         unsafe { (*retry_context).max_retry = policy.max_retry };
+        // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
         unsafe { execute_into_context(retry_context, move || policy, op, user_data) }
     })
 }
@@ -144,6 +152,7 @@ pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
         // SAFETY: non-NULL caller-owned context.
         let interval = unsafe { (*retry_context).retry_interval };
         let _ = token.sleep(Duration::from_secs(interval as u64));
+        // SAFETY: non-NULL caller-owned context.
         unsafe { (*retry_context).last_retry_time = crate::clock::unix_ms_now() };
     })
 }
@@ -153,6 +162,7 @@ pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
 /// # Safety
 /// `ctx` is non-NULL and valid.
 pub(crate) unsafe fn context_policy(ctx: *const SRetryContext) -> RetryPolicy {
+    // SAFETY: `ctx` is non-NULL and valid (this function's contract); two integer fields.
     let (max_retry, interval) = unsafe { ((*ctx).max_retry, (*ctx).retry_interval) };
     RetryPolicy::fixed(max_retry, Duration::from_secs(interval as u64))
 }
@@ -168,7 +178,7 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
     Ok(RetryPolicy::fixed(p.max_retry, ms(p.initial_interval_ms))
         .with_max_interval((p.max_interval_ms > 0).then(|| ms(p.max_interval_ms)))
         .with_multiplier(p.multiplier)
-        .with_jitter(p.jitter)
+        .with_jitter(p.jitter.get())
         .with_timeout((p.timeout_ms > 0).then(|| ms(p.timeout_ms))))
 }
 
@@ -189,8 +199,9 @@ unsafe fn execute_into_context(
         return ErrorCode::InvalidParam.raw();
     };
     let mut progress = RetryProgress::default();
-    // SAFETY: the host's function, called with the host's pointer, as the contract says.
+    // SAFETY: `ctx` is non-NULL and valid for the whole call (this function's contract).
     let first = retry::first_attempt(&mut progress, &mut unsafe { mirror(ctx) }, || {
+        // SAFETY: the host's function, called with the host's pointer, as the contract says.
         match unsafe { op(user_data) } {
             0 => Ok(()),
             code => Err(code),
@@ -199,11 +210,14 @@ unsafe fn execute_into_context(
     match first {
         Ok(()) => {
             // A success leaves no message: nothing to free unless an earlier call left one.
+            // SAFETY: `ctx` is valid (as above).
             if !unsafe { (*ctx).error_message }.is_null() {
+                // SAFETY: as above; its message is NULL or the library's malloc'd string.
                 unsafe { replace_malloc_string(&raw mut (*ctx).error_message, None) };
             }
             ErrorCode::Success.raw()
         }
+        // SAFETY: this function's contract is the one `retry_into_context` needs.
         Err(code) => unsafe { retry_into_context(ctx, &policy(), progress, op, user_data, code) },
     }
 }
@@ -214,6 +228,7 @@ unsafe fn execute_into_context(
 /// `ctx` is non-NULL and valid while the closure is used.
 #[inline(always)]
 unsafe fn mirror(ctx: *mut SRetryContext) -> impl FnMut(&RetryProgress) {
+    // SAFETY: the caller keeps `ctx` valid while the closure is used (this function's contract).
     move |p: &RetryProgress| unsafe {
         (*ctx).current_retry = p.current_retry;
         (*ctx).state = p.state as i32;
@@ -241,17 +256,19 @@ unsafe fn retry_into_context(
     user_data: *mut c_void,
     code: i32,
 ) -> i32 {
-    // SAFETY: as in the first attempt.
     let execution = retry::run_now_after(
         policy,
         &mut progress,
+        // SAFETY: `ctx` is valid for the whole call (this function's contract).
         unsafe { mirror(ctx) },
+        // SAFETY: the host's function, called with the host's pointer, as the contract says.
         |_| match unsafe { op(user_data) } {
             0 => Ok(()),
             code => Err(Failure::from_code(code)),
         },
         Failure::from_code(code),
     );
+    // SAFETY: `ctx` is valid (as above); its message is NULL or the library's.
     unsafe { finish_context(ctx, &progress, &execution, true) };
     execution.code()
 }
@@ -259,6 +276,7 @@ unsafe fn retry_into_context(
 /// # Safety
 /// `ctx` is non-NULL and valid.
 pub(crate) unsafe fn write_progress(ctx: *mut SRetryContext, p: &RetryProgress) {
+    // SAFETY: `ctx` is non-NULL and valid (this function's contract); plain field writes.
     unsafe {
         (*ctx).current_retry = p.current_retry;
         (*ctx).state = p.state as i32;
@@ -278,6 +296,8 @@ pub(crate) unsafe fn finish_context(
     execution: &Execution,
     live_mirrored: bool,
 ) {
+    // SAFETY: `ctx` is non-NULL and valid, its message NULL or the library's (this
+    // function's contract).
     unsafe {
         if !live_mirrored {
             write_progress(ctx, p);

@@ -30,6 +30,35 @@ pub const BACKUP_ERROR_MESSAGE_MAX: usize = 256;
 /// `ERetryState` as C stores it (see the enum in the header).
 pub type ERetryState = i32;
 
+/// A C `bool` field as C wrote it: one byte, any non-zero value true. The header spells
+/// it `bool` (cbindgen.toml renames it), so the layout is C's; but Rust reads the byte, not
+/// a Rust `bool`, which may only ever hold 0 or 1 (a harness that leaves 2 or 0xff in
+/// malloc'd memory would otherwise be undefined behaviour).
+#[repr(transparent)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct CBool(u8);
+
+impl CBool {
+    pub const FALSE: CBool = CBool(0);
+    pub const TRUE: CBool = CBool(1);
+
+    pub const fn get(self) -> bool {
+        self.0 != 0
+    }
+}
+
+impl From<bool> for CBool {
+    fn from(value: bool) -> Self {
+        CBool(value as u8)
+    }
+}
+
+impl std::fmt::Debug for CBool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:#04x})", self.get(), self.0)
+    }
+}
+
 /// Opaque engine of the original plugin; may be NULL.
 pub struct SBitmapEngine {
     _private: [u8; 0],
@@ -76,7 +105,7 @@ pub struct SRetryPolicy {
     /// 1.0 = fixed interval.
     pub multiplier: f64,
     /// Full jitter on each wait.
-    pub jitter: bool,
+    pub jitter: CBool,
     /// 0 = none; budget from the first failure, no wait may end past it.
     pub timeout_ms: u64,
 }
@@ -86,15 +115,15 @@ pub struct SRetryPolicy {
 pub struct SBackupCoordinatorConfig {
     pub max_blocks_per_batch: u32,
     pub batch_timeout_ms: u32,
-    pub enable_compression: bool,
-    pub enable_encryption: bool,
+    pub enable_compression: CBool,
+    pub enable_encryption: CBool,
     /// Never logged.
     pub encryption_key: *mut c_char,
     pub error_retry_max: u32,
     /// Seconds.
     pub error_retry_interval: u32,
     pub error_store_path: *mut c_char,
-    pub enable_error_logging: bool,
+    pub enable_error_logging: CBool,
     pub error_buffer_size: u32,
     pub backup_path: *mut c_char,
     pub backup_max_size: u64,

@@ -11,7 +11,6 @@
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
-use crate::hex::{hex, unhex};
 use crate::log_backup::records::{LogRecordStore, RetryRecord, RunClaim, Sequence};
 use crate::log_backup::SubCommand;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
@@ -66,16 +65,7 @@ pub fn encode(sequence: &Sequence) -> String {
     }
     let _ = writeln!(text, " {}", sequence.first_failure_ms.unwrap_or(0));
     for r in &sequence.records {
-        let _ = writeln!(
-            text,
-            "{} {} {} {} {} {}",
-            r.retry_num,
-            r.detect_failed_at_ms,
-            r.expected_retry_at_ms,
-            r.real_retry_at_ms,
-            r.reason_code,
-            hex(r.original_reason.as_bytes())
-        );
+        let _ = writeln!(text, "{}", r.fields());
     }
     text
 }
@@ -94,18 +84,7 @@ pub fn decode(value: &[u8]) -> Option<Sequence> {
     let first: u64 = head[2].parse().ok()?;
     let mut records = Vec::new();
     for line in lines {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() != 6 {
-            return None;
-        }
-        records.push(RetryRecord {
-            retry_num: f[0].parse().ok()?,
-            detect_failed_at_ms: f[1].parse().ok()?,
-            expected_retry_at_ms: f[2].parse().ok()?,
-            real_retry_at_ms: f[3].parse().ok()?,
-            reason_code: f[4].parse().ok()?,
-            original_reason: String::from_utf8(unhex(f[5])?).ok()?,
-        });
+        records.push(RetryRecord::parse_fields(line)?);
     }
     Some(Sequence {
         records,

@@ -179,7 +179,7 @@ impl RecordStore {
                 }
                 "record" => sequence
                     .records
-                    .push(parse_record(value).ok_or_else(|| corrupt("bad record"))?),
+                    .push(RetryRecord::parse_fields(value).ok_or_else(|| corrupt("bad record"))?),
                 _ => return Err(corrupt("unknown field")),
             }
         }
@@ -204,16 +204,7 @@ impl RecordStore {
             sequence.first_failure_ms.unwrap_or(0)
         );
         for r in &sequence.records {
-            let _ = writeln!(
-                body,
-                "record {} {} {} {} {} {}",
-                r.retry_num,
-                r.detect_failed_at_ms,
-                r.expected_retry_at_ms,
-                r.real_retry_at_ms,
-                r.reason_code,
-                hex(r.original_reason.as_bytes())
-            );
+            let _ = writeln!(body, "record {}", r.fields());
         }
         let checksum = fnv1a64(body.as_bytes());
         let _ = writeln!(body, "checksum {checksum:016x}");
@@ -286,17 +277,34 @@ impl LogRecordStore for RecordStore {
     }
 }
 
-fn parse_record(value: &str) -> Option<RetryRecord> {
-    let mut parts = value.split(' ');
-    let record = RetryRecord {
-        retry_num: parts.next()?.parse().ok()?,
-        detect_failed_at_ms: parts.next()?.parse().ok()?,
-        expected_retry_at_ms: parts.next()?.parse().ok()?,
-        real_retry_at_ms: parts.next()?.parse().ok()?,
-        reason_code: parts.next()?.parse().ok()?,
-        original_reason: String::from_utf8(unhex(parts.next().unwrap_or(""))?).ok()?,
-    };
-    parts.next().is_none().then_some(record)
+impl RetryRecord {
+    /// The record as one line of text (both stores' formats): its six fields, space
+    /// separated, the reason in hex.
+    pub fn fields(&self) -> String {
+        format!(
+            "{} {} {} {} {} {}",
+            self.retry_num,
+            self.detect_failed_at_ms,
+            self.expected_retry_at_ms,
+            self.real_retry_at_ms,
+            self.reason_code,
+            hex(self.original_reason.as_bytes())
+        )
+    }
+
+    /// The record of [`RetryRecord::fields`]; `None` when the text is not one.
+    pub fn parse_fields(value: &str) -> Option<RetryRecord> {
+        let mut parts = value.split(' ');
+        let record = RetryRecord {
+            retry_num: parts.next()?.parse().ok()?,
+            detect_failed_at_ms: parts.next()?.parse().ok()?,
+            expected_retry_at_ms: parts.next()?.parse().ok()?,
+            real_retry_at_ms: parts.next()?.parse().ok()?,
+            reason_code: parts.next()?.parse().ok()?,
+            original_reason: String::from_utf8(unhex(parts.next().unwrap_or(""))?).ok()?,
+        };
+        parts.next().is_none().then_some(record)
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,26 @@ impl Mount {
 }
 
 impl Drop for Mount {
+    /// Unmounts for certain: a file still closing elsewhere ("target is busy") gets a few
+    /// more tries, then a lazy unmount detaches the mount anyway, so that no test leaves a
+    /// tmpfs behind, whatever it failed on.
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
+        let unmount = |args: &[&str]| {
+            Command::new("umount")
+                .args(args)
+                .arg(&self.path)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        for _ in 0..20 {
+            if unmount(&[]) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if !unmount(&["-l"]) {
+            eprintln!("could not unmount {}", self.path.display());
+        }
     }
 }

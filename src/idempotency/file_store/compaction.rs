@@ -12,7 +12,7 @@
 //! move only while the table grows, and keys whose last record lies past the image's end
 //! are left to the journal), so that a restart replays a short tail.
 
-use super::files::{reserve, FileLock};
+use super::files::{create_fresh, reserve, FileLock};
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
 use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
@@ -21,8 +21,8 @@ use crate::durable::{self, FileError};
 use crate::error::Failure;
 use crate::idempotency::record::{self, MAX_RECORD_BYTES};
 use crate::idempotency::KeyState;
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,16 +133,30 @@ struct Candidate {
     len: usize,
 }
 
+/// The right to rewrite the store's side files: one thread of one process at a time.
+struct Maintainer<'a> {
+    _in_process: parking_lot::MutexGuard<'a, ()>,
+    _across_processes: FileLock<'a>,
+}
+
 impl FileStore {
+    /// Takes the maintainer's locks without waiting; `None` when another thread or
+    /// process maintains the store now (it does the work).
+    fn maintainer(&self) -> Result<Option<Maintainer<'_>>, Failure> {
+        let Some(in_process) = self.compaction.try_lock() else {
+            return Ok(None);
+        };
+        let across = FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?;
+        Ok(across.map(|across_processes| Maintainer {
+            _in_process: in_process,
+            _across_processes: across_processes,
+        }))
+    }
+
     /// Rewrites the journal with its live records once it has grown enough (or now, when
     /// `force`).
     pub(super) fn compact(&self, now_ms: u64, force: bool) -> Result<(), Failure> {
-        let Some(_in_process) = self.compaction.try_lock() else {
-            return Ok(());
-        };
-        let Some(_across_processes) =
-            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
-        else {
+        let Some(_maintainer) = self.maintainer()? else {
             return Ok(());
         };
         // 1. Under the lock: where the journal ends.
@@ -161,15 +175,7 @@ impl FileStore {
                 inner.index.len(),
             )
         };
-        let _ = fs::remove_file(&self.compact_path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.compact_path)
-            .map_err(|e| FileError::new("create", &self.compact_path, e))?;
+        let file = create_fresh(&self.compact_path)?;
         let rewrite = Rewrite {
             path: &self.compact_path,
             file,
@@ -364,12 +370,7 @@ impl FileStore {
                 inner.journal.clone(),
             )
         };
-        let Some(_in_process) = self.compaction.try_lock() else {
-            return Ok(());
-        };
-        let Some(_across_processes) =
-            FileLock::acquire(&self.compact_lock, &self.compact_lock_path, false)?
-        else {
+        let Some(_maintainer) = self.maintainer()? else {
             return Ok(());
         };
         let tmp = &self.image_tmp_path;

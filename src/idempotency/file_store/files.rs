@@ -52,6 +52,20 @@ pub(super) fn open_rw(path: &Path) -> Result<File, FileError> {
         .map_err(|e| FileError::new("open", path, e))
 }
 
+/// A new, empty side file at `path` (a compaction's new journal, an index image), 0640,
+/// no symlink followed; what a dead writer left there is removed first.
+pub(super) fn create_fresh(path: &Path) -> Result<File, FileError> {
+    let _ = std::fs::remove_file(path);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| FileError::new("create", path, e))
+}
+
 /// Allocates `len` bytes from `offset` without changing the file's size. `Ok(false)`:
 /// the file system cannot reserve room (the store then works without a reservation).
 pub(super) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {

@@ -8,12 +8,13 @@
 //! journal file. An image that does not check or does not match is ignored (the journal
 //! is then read whole): it only saves time, the journal stays the truth.
 
+use super::files::create_fresh;
 use super::index::{Index, Slot};
 use crate::durable::FileError;
 use crate::error::Failure;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"BCKIDX01";
@@ -56,15 +57,7 @@ pub(super) struct ImageWriter {
 
 impl ImageWriter {
     pub fn create(path: &Path) -> Result<Self, Failure> {
-        let _ = fs::remove_file(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| FileError::new("create", path, e))?;
+        let file = create_fresh(path)?;
         Ok(ImageWriter {
             file,
             crc: crc32fast::Hasher::new(),

@@ -94,9 +94,11 @@ static void test_run_command(void) {
     CHECK_EQ_INT(backup_log_get_retry_records("t2", LOG_SUBCOMMAND_PAUSE, rec, 8, &count), BACKUP_SUCCESS);
     CHECK_EQ_INT(count, 0);
 
-    /* Timeout: waits 10, 20, 40 ms...; a 50 ms budget refuses the third. */
-    SLogBackupRetryPolicy tight = {.max_retry_times = 10, .min_retry_duration_ms = 10,
-                                   .max_retry_duration_ms = 1000, .retry_timeout_ms = 50};
+    /* Timeout: waits 100, 200, 400 ms...; a 500 ms budget refuses the third (the second
+     * wait ends at 300 ms plus the attempts' time, leaving 200 ms of slack for a loaded
+     * machine or a sanitizer build). */
+    SLogBackupRetryPolicy tight = {.max_retry_times = 10, .min_retry_duration_ms = 100,
+                                   .max_retry_duration_ms = 1000, .retry_timeout_ms = 500};
     FakeTask to = {.state = LOG_BACKUP_KERNEL_RUNNING, .fail_with = BACKUP_ERROR_TIMEOUT, .fail_times = 100};
     CHECK_EQ_INT(backup_log_run_command("t3", LOG_SUBCOMMAND_STOP, &tight, query, execute, &to), BACKUP_ERROR_TIMEOUT);
     CHECK_EQ_INT(to.executes, 3);

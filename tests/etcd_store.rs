@@ -6,6 +6,7 @@
 mod etcd_cluster;
 
 use backup_coordinator::clock::unix_ms_now;
+use backup_coordinator::config::Secret;
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
@@ -340,7 +341,7 @@ fn etcd_auth_right_and_wrong_password() {
     cluster.enable_auth("backup", "right-pw", PREFIX);
     let mut good = settings(&cluster);
     good.user = Some("backup".into());
-    good.password = Some("right-pw".into());
+    good.password = Some(Secret::new("right-pw"));
     let store = host(&good, Duration::from_secs(5), Duration::from_secs(60));
     let fp = fingerprint(b"a");
     let token = acquired(store.claim(b"auth", &fp, unix_ms_now()).unwrap());
@@ -353,7 +354,7 @@ fn etcd_auth_right_and_wrong_password() {
     store.release(b"auth", token).unwrap();
 
     let mut bad = good.clone();
-    bad.password = Some("wrong-pw-7731".into());
+    bad.password = Some(Secret::new("wrong-pw-7731"));
     let store = host(&bad, Duration::from_secs(5), Duration::from_secs(60));
     let started = Instant::now();
     let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();

@@ -61,7 +61,7 @@ impl EtcdClient {
             .with_auto_token_refresh(true)
             .with_connect_timeout(settings.timeout);
         if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-            options = options.with_user(user.clone(), password.clone());
+            options = options.with_user(user.clone(), password.expose().to_string());
         }
         if settings.endpoints.iter().any(|e| e.starts_with("https://")) {
             options = options.with_tls(tls_options(settings)?);

@@ -178,7 +178,12 @@ impl Conn {
                 },
             };
             let (reason, sent) = match fault {
-                Fault::Permanent(failure) => return Err(failure),
+                Fault::Permanent(failure) => {
+                    if failure.code == ErrorCode::DiskFull.raw() {
+                        tracing::error!(request = what, reason = %failure.detail, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
+                    }
+                    return Err(failure);
+                }
                 Fault::Retry { reason, sent } => (reason, sent),
             };
             sent_any |= sent;
@@ -345,9 +350,11 @@ fn classify(error: &etcd_client::Error) -> Fault {
         E::GRpcStatus(status) => {
             let message = status.message();
             if message.contains("database space exceeded") {
+                // etcd keeps every revision until compacted; past its space quota it raises
+                // the NOSPACE alarm and refuses every write until an operator clears it.
                 return Fault::Permanent(Failure::new(
                     ErrorCode::DiskFull,
-                    format!("Disk full: the etcd cluster's database space is exhausted (etcd: {message}); compact and defragment it, or raise its quota"),
+                    format!("Disk full: the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
                 ));
             }
             if message.contains("authentication failed") {

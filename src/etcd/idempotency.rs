@@ -136,7 +136,10 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
         self.etcd.run(move |conn| async move {
             let key = conn.key("idem", &[&raw_key]);
-            let mut token = conn.grant("grant a claim lease", lease).await?;
+            let mut token = conn
+                .grant("grant a claim lease", lease)
+                .await
+                .map_err(|f| with_key(f, &raw_key))?;
             let outcome = claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await;
             if !matches!(outcome, Ok(Claim::Acquired { .. })) {
                 // Whatever an unacknowledged attempt may still write dies with its lease.

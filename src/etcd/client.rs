@@ -148,6 +148,17 @@ impl Conn {
         key
     }
 
+    /// `<prefix><space>/<part in unpadded base64url>`: 4/3 of the part (hex takes 2x), for
+    /// the keys stored by the million. The alphabet has no '/': a raw name never escapes
+    /// the prefix or the space.
+    pub fn key64(&self, space: &str, part: &[u8]) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(space.as_bytes());
+        key.push(b'/');
+        base64url(part, &mut key);
+        key
+    }
+
     /// One logical request: `call` is tried on the current endpoint and, while it fails
     /// with a transient fault, on the next ones, until `etcd_timeout` has passed. `what`
     /// names the request in messages.
@@ -230,6 +241,20 @@ impl Conn {
         let client = Client::connect([&self.endpoints[index]], Some(self.options.clone())).await?;
         *slot = Some(client.clone());
         Ok(client)
+    }
+}
+
+/// Appends `bytes` in base64url (RFC 4648 §5) without padding.
+fn base64url(bytes: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]);
+        }
     }
 }
 
@@ -423,4 +448,51 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        let mut out = Vec::new();
+        base64url(bytes, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn base64url_is_rfc_4648_without_padding() {
+        // RFC 4648 §10's vectors, unpadded.
+        for (raw, encoded) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(b64(raw.as_bytes()), encoded);
+        }
+        // The URL-safe alphabet: 62 and 63 are '-' and '_', never '+' or '/'.
+        assert_eq!(b64(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn a_hostile_name_stays_one_part_under_the_prefix() {
+        let settings = crate::config::EtcdSettings {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            ..Default::default()
+        };
+        let client = EtcdClient::new(&settings).unwrap();
+        let key = client.conn.key64("i", b"../../\x00\xff/x\n");
+        let rest = key.strip_prefix(b"/taosx/backup/i/".as_slice()).unwrap();
+        assert!(
+            rest.iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'),
+            "{}",
+            String::from_utf8_lossy(&key)
+        );
+        assert_eq!(rest.len(), 15, "11 bytes take 15 characters");
+    }
 }

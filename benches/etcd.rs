@@ -76,7 +76,7 @@ fn floor_rate(
                         .when([Compare::mod_revision(key.clone(), CompareOp::Equal, 0)])
                         .and_then([TxnOp::put(
                             key.clone(),
-                            vec![b'c'; 90],
+                            vec![b'c'; 49],
                             Some(PutOptions::new().with_lease(lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);
@@ -85,7 +85,7 @@ fn floor_rate(
                         .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
                         .and_then([TxnOp::put(
                             key.clone(),
-                            vec![b'd'; 90],
+                            vec![b'd'; 53],
                             Some(PutOptions::new().with_lease(completion_lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);

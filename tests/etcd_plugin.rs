@@ -450,4 +450,5 @@ fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_d
         line.contains("ERROR") && line.contains("quota") && line.contains("alarm disarm"),
         "{line}"
     );
+    eprintln!("diagnostics: {line}");
 }

@@ -39,6 +39,9 @@ pub struct Conn {
     current: AtomicUsize,
     /// Attempts that failed transiently and moved to the next endpoint.
     failovers: AtomicU64,
+    /// When (unix ms) the last "space quota exhausted" line was logged: one every 10 s is
+    /// enough, however many calls a full cluster refuses.
+    disk_full_logged_ms: AtomicU64,
 }
 
 /// Why one attempt failed.
@@ -79,6 +82,7 @@ impl EtcdClient {
             // Hosts spread over the members instead of all starting on the first one.
             current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
             failovers: AtomicU64::new(0),
+            disk_full_logged_ms: AtomicU64::new(0),
         });
         Ok(EtcdClient {
             conn,
@@ -190,7 +194,7 @@ impl Conn {
             };
             let (reason, sent) = match fault {
                 Fault::Permanent(failure) => {
-                    if failure.code == ErrorCode::DiskFull.raw() {
+                    if failure.code == ErrorCode::DiskFull.raw() && self.disk_full_log_due() {
                         tracing::error!(request = what, reason = %failure.detail, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
                     }
                     return Err(failure);
@@ -231,6 +235,16 @@ impl Conn {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(250));
         }
+    }
+
+    fn disk_full_log_due(&self) -> bool {
+        let now = crate::clock::unix_ms_now();
+        let last = self.disk_full_logged_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 10_000
+            && self
+                .disk_full_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     async fn client(&self, index: usize) -> Result<Client, etcd_client::Error> {

@@ -151,11 +151,20 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
-            let mut token = conn
-                .grant("grant a claim lease", lease)
-                .await
-                .map_err(|f| with_key(f, &raw_key))?;
-            let outcome = claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await;
+            let mut token = match conn.grant("grant a claim lease", lease).await {
+                Ok(token) => token,
+                Err(failure) => {
+                    return answer_without_writing(&conn, &key, &fingerprint, now_ms, failure)
+                        .await
+                        .map_err(|f| with_key(f, &raw_key))
+                }
+            };
+            let outcome = match claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await {
+                Err(failure) => {
+                    answer_without_writing(&conn, &key, &fingerprint, now_ms, failure).await
+                }
+                claimed => claimed,
+            };
             if !matches!(outcome, Ok(Claim::Acquired { .. })) {
                 // Whatever an unacknowledged attempt may still write dies with its lease.
                 let conn = conn.clone();
@@ -298,6 +307,39 @@ fn with_key(failure: Failure, key: &[u8]) -> Failure {
     Failure {
         code: failure.code,
         detail: format!("{} (idempotency key {})", failure.detail, display_key(key)),
+    }
+}
+
+/// A full cluster (its NOSPACE alarm raised) refuses every write, lease grants included,
+/// but a key completed or claimed by another caller needs none: it still replays, conflicts
+/// or is in progress. Otherwise, and for any other failure, the claim fails as it did.
+async fn answer_without_writing(
+    conn: &Conn,
+    key: &[u8],
+    fingerprint: &Fingerprint,
+    now_ms: u64,
+    failure: Failure,
+) -> Result<Claim, Failure> {
+    if failure.code != ErrorCode::DiskFull.raw() {
+        return Err(failure);
+    }
+    let Ok(Some(kv)) = conn.get("read an idempotency key", key).await else {
+        return Err(failure);
+    };
+    let stored = decode(&kv)?;
+    let same = stored.record.fingerprint == *fingerprint;
+    match stored.record.state {
+        KeyState::Claimed { .. } if same => Ok(Claim::InProgress),
+        KeyState::Claimed { .. } => Ok(Claim::Conflict),
+        KeyState::Completed {
+            result,
+            expires_at_ms,
+        } if now_ms < expires_at_ms => Ok(if same {
+            Claim::Replay { result }
+        } else {
+            Claim::Conflict
+        }),
+        KeyState::Completed { .. } => Err(failure),
     }
 }
 

@@ -6,6 +6,13 @@
 //!
 //!   cargo bench --bench etcd            (target: 1 thread within 1.3x of the floor;
 //!   cargo bench --bench etcd -- quick    8 threads at least 4x the 1-thread rate)
+//!
+//! Then the footprint of a key in etcd, on a fresh cluster: the DB size and the size in use
+//! before and after filling it with completed keys (32-byte fingerprints, keys shaped like
+//! a 64 KiB block's id), then after compaction and defragmentation of every member, per
+//! live key; and the raw key + value bytes of a key.
+//!
+//!   cargo bench --bench etcd -- footprint [keys]   (only the footprint; 20000 keys)
 
 #[path = "../tests/common/etcd.rs"]
 mod etcd_cluster;
@@ -69,7 +76,7 @@ fn floor_rate(
                         .when([Compare::mod_revision(key.clone(), CompareOp::Equal, 0)])
                         .and_then([TxnOp::put(
                             key.clone(),
-                            vec![b'c'; 90],
+                            vec![b'c'; 49],
                             Some(PutOptions::new().with_lease(lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);
@@ -78,7 +85,7 @@ fn floor_rate(
                         .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
                         .and_then([TxnOp::put(
                             key.clone(),
-                            vec![b'd'; 90],
+                            vec![b'd'; 53],
                             Some(PutOptions::new().with_lease(completion_lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);
@@ -103,7 +110,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let keys = args
+        .iter()
+        .find_map(|a| a.parse::<usize>().ok())
+        .unwrap_or(if quick { 5_000 } else { 20_000 });
+    if !args.iter().any(|a| a == "footprint") {
+        rates(quick);
+    }
+    footprint(keys);
+}
+
+fn rates(quick: bool) {
     let (rounds, keys) = if quick { (3, 200) } else { (5, 400) };
     let cluster = etcd_cluster::Cluster::start(3);
     let mut settings = EtcdSettings::new(cluster.endpoints());
@@ -148,5 +167,127 @@ fn main() {
         "  (the cluster's own scaling: 8 concurrent floors {floor8:8.0} keys/s = x {:.1} the 1-task floor; the store's 8 threads reach {:.2} of it)",
         floor8 / floor,
         eight / floor8
+    );
+}
+
+/// A key like taosX's for one 64 KiB block: task, vgroup, block number (33 bytes).
+fn block_key(i: usize) -> String {
+    format!("task-0042/vg-{:03}/blk-{i:012}", i % 128)
+}
+
+fn status(runtime: &tokio::runtime::Runtime, member: &Client) -> (i64, i64, i64) {
+    let status = runtime.block_on(member.clone().status()).unwrap();
+    let revision = status.header().map_or(0, |h| h.revision());
+    (status.db_size(), status.raft_used_db_size(), revision)
+}
+
+/// Fills a fresh cluster with `n` completed keys through the store and prints what each
+/// costs in etcd: DB size and size in use (member 0) before and after, with and without
+/// compaction + defragmentation (every member), and the raw key + value bytes.
+fn footprint(n: usize) {
+    let cluster = etcd_cluster::Cluster::start(3);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let members: Vec<Client> = cluster
+        .endpoints()
+        .into_iter()
+        .map(|e| runtime.block_on(Client::connect([e], None)).unwrap())
+        .collect();
+    // The default prefix: its length counts in every key.
+    let settings = EtcdSettings::new(cluster.endpoints());
+    let store = Arc::new(EtcdIdempotencyStore::new(
+        Arc::new(EtcdClient::new(&settings).unwrap()),
+        Duration::from_secs(90),
+        Duration::from_secs(24 * 3600),
+    ));
+    let (db0, used0, _) = status(&runtime, &members[0]);
+    let next = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let key = block_key(i);
+                let fp = fingerprint(key.as_bytes());
+                let Claim::Acquired { token, .. } =
+                    store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()
+                else {
+                    panic!("a fresh key is acquired")
+                };
+                let done = store.complete(key.as_bytes(), token, &fp, 0, unix_ms_now());
+                assert_eq!(done.unwrap(), Completion::Recorded);
+            });
+        }
+    });
+    let fill_rate = n as f64 / start.elapsed().as_secs_f64();
+    // The claims' leases are revoked in the background: wait for them to be gone.
+    let waited = Instant::now();
+    while runtime
+        .block_on(members[0].clone().leases())
+        .unwrap()
+        .leases()
+        .len()
+        > 4
+        && waited.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (db1, used1, revision) = status(&runtime, &members[0]);
+    let (mut raw, mut count) = (0usize, 0usize);
+    let all = runtime
+        .block_on(members[0].clone().get(
+            settings.prefix.as_bytes(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        ))
+        .unwrap();
+    let sample = all.kvs().first().map(|kv| {
+        (
+            String::from_utf8_lossy(kv.key()).into_owned(),
+            kv.key().len(),
+            kv.value().len(),
+        )
+    });
+    for kv in all.kvs() {
+        raw += kv.key().len() + kv.value().len();
+        count += 1;
+    }
+    assert_eq!(count, n, "every key is live");
+    runtime
+        .block_on(members[0].clone().compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        ))
+        .unwrap();
+    for member in &members {
+        runtime.block_on(member.clone().defragment()).unwrap();
+    }
+    let (db2, used2, _) = status(&runtime, &members[0]);
+    let per = |a: i64, b: i64| (a - b) as f64 / n as f64;
+    println!(
+        "\netcd footprint of a completed idempotency key, 3-member loopback cluster, {n} keys \
+         (filled by 8 threads at {fill_rate:.0} keys/s):"
+    );
+    if let Some((key, k, v)) = sample {
+        println!("  one key: {key:?} ({k} bytes of etcd key, {v} bytes of value)");
+    }
+    println!(
+        "  raw key + value:                     {:6.1} bytes/key",
+        raw as f64 / n as f64
+    );
+    println!("  fresh cluster:                       db {db0} B, in use {used0} B");
+    println!(
+        "  filled, before compaction:           db {db1} B ({:6.1} B/key), in use {used1} B ({:6.1} B/key)",
+        per(db1, db0),
+        per(used1, used0)
+    );
+    println!(
+        "  after compaction + defrag (every member): db {db2} B ({:6.1} B/key), in use {used2} B ({:6.1} B/key)",
+        per(db2, db0),
+        per(used2, used0)
     );
 }

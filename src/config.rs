@@ -90,6 +90,8 @@ pub enum StateBackend {
     Etcd,
 }
 
+/// How to reach the etcd cluster: the `etcd_*` keys (also `etcd::EtcdSettings`, which checks
+/// them). `Debug` never shows the password.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EtcdSettings {
     /// "http://host:port" or "https://host:port", in the order given.
@@ -109,8 +111,8 @@ impl Default for EtcdSettings {
     fn default() -> Self {
         EtcdSettings {
             endpoints: Vec::new(),
-            prefix: "/taosx/backup/".to_string(),
-            timeout: Duration::from_secs(5),
+            prefix: crate::etcd::DEFAULT_PREFIX.to_string(),
+            timeout: crate::etcd::DEFAULT_TIMEOUT,
             user: None,
             password: None,
             ca_file: None,

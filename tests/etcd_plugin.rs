@@ -1,7 +1,9 @@
 //! The etcd state store through the C ABI (ABI §9), as taosX uses it: `backup_plugin_init`
 //! with `state_backend = "etcd"`, then idempotency keys and log-backup commands on a real
 //! 3-member cluster; init with the cluster down, a keyed call failing closed, and the same
-//! call working once the cluster is back.
+//! call working once the cluster is back; the cluster's space quota exhausted (DISK_FULL,
+//! fail closed) and work resuming after the operator's compaction, defragmentation and
+//! `alarm disarm`.
 //!
 //! The plugin is one instance per process: the tests of this file take turns.
 
@@ -29,6 +31,7 @@ const CONFLICT: i32 = ErrorCode::IdempotencyConflict as i32;
 const NETWORK: i32 = ErrorCode::Network as i32;
 const CONNECTION_LOST: i32 = ErrorCode::ConnectionLost as i32;
 const RETRY_EXHAUSTED: i32 = ErrorCode::RetryExhausted as i32;
+const DISK_FULL: i32 = ErrorCode::DiskFull as i32;
 const START: i32 = 0; // LOG_SUBCOMMAND_START
 const NOT_EXIST: i32 = 1; // LOG_BACKUP_KERNEL_NOT_EXIST
 const RUNNING: i32 = 2; // LOG_BACKUP_KERNEL_RUNNING
@@ -320,4 +323,136 @@ fn init_needs_no_cluster_and_keyed_calls_fail_closed_until_it_is_back() {
         last_error()
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A field of the first `etcdctl endpoint status -w json` entry ("revision", "dbSize",
+/// "dbSizeInUse"), as a number.
+fn status_field(cluster: &Cluster, field: &str) -> u64 {
+    let json = cluster.etcdctl(&["endpoint", "status", "-w", "json"]);
+    let at = json
+        .find(&format!("\"{field}\":"))
+        .unwrap_or_else(|| panic!("no {field} in {json}"));
+    json[at + field.len() + 3..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("{field} in {json}"))
+}
+
+#[test]
+fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_disarm() {
+    let _turn = turn();
+    // A 2 MiB quota; a log directory for the diagnostics.
+    let cluster = Cluster::start_with_args(3, &["--quota-backend-bytes", "2097152"]);
+    let logs = cluster.dir.path().join("plugin-logs");
+    let prefix = unique_prefix("quota");
+    init(&format!(
+        "{}log_path = \"{}\"\nlog_level = \"info\"\n",
+        etcd_config(&cluster.endpoints(), &prefix),
+        logs.display()
+    ));
+    let runs = AtomicU32::new(0);
+    for i in 0..5 {
+        let (rc, replayed) = execute(&format!("before-{i}"), "payload", &runs);
+        assert_eq!((rc, replayed), (SUCCESS, false), "{}", last_error());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+
+    // etcd keeps every revision until compacted: rewriting one key fills the quota with
+    // history until etcd refuses writes and raises its NOSPACE alarm.
+    let filler = cluster.dir.path().join("filler");
+    std::fs::write(&filler, vec![b'x'; 256 * 1024]).unwrap();
+    let mut full = false;
+    for _ in 0..40 {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "etcdctl --endpoints={} put /filler/history < {}",
+                cluster.endpoints()[0],
+                filler.display()
+            ))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stderr).contains("database space exceeded") {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "etcd never reported its quota exhausted");
+    assert!(cluster.etcdctl(&["alarm", "list"]).contains("NOSPACE"));
+
+    // A new key fails closed: DISK_FULL, its op never runs, and the last error says why
+    // and what the operator must do.
+    let (rc, replayed) = execute("after-0", "payload", &runs);
+    let message = last_error();
+    assert_eq!(rc, DISK_FULL, "{message}");
+    assert!(!replayed);
+    for needed in [
+        "quota",
+        "NOSPACE",
+        "etcdctl compact",
+        "defrag",
+        "alarm disarm",
+        "after-0",
+    ] {
+        assert!(message.contains(needed), "{needed:?} not in: {message}");
+    }
+    // A key completed earlier needs no write: it still replays, or conflicts.
+    assert_eq!(
+        execute("before-0", "payload", &runs),
+        (SUCCESS, true),
+        "{}",
+        last_error()
+    );
+    assert_eq!(execute("before-1", "other payload", &runs).0, CONFLICT);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        5,
+        "no op runs on a full cluster"
+    );
+
+    // The operator's recovery: compact the history, defragment every member, disarm.
+    let full_size = status_field(&cluster, "dbSize");
+    let revision = status_field(&cluster, "revision");
+    cluster.etcdctl(&["compact", &revision.to_string(), "--physical"]);
+    // etcdctl defrags each endpoint it is given: all members.
+    cluster.etcdctl(&["defrag", "--command-timeout=30s"]);
+    cluster.etcdctl(&["alarm", "disarm"]);
+    assert!(
+        !cluster.etcdctl(&["alarm", "list"]).contains("NOSPACE"),
+        "the alarm is cleared"
+    );
+    let defragmented = status_field(&cluster, "dbSize");
+    assert!(
+        defragmented < full_size / 2,
+        "defragmentation gave the space back: {full_size} -> {defragmented} bytes"
+    );
+
+    // Work resumes: the refused key runs once and replays; earlier keys still replay.
+    let (rc, replayed) = execute("after-0", "payload", &runs);
+    assert_eq!((rc, replayed), (SUCCESS, false), "{}", last_error());
+    assert_eq!(runs.load(Ordering::SeqCst), 6);
+    assert_eq!(execute("after-0", "payload", &runs), (SUCCESS, true));
+    for i in 0..5 {
+        let (rc, replayed) = execute(&format!("before-{i}"), "payload", &runs);
+        assert_eq!((rc, replayed), (SUCCESS, true), "{}", last_error());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 6);
+
+    // The diagnostics log has a clear line for it (cleanup flushes the log).
+    backup_plugin_cleanup();
+    let mut text = String::new();
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("NOSPACE") && l.contains("DISK_FULL"))
+        .unwrap_or_else(|| panic!("no NOSPACE / DISK_FULL line in the diagnostics log:\n{text}"));
+    assert!(
+        line.contains("ERROR") && line.contains("quota") && line.contains("alarm disarm"),
+        "{line}"
+    );
+    eprintln!("diagnostics: {line}");
 }

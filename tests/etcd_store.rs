@@ -6,6 +6,7 @@
 mod etcd_cluster;
 
 use backup_coordinator::clock::unix_ms_now;
+use backup_coordinator::config::Secret;
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
@@ -286,11 +287,7 @@ fn etcd_init_needs_no_cluster_and_keys_stay_under_the_prefix() {
         .unwrap();
     let all = cluster.etcdctl(&["get", "", "--prefix", "--keys-only"]);
     let keys: Vec<&str> = all.lines().filter(|l| !l.is_empty()).collect();
-    assert_eq!(
-        keys,
-        vec![format!("{PREFIX}idem/2e2e2f2e2e2f00ff2f780a")],
-        "{all}"
-    );
+    assert_eq!(keys, vec![format!("{PREFIX}i/Li4vLi4vAP8veAo")], "{all}");
 }
 
 #[test]
@@ -320,7 +317,7 @@ fn etcd_completions_expire_and_leave_no_key() {
     // etcd deletes the rest with their lease (TTL plus a slack of at most 3s here).
     let start = Instant::now();
     loop {
-        let left = cluster.etcdctl(&["get", &format!("{PREFIX}idem/"), "--prefix", "--keys-only"]);
+        let left = cluster.etcdctl(&["get", &format!("{PREFIX}i/"), "--prefix", "--keys-only"]);
         let count = left.lines().filter(|l| !l.is_empty()).count();
         // short/1 is claimed again (its lease is 5s) and may outlive the others.
         if count <= 1 {
@@ -340,7 +337,7 @@ fn etcd_auth_right_and_wrong_password() {
     cluster.enable_auth("backup", "right-pw", PREFIX);
     let mut good = settings(&cluster);
     good.user = Some("backup".into());
-    good.password = Some("right-pw".into());
+    good.password = Some(Secret::new("right-pw"));
     let store = host(&good, Duration::from_secs(5), Duration::from_secs(60));
     let fp = fingerprint(b"a");
     let token = acquired(store.claim(b"auth", &fp, unix_ms_now()).unwrap());
@@ -353,7 +350,7 @@ fn etcd_auth_right_and_wrong_password() {
     store.release(b"auth", token).unwrap();
 
     let mut bad = good.clone();
-    bad.password = Some("wrong-pw-7731".into());
+    bad.password = Some(Secret::new("wrong-pw-7731"));
     let store = host(&bad, Duration::from_secs(5), Duration::from_secs(60));
     let started = Instant::now();
     let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();
@@ -540,12 +537,7 @@ fn etcd_a_lost_answer_is_resolved_by_reading_the_key_back() {
     );
     assert_eq!(completion, Completion::Recorded);
     // Written once: the claim's put and the completion's put.
-    let fields = cluster.etcdctl(&[
-        "get",
-        &format!("{PREFIX}idem/{}", "6c6f7374"),
-        "-w",
-        "fields",
-    ]);
+    let fields = cluster.etcdctl(&["get", &format!("{PREFIX}i/{}", "bG9zdA"), "-w", "fields"]);
     assert!(fields.contains("\"Version\" : 2"), "{fields}");
     assert_eq!(
         store.claim(b"lost", &fp, unix_ms_now()).unwrap(),

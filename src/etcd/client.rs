@@ -39,6 +39,9 @@ pub struct Conn {
     current: AtomicUsize,
     /// Attempts that failed transiently and moved to the next endpoint.
     failovers: AtomicU64,
+    /// When (unix ms) the last "space quota exhausted" line was logged: one every 10 s is
+    /// enough, however many calls a full cluster refuses.
+    disk_full_logged_ms: AtomicU64,
 }
 
 /// Why one attempt failed.
@@ -61,7 +64,7 @@ impl EtcdClient {
             .with_auto_token_refresh(true)
             .with_connect_timeout(settings.timeout);
         if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-            options = options.with_user(user.clone(), password.clone());
+            options = options.with_user(user.clone(), password.expose().to_string());
         }
         if settings.endpoints.iter().any(|e| e.starts_with("https://")) {
             options = options.with_tls(tls_options(settings)?);
@@ -79,6 +82,7 @@ impl EtcdClient {
             // Hosts spread over the members instead of all starting on the first one.
             current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
             failovers: AtomicU64::new(0),
+            disk_full_logged_ms: AtomicU64::new(0),
         });
         Ok(EtcdClient {
             conn,
@@ -148,6 +152,17 @@ impl Conn {
         key
     }
 
+    /// `<prefix><space>/<part in unpadded base64url>`: 4/3 of the part (hex takes 2x), for
+    /// the keys stored by the million. The alphabet has no '/': a raw name never escapes
+    /// the prefix or the space.
+    pub fn key64(&self, space: &str, part: &[u8]) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(space.as_bytes());
+        key.push(b'/');
+        base64url(part, &mut key);
+        key
+    }
+
     /// One logical request: `call` is tried on the current endpoint and, while it fails
     /// with a transient fault, on the next ones, until `etcd_timeout` has passed. `what`
     /// names the request in messages.
@@ -178,7 +193,12 @@ impl Conn {
                 },
             };
             let (reason, sent) = match fault {
-                Fault::Permanent(failure) => return Err(failure),
+                Fault::Permanent(failure) => {
+                    if failure.code == ErrorCode::DiskFull.raw() && self.disk_full_log_due() {
+                        tracing::error!(request = what, reason = %failure.detail, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
+                    }
+                    return Err(failure);
+                }
                 Fault::Retry { reason, sent } => (reason, sent),
             };
             sent_any |= sent;
@@ -217,6 +237,16 @@ impl Conn {
         }
     }
 
+    fn disk_full_log_due(&self) -> bool {
+        let now = crate::clock::unix_ms_now();
+        let last = self.disk_full_logged_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 10_000
+            && self
+                .disk_full_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     async fn client(&self, index: usize) -> Result<Client, etcd_client::Error> {
         let mut slot = self.clients[index].lock().await;
         if let Some(client) = slot.as_ref() {
@@ -225,6 +255,20 @@ impl Conn {
         let client = Client::connect([&self.endpoints[index]], Some(self.options.clone())).await?;
         *slot = Some(client.clone());
         Ok(client)
+    }
+}
+
+/// Appends `bytes` in base64url (RFC 4648 §5) without padding.
+fn base64url(bytes: &[u8], out: &mut Vec<u8>) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]);
+        }
     }
 }
 
@@ -345,9 +389,11 @@ fn classify(error: &etcd_client::Error) -> Fault {
         E::GRpcStatus(status) => {
             let message = status.message();
             if message.contains("database space exceeded") {
+                // etcd keeps every revision until compacted; past its space quota it raises
+                // the NOSPACE alarm and refuses every write until an operator clears it.
                 return Fault::Permanent(Failure::new(
                     ErrorCode::DiskFull,
-                    format!("Disk full: the etcd cluster's database space is exhausted (etcd: {message}); compact and defragment it, or raise its quota"),
+                    format!("Disk full: the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
                 ));
             }
             if message.contains("authentication failed") {
@@ -416,4 +462,51 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        let mut out = Vec::new();
+        base64url(bytes, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn base64url_is_rfc_4648_without_padding() {
+        // RFC 4648 §10's vectors, unpadded.
+        for (raw, encoded) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(b64(raw.as_bytes()), encoded);
+        }
+        // The URL-safe alphabet: 62 and 63 are '-' and '_', never '+' or '/'.
+        assert_eq!(b64(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn a_hostile_name_stays_one_part_under_the_prefix() {
+        let settings = crate::config::EtcdSettings {
+            endpoints: vec!["http://127.0.0.1:1".into()],
+            ..Default::default()
+        };
+        let client = EtcdClient::new(&settings).unwrap();
+        let key = client.conn.key64("i", b"../../\x00\xff/x\n");
+        let rest = key.strip_prefix(b"/taosx/backup/i/".as_slice()).unwrap();
+        assert!(
+            rest.iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'),
+            "{}",
+            String::from_utf8_lossy(&key)
+        );
+        assert_eq!(rest.len(), 15, "11 bytes take 15 characters");
+    }
 }

@@ -1,19 +1,21 @@
 //! Idempotency keys (ABI §8) on etcd (§9).
 //!
-//! A key lives at `<prefix>idem/<hex of the key>`. A claim is one transaction, compared on
-//! the key's revision, that puts `c <token> <fingerprint> <lease until>` bound to a fresh
-//! etcd lease of `idempotency_lease`; the lease ID is the claim's token. The owner's lease
+//! A key lives at `<prefix>i/<base64url of the key>`. A claim is one transaction, compared
+//! on the key's revision, that puts a claim record (token, fingerprint, lease until) bound to
+//! a fresh etcd lease of `idempotency_lease`; the lease ID is the claim's token. The owner's lease
 //! keeper renews it while the operation runs, so a dead or stalled host's claim vanishes
 //! when its lease expires. Completion is compared on the key's lease (still our claim) or
-//! on its revision (the key free), and puts `d <token> <fingerprint> <result> <expires>`
-//! bound to a shared lease of `idempotency_ttl` plus a little: etcd deletes completions
+//! on its revision (the key free), and puts a completion record (token, fingerprint, result,
+//! expiry) bound to a shared lease of `idempotency_ttl` plus a little: etcd deletes completions
 //! soon after they expire, so its space stays bounded by the live keys. Release revokes
 //! the claim's lease, which deletes the key only while the claim is still ours.
+//!
+//! Records are fixed-size binary (49 bytes a claim, 53 a completion; text took about 95):
+//! the keys live by the million, and etcd's space is the cluster's quota.
 
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
-use crate::hex::{hex, unhex};
 use crate::idempotency::{
     display_key, Claim, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
     KeyRecord, KeyState,
@@ -61,23 +63,37 @@ struct Stored {
     record: KeyRecord,
 }
 
-fn encode(stored: &Stored) -> String {
+/// A record's first byte: its kind and the format's version.
+const CLAIMED: u8 = b'C';
+const COMPLETED: u8 = b'D';
+/// Kind, token, fingerprint, then lease-until (claim) or result and expiry (completion);
+/// integers big-endian.
+const CLAIM_LEN: usize = 1 + 8 + 32 + 8;
+const COMPLETION_LEN: usize = 1 + 8 + 32 + 4 + 8;
+
+fn encode(stored: &Stored) -> Vec<u8> {
     let Stored { token, record } = stored;
+    let mut value = Vec::with_capacity(COMPLETION_LEN);
+    let kind = match record.state {
+        KeyState::Claimed { .. } => CLAIMED,
+        KeyState::Completed { .. } => COMPLETED,
+    };
+    value.push(kind);
+    value.extend_from_slice(&token.0.to_be_bytes());
+    value.extend_from_slice(&record.fingerprint);
     match record.state {
-        KeyState::Claimed { lease_until_ms, .. } => format!(
-            "c {:x} {} {lease_until_ms}",
-            token.0,
-            hex(&record.fingerprint)
-        ),
+        KeyState::Claimed { lease_until_ms, .. } => {
+            value.extend_from_slice(&lease_until_ms.to_be_bytes())
+        }
         KeyState::Completed {
             result,
             expires_at_ms,
-        } => format!(
-            "d {:x} {} {result} {expires_at_ms}",
-            token.0,
-            hex(&record.fingerprint)
-        ),
+        } => {
+            value.extend_from_slice(&result.to_be_bytes());
+            value.extend_from_slice(&expires_at_ms.to_be_bytes());
+        }
     }
+    value
 }
 
 fn decode(kv: &KeyValue) -> Result<Stored, Failure> {
@@ -86,18 +102,17 @@ fn decode(kv: &KeyValue) -> Result<Stored, Failure> {
 
 fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
     let parse = || -> Option<Stored> {
-        let text = std::str::from_utf8(value).ok()?;
-        let fields: Vec<&str> = text.split(' ').collect();
-        let token = ClaimToken(u64::from_str_radix(fields.get(1)?, 16).ok()?);
-        let fingerprint: Fingerprint = unhex(fields.get(2)?)?.try_into().ok()?;
-        let state = match (fields[0], fields.len()) {
-            ("c", 4) => KeyState::Claimed {
+        let u64_at = |at: usize| Some(u64::from_be_bytes(value.get(at..at + 8)?.try_into().ok()?));
+        let token = ClaimToken(u64_at(1)?);
+        let fingerprint: Fingerprint = value.get(9..41)?.try_into().ok()?;
+        let state = match (value.first()?, value.len()) {
+            (&CLAIMED, CLAIM_LEN) => KeyState::Claimed {
                 token,
-                lease_until_ms: fields[3].parse().ok()?,
+                lease_until_ms: u64_at(41)?,
             },
-            ("d", 5) => KeyState::Completed {
-                result: fields[3].parse().ok()?,
-                expires_at_ms: fields[4].parse().ok()?,
+            (&COMPLETED, COMPLETION_LEN) => KeyState::Completed {
+                result: i32::from_be_bytes(value.get(41..45)?.try_into().ok()?),
+                expires_at_ms: u64_at(45)?,
             },
             _ => return None,
         };
@@ -135,9 +150,21 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
         self.etcd.run(move |conn| async move {
-            let key = conn.key("idem", &[&raw_key]);
-            let mut token = conn.grant("grant a claim lease", lease).await?;
-            let outcome = claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await;
+            let key = conn.key64("i", &raw_key);
+            let mut token = match conn.grant("grant a claim lease", lease).await {
+                Ok(token) => token,
+                Err(failure) => {
+                    return answer_without_writing(&conn, &key, &fingerprint, now_ms, failure)
+                        .await
+                        .map_err(|f| with_key(f, &raw_key))
+                }
+            };
+            let outcome = match claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await {
+                Err(failure) => {
+                    answer_without_writing(&conn, &key, &fingerprint, now_ms, failure).await
+                }
+                claimed => claimed,
+            };
             if !matches!(outcome, Ok(Claim::Acquired { .. })) {
                 // Whatever an unacknowledged attempt may still write dies with its lease.
                 let conn = conn.clone();
@@ -171,7 +198,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         let (ttl, raw_key, fingerprint) = (self.ttl, key.to_vec(), *fingerprint);
         let completions = self.completions.clone();
         self.etcd.run(move |conn| async move {
-            let key = conn.key("idem", &[&raw_key]);
+            let key = conn.key64("i", &raw_key);
             let stored = Stored {
                 token,
                 record: KeyRecord {
@@ -210,7 +237,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
         let raw_key = key.to_vec();
         self.etcd.run(move |conn| async move {
-            let key = conn.key("idem", &[&raw_key]);
+            let key = conn.key64("i", &raw_key);
             let Some(kv) = conn.get("read an idempotency key", &key).await? else {
                 return Ok(None);
             };
@@ -238,7 +265,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     fn forget(&self, key: &[u8], now_ms: u64) -> Result<Forgotten, Failure> {
         let raw_key = key.to_vec();
         self.etcd.run(move |conn| async move {
-            let key = conn.key("idem", &[&raw_key]);
+            let key = conn.key64("i", &raw_key);
             let mut found = conn.get("read an idempotency key", &key).await?;
             for _ in 0..MAX_ROUNDS {
                 let Some(kv) = found else {
@@ -280,6 +307,39 @@ fn with_key(failure: Failure, key: &[u8]) -> Failure {
     Failure {
         code: failure.code,
         detail: format!("{} (idempotency key {})", failure.detail, display_key(key)),
+    }
+}
+
+/// A full cluster (its NOSPACE alarm raised) refuses every write, lease grants included,
+/// but a key completed or claimed by another caller needs none: it still replays, conflicts
+/// or is in progress. Otherwise, and for any other failure, the claim fails as it did.
+async fn answer_without_writing(
+    conn: &Conn,
+    key: &[u8],
+    fingerprint: &Fingerprint,
+    now_ms: u64,
+    failure: Failure,
+) -> Result<Claim, Failure> {
+    if failure.code != ErrorCode::DiskFull.raw() {
+        return Err(failure);
+    }
+    let Ok(Some(kv)) = conn.get("read an idempotency key", key).await else {
+        return Err(failure);
+    };
+    let stored = decode(&kv)?;
+    let same = stored.record.fingerprint == *fingerprint;
+    match stored.record.state {
+        KeyState::Claimed { .. } if same => Ok(Claim::InProgress),
+        KeyState::Claimed { .. } => Ok(Claim::Conflict),
+        KeyState::Completed {
+            result,
+            expires_at_ms,
+        } if now_ms < expires_at_ms => Ok(if same {
+            Claim::Replay { result }
+        } else {
+            Claim::Conflict
+        }),
+        KeyState::Completed { .. } => Err(failure),
     }
 }
 
@@ -475,9 +535,23 @@ mod tests {
         };
         for stored in [claimed, done] {
             let value = encode(&stored);
-            assert_eq!(decode_value(b"k", value.as_bytes()).unwrap(), stored);
+            let len = match stored.record.state {
+                KeyState::Claimed { .. } => CLAIM_LEN,
+                KeyState::Completed { .. } => COMPLETION_LEN,
+            };
+            assert_eq!(value.len(), len);
+            assert_eq!(decode_value(b"k", &value).unwrap(), stored);
+            // Cut short or too long: not a record.
+            for bad in [
+                &value[..value.len() - 1],
+                &[value.clone(), vec![0]].concat(),
+            ] {
+                let err = decode_value(b"k", bad).unwrap_err();
+                assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+            }
         }
-        let err = decode_value(b"k", b"c zz").unwrap_err();
+        // The text form of earlier builds (another key space) is not taken for a record.
+        let err = decode_value(b"k", b"c 5 ab 99").unwrap_err();
         assert_eq!(err.code, ErrorCode::DataCorruption.raw());
     }
 }

@@ -19,8 +19,6 @@ use crate::idempotency::IdempotencyStore;
 use crate::log_backup::records::LogRecordStore;
 use idempotency::EtcdIdempotencyStore;
 use log_records::EtcdLogRecords;
-use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +41,7 @@ impl EtcdBackend {
             return Ok(None);
         }
         Ok(Some(EtcdBackend {
-            client: Arc::new(EtcdClient::new(&EtcdSettings::from(&config.etcd))?),
+            client: Arc::new(EtcdClient::new(&config.etcd)?),
             lease: config.idempotency_lease,
             ttl: config.idempotency_ttl,
         }))
@@ -75,35 +73,16 @@ pub const DEFAULT_PREFIX: &str = "/taosx/backup/";
 /// Default deadline of one etcd request, retries across endpoints included (ABI §5).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How to reach the cluster: what the `etcd_*` configuration keys say.
-#[derive(Clone, PartialEq, Eq)]
-pub struct EtcdSettings {
-    /// "http://host:port" or "https://host:port", at least one.
-    pub endpoints: Vec<String>,
-    /// Every key starts with it.
-    pub prefix: String,
-    /// One request's deadline, failover and retries included.
-    pub timeout: Duration,
-    pub user: Option<String>,
-    /// Never shown: `Debug` prints it as "***".
-    pub password: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
+/// How to reach the cluster: the `etcd_*` configuration keys, as the configuration parsed
+/// them (one type for both; the password is a `Secret`, never shown).
+pub use crate::config::EtcdSettings;
 
 impl EtcdSettings {
     /// Settings with the defaults of ABI §5 for everything but the endpoints.
     pub fn new(endpoints: Vec<String>) -> Self {
         EtcdSettings {
             endpoints,
-            prefix: DEFAULT_PREFIX.to_string(),
-            timeout: DEFAULT_TIMEOUT,
-            user: None,
-            password: None,
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
+            ..EtcdSettings::default()
         }
     }
 
@@ -158,37 +137,6 @@ impl EtcdSettings {
     }
 }
 
-/// The `etcd_*` keys as the configuration parsed them.
-impl From<&crate::config::EtcdSettings> for EtcdSettings {
-    fn from(config: &crate::config::EtcdSettings) -> Self {
-        EtcdSettings {
-            endpoints: config.endpoints.clone(),
-            prefix: config.prefix.clone(),
-            timeout: config.timeout,
-            user: config.user.clone(),
-            password: config.password.as_ref().map(|p| p.expose().to_string()),
-            ca_file: config.ca_file.clone(),
-            cert_file: config.cert_file.clone(),
-            key_file: config.key_file.clone(),
-        }
-    }
-}
-
-impl fmt::Debug for EtcdSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdSettings")
-            .field("endpoints", &self.endpoints)
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("ca_file", &self.ca_file)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,10 +145,10 @@ mod tests {
     fn the_password_is_never_shown() {
         let mut s = EtcdSettings::new(vec!["http://127.0.0.1:2379".into()]);
         s.user = Some("backup".into());
-        s.password = Some("s3cret-pw".into());
+        s.password = Some(crate::config::Secret::new("s3cret-pw"));
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cret-pw"), "{shown}");
-        assert!(shown.contains("***"), "{shown}");
+        assert!(shown.contains("[REDACTED]"), "{shown}");
     }
 
     #[test]
@@ -209,7 +157,7 @@ mod tests {
             "state_backend = \"etcd\"\netcd_endpoints = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\netcd_timeout = \"2s\"\netcd_user = \"backup\"\netcd_password = \"pw-1\"\n".as_bytes(),
         )
         .unwrap();
-        let s = EtcdSettings::from(&config.etcd);
+        let s = &config.etcd;
         assert_eq!(
             s.endpoints,
             ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
@@ -217,7 +165,7 @@ mod tests {
         assert_eq!(s.prefix, DEFAULT_PREFIX);
         assert_eq!(s.timeout, Duration::from_secs(2));
         assert_eq!(
-            (s.user.as_deref(), s.password.as_deref()),
+            (s.user.as_deref(), s.password.as_ref().map(|p| p.expose())),
             (Some("backup"), Some("pw-1"))
         );
         assert!(s.validate().is_ok());

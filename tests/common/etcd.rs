@@ -123,7 +123,7 @@ impl Cluster {
         for i in 0..size {
             cluster.launch(i);
         }
-        cluster.wait_healthy(Duration::from_secs(30));
+        cluster.wait_healthy(Duration::from_secs(90));
         cluster
     }
 
@@ -288,7 +288,7 @@ impl Cluster {
                 self.launch(i);
             }
         }
-        self.wait_healthy(Duration::from_secs(30));
+        self.wait_healthy(Duration::from_secs(90));
     }
 
     /// Enables auth: a root user, and `user` with a role that may read and write `prefix`.

@@ -89,9 +89,19 @@ static void test_exact_counts(void) {
     PASS("16 threads, exact counts");
 }
 
+static atomic_int g_failed_attempts;
+
 static int32_t always_fails(void* user_data) {
     (void)user_data;
+    atomic_fetch_add(&g_failed_attempts, 1);
     return BACKUP_ERROR_CONNECTION_LOST;
+}
+
+/* Waits (10 s at most) until `n` attempts have failed, so that cleanup comes while every
+ * caller is really in its 60 s wait, however loaded the machine is. */
+static void wait_for_failed_attempts(int n) {
+    for (int i = 0; i < 10000 && atomic_load(&g_failed_attempts) < n; i++) usleep(1000);
+    usleep(20 * 1000);
 }
 
 static void* long_wait(void* arg) {
@@ -121,8 +131,9 @@ static void test_cleanup_cancels_waits(void) {
     CHECK_EQ_INT(backup_plugin_init(config, (uint32_t)strlen(config)), BACKUP_SUCCESS);
     int32_t results[4];
     pthread_t threads[4];
+    atomic_store(&g_failed_attempts, 0);
     for (int t = 0; t < 4; t++) pthread_create(&threads[t], NULL, long_wait, &results[t]);
-    usleep(200 * 1000);
+    wait_for_failed_attempts(4);
     double start = now_s();
     backup_plugin_cleanup();
     for (int t = 0; t < 4; t++) pthread_join(threads[t], NULL);
@@ -135,8 +146,9 @@ static void test_cleanup_cancels_waits(void) {
     backup_retry_context_init(&ctx, 3, 60);
     DirectArg arg = {.ctx = &ctx};
     pthread_t t;
+    atomic_store(&g_failed_attempts, 0);
     pthread_create(&t, NULL, direct_wait, &arg);
-    usleep(100 * 1000);
+    wait_for_failed_attempts(1);
     start = now_s();
     backup_plugin_cleanup();
     pthread_join(t, NULL);

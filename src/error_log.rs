@@ -20,7 +20,10 @@
 //! finds no write in progress leads, and writes every line handed over meanwhile in one
 //! `write(2)` (one per file when the batch crosses a rotation); the others wait for it.
 //! Formatting is per thread, the hand-over one short critical section, and every call
-//! still returns only once its own line is in the kernel.
+//! still returns only once its own line is in the kernel. A waiting caller first spins on
+//! atomics (a batch's write takes about a microsecond; falling asleep and being woken costs
+//! several, and on few cores most of a caller's time): only a caller whose batch is not
+//! done after that sleeps on the condvar, and a leader wakes sleepers only when there are.
 
 use crate::clock::Clock;
 use parking_lot::{Condvar, Mutex};
@@ -31,7 +34,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 const FILE_PREFIX: &str = "backup_error_";
@@ -47,6 +50,11 @@ const FUTURE_NAME_LIMIT_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 /// a file pruned by another writer before this one could lock it).
 const CREATE_ATTEMPTS: u32 = 1000;
 const FILE_MODE: u32 = 0o640;
+/// How long a caller waits for its batch before sleeping: rounds of busy-waiting (a few
+/// microseconds in all, a batch's write is about one), then of yielding the core.
+const SPIN_ROUNDS: u32 = 64;
+const YIELD_ROUNDS: u32 = 8;
+const SPINS_PER_ROUND: u32 = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LogSettings {
@@ -100,6 +108,8 @@ struct Queue {
     failures: Vec<BatchFailures>,
     /// Buffers of the last batch, kept for their capacity.
     spare: (Vec<u8>, Vec<usize>),
+    /// Callers asleep on `batch_done`.
+    sleepers: usize,
 }
 
 struct BatchFailures {
@@ -141,8 +151,14 @@ pub struct ErrorLog {
     settings: LogSettings,
     active: Mutex<Active>,
     queue: Mutex<Queue>,
-    /// Signalled when a batch is done.
+    /// Signalled when a batch is done, if someone sleeps on it.
     batch_done: Condvar,
+    /// Copies of the queue's `done_below`, `writing` and `failures.len()`, stored under its
+    /// lock and read without it by callers waiting for their batch: a caller that sees its
+    /// batch done and no failure pending is done without taking the lock again.
+    done_below: AtomicU64,
+    writing: AtomicBool,
+    pending_failures: AtomicUsize,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
@@ -166,6 +182,9 @@ impl ErrorLog {
             active: Mutex::new(Active::default()),
             queue: Mutex::new(Queue::default()),
             batch_done: Condvar::new(),
+            done_below: AtomicU64::new(0),
+            writing: AtomicBool::new(false),
+            pending_failures: AtomicUsize::new(0),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -209,7 +228,7 @@ impl ErrorLog {
     }
 
     /// Hands `line` to the batch being gathered and returns once it was written: as the
-    /// leader that writes the batch, or as a follower woken when its batch is done.
+    /// leader that writes the batch, or as a follower that finds its batch done.
     fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> Result<(), LogError> {
         let mut queue = self.queue.lock();
         let batch = queue.gathering;
@@ -219,14 +238,46 @@ impl ErrorLog {
         let index = queue.ends.len() - 1;
         loop {
             if queue.done_below > batch {
-                return follower_outcome(&mut queue, batch, index);
+                return self.follower_outcome(&mut queue, batch, index);
             }
             if !queue.writing {
                 // Ours is the batch being gathered (an earlier one would be done).
                 return self.lead(clock, queue, index);
             }
+            drop(queue);
+            if self.spin_until_done(batch) && self.pending_failures.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            queue = self.queue.lock();
+            if queue.done_below > batch || !queue.writing {
+                continue;
+            }
+            queue.sleepers += 1;
             self.batch_done.wait(&mut queue);
+            queue.sleepers -= 1;
         }
+    }
+
+    /// Spins a while for `batch` to be done (true) or for no batch to be written (false:
+    /// ours may need a leader), without the queue's lock.
+    fn spin_until_done(&self, batch: u64) -> bool {
+        for round in 0..SPIN_ROUNDS {
+            if self.done_below.load(Ordering::Acquire) > batch {
+                return true;
+            }
+            if !self.writing.load(Ordering::Acquire) {
+                return false;
+            }
+            if round < SPIN_ROUNDS - YIELD_ROUNDS {
+                for _ in 0..SPINS_PER_ROUND {
+                    std::hint::spin_loop();
+                }
+            } else {
+                // The leader may be waiting for this core (more threads than cores).
+                std::thread::yield_now();
+            }
+        }
+        self.done_below.load(Ordering::Acquire) > batch
     }
 
     /// Writes the batch being gathered, which holds the leader's line at `index`.
@@ -239,6 +290,7 @@ impl ErrorLog {
         let batch = queue.gathering;
         queue.gathering += 1;
         queue.writing = true;
+        self.writing.store(true, Ordering::Release);
         let spare = std::mem::take(&mut queue.spare);
         let lines = std::mem::replace(&mut queue.lines, spare.0);
         let ends = std::mem::replace(&mut queue.ends, spare.1);
@@ -474,27 +526,45 @@ impl Drop for FinishBatch<'_> {
                 failed: std::mem::take(&mut self.failed),
             });
         }
+        // The failures first: a follower that sees its batch done reads them next.
+        let log = self.log;
+        log.pending_failures
+            .store(queue.failures.len(), Ordering::Release);
+        log.done_below.store(queue.done_below, Ordering::Release);
+        log.writing.store(false, Ordering::Release);
+        let sleepers = queue.sleepers > 0;
         drop(queue);
-        self.log.batch_done.notify_all();
+        if sleepers {
+            log.batch_done.notify_all();
+        }
     }
 }
 
-/// How the line at `index` of a finished `batch` went, for a follower.
-fn follower_outcome(queue: &mut Queue, batch: u64, index: usize) -> Result<(), LogError> {
-    let Some(at) = queue.failures.iter().position(|f| f.batch == batch) else {
-        return Ok(());
-    };
-    let failures = &mut queue.failures[at];
-    let own = failures
-        .failed
-        .iter()
-        .find(|(range, _)| range.contains(&index))
-        .map(|(_, err)| err.duplicate());
-    failures.followers_left -= 1;
-    if failures.followers_left == 0 {
-        queue.failures.swap_remove(at);
+impl ErrorLog {
+    /// How the line at `index` of a finished `batch` went, for a follower.
+    fn follower_outcome(
+        &self,
+        queue: &mut Queue,
+        batch: u64,
+        index: usize,
+    ) -> Result<(), LogError> {
+        let Some(at) = queue.failures.iter().position(|f| f.batch == batch) else {
+            return Ok(());
+        };
+        let failures = &mut queue.failures[at];
+        let own = failures
+            .failed
+            .iter()
+            .find(|(range, _)| range.contains(&index))
+            .map(|(_, err)| err.duplicate());
+        failures.followers_left -= 1;
+        if failures.followers_left == 0 {
+            queue.failures.swap_remove(at);
+            self.pending_failures
+                .store(queue.failures.len(), Ordering::Release);
+        }
+        own.map_or(Ok(()), Err)
     }
-    own.map_or(Ok(()), Err)
 }
 
 /// Whether the open file has no name left (removed, or its directory was). A `statx` asking

@@ -170,19 +170,37 @@ pub struct ErrorLog {
     active: Mutex<Active>,
     /// The file of `active`, for the callers' removal check (read-locked for one `statx`;
     /// write-locked only by a leader that changes the file, with `active` held).
-    checked: RwLock<Checked>,
-    queue: Mutex<Queue>,
+    checked: CacheLine<RwLock<Checked>>,
+    queue: CacheLine<Mutex<Queue>>,
     /// Signalled when a batch is done, if someone sleeps on it.
     batch_done: Condvar,
-    /// Copies of the queue's `done_below`, `writing` and `failures.len()`, stored under its
-    /// lock and read without it by callers waiting for their batch: a caller that sees its
-    /// batch done and no failure pending is done without taking the lock again.
-    done_below: AtomicU64,
-    writing: AtomicBool,
-    pending_failures: AtomicUsize,
+    progress: CacheLine<Progress>,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
+}
+
+/// Copies of the queue's `done_below`, `writing` and `failures.len()`, stored under its lock
+/// and read without it by callers waiting for their batch: a caller that sees its batch done
+/// and no failure pending is done without taking the lock again.
+#[derive(Default)]
+struct Progress {
+    done_below: AtomicU64,
+    writing: AtomicBool,
+    pending_failures: AtomicUsize,
+}
+
+/// A value alone on its cache line(s): the words every caller touches (the queue's lock,
+/// the current file's lock, what waiting callers spin on) do not slow each other down.
+#[derive(Default)]
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// Logs are shared per (directory, rotation): two writers in one process must not
@@ -201,12 +219,10 @@ impl ErrorLog {
         let log = Arc::new(ErrorLog {
             settings: settings.clone(),
             active: Mutex::new(Active::default()),
-            checked: RwLock::new(Checked::default()),
-            queue: Mutex::new(Queue::default()),
+            checked: CacheLine::default(),
+            queue: CacheLine::default(),
             batch_done: Condvar::new(),
-            done_below: AtomicU64::new(0),
-            writing: AtomicBool::new(false),
-            pending_failures: AtomicUsize::new(0),
+            progress: CacheLine::default(),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -306,7 +322,9 @@ impl ErrorLog {
                 return self.lead(clock, queue, index);
             }
             drop(queue);
-            if self.spin_until_done(batch) && self.pending_failures.load(Ordering::Acquire) == 0 {
+            if self.spin_until_done(batch)
+                && self.progress.pending_failures.load(Ordering::Acquire) == 0
+            {
                 return Ok(());
             }
             queue = self.queue.lock();
@@ -323,10 +341,10 @@ impl ErrorLog {
     /// ours may need a leader), without the queue's lock.
     fn spin_until_done(&self, batch: u64) -> bool {
         for round in 0..SPIN_ROUNDS {
-            if self.done_below.load(Ordering::Acquire) > batch {
+            if self.progress.done_below.load(Ordering::Acquire) > batch {
                 return true;
             }
-            if !self.writing.load(Ordering::Acquire) {
+            if !self.progress.writing.load(Ordering::Acquire) {
                 return false;
             }
             if round < SPIN_ROUNDS - YIELD_ROUNDS {
@@ -338,7 +356,7 @@ impl ErrorLog {
                 std::thread::yield_now();
             }
         }
-        self.done_below.load(Ordering::Acquire) > batch
+        self.progress.done_below.load(Ordering::Acquire) > batch
     }
 
     /// Writes the batch being gathered, which holds the leader's line at `index`.
@@ -351,7 +369,7 @@ impl ErrorLog {
         let batch = queue.gathering;
         queue.gathering += 1;
         queue.writing = true;
-        self.writing.store(true, Ordering::Release);
+        self.progress.writing.store(true, Ordering::Release);
         let spare = std::mem::take(&mut queue.spare);
         let lines = std::mem::replace(&mut queue.lines, spare.0);
         let ends = std::mem::replace(&mut queue.ends, spare.1);
@@ -594,10 +612,13 @@ impl Drop for FinishBatch<'_> {
         }
         // The failures first: a follower that sees its batch done reads them next.
         let log = self.log;
-        log.pending_failures
+        log.progress
+            .pending_failures
             .store(queue.failures.len(), Ordering::Release);
-        log.done_below.store(queue.done_below, Ordering::Release);
-        log.writing.store(false, Ordering::Release);
+        log.progress
+            .done_below
+            .store(queue.done_below, Ordering::Release);
+        log.progress.writing.store(false, Ordering::Release);
         let sleepers = queue.sleepers > 0;
         drop(queue);
         if sleepers {
@@ -626,7 +647,8 @@ impl ErrorLog {
         failures.followers_left -= 1;
         if failures.followers_left == 0 {
             queue.failures.swap_remove(at);
-            self.pending_failures
+            self.progress
+                .pending_failures
                 .store(queue.failures.len(), Ordering::Release);
         }
         own.map_or(Ok(()), Err)

@@ -15,17 +15,18 @@
 //! started and before its line is handed over: a file (or its directory) removed by someone
 //! else is noticed by the first line recorded after the removal, which goes to a new file
 //! instead of an unlinked one. The check is the caller's, so that callers make it in
-//! parallel, outside the writes that one process's lines take in turn. A write that fails half-way is cut back to where its lines began, so every
-//! line is one whole record.
+//! parallel, outside the writes that one process's lines take in turn. A write that fails
+//! half-way is cut back to where its lines began, so every line is one whole record.
 //!
 //! Threads of one process recording at once share their writes: the first caller that
 //! finds no write in progress leads, and writes every line handed over meanwhile in one
 //! `write(2)` (one per file when the batch crosses a rotation); the others wait for it.
-//! Formatting and the removal check are per thread, the hand-over one short critical section, and every call
-//! still returns only once its own line is in the kernel. A waiting caller first spins on
-//! atomics (a batch's write takes about a microsecond; falling asleep and being woken costs
-//! several, and on few cores most of a caller's time): only a caller whose batch is not
-//! done after that sleeps on the condvar, and a leader wakes sleepers only when there are.
+//! Formatting and the removal check are per thread, the hand-over one short critical
+//! section, and every call still returns only once its own line is in the kernel. A
+//! waiting caller first spins on atomics (a batch's write takes about a microsecond; falling
+//! asleep and being woken costs several, and on few cores most of a caller's time): only a
+//! caller whose batch is not done after that sleeps on the condvar, and a leader wakes
+//! sleepers only when there are.
 
 use crate::clock::Clock;
 use parking_lot::{Condvar, Mutex, RwLock};

@@ -11,19 +11,25 @@
 //! Several writers (processes, the plugin and coordinators) may share one directory. Each
 //! holds a shared `flock` on the file it appends to; a pruner deletes a file only while it
 //! holds an exclusive lock on it, so a live writer's file is never deleted under it.
-//! Before each write one `statx` (the link count alone) of the open file notices a file (or
-//! its directory) removed by someone else: the next line goes to a new file instead of an
-//! unlinked one. A write that fails half-way is cut back to where its lines began, so every
-//! line is one whole record.
+//! Each record call makes one `statx` (the link count alone) of the open file, after it
+//! started and before its line is handed over: a file (or its directory) removed by someone
+//! else is noticed by the first line recorded after the removal, which goes to a new file
+//! instead of an unlinked one. The check is the caller's, so that callers make it in
+//! parallel, outside the writes that one process's lines take in turn. A write that fails
+//! half-way is cut back to where its lines began, so every line is one whole record.
 //!
 //! Threads of one process recording at once share their writes: the first caller that
 //! finds no write in progress leads, and writes every line handed over meanwhile in one
 //! `write(2)` (one per file when the batch crosses a rotation); the others wait for it.
-//! Formatting is per thread, the hand-over one short critical section, and every call
-//! still returns only once its own line is in the kernel.
+//! Formatting and the removal check are per thread, the hand-over one short critical
+//! section, and every call still returns only once its own line is in the kernel. A
+//! waiting caller first spins on atomics (a batch's write takes about a microsecond; falling
+//! asleep and being woken costs several, and on few cores most of a caller's time): only a
+//! caller whose batch is not done after that sleeps on the condvar, and a leader wakes
+//! sleepers only when there are.
 
 use crate::clock::Clock;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use rustix::fs::FlockOperation;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -31,7 +37,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 const FILE_PREFIX: &str = "backup_error_";
@@ -47,6 +53,13 @@ const FUTURE_NAME_LIMIT_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 /// a file pruned by another writer before this one could lock it).
 const CREATE_ATTEMPTS: u32 = 1000;
 const FILE_MODE: u32 = 0o640;
+/// How long a caller waits for its batch before sleeping: rounds of busy-waiting, 64
+/// `pause`s in all (about 4 us where a pause takes 60 ns; a batch's write takes about 1 us),
+/// then a few rounds of yielding the core (the leader may be waiting for it), then sleep.
+/// Longer spins waste the core when the leader is not running (a loaded machine).
+const SPIN_ROUNDS: u32 = 20;
+const YIELD_ROUNDS: u32 = 4;
+const SPINS_PER_ROUND: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LogSettings {
@@ -71,6 +84,9 @@ impl LogSettings {
 struct ActiveFile {
     file: File,
     path: PathBuf,
+    /// Set by a caller whose removal check found the file unlinked: the leader of the
+    /// caller's batch (handed over after this was set) starts a new file.
+    removed: AtomicBool,
 }
 
 /// What the log's lock guards: the current file and its size (this log is the file's only
@@ -78,8 +94,17 @@ struct ActiveFile {
 /// write path, so it is not contended there.
 #[derive(Default)]
 struct Active {
-    current: Option<ActiveFile>,
+    current: Option<Arc<ActiveFile>>,
     size: u64,
+    /// The generation of `checked` that shows `current`.
+    generation: u64,
+}
+
+/// What callers check for removal: the current file, and a number that changes with it.
+#[derive(Default)]
+struct Checked {
+    generation: u64,
+    file: Option<Arc<ActiveFile>>,
 }
 
 /// Lines handed over by concurrent callers: the one that finds no batch being written
@@ -100,6 +125,10 @@ struct Queue {
     failures: Vec<BatchFailures>,
     /// Buffers of the last batch, kept for their capacity.
     spare: (Vec<u8>, Vec<usize>),
+    /// The oldest generation of `checked` that a caller of the gathering batch checked.
+    oldest_check: Option<u64>,
+    /// Callers asleep on `batch_done`.
+    sleepers: usize,
 }
 
 struct BatchFailures {
@@ -140,12 +169,39 @@ impl LogError {
 pub struct ErrorLog {
     settings: LogSettings,
     active: Mutex<Active>,
-    queue: Mutex<Queue>,
-    /// Signalled when a batch is done.
+    /// The file of `active`, for the callers' removal check (read-locked for one `statx`;
+    /// write-locked only by a leader that changes the file, with `active` held).
+    checked: CacheLine<RwLock<Checked>>,
+    queue: CacheLine<Mutex<Queue>>,
+    /// Signalled when a batch is done, if someone sleeps on it.
     batch_done: Condvar,
+    progress: CacheLine<Progress>,
     /// The last name this log chose, so that its own names increase even within one ms.
     last_name_ms: AtomicU64,
     write_failures: AtomicU64,
+}
+
+/// Copies of the queue's `done_below`, `writing` and `failures.len()`, stored under its lock
+/// and read without it by callers waiting for their batch: a caller that sees its batch done
+/// and no failure pending is done without taking the lock again.
+#[derive(Default)]
+struct Progress {
+    done_below: AtomicU64,
+    writing: AtomicBool,
+    pending_failures: AtomicUsize,
+}
+
+/// A value alone on its cache line(s): the words every caller touches (the queue's lock,
+/// the current file's lock, what waiting callers spin on) do not slow each other down.
+#[derive(Default)]
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// Logs are shared per (directory, rotation): two writers in one process must not
@@ -164,8 +220,10 @@ impl ErrorLog {
         let log = Arc::new(ErrorLog {
             settings: settings.clone(),
             active: Mutex::new(Active::default()),
-            queue: Mutex::new(Queue::default()),
+            checked: CacheLine::default(),
+            queue: CacheLine::default(),
             batch_done: Condvar::new(),
+            progress: CacheLine::default(),
             last_name_ms: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         });
@@ -208,25 +266,98 @@ impl ErrorLog {
         }
     }
 
+    /// The removal check of a record call: whether the current file (if any) still has a
+    /// name. A file found removed is marked so; the leader of this caller's batch starts a
+    /// new one. Made before the line is handed over, after the call started. Returns the
+    /// generation checked: a leader about to write to a later file (one installed after
+    /// this check, but maybe created and removed before it) checks that file itself.
+    fn check_removal(&self) -> Result<u64, LogError> {
+        let checked = self.checked.read();
+        let Some(file) = checked.file.as_ref() else {
+            return Ok(checked.generation);
+        };
+        if file.removed.load(Ordering::Acquire) {
+            return Ok(checked.generation);
+        }
+        match is_unlinked(&file.file) {
+            Ok(false) => {}
+            Ok(true) => {
+                if !file.removed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(path = %file.path.display(),
+                        "the error log file was removed; the next line starts a new file");
+                }
+            }
+            Err(e) => return Err(LogError::new("stat", &file.path, e)),
+        }
+        Ok(checked.generation)
+    }
+
+    /// Makes `file` the file lines go to (`None`: none until the next line), for the
+    /// leader and for the callers' removal check.
+    fn set_current(&self, active: &mut Active, file: Option<Arc<ActiveFile>>) {
+        let mut checked = self.checked.write();
+        checked.generation += 1;
+        checked.file = file.clone();
+        active.generation = checked.generation;
+        active.current = file;
+        active.size = 0;
+    }
+
     /// Hands `line` to the batch being gathered and returns once it was written: as the
-    /// leader that writes the batch, or as a follower woken when its batch is done.
+    /// leader that writes the batch, or as a follower that finds its batch done.
     fn append_line(&self, clock: &dyn Clock, line: &[u8]) -> Result<(), LogError> {
+        let generation = self.check_removal()?;
         let mut queue = self.queue.lock();
         let batch = queue.gathering;
+        queue.oldest_check = Some(queue.oldest_check.map_or(generation, |g| g.min(generation)));
         queue.lines.extend_from_slice(line);
         let end = queue.lines.len();
         queue.ends.push(end);
         let index = queue.ends.len() - 1;
         loop {
             if queue.done_below > batch {
-                return follower_outcome(&mut queue, batch, index);
+                return self.follower_outcome(&mut queue, batch, index);
             }
             if !queue.writing {
                 // Ours is the batch being gathered (an earlier one would be done).
                 return self.lead(clock, queue, index);
             }
+            drop(queue);
+            if self.spin_until_done(batch)
+                && self.progress.pending_failures.load(Ordering::Acquire) == 0
+            {
+                return Ok(());
+            }
+            queue = self.queue.lock();
+            if queue.done_below > batch || !queue.writing {
+                continue;
+            }
+            queue.sleepers += 1;
             self.batch_done.wait(&mut queue);
+            queue.sleepers -= 1;
         }
+    }
+
+    /// Spins a while for `batch` to be done (true) or for no batch to be written (false:
+    /// ours may need a leader), without the queue's lock.
+    fn spin_until_done(&self, batch: u64) -> bool {
+        for round in 0..SPIN_ROUNDS {
+            if self.progress.done_below.load(Ordering::Acquire) > batch {
+                return true;
+            }
+            if !self.progress.writing.load(Ordering::Acquire) {
+                return false;
+            }
+            if round < SPIN_ROUNDS - YIELD_ROUNDS {
+                for _ in 0..SPINS_PER_ROUND {
+                    std::hint::spin_loop();
+                }
+            } else {
+                // The leader may be waiting for this core (more threads than cores).
+                std::thread::yield_now();
+            }
+        }
+        self.progress.done_below.load(Ordering::Acquire) > batch
     }
 
     /// Writes the batch being gathered, which holds the leader's line at `index`.
@@ -239,9 +370,11 @@ impl ErrorLog {
         let batch = queue.gathering;
         queue.gathering += 1;
         queue.writing = true;
+        self.progress.writing.store(true, Ordering::Release);
         let spare = std::mem::take(&mut queue.spare);
         let lines = std::mem::replace(&mut queue.lines, spare.0);
         let ends = std::mem::replace(&mut queue.ends, spare.1);
+        let oldest_check = queue.oldest_check.take().unwrap_or(0);
         drop(queue);
         // Whatever happens (a panic included), the batch ends and its followers wake.
         let mut finish = FinishBatch {
@@ -251,7 +384,7 @@ impl ErrorLog {
             failed: Vec::new(),
             buffers: None,
         };
-        self.write_batch(clock, &lines, &ends, &mut finish.failed);
+        self.write_batch(clock, &lines, &ends, oldest_check, &mut finish.failed);
         let own = finish
             .failed
             .iter()
@@ -269,24 +402,25 @@ impl ErrorLog {
         clock: &dyn Clock,
         lines: &[u8],
         ends: &[usize],
+        oldest_check: u64,
         failed: &mut Vec<(std::ops::Range<usize>, LogError)>,
     ) {
         let mut active = self.active.lock();
-        // The one extra syscall per batch (per line when alone): a statx that notices a file
-        // (or its directory) removed by someone else. Every line of the batch was handed
-        // over before it, so a line recorded after a removal goes to a new file.
+        // A caller of this batch found the file removed (the mark was set before its line
+        // was handed over): every line of the batch goes to a new file. A file installed
+        // since some caller's check is checked here, once: all the lines were handed over.
         if let Some(file) = &active.current {
-            match is_unlinked(&file.file) {
-                Ok(false) => {}
-                Ok(true) => {
-                    tracing::warn!(path = %file.path.display(),
-                        "the error log file was removed; the next line starts a new file");
-                    active.current = None;
-                }
-                Err(e) => {
-                    failed.push((0..ends.len(), LogError::new("stat", &file.path, e)));
-                    return;
-                }
+            let removed = file.removed.load(Ordering::Acquire)
+                || (active.generation > oldest_check
+                    && match is_unlinked(&file.file) {
+                        Ok(removed) => removed,
+                        Err(e) => {
+                            failed.push((0..ends.len(), LogError::new("stat", &file.path, e)));
+                            return;
+                        }
+                    });
+            if removed {
+                self.set_current(&mut active, None);
             }
         }
         let mut first = 0;
@@ -298,10 +432,9 @@ impl ErrorLog {
             if active.current.is_none() || (active.size > 0 && !fits(&active, ends[first])) {
                 // Our lock on the old file goes first, so that the pruning done for the new
                 // file may take the old one when it is beyond the count.
-                active.current = None;
-                active.size = 0;
+                self.set_current(&mut active, None);
                 match self.create_file(clock) {
-                    Ok(file) => active.current = Some(file),
+                    Ok(file) => self.set_current(&mut active, Some(Arc::new(file))),
                     Err(err) => {
                         // Each line tries again, as it would have alone.
                         failed.push((first..first + 1, err));
@@ -329,7 +462,7 @@ impl ErrorLog {
                         // The partial bytes stay: never append to them, start a new file.
                         tracing::warn!(path = %file.path.display(), error = %e,
                             "could not cut a torn line from the error log; the next line starts a new file");
-                        active.current = None;
+                        self.set_current(&mut active, None);
                     }
                 }
                 failed.push((first..last, err));
@@ -392,7 +525,11 @@ impl ErrorLog {
                 Ok(Some(file)) => {
                     self.last_name_ms.store(name_ms, Ordering::Relaxed);
                     self.prune(&path, now);
-                    return Ok(ActiveFile { file, path });
+                    return Ok(ActiveFile {
+                        file,
+                        path,
+                        removed: AtomicBool::new(false),
+                    });
                 }
                 // Taken, or pruned by another writer before we could lock it: next name.
                 Ok(None) => name_ms = name_ms.saturating_add(1),
@@ -474,27 +611,49 @@ impl Drop for FinishBatch<'_> {
                 failed: std::mem::take(&mut self.failed),
             });
         }
+        // The failures first: a follower that sees its batch done reads them next.
+        let log = self.log;
+        log.progress
+            .pending_failures
+            .store(queue.failures.len(), Ordering::Release);
+        log.progress
+            .done_below
+            .store(queue.done_below, Ordering::Release);
+        log.progress.writing.store(false, Ordering::Release);
+        let sleepers = queue.sleepers > 0;
         drop(queue);
-        self.log.batch_done.notify_all();
+        if sleepers {
+            log.batch_done.notify_all();
+        }
     }
 }
 
-/// How the line at `index` of a finished `batch` went, for a follower.
-fn follower_outcome(queue: &mut Queue, batch: u64, index: usize) -> Result<(), LogError> {
-    let Some(at) = queue.failures.iter().position(|f| f.batch == batch) else {
-        return Ok(());
-    };
-    let failures = &mut queue.failures[at];
-    let own = failures
-        .failed
-        .iter()
-        .find(|(range, _)| range.contains(&index))
-        .map(|(_, err)| err.duplicate());
-    failures.followers_left -= 1;
-    if failures.followers_left == 0 {
-        queue.failures.swap_remove(at);
+impl ErrorLog {
+    /// How the line at `index` of a finished `batch` went, for a follower.
+    fn follower_outcome(
+        &self,
+        queue: &mut Queue,
+        batch: u64,
+        index: usize,
+    ) -> Result<(), LogError> {
+        let Some(at) = queue.failures.iter().position(|f| f.batch == batch) else {
+            return Ok(());
+        };
+        let failures = &mut queue.failures[at];
+        let own = failures
+            .failed
+            .iter()
+            .find(|(range, _)| range.contains(&index))
+            .map(|(_, err)| err.duplicate());
+        failures.followers_left -= 1;
+        if failures.followers_left == 0 {
+            queue.failures.swap_remove(at);
+            self.progress
+                .pending_failures
+                .store(queue.failures.len(), Ordering::Release);
+        }
+        own.map_or(Ok(()), Err)
     }
-    own.map_or(Ok(()), Err)
 }
 
 /// Whether the open file has no name left (removed, or its directory was). A `statx` asking

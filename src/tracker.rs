@@ -78,20 +78,25 @@ impl ErrorTracker {
         let message = self.clean(message.unwrap_or_else(|| message_of(code)));
         let unix_ms = clock.unix_ms();
         self.error_count.fetch_add(1, Ordering::Relaxed);
-        {
+        // The record is built before the lock, and what it replaces is freed after it.
+        let record = (self.history_capacity > 0).then(|| ErrorRecord {
+            unix_ms,
+            code,
+            message: message.clone(),
+        });
+        let (_evicted, _previous) = {
             let mut recent = self.recent.lock();
-            if self.history_capacity > 0 {
-                if recent.history.len() == self.history_capacity {
-                    recent.history.pop_front();
-                }
-                recent.history.push_back(ErrorRecord {
-                    unix_ms,
-                    code,
-                    message: message.clone(),
-                });
-            }
-            recent.last = Some(message.clone());
-        }
+            let evicted = record.and_then(|record| {
+                let evicted = if recent.history.len() == self.history_capacity {
+                    recent.history.pop_front()
+                } else {
+                    None
+                };
+                recent.history.push_back(record);
+                evicted
+            });
+            (evicted, recent.last.replace(message.clone()))
+        };
         if let Some(log) = &self.log {
             log.append(clock, unix_ms, code, &message);
         }

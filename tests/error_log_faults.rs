@@ -397,6 +397,46 @@ fn a_line_torn_by_a_full_disk_is_cut_back_and_later_lines_stay_whole() {
     assert_eq!(unsafe { (*c.ptr).error_count }, i as u64 + 1 + 8);
 }
 
+/// Threads recording at once onto a disk that fills: each line is on disk whole or counted
+/// as lost, never both, never torn, whichever caller of a batch wrote it (issue 11).
+#[test]
+fn threads_filling_a_disk_leave_whole_lines_and_count_every_lost_one() {
+    let mount = Mount::new(&["-t", "tmpfs", "-o", "size=64k", "tmpfs"]);
+    let dir = mount.path.join("errors");
+    let log = ErrorLog::shared(LogSettings::with_default_rotation(dir.clone()));
+    const THREADS: usize = 6;
+    const LINES: usize = 300;
+    let now = now_ms();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let log = &log;
+            s.spawn(move || {
+                let clock = backup_coordinator::clock::SystemClock;
+                for i in 0..LINES {
+                    log.append(
+                        &clock,
+                        now,
+                        -5,
+                        &message_for_line("T", t * LINES + i, now, -5, 200),
+                    );
+                }
+            });
+        }
+    });
+    let lines = all_lines(&dir);
+    for line in &lines {
+        assert_eq!(line.len() + 1, 200, "a torn or glued line: {line:?}");
+    }
+    let unique: HashSet<&String> = lines.iter().collect();
+    assert_eq!(unique.len(), lines.len(), "a line written twice");
+    assert!(log.write_failures() > 0, "the disk never filled");
+    assert_eq!(
+        lines.len() as u64 + log.write_failures(),
+        (THREADS * LINES) as u64,
+        "every line is on disk or counted as lost"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Issue 15 item 4: the encryption key never appears, whole or in part.
 

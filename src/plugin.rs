@@ -130,10 +130,11 @@ pub fn cleanup() {
 
 /// The running instance, or NOT_INITIALIZED.
 pub fn instance() -> Result<Arc<Plugin>, Failure> {
-    INSTANCE
-        .read()
-        .clone()
-        .ok_or_else(|| Failure::new(ErrorCode::NotInitialized, NOT_INITIALIZED))
+    INSTANCE.read().clone().ok_or_else(not_initialized)
+}
+
+pub fn not_initialized() -> Failure {
+    Failure::new(ErrorCode::NotInitialized, NOT_INITIALIZED)
 }
 
 /// What `backup_plugin_get_last_error` shows.
@@ -212,12 +213,10 @@ impl Plugin {
         self.tracker.record(self.clock(), code, message);
     }
 
-    /// Books one plugin-level operation: its retries, and one error if it failed.
-    pub fn account(&self, retries: u32, result: &Result<(), Failure>) {
+    /// Counts the retries of a plugin-level operation. Its failure is booked by the C
+    /// frame (`ffi::frame::booked`), once per call, whatever failed.
+    fn count_retries(&self, retries: u32) {
         self.tracker.add_retries(retries as u64);
-        if let Err(failure) = result {
-            self.record_error(failure.code, Some(&failure.detail));
-        }
     }
 
     /// Runs `op` under the configured policy, unbooked.
@@ -235,13 +234,13 @@ impl Plugin {
         )
     }
 
-    /// Runs `op` under the configured policy, booking the call as a plugin-level operation.
+    /// Runs `op` under the configured policy, counting its retries.
     pub fn execute<F>(&self, op: F) -> Result<(), Failure>
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let execution = self.run_configured(op);
-        self.account(execution.retries, &execution.result);
+        self.count_retries(execution.retries);
         execution.result
     }
 
@@ -254,7 +253,7 @@ impl Plugin {
         self.log_records.as_deref().ok_or_else(no_state_store)
     }
 
-    /// `backup_log_run_command`, booked as a plugin-level operation.
+    /// `backup_log_run_command`, counting its retries.
     pub fn run_log_command(
         &self,
         task: &str,
@@ -262,13 +261,7 @@ impl Plugin {
         policy: &LogRetryPolicy,
         driver: &mut dyn TaskDriver,
     ) -> Result<(), Failure> {
-        let store = match self.log_records() {
-            Ok(store) => store,
-            Err(failure) => {
-                self.account(0, &Err(failure.clone()));
-                return Err(failure);
-            }
-        };
+        let store = self.log_records()?;
         let mut sleeper = CancellableSleeper(self.cancel);
         let mut runner = Runner {
             store,
@@ -277,7 +270,7 @@ impl Plugin {
             metrics: &self.log_metrics,
         };
         let outcome = runner.run(task, command, policy, driver);
-        self.account(outcome.retries, &outcome.result);
+        self.count_retries(outcome.retries);
         outcome.result
     }
 
@@ -314,26 +307,17 @@ impl Plugin {
         Ok(keyed)
     }
 
-    /// `backup_execute_idempotent`, booked as a plugin-level operation: `op` runs at most
-    /// once for `key` under the configured retry policy. `Ok(replayed)`.
+    /// `backup_execute_idempotent`: `op` runs at most once for `key` under the configured
+    /// retry policy, its retries counted. `Ok(replayed)`.
     pub fn execute_idempotent<F>(&self, key: &[u8], payload: &[u8], op: F) -> Result<bool, Failure>
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
-        let keyed = match self.keyed() {
-            Ok(keyed) => keyed,
-            Err(failure) => {
-                self.account(0, &Err(failure.clone()));
-                return Err(failure);
-            }
-        };
+        let keyed = self.keyed()?;
         let execution = keyed.execute(self.clock(), key, &idem::fingerprint(payload), || {
             self.run_configured(op)
         });
-        self.account(
-            execution.retries,
-            &execution.result.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
+        self.count_retries(execution.retries);
         execution.result
     }
 

@@ -63,8 +63,8 @@ impl Coordinator {
         // The details name the path: no secret leaves through them either.
         let failures = execution.result.as_mut().err().into_iter();
         for failure in failures.chain(execution.last_failure.as_mut()) {
-            if let Cow::Owned(redacted) = self.tracker.redact(&failure.detail) {
-                failure.detail = redacted;
+            if let Cow::Owned(redacted) = self.tracker.redact(&failure.detail()) {
+                *failure = failure.with_text(redacted);
             }
         }
         self.tracker.add_retries(execution.retries as u64);

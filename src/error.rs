@@ -1,10 +1,12 @@
 //! The taosX error codes, their messages and which of them are worth retrying.
 //!
-//! Codes cross the C boundary as plain `i32`; inside Rust a failure carries its code
-//! together with a human-readable detail (path, errno, key) in [`Failure`].
+//! Inside Rust a failure is an [`Error`]: what went wrong, with its context (path, errno,
+//! key, task), classified by the taosX code it is reported as. The C layer turns it into
+//! an `int32_t` and a message, in one place.
 
+use crate::durable::FileError;
 use std::ffi::CStr;
-use std::fmt;
+use std::sync::Arc;
 
 /// Every code of the contract. Values are fixed: hosts compile against them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,41 +113,156 @@ pub fn is_retryable(raw: i32) -> bool {
     ErrorCode::from_raw(raw).is_some_and(ErrorCode::is_retryable)
 }
 
-/// A failed operation: the code that crosses the boundary, and the detail a person reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub code: i32,
-    pub detail: String,
+/// What went wrong, with the context a person needs (the path, the key, the task, the
+/// last error of a retried operation). Each variant is classified by the taosX code it is
+/// reported as ([`Error::kind`], [`Error::code`]); the text shown to users is its
+/// `Display`, which starts with the code's own message. Turning it into what C receives
+/// happens in one place, in `ffi`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A caller's argument or setting breaks a rule; the text names it.
+    #[error("Invalid parameter: {0}")]
+    InvalidArgument(String),
+    /// A plugin call before `backup_plugin_init` or after cleanup.
+    #[error("Plugin not initialized")]
+    NotInitialized,
+    /// Init refused for a reason other than a bad setting.
+    #[error("Initialization failed: {0}")]
+    InitFailed(String),
+    /// File work that failed: the operation, the path and the OS error, classified by errno
+    /// (disk full, permission denied, or a possibly transient I/O error).
+    #[error("{}: {}", .0.code().message(), .0)]
+    File(Arc<FileError>),
+    /// Stored content that cannot be right.
+    #[error("Data corruption detected: {0}")]
+    Corruption(String),
+    /// An operation of the host failed with its own code (any value, as the host returned it).
+    #[error("{}", message_of(*.0))]
+    Host(i32),
+    /// A host's operation failed with its code; the text says which operation.
+    #[error("{what} failed with {code}: {}", message_of(*.code))]
+    HostCall { what: String, code: i32 },
+    /// Every retry failed.
+    #[error("Retry attempts exhausted: {context}; last error {}: {last}", .last.code())]
+    RetryExhausted { context: String, last: Box<Error> },
+    /// The next wait would end past the retry budget.
+    #[error("Operation timeout: {context}; last error {}: {last}", .last.code())]
+    Timeout { context: String, last: Box<Error> },
+    /// Plugin cleanup cancelled the call.
+    #[error("Operation cancelled: {0}")]
+    Cancelled(String),
+    /// The key, or the (task, command), is being run by another caller.
+    #[error("Operation already in progress: {0}")]
+    InProgress(String),
+    /// An idempotency key reused with another payload.
+    #[error("Idempotency key reused with different payload: {0}")]
+    Conflict(String),
+    /// A command the task's state does not allow.
+    #[error("Invalid state for command: {0}")]
+    InvalidState(String),
+    /// A state that may yet change (a task's state UNKNOWN, an attempt cut short).
+    #[error("{0}")]
+    Indeterminate(String),
+    /// An idempotent operation that ran, but whose completion could not be recorded.
+    #[error("the operation of key {key} ran, but its completion was not recorded ({source}); the key stays claimed until its lease runs out")]
+    NotRecorded { key: String, source: Box<Error> },
+    /// Another error, with what it means here said after it (`note` brings its separator).
+    #[error("{source}{note}")]
+    Context { source: Box<Error>, note: String },
+    /// A failure classified by `kind` whose text is formatted already (it starts with the
+    /// code's message): what the modules not yet given variants of their own build, through
+    /// [`Error::new`] and [`Error::invalid_param`] (the etcd store, the file store).
+    #[error("{text}")]
+    Classified { kind: ErrorCode, text: String },
 }
 
-impl Failure {
-    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Failure {
-            code: code.raw(),
-            detail: detail.into(),
+/// The name most of the crate uses for [`Error`].
+pub type Failure = Error;
+
+impl Error {
+    /// The taosX code this error is reported as; a host's own code as the host returned it.
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::Host(code) | Error::HostCall { code, .. } => *code,
+            Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.code(),
+            other => other.kind().raw(),
         }
     }
 
-    /// A failure known only by its code (an operation of the host's): the code's own message.
-    pub fn from_code(raw: i32) -> Self {
-        Failure {
-            code: raw,
-            detail: message_of(raw).to_string(),
+    /// The code's class in the taosX error model (`Unknown` for a host code outside it).
+    pub fn kind(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument(_) => ErrorCode::InvalidParam,
+            Error::NotInitialized => ErrorCode::NotInitialized,
+            Error::InitFailed(_) => ErrorCode::InitFailed,
+            Error::File(err) => err.code(),
+            Error::Corruption(_) => ErrorCode::DataCorruption,
+            Error::Host(code) | Error::HostCall { code, .. } => {
+                ErrorCode::from_raw(*code).unwrap_or(ErrorCode::Unknown)
+            }
+            Error::RetryExhausted { .. } => ErrorCode::RetryExhausted,
+            Error::Timeout { .. } => ErrorCode::Timeout,
+            Error::Cancelled(_) => ErrorCode::Cancelled,
+            Error::InProgress(_) => ErrorCode::InProgress,
+            Error::Conflict(_) => ErrorCode::IdempotencyConflict,
+            Error::InvalidState(_) => ErrorCode::InvalidState,
+            Error::Indeterminate(_) => ErrorCode::Unknown,
+            Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.kind(),
+            Error::Classified { kind, .. } => *kind,
         }
     }
 
-    pub fn invalid_param(detail: impl Into<String>) -> Self {
-        Failure::new(ErrorCode::InvalidParam, detail)
+    /// Worth another attempt (a transient failure).
+    pub fn is_retryable(&self) -> bool {
+        is_retryable(self.code())
+    }
+
+    /// The text a person reads.
+    pub fn detail(&self) -> String {
+        self.to_string()
+    }
+
+    /// A failure classified by `kind`, with its formatted text.
+    pub fn new(kind: ErrorCode, text: impl Into<String>) -> Self {
+        Error::Classified {
+            kind,
+            text: text.into(),
+        }
+    }
+
+    /// This error, its text replaced (secrets redacted), its class kept.
+    pub fn with_text(&self, text: String) -> Self {
+        Error::new(self.kind(), text)
+    }
+
+    /// This error, with what it means here said after it (`note` brings its separator).
+    pub fn context(self, note: impl Into<String>) -> Self {
+        Error::Context {
+            source: Box::new(self),
+            note: note.into(),
+        }
+    }
+
+    /// An invalid argument or setting, with its formatted text ("Invalid parameter: ...").
+    pub fn invalid_param(text: impl Into<String>) -> Self {
+        Error::new(ErrorCode::InvalidParam, text)
     }
 }
 
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.detail)
+impl PartialEq for Error {
+    /// Same code, same text (an I/O error has no equality of its own).
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code() && self.to_string() == other.to_string()
     }
 }
 
-impl std::error::Error for Failure {}
+impl Eq for Error {}
+
+impl From<FileError> for Error {
+    fn from(err: FileError) -> Self {
+        Error::File(Arc::new(err))
+    }
+}
 
 #[cfg(test)]
 mod tests {

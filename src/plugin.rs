@@ -70,16 +70,16 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
         Ok(config) => config,
         Err(err) => {
             let failure = Failure::invalid_param(err.to_string());
-            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
-            tracing::error!(reason = %failure.detail, "plugin init failed");
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+            tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
         }
     };
     let plugin = match Plugin::new(config, clock) {
         Ok(plugin) => plugin,
         Err(failure) => {
-            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
-            tracing::error!(reason = %failure.detail, "plugin init failed");
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+            tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
         }
     };
@@ -99,7 +99,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
 pub fn fail_init(detail: String) -> Failure {
     let failure = Failure::invalid_param(detail);
     if INSTANCE.read().is_none() {
-        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
+        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
     }
     failure
 }

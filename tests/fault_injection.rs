@@ -247,7 +247,7 @@ fn a_full_disk_is_reported_not_retried_and_leaves_the_old_content() {
         "a full disk must not be retried blindly"
     );
     assert_eq!(c.tracker().stats(), (0, 0), "no retry counted");
-    assert!(execution.result.unwrap_err().detail.contains("Disk full"));
+    assert!(execution.result.unwrap_err().detail().contains("Disk full"));
     assert_eq!(fs::read(&target).unwrap(), b"old content");
     assert_eq!(
         entries(&mount.path),

@@ -277,10 +277,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
 }
 
 fn with_key(failure: Failure, key: &[u8]) -> Failure {
-    Failure {
-        code: failure.code,
-        detail: format!("{} (idempotency key {})", failure.detail, display_key(key)),
-    }
+    failure.context(format!(" (idempotency key {})", display_key(key)))
 }
 
 /// The claim's transaction, repeated while the key changes under us. `token` is the lease
@@ -478,6 +475,6 @@ mod tests {
             assert_eq!(decode_value(b"k", value.as_bytes()).unwrap(), stored);
         }
         let err = decode_value(b"k", b"c zz").unwrap_err();
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
     }
 }

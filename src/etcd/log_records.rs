@@ -132,7 +132,7 @@ impl LogRecordStore for EtcdLogRecords {
                         tracing::warn!(task = %task_name, command = command_name, "log-backup run claim lost: its lease expired; its saves are refused");
                         return;
                     }
-                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail, "log-backup run lease not renewed; retrying"),
+                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail(), "log-backup run lease not renewed; retrying"),
                 }
             }
         });
@@ -256,7 +256,7 @@ impl Drop for EtcdRun<'_> {
             .etcd
             .run(move |conn| async move { conn.revoke("end a log-backup run", token).await })
         {
-            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail, "log-backup run claim not revoked; it ends with its lease");
+            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail(), "log-backup run claim not revoked; it ends with its lease");
         }
     }
 }

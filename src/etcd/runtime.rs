@@ -118,6 +118,6 @@ mod tests {
         let refused = runtime
             .run(async move { Ok(inner.run(async { Ok(9) })) })
             .unwrap();
-        assert_eq!(refused.unwrap_err().code, ErrorCode::InvalidState.raw());
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidState.raw());
     }
 }

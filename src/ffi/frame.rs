@@ -83,7 +83,7 @@ pub trait CReturn {
 
 impl CReturn for i32 {
     fn failed(failure: &Failure) -> Self {
-        failure.code
+        failure.code()
     }
 }
 
@@ -101,7 +101,7 @@ impl CReturn for bool {
 /// A string export: the failure's message, valid until this thread's next call.
 impl CReturn for *const c_char {
     fn failed(failure: &Failure) -> Self {
-        return_string(&failure.detail)
+        return_string(&failure.detail())
     }
 }
 
@@ -172,7 +172,7 @@ pub fn booked<A, R: CReturn>(
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
     finish(result, |failure| {
         if let Some(plugin) = &instance {
-            plugin.record_error(failure.code, Some(&failure.detail));
+            plugin.record_error(failure.code(), Some(&failure.detail()));
         }
     })
 }
@@ -188,7 +188,7 @@ pub fn unbooked<A, R: CReturn>(
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
     finish(result, |failure| {
         if let Some(plugin) = &instance {
-            plugin.tracker().set_last_error(&failure.detail);
+            plugin.tracker().set_last_error(&failure.detail());
         }
     })
 }
@@ -228,8 +228,8 @@ pub fn coordinator<A, R: CReturn>(
     };
     let changed = booking == Booking::Counted || result.is_err();
     let value = finish(result, |failure| match booking {
-        Booking::Counted => call.record_error(failure.code, Some(&failure.detail)),
-        Booking::LastError => call.set_last_error(&failure.detail),
+        Booking::Counted => call.record_error(failure.code(), Some(&failure.detail())),
+        Booking::LastError => call.set_last_error(&failure.detail()),
     });
     if changed {
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| call.mirror())) {

@@ -154,12 +154,9 @@ impl TaskDriver for HostTask {
         let code = unsafe { (self.query)(self.user_data, &mut state, truncated_out) };
         let truncated = truncated.get();
         if code != 0 {
-            return Err(Failure {
+            return Err(Failure::HostCall {
+                what: "state query".to_string(),
                 code,
-                detail: format!(
-                    "state query failed with {code}: {}",
-                    crate::error::message_of(code)
-                ),
             });
         }
         KernelState::from_raw(state).map(|s| (s, truncated)).ok_or_else(|| {

@@ -188,7 +188,7 @@ pub(crate) fn host_op(
         // SAFETY: the host's function with the host's pointer, as the contract says.
         match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::from_code(code)),
+            code => Err(Failure::Host(code)),
         }
     }
 }

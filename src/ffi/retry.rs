@@ -261,9 +261,9 @@ unsafe fn retry_into_context(
         // SAFETY: the host's function, called with the host's pointer, as the contract says.
         |_| match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::from_code(code)),
+            code => Err(Failure::Host(code)),
         },
-        Failure::from_code(code),
+        Failure::Host(code),
     );
     // SAFETY: `ctx` is valid (as above); its message is NULL or the library's.
     unsafe { finish_context(ctx, &progress, &execution, true) };
@@ -301,8 +301,8 @@ pub(crate) unsafe fn finish_context(
         }
         let message = match (&execution.result, &execution.last_failure) {
             (Ok(()), _) => None,
-            (Err(_), Some(last)) => Some(message_of(last.code)),
-            (Err(failure), None) => Some(message_of(failure.code)),
+            (Err(_), Some(last)) => Some(message_of(last.code())),
+            (Err(failure), None) => Some(message_of(failure.code())),
         };
         replace_malloc_string(&raw mut (*ctx).error_message, message);
     }

@@ -139,13 +139,13 @@ impl Shared {
                 }
                 Err(failure) => tracing::warn!(
                     keys = due.len(),
-                    reason = %failure.detail,
+                    reason = %failure.detail(),
                     "idempotency leases not renewed; retrying at the next tick"
                 ),
             }
         }
         if let Err(failure) = store.maintain(now_ms) {
-            tracing::warn!(reason = %failure.detail, "idempotency store housekeeping failed");
+            tracing::warn!(reason = %failure.detail(), "idempotency store housekeeping failed");
         }
     }
 }

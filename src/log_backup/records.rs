@@ -352,7 +352,7 @@ mod tests {
         let run = store.begin_run("t", SubCommand::Stop).unwrap();
         run.save(&sample()).unwrap();
         let busy =
-            |r: Result<_, Failure>| r.err().map(|f| f.code) == Some(ErrorCode::InProgress.raw());
+            |r: Result<_, Failure>| r.err().map(|f| f.code()) == Some(ErrorCode::InProgress.raw());
         assert!(busy(store.begin_run("t", SubCommand::Stop).map(|_| ())));
         assert!(busy(other.begin_run("t", SubCommand::Stop).map(|_| ())));
         assert!(busy(other.reset("t", SubCommand::Stop)));
@@ -384,11 +384,11 @@ mod tests {
         bytes[30] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let err = store.load("t", SubCommand::Pause).unwrap_err();
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
         assert!(
-            err.detail.contains(&path.display().to_string()),
+            err.detail().contains(&path.display().to_string()),
             "{}",
-            err.detail
+            err.detail()
         );
         // Never silently reset: the file is still there.
         assert!(path.exists());

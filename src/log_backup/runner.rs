@@ -6,7 +6,7 @@
 use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
-use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use crate::error::{is_retryable, ErrorCode, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::{RetryPolicy, Sleeper};
 use std::time::Duration;
@@ -321,7 +321,9 @@ impl Runner<'_> {
     ) -> Result<SubCommand, Attempt> {
         let (state, truncated) = match driver.query() {
             Ok(observed) => observed,
-            Err(failure) if is_retryable(failure.code) => return Err(Attempt::Retryable(failure)),
+            Err(failure) if is_retryable(failure.code()) => {
+                return Err(Attempt::Retryable(failure))
+            }
             Err(failure) => return Err(Attempt::Permanent(failure)),
         };
         let decision = decide(command, state, truncated);
@@ -378,9 +380,9 @@ impl Runner<'_> {
             }
         }
         // The host's own code is kept as it is, even outside the table.
-        let failure = Failure {
+        let failure = Failure::HostCall {
+            what: actual.name().to_string(),
             code,
-            detail: format!("{} failed with {code}: {}", actual.name(), message_of(code)),
         };
         if is_retryable(code) {
             Attempt::Retryable(failure)
@@ -408,7 +410,7 @@ impl Runner<'_> {
                 ErrorCode::RetryExhausted,
                 format!(
                     "Retry attempts exhausted: {} of task {task:?} failed after {} retries; last error {}: {}",
-                    command.name(), policy.max_retry, failure.code, failure.detail
+                    command.name(), policy.max_retry, failure.code(), failure.detail()
                 ),
             );
             return Err(self.finish(run, task, command, sequence, reason));
@@ -421,7 +423,7 @@ impl Runner<'_> {
                 ErrorCode::Timeout,
                 format!(
                     "Operation timeout: {} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget; last error {}: {}",
-                    command.name(), policy.timeout.as_millis(), failure.code, failure.detail
+                    command.name(), policy.timeout.as_millis(), failure.code(), failure.detail()
                 ),
             );
             return Err(self.finish(run, task, command, sequence, reason));
@@ -431,14 +433,14 @@ impl Runner<'_> {
             detect_failed_at_ms: now,
             expected_retry_at_ms: expected,
             real_retry_at_ms: 0,
-            reason_code: failure.code,
-            original_reason: truncate_reason(&failure.detail),
+            reason_code: failure.code(),
+            original_reason: truncate_reason(&failure.detail()),
         });
         tracing::info!(
             task,
             command = command.name(),
             retry = retry_num,
-            code = failure.code,
+            code = failure.code(),
             wait_ms,
             "log-backup command failed, retrying"
         );
@@ -454,8 +456,8 @@ impl Runner<'_> {
         sequence: &mut Sequence,
         failure: Failure,
     ) -> Failure {
-        tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
-        sequence.outcome = Some(failure.code);
+        tracing::warn!(task, command = command.name(), code = failure.code(), reason = %failure.detail(), "log-backup command gave up");
+        sequence.outcome = Some(failure.code());
         self.metrics
             .finished(command, sequence, self.clock.unix_ms());
         if !sequence.records.is_empty() {
@@ -502,7 +504,7 @@ mod tests {
     impl TaskDriver for FakeTask {
         fn query(&mut self) -> Result<(KernelState, bool), Failure> {
             match self.query_error {
-                Some(code) => Err(Failure::from_code(code)),
+                Some(code) => Err(Failure::Host(code)),
                 None => Ok((self.state, self.truncated)),
             }
         }
@@ -574,7 +576,7 @@ mod tests {
     }
 
     fn code(outcome: &RunOutcome) -> i32 {
-        outcome.result.as_ref().err().map_or(0, |f| f.code)
+        outcome.result.as_ref().err().map_or(0, |f| f.code())
     }
 
     #[test]

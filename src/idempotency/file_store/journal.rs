@@ -139,7 +139,7 @@ impl FileStore {
         let bad = match bad {
             Ok(bad) => bad,
             Err(failure) => {
-                if failure.code == ErrorCode::DataCorruption.raw() {
+                if failure.code() == ErrorCode::DataCorruption.raw() {
                     inner.broken = Some(failure.clone());
                 }
                 return Err(failure);
@@ -187,7 +187,7 @@ pub(super) fn corruption(path: &Path, why: String) -> Failure {
             path.display()
         ),
     );
-    tracing::error!(reason = %failure.detail, "idempotency store refuses work");
+    tracing::error!(reason = %failure.detail(), "idempotency store refuses work");
     failure
 }
 

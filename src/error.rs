@@ -4,8 +4,8 @@
 //! key, task), classified by the taosX code it is reported as. The C layer turns it into
 //! an `int32_t` and a message, in one place.
 
+use crate::config::ConfigError;
 use crate::durable::FileError;
-use std::ffi::CStr;
 use std::sync::Arc;
 
 /// Every code of the contract. Values are fixed: hosts compile against them.
@@ -63,33 +63,28 @@ impl ErrorCode {
         self as i32
     }
 
-    /// The fixed message, NUL-terminated so the FFI can hand it out as a static C string.
-    pub fn message_cstr(self) -> &'static CStr {
-        match self {
-            ErrorCode::Success => c"Success",
-            ErrorCode::InvalidParam => c"Invalid parameter",
-            ErrorCode::InitFailed => c"Initialization failed",
-            ErrorCode::NotInitialized => c"Not initialized",
-            ErrorCode::MemoryAlloc => c"Memory allocation failed",
-            ErrorCode::FileIo => c"File I/O error",
-            ErrorCode::Network => c"Network error",
-            ErrorCode::Timeout => c"Operation timeout",
-            ErrorCode::DataCorruption => c"Data corruption detected",
-            ErrorCode::PermissionDenied => c"Permission denied",
-            ErrorCode::DiskFull => c"Disk full",
-            ErrorCode::ConnectionLost => c"Connection lost",
-            ErrorCode::RetryExhausted => c"Retry attempts exhausted",
-            ErrorCode::InvalidState => c"Invalid state for command",
-            ErrorCode::InProgress => c"Operation already in progress",
-            ErrorCode::IdempotencyConflict => c"Idempotency key reused with different payload",
-            ErrorCode::Cancelled => c"Operation cancelled",
-            ErrorCode::Unknown => c"Unknown error",
-        }
-    }
-
+    /// The fixed message of the code (ABI §1).
     pub fn message(self) -> &'static str {
-        // The literals above are ASCII.
-        self.message_cstr().to_str().unwrap_or("Unknown error")
+        match self {
+            ErrorCode::Success => "Success",
+            ErrorCode::InvalidParam => "Invalid parameter",
+            ErrorCode::InitFailed => "Initialization failed",
+            ErrorCode::NotInitialized => "Not initialized",
+            ErrorCode::MemoryAlloc => "Memory allocation failed",
+            ErrorCode::FileIo => "File I/O error",
+            ErrorCode::Network => "Network error",
+            ErrorCode::Timeout => "Operation timeout",
+            ErrorCode::DataCorruption => "Data corruption detected",
+            ErrorCode::PermissionDenied => "Permission denied",
+            ErrorCode::DiskFull => "Disk full",
+            ErrorCode::ConnectionLost => "Connection lost",
+            ErrorCode::RetryExhausted => "Retry attempts exhausted",
+            ErrorCode::InvalidState => "Invalid state for command",
+            ErrorCode::InProgress => "Operation already in progress",
+            ErrorCode::IdempotencyConflict => "Idempotency key reused with different payload",
+            ErrorCode::Cancelled => "Operation cancelled",
+            ErrorCode::Unknown => "Unknown error",
+        }
     }
 
     /// Transient failures that a later attempt may not meet again.
@@ -123,6 +118,9 @@ pub enum Error {
     /// A caller's argument or setting breaks a rule; the text names it.
     #[error("Invalid parameter: {0}")]
     InvalidArgument(String),
+    /// A config that cannot be used; the text names the key and the value.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// A plugin call before `backup_plugin_init` or after cleanup.
     #[error("Plugin not initialized")]
     NotInitialized,
@@ -133,6 +131,12 @@ pub enum Error {
     /// (disk full, permission denied, or a possibly transient I/O error).
     #[error("{}: {}", .0.code().message(), .0)]
     File(Arc<FileError>),
+    /// Memory or a thread could not be had, or a bound is reached.
+    #[error("Memory allocation failed: {0}")]
+    OutOfResources(String),
+    /// A panic caught at the boundary (a bug; never meant to happen).
+    #[error("Unknown error: internal panic ({0})")]
+    Panic(String),
     /// Stored content that cannot be right.
     #[error("Data corruption detected: {0}")]
     Corruption(String),
@@ -192,7 +196,9 @@ impl Error {
     /// The code's class in the taosX error model (`Unknown` for a host code outside it).
     pub fn kind(&self) -> ErrorCode {
         match self {
-            Error::InvalidArgument(_) => ErrorCode::InvalidParam,
+            Error::InvalidArgument(_) | Error::Config(_) => ErrorCode::InvalidParam,
+            Error::OutOfResources(_) => ErrorCode::MemoryAlloc,
+            Error::Panic(_) => ErrorCode::Unknown,
             Error::NotInitialized => ErrorCode::NotInitialized,
             Error::InitFailed(_) => ErrorCode::InitFailed,
             Error::File(err) => err.code(),

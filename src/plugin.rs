@@ -57,9 +57,8 @@ pub fn init(config_bytes: &[u8]) -> Result<(), Failure> {
 pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(), Failure> {
     let mut slot = INSTANCE.write();
     if slot.is_some() {
-        let failure = Failure::new(
-            ErrorCode::InitFailed,
-            "Initialization failed: the plugin is already initialized (call backup_plugin_cleanup first)",
+        let failure = Failure::InitFailed(
+            "the plugin is already initialized (call backup_plugin_cleanup first)".to_string(),
         );
         // The running instance's last error stays what it was.
         return Err(failure);
@@ -69,7 +68,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
     {
         Ok(config) => config,
         Err(err) => {
-            let failure = Failure::invalid_param(err.to_string());
+            let failure = Failure::Config(err);
             *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
             tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
@@ -96,8 +95,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
 }
 
 /// Records why an init failed before a config could be parsed (NULL, oversized).
-pub fn fail_init(detail: String) -> Failure {
-    let failure = Failure::invalid_param(detail);
+pub fn fail_init(failure: Failure) -> Failure {
     if INSTANCE.read().is_none() {
         *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
     }
@@ -134,7 +132,7 @@ pub fn instance() -> Result<Arc<Plugin>, Failure> {
 }
 
 pub fn not_initialized() -> Failure {
-    Failure::new(ErrorCode::NotInitialized, NOT_INITIALIZED)
+    Failure::NotInitialized
 }
 
 /// What `backup_plugin_get_last_error` shows.
@@ -153,8 +151,8 @@ pub fn last_error_text() -> Arc<str> {
 
 /// What calls that keep durable state return when no state store is configured.
 fn no_state_store() -> Failure {
-    Failure::invalid_param(
-        "Invalid parameter: no state store is configured (set `state_dir`, or `state_backend = \"etcd\"` with `etcd_endpoints`); this operation keeps durable state there",
+    Failure::InvalidArgument(
+        "no state store is configured (set `state_dir`, or `state_backend = \"etcd\"` with `etcd_endpoints`); this operation keeps durable state there".to_string(),
     )
 }
 

@@ -18,7 +18,7 @@ use super::types::{
 };
 use crate::coordinator::registry::{self, Registered, Seen};
 use crate::coordinator::{Coordinator, CoordinatorSettings};
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::retry::{RetryProgress, RetryState};
 use std::ffi::{c_char, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -174,12 +174,9 @@ pub extern "C" fn backup_coordinator_init(
         created
             .map(|address| address as *mut SBackupCoordinator)
             .ok_or_else(|| {
-                Failure::new(
-                    ErrorCode::MemoryAlloc,
-                    format!(
-                        "Memory allocation failed: out of memory, or {MAX_REGISTERED_COORDINATORS} coordinators are live already"
-                    ),
-                )
+                Failure::OutOfResources(format!(
+                    "out of memory, or {MAX_REGISTERED_COORDINATORS} coordinators are live already"
+                ))
             })
     })
 }
@@ -308,7 +305,7 @@ pub extern "C" fn backup_get_last_error(coordinator: *mut SBackupCoordinator) ->
         |call, ()| {
             Ok(match call.core().tracker().last_error() {
                 Some(last) => return_string(&last),
-                None => ErrorCode::Success.message_cstr().as_ptr(),
+                None => frame::code_message(BACKUP_SUCCESS).as_ptr(),
             })
         },
     )

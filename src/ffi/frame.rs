@@ -24,30 +24,31 @@ use super::guard::{report_panic, return_string};
 use super::types::SBackupCoordinator;
 use crate::error::{ErrorCode, Failure};
 use crate::plugin::{self, Plugin};
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// A bad argument, by the name it has in the header.
+/// A bad argument, by the name it has in the header. It becomes the core's
+/// `Error::InvalidArgument` ("Invalid parameter: ...").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgError {
-    #[error("Invalid parameter: `{0}` is NULL")]
+    #[error("`{0}` is NULL")]
     Null(&'static str),
-    #[error("Invalid parameter: `{name}` is NULL with a size of {size}")]
+    #[error("`{name}` is NULL with a size of {size}")]
     NullWithSize { name: &'static str, size: usize },
-    #[error("Invalid parameter: `{0}` is empty")]
+    #[error("`{0}` is empty")]
     Empty(&'static str),
-    #[error("Invalid parameter: `{name}` is {len} bytes long, more than {max}")]
+    #[error("`{name}` is {len} bytes long, more than {max}")]
     TooLong {
         name: &'static str,
         len: usize,
         max: usize,
     },
-    #[error("Invalid parameter: size {size} of `{name}` is larger than any buffer")]
+    #[error("size {size} of `{name}` is larger than any buffer")]
     TooLarge { name: &'static str, size: usize },
-    #[error("Invalid parameter: `{name}` is not valid UTF-8 (invalid byte at offset {offset})")]
+    #[error("`{name}` is not valid UTF-8 (invalid byte at offset {offset})")]
     NotUtf8 { name: &'static str, offset: usize },
     /// Any other rule the argument breaks, said after its name.
-    #[error("Invalid parameter: `{name}` {problem}")]
+    #[error("`{name}` {problem}")]
     Invalid { name: &'static str, problem: String },
 }
 
@@ -67,7 +68,36 @@ impl ArgError {
 
 impl From<ArgError> for Failure {
     fn from(err: ArgError) -> Self {
-        Failure::invalid_param(err.to_string())
+        Failure::InvalidArgument(err.to_string())
+    }
+}
+
+/// The one conversion of a core error into what C sees: its `int32_t` code and its message.
+pub fn to_c(err: &Failure) -> (i32, String) {
+    (err.code(), err.to_string())
+}
+
+/// The static message of a code, as `backup_error_string` hands it out (ABI §1).
+pub fn code_message(code: i32) -> &'static CStr {
+    match ErrorCode::from_raw(code).unwrap_or(ErrorCode::Unknown) {
+        ErrorCode::Success => c"Success",
+        ErrorCode::InvalidParam => c"Invalid parameter",
+        ErrorCode::InitFailed => c"Initialization failed",
+        ErrorCode::NotInitialized => c"Not initialized",
+        ErrorCode::MemoryAlloc => c"Memory allocation failed",
+        ErrorCode::FileIo => c"File I/O error",
+        ErrorCode::Network => c"Network error",
+        ErrorCode::Timeout => c"Operation timeout",
+        ErrorCode::DataCorruption => c"Data corruption detected",
+        ErrorCode::PermissionDenied => c"Permission denied",
+        ErrorCode::DiskFull => c"Disk full",
+        ErrorCode::ConnectionLost => c"Connection lost",
+        ErrorCode::RetryExhausted => c"Retry attempts exhausted",
+        ErrorCode::InvalidState => c"Invalid state for command",
+        ErrorCode::InProgress => c"Operation already in progress",
+        ErrorCode::IdempotencyConflict => c"Idempotency key reused with different payload",
+        ErrorCode::Cancelled => c"Operation cancelled",
+        ErrorCode::Unknown => c"Unknown error",
     }
 }
 
@@ -83,7 +113,7 @@ pub trait CReturn {
 
 impl CReturn for i32 {
     fn failed(failure: &Failure) -> Self {
-        failure.code()
+        to_c(failure).0
     }
 }
 
@@ -101,7 +131,7 @@ impl CReturn for bool {
 /// A string export: the failure's message, valid until this thread's next call.
 impl CReturn for *const c_char {
     fn failed(failure: &Failure) -> Self {
-        return_string(&failure.detail())
+        return_string(&to_c(failure).1)
     }
 }
 
@@ -139,10 +169,7 @@ fn catch<R>(body: impl FnOnce() -> Result<R, Failure>) -> Result<R, Failure> {
     }))
     .unwrap_or_else(|payload| {
         let what = report_panic(payload.as_ref());
-        Err(Failure::new(
-            ErrorCode::Unknown,
-            format!("Unknown error: internal panic ({what})"),
-        ))
+        Err(Failure::Panic(what))
     })
 }
 
@@ -172,7 +199,8 @@ pub fn booked<A, R: CReturn>(
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
     finish(result, |failure| {
         if let Some(plugin) = &instance {
-            plugin.record_error(failure.code(), Some(&failure.detail()));
+            let (code, message) = to_c(failure);
+            plugin.record_error(code, Some(&message));
         }
     })
 }
@@ -188,7 +216,7 @@ pub fn unbooked<A, R: CReturn>(
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
     finish(result, |failure| {
         if let Some(plugin) = &instance {
-            plugin.tracker().set_last_error(&failure.detail());
+            plugin.tracker().set_last_error(&to_c(failure).1);
         }
     })
 }
@@ -227,9 +255,12 @@ pub fn coordinator<A, R: CReturn>(
         return finish(result, |_| {});
     };
     let changed = booking == Booking::Counted || result.is_err();
-    let value = finish(result, |failure| match booking {
-        Booking::Counted => call.record_error(failure.code(), Some(&failure.detail())),
-        Booking::LastError => call.set_last_error(&failure.detail()),
+    let value = finish(result, |failure| {
+        let (code, message) = to_c(failure);
+        match booking {
+            Booking::Counted => call.record_error(code, Some(&message)),
+            Booking::LastError => call.set_last_error(&message),
+        }
     });
     if changed {
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| call.mirror())) {
@@ -243,6 +274,19 @@ pub fn coordinator<A, R: CReturn>(
 /// value returned.
 pub fn pure<R: CReturn>(body: impl FnOnce() -> Result<R, Failure>) -> R {
     finish(catch(body), |_| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_c_messages_are_the_core_messages() {
+        for code in ErrorCode::ALL {
+            assert_eq!(code_message(code.raw()).to_str().unwrap(), code.message());
+        }
+        assert_eq!(code_message(-1234), c"Unknown error");
+    }
 }
 
 #[cfg(test)]

@@ -159,9 +159,13 @@ impl TaskDriver for HostTask {
                 code,
             });
         }
-        KernelState::from_raw(state).map(|s| (s, truncated)).ok_or_else(|| {
-            Failure::invalid_param(format!("Invalid parameter: the state query reported {state}, not an ELogBackupKernelState"))
-        })
+        KernelState::from_raw(state)
+            .map(|s| (s, truncated))
+            .ok_or_else(|| {
+                Failure::InvalidArgument(format!(
+                    "the state query reported {state}, not an ELogBackupKernelState"
+                ))
+            })
     }
 
     fn execute(&mut self, command: SubCommand) -> i32 {

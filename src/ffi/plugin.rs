@@ -34,7 +34,7 @@ pub extern "C" fn backup_plugin_init(config: *const c_char, config_len: u32) -> 
         // An argument that fails is the failed init's reason, like a bad key.
         // SAFETY: the caller passes `config_len` readable bytes at `config`.
         let bytes = unsafe { config_arg(config, config_len) }
-            .map_err(|err| plugin::fail_init(err.to_string()))?;
+            .map_err(|err| plugin::fail_init(err.into()))?;
         plugin::init(bytes)?;
         Ok(BACKUP_SUCCESS)
     })

@@ -15,12 +15,7 @@ pub type BackupOperationFn = Option<unsafe extern "C" fn(user_data: *mut c_void)
 /// The fixed message of `code` ("Unknown error" for codes outside the table). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn backup_error_string(code: i32) -> *const c_char {
-    frame::pure(|| {
-        Ok(ErrorCode::from_raw(code)
-            .unwrap_or(ErrorCode::Unknown)
-            .message_cstr()
-            .as_ptr())
-    })
+    frame::pure(|| Ok(frame::code_message(code).as_ptr()))
 }
 
 /// Initializes a caller-allocated context: IDLE, no error, no message.
@@ -113,7 +108,7 @@ pub extern "C" fn backup_execute_with_retry_policy(
                 unsafe {
                     replace_malloc_string(
                         &raw mut (*retry_context).error_message,
-                        Some(&err.to_string()),
+                        Some(&Failure::from(err.clone()).to_string()),
                     )
                 };
                 return Err(err.into());

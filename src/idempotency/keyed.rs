@@ -6,7 +6,7 @@ use super::{
     display_key, Claim, Completion, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES,
 };
 use crate::clock::Clock;
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::metrics::store_failed;
 use crate::retry::Execution;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,8 +73,8 @@ pub struct KeyedExecution {
 /// A key must be 1 to 255 bytes; any content.
 pub fn check_key(key: &[u8]) -> Result<(), Failure> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `key` must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+        return Err(Failure::InvalidArgument(format!(
+            "`key` must be 1 to {MAX_KEY_BYTES} bytes, got {}",
             key.len()
         )));
     }
@@ -145,17 +145,15 @@ impl Keyed {
             }
             Claim::Conflict => {
                 KeyedMetrics::bump(&self.metrics.conflicts);
-                return refused(Failure::new(
-                    ErrorCode::IdempotencyConflict,
-                    format!("Idempotency key reused with different payload: key {shown} was used with another fingerprint"),
-                ));
+                return refused(Failure::Conflict(format!(
+                    "key {shown} was used with another fingerprint"
+                )));
             }
             Claim::InProgress => {
                 KeyedMetrics::bump(&self.metrics.in_progress);
-                return refused(Failure::new(
-                    ErrorCode::InProgress,
-                    format!("Operation already in progress: key {shown} is claimed by another caller whose lease has not run out"),
-                ));
+                return refused(Failure::InProgress(format!(
+                    "key {shown} is claimed by another caller whose lease has not run out"
+                )));
             }
             Claim::Acquired { token, taken_over } => {
                 KeyedMetrics::bump(&self.metrics.claims);
@@ -209,12 +207,16 @@ impl Keyed {
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
-        match self.store.forget(key, clock.unix_ms()).map_err(store_failed)? {
+        match self
+            .store
+            .forget(key, clock.unix_ms())
+            .map_err(store_failed)?
+        {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
-            Forgotten::InProgress => Err(Failure::new(
-                ErrorCode::InProgress,
-                format!("Operation already in progress: key {} is being run by a live owner; not forgotten", display_key(key)),
-            )),
+            Forgotten::InProgress => Err(Failure::InProgress(format!(
+                "key {} is being run by a live owner; not forgotten",
+                display_key(key)
+            ))),
         }
     }
 }
@@ -223,6 +225,7 @@ impl Keyed {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::idempotency::file_store::{FileStore, FileStoreSettings};
     use crate::idempotency::{fingerprint, ClaimToken, KeyRecord};
     use std::cell::Cell;

@@ -6,7 +6,7 @@
 use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
-use crate::error::{is_retryable, ErrorCode, Failure};
+use crate::error::{is_retryable, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::{RetryPolicy, Sleeper};
 use std::time::Duration;
@@ -228,10 +228,10 @@ impl Runner<'_> {
                             command = command.name(),
                             "log-backup retry wait cancelled"
                         );
-                        outcome.result = Err(Failure::new(
-                            ErrorCode::Cancelled,
-                            format!("Operation cancelled: plugin cleanup during the retry wait of {} on task {task:?}", command.name()),
-                        ));
+                        outcome.result = Err(Failure::Cancelled(format!(
+                            "plugin cleanup during the retry wait of {} on task {task:?}",
+                            command.name()
+                        )));
                         return outcome;
                     }
                     let now = self.clock.unix_ms();
@@ -261,9 +261,8 @@ impl Runner<'_> {
                         recovered: true,
                     },
                     Err(other) => other,
-                    Ok(_) => Attempt::Retryable(Failure::new(
-                        ErrorCode::Unknown,
-                        "the previous attempt was interrupted (the process died)",
+                    Ok(_) => Attempt::Retryable(Failure::Indeterminate(
+                        "the previous attempt was interrupted (the process died)".to_string(),
                     )),
                 },
             };
@@ -331,9 +330,8 @@ impl Runner<'_> {
             self.metrics.syncs[command as usize][state as usize].inc();
         }
         if state == KernelState::Unknown {
-            return Err(Attempt::Retryable(Failure::new(
-                ErrorCode::Unknown,
-                "the task's state is UNKNOWN",
+            return Err(Attempt::Retryable(Failure::Indeterminate(
+                "the task's state is UNKNOWN".to_string(),
             )));
         }
         if decision.should_skip {
@@ -343,13 +341,10 @@ impl Runner<'_> {
             });
         }
         decision.actual.ok_or_else(|| {
-            Attempt::Permanent(Failure::new(
-                ErrorCode::InvalidState,
-                format!(
-                    "Invalid state for command: cannot {} a task in state {state:?}",
-                    command.name()
-                ),
-            ))
+            Attempt::Permanent(Failure::InvalidState(format!(
+                "cannot {} a task in state {state:?}",
+                command.name()
+            )))
         })
     }
 
@@ -406,26 +401,28 @@ impl Runner<'_> {
         let first_failure = *sequence.first_failure_ms.get_or_insert(now);
         let retry_num = sequence.records.len() as u32 + 1;
         if retry_num > policy.max_retry {
-            let reason = Failure::new(
-                ErrorCode::RetryExhausted,
-                format!(
-                    "Retry attempts exhausted: {} of task {task:?} failed after {} retries; last error {}: {}",
-                    command.name(), policy.max_retry, failure.code(), failure.detail()
+            let reason = Failure::RetryExhausted {
+                context: format!(
+                    "{} of task {task:?} failed after {} retries",
+                    command.name(),
+                    policy.max_retry
                 ),
-            );
+                last: Box::new(failure),
+            };
             return Err(self.finish(run, task, command, sequence, reason));
         }
         let wait_ms = policy.wait(retry_num).as_millis() as u64;
         let expected = now.saturating_add(wait_ms);
         let budget_end = first_failure.saturating_add(policy.timeout.as_millis() as u64);
         if expected > budget_end {
-            let reason = Failure::new(
-                ErrorCode::Timeout,
-                format!(
-                    "Operation timeout: {} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget; last error {}: {}",
-                    command.name(), policy.timeout.as_millis(), failure.code(), failure.detail()
+            let reason = Failure::Timeout {
+                context: format!(
+                    "{} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget",
+                    command.name(),
+                    policy.timeout.as_millis()
                 ),
-            );
+                last: Box::new(failure),
+            };
             return Err(self.finish(run, task, command, sequence, reason));
         }
         sequence.records.push(RetryRecord {
@@ -473,6 +470,7 @@ impl Runner<'_> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::log_backup::records::RecordStore;
     use crate::retry::FakeSleeper;
     use KernelState::*;

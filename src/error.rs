@@ -173,11 +173,13 @@ pub enum Error {
     /// Another error, with what it means here said after it (`note` brings its separator).
     #[error("{source}{note}")]
     Context { source: Box<Error>, note: String },
-    /// A failure classified by `kind` whose text is formatted already (it starts with the
-    /// code's message): what the modules not yet given variants of their own build, through
-    /// [`Error::new`] and [`Error::invalid_param`] (the etcd store, the file store).
+    /// A failure of the shared state store on etcd (unreachable, refused, rejected),
+    /// classified by `kind`.
+    #[error("{}: {detail}", .kind.message())]
+    Etcd { kind: ErrorCode, detail: String },
+    /// Another error whose text had a secret in it: the text redacted, the class kept.
     #[error("{text}")]
-    Classified { kind: ErrorCode, text: String },
+    Redacted { kind: ErrorCode, text: String },
 }
 
 /// The name most of the crate uses for [`Error`].
@@ -214,7 +216,7 @@ impl Error {
             Error::InvalidState(_) => ErrorCode::InvalidState,
             Error::Indeterminate(_) => ErrorCode::Unknown,
             Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.kind(),
-            Error::Classified { kind, .. } => *kind,
+            Error::Etcd { kind, .. } | Error::Redacted { kind, .. } => *kind,
         }
     }
 
@@ -228,17 +230,20 @@ impl Error {
         self.to_string()
     }
 
-    /// A failure classified by `kind`, with its formatted text.
-    pub fn new(kind: ErrorCode, text: impl Into<String>) -> Self {
-        Error::Classified {
+    /// A failure of the etcd store, classified by `kind`.
+    pub fn etcd(kind: ErrorCode, detail: impl Into<String>) -> Self {
+        Error::Etcd {
             kind,
-            text: text.into(),
+            detail: detail.into(),
         }
     }
 
     /// This error, its text replaced (secrets redacted), its class kept.
     pub fn with_text(&self, text: String) -> Self {
-        Error::new(self.kind(), text)
+        Error::Redacted {
+            kind: self.kind(),
+            text,
+        }
     }
 
     /// This error, with what it means here said after it (`note` brings its separator).
@@ -247,11 +252,6 @@ impl Error {
             source: Box::new(self),
             note: note.into(),
         }
-    }
-
-    /// An invalid argument or setting, with its formatted text ("Invalid parameter: ...").
-    pub fn invalid_param(text: impl Into<String>) -> Self {
-        Error::new(ErrorCode::InvalidParam, text)
     }
 }
 

@@ -12,7 +12,7 @@
 
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::hex::{hex, unhex};
 use crate::idempotency::{
     display_key, Claim, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
@@ -107,13 +107,10 @@ fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
         })
     };
     parse().ok_or_else(|| {
-        Failure::new(
-            ErrorCode::DataCorruption,
-            format!(
-                "Data corruption detected: etcd key {} does not hold an idempotency record",
-                String::from_utf8_lossy(key)
-            ),
-        )
+        Failure::Corruption(format!(
+            "etcd key {} does not hold an idempotency record",
+            String::from_utf8_lossy(key)
+        ))
     })
 }
 
@@ -122,13 +119,10 @@ fn lease_ms(d: Duration) -> u64 {
 }
 
 fn gave_up(key: &[u8]) -> Failure {
-    Failure::new(
-        ErrorCode::InProgress,
-        format!(
-            "Operation already in progress: key {} kept changing under other callers",
-            display_key(key)
-        ),
-    )
+    Failure::InProgress(format!(
+        "key {} kept changing under other callers",
+        display_key(key)
+    ))
 }
 
 impl IdempotencyStore for EtcdIdempotencyStore {
@@ -447,6 +441,7 @@ async fn completion_lease(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn records_round_trip() {

@@ -109,7 +109,7 @@ impl EtcdSettings {
 
     /// Checks what can be checked without the cluster; the message names the key.
     pub fn validate(&self) -> Result<(), Failure> {
-        let bad = |what: String| Err(Failure::invalid_param(format!("Invalid parameter: {what}")));
+        let bad = |what: String| Err(Failure::InvalidArgument(what));
         if self.endpoints.is_empty() {
             return bad(
                 "`etcd_endpoints` must list at least one endpoint for state_backend = \"etcd\""

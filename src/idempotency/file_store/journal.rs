@@ -180,13 +180,10 @@ impl FileStore {
 }
 
 pub(super) fn corruption(path: &Path, why: String) -> Failure {
-    let failure = Failure::new(
-        ErrorCode::DataCorruption,
-        format!(
-            "Data corruption detected: idempotency journal {}: {why}; it is left as it is for inspection",
-            path.display()
-        ),
-    );
+    let failure = Failure::Corruption(format!(
+        "idempotency journal {}: {why}; it is left as it is for inspection",
+        path.display()
+    ));
     tracing::error!(reason = %failure.detail(), "idempotency store refuses work");
     failure
 }

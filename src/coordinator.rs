@@ -10,6 +10,8 @@ use crate::tracker::ErrorTracker;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
+pub mod registry;
+
 /// What a coordinator's config says about error handling.
 #[derive(Debug, Clone, Default)]
 pub struct CoordinatorSettings {
@@ -45,8 +47,9 @@ impl Coordinator {
         self.tracker.record(&SystemClock, code, message);
     }
 
-    /// Durable replacement of `path`, retried under `policy`; the retries are counted and
-    /// a final failure is recorded as an error of the coordinator.
+    /// Durable replacement of `path`, retried under `policy`; the retries are counted. A
+    /// final failure is the caller's to record as an error of the coordinator (the C frame
+    /// books every failure of a coordinator's operation in one place).
     pub fn write_file(
         &self,
         policy: &RetryPolicy,
@@ -60,14 +63,11 @@ impl Coordinator {
         // The details name the path: no secret leaves through them either.
         let failures = execution.result.as_mut().err().into_iter();
         for failure in failures.chain(execution.last_failure.as_mut()) {
-            if let Cow::Owned(redacted) = self.tracker.redact(&failure.detail) {
-                failure.detail = redacted;
+            if let Cow::Owned(redacted) = self.tracker.redact(&failure.detail()) {
+                *failure = failure.with_text(redacted);
             }
         }
         self.tracker.add_retries(execution.retries as u64);
-        if let Err(failure) = &execution.result {
-            self.record_error(failure.code, Some(&failure.detail));
-        }
         execution
     }
 }

@@ -12,7 +12,7 @@
 //! BACKUP_ERROR_FILE_IO (errno ENOENT), which the retry policy retries, since a mount
 //! point or a directory created by another process may yet appear.
 
-use crate::error::{ErrorCode, Failure};
+use crate::error::ErrorCode;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -40,13 +40,6 @@ impl FileError {
 
     pub fn code(&self) -> ErrorCode {
         classify(&self.source)
-    }
-}
-
-impl From<FileError> for Failure {
-    fn from(err: FileError) -> Self {
-        let code = err.code();
-        Failure::new(code, format!("{}: {err}", code.message()))
     }
 }
 

@@ -1,10 +1,12 @@
 //! The taosX error codes, their messages and which of them are worth retrying.
 //!
-//! Codes cross the C boundary as plain `i32`; inside Rust a failure carries its code
-//! together with a human-readable detail (path, errno, key) in [`Failure`].
+//! Inside Rust a failure is an [`Error`]: what went wrong, with its context (path, errno,
+//! key, task), classified by the taosX code it is reported as. The C layer turns it into
+//! an `int32_t` and a message, in one place.
 
-use std::ffi::CStr;
-use std::fmt;
+use crate::config::ConfigError;
+use crate::durable::FileError;
+use std::sync::Arc;
 
 /// Every code of the contract. Values are fixed: hosts compile against them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,33 +63,28 @@ impl ErrorCode {
         self as i32
     }
 
-    /// The fixed message, NUL-terminated so the FFI can hand it out as a static C string.
-    pub fn message_cstr(self) -> &'static CStr {
-        match self {
-            ErrorCode::Success => c"Success",
-            ErrorCode::InvalidParam => c"Invalid parameter",
-            ErrorCode::InitFailed => c"Initialization failed",
-            ErrorCode::NotInitialized => c"Not initialized",
-            ErrorCode::MemoryAlloc => c"Memory allocation failed",
-            ErrorCode::FileIo => c"File I/O error",
-            ErrorCode::Network => c"Network error",
-            ErrorCode::Timeout => c"Operation timeout",
-            ErrorCode::DataCorruption => c"Data corruption detected",
-            ErrorCode::PermissionDenied => c"Permission denied",
-            ErrorCode::DiskFull => c"Disk full",
-            ErrorCode::ConnectionLost => c"Connection lost",
-            ErrorCode::RetryExhausted => c"Retry attempts exhausted",
-            ErrorCode::InvalidState => c"Invalid state for command",
-            ErrorCode::InProgress => c"Operation already in progress",
-            ErrorCode::IdempotencyConflict => c"Idempotency key reused with different payload",
-            ErrorCode::Cancelled => c"Operation cancelled",
-            ErrorCode::Unknown => c"Unknown error",
-        }
-    }
-
+    /// The fixed message of the code (ABI §1).
     pub fn message(self) -> &'static str {
-        // The literals above are ASCII.
-        self.message_cstr().to_str().unwrap_or("Unknown error")
+        match self {
+            ErrorCode::Success => "Success",
+            ErrorCode::InvalidParam => "Invalid parameter",
+            ErrorCode::InitFailed => "Initialization failed",
+            ErrorCode::NotInitialized => "Not initialized",
+            ErrorCode::MemoryAlloc => "Memory allocation failed",
+            ErrorCode::FileIo => "File I/O error",
+            ErrorCode::Network => "Network error",
+            ErrorCode::Timeout => "Operation timeout",
+            ErrorCode::DataCorruption => "Data corruption detected",
+            ErrorCode::PermissionDenied => "Permission denied",
+            ErrorCode::DiskFull => "Disk full",
+            ErrorCode::ConnectionLost => "Connection lost",
+            ErrorCode::RetryExhausted => "Retry attempts exhausted",
+            ErrorCode::InvalidState => "Invalid state for command",
+            ErrorCode::InProgress => "Operation already in progress",
+            ErrorCode::IdempotencyConflict => "Idempotency key reused with different payload",
+            ErrorCode::Cancelled => "Operation cancelled",
+            ErrorCode::Unknown => "Unknown error",
+        }
     }
 
     /// Transient failures that a later attempt may not meet again.
@@ -111,41 +108,167 @@ pub fn is_retryable(raw: i32) -> bool {
     ErrorCode::from_raw(raw).is_some_and(ErrorCode::is_retryable)
 }
 
-/// A failed operation: the code that crosses the boundary, and the detail a person reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub code: i32,
-    pub detail: String,
+/// What went wrong, with the context a person needs (the path, the key, the task, the
+/// last error of a retried operation). Each variant is classified by the taosX code it is
+/// reported as ([`Error::kind`], [`Error::code`]); the text shown to users is its
+/// `Display`, which starts with the code's own message. Turning it into what C receives
+/// happens in one place, in `ffi`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A caller's argument or setting breaks a rule; the text names it.
+    #[error("Invalid parameter: {0}")]
+    InvalidArgument(String),
+    /// A config that cannot be used; the text names the key and the value.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A plugin call before `backup_plugin_init` or after cleanup.
+    #[error("Plugin not initialized")]
+    NotInitialized,
+    /// Init refused for a reason other than a bad setting.
+    #[error("Initialization failed: {0}")]
+    InitFailed(String),
+    /// File work that failed: the operation, the path and the OS error, classified by errno
+    /// (disk full, permission denied, or a possibly transient I/O error).
+    #[error("{}: {}", .0.code().message(), .0)]
+    File(Arc<FileError>),
+    /// Memory or a thread could not be had, or a bound is reached.
+    #[error("Memory allocation failed: {0}")]
+    OutOfResources(String),
+    /// A panic caught at the boundary (a bug; never meant to happen).
+    #[error("Unknown error: internal panic ({0})")]
+    Panic(String),
+    /// Stored content that cannot be right.
+    #[error("Data corruption detected: {0}")]
+    Corruption(String),
+    /// An operation of the host failed with its own code (any value, as the host returned it).
+    #[error("{}", message_of(*.0))]
+    Host(i32),
+    /// A host's operation failed with its code; the text says which operation.
+    #[error("{what} failed with {code}: {}", message_of(*.code))]
+    HostCall { what: String, code: i32 },
+    /// Every retry failed.
+    #[error("Retry attempts exhausted: {context}; last error {}: {last}", .last.code())]
+    RetryExhausted { context: String, last: Box<Error> },
+    /// The next wait would end past the retry budget.
+    #[error("Operation timeout: {context}; last error {}: {last}", .last.code())]
+    Timeout { context: String, last: Box<Error> },
+    /// Plugin cleanup cancelled the call.
+    #[error("Operation cancelled: {0}")]
+    Cancelled(String),
+    /// The key, or the (task, command), is being run by another caller.
+    #[error("Operation already in progress: {0}")]
+    InProgress(String),
+    /// An idempotency key reused with another payload.
+    #[error("Idempotency key reused with different payload: {0}")]
+    Conflict(String),
+    /// A command the task's state does not allow.
+    #[error("Invalid state for command: {0}")]
+    InvalidState(String),
+    /// A state that may yet change (a task's state UNKNOWN, an attempt cut short).
+    #[error("{0}")]
+    Indeterminate(String),
+    /// An idempotent operation that ran, but whose completion could not be recorded.
+    #[error("the operation of key {key} ran, but its completion was not recorded ({source}); the key stays claimed until its lease runs out")]
+    NotRecorded { key: String, source: Box<Error> },
+    /// Another error, with what it means here said after it (`note` brings its separator).
+    #[error("{source}{note}")]
+    Context { source: Box<Error>, note: String },
+    /// A failure of the shared state store on etcd (unreachable, refused, rejected),
+    /// classified by `kind`.
+    #[error("{}: {detail}", .kind.message())]
+    Etcd { kind: ErrorCode, detail: String },
+    /// Another error whose text had a secret in it: the text redacted, the class kept.
+    #[error("{text}")]
+    Redacted { kind: ErrorCode, text: String },
 }
 
-impl Failure {
-    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Failure {
-            code: code.raw(),
+/// The name most of the crate uses for [`Error`].
+pub type Failure = Error;
+
+impl Error {
+    /// The taosX code this error is reported as; a host's own code as the host returned it.
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::Host(code) | Error::HostCall { code, .. } => *code,
+            Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.code(),
+            other => other.kind().raw(),
+        }
+    }
+
+    /// The code's class in the taosX error model (`Unknown` for a host code outside it).
+    pub fn kind(&self) -> ErrorCode {
+        match self {
+            Error::InvalidArgument(_) | Error::Config(_) => ErrorCode::InvalidParam,
+            Error::OutOfResources(_) => ErrorCode::MemoryAlloc,
+            Error::Panic(_) => ErrorCode::Unknown,
+            Error::NotInitialized => ErrorCode::NotInitialized,
+            Error::InitFailed(_) => ErrorCode::InitFailed,
+            Error::File(err) => err.code(),
+            Error::Corruption(_) => ErrorCode::DataCorruption,
+            Error::Host(code) | Error::HostCall { code, .. } => {
+                ErrorCode::from_raw(*code).unwrap_or(ErrorCode::Unknown)
+            }
+            Error::RetryExhausted { .. } => ErrorCode::RetryExhausted,
+            Error::Timeout { .. } => ErrorCode::Timeout,
+            Error::Cancelled(_) => ErrorCode::Cancelled,
+            Error::InProgress(_) => ErrorCode::InProgress,
+            Error::Conflict(_) => ErrorCode::IdempotencyConflict,
+            Error::InvalidState(_) => ErrorCode::InvalidState,
+            Error::Indeterminate(_) => ErrorCode::Unknown,
+            Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.kind(),
+            Error::Etcd { kind, .. } | Error::Redacted { kind, .. } => *kind,
+        }
+    }
+
+    /// Worth another attempt (a transient failure).
+    pub fn is_retryable(&self) -> bool {
+        is_retryable(self.code())
+    }
+
+    /// The text a person reads.
+    pub fn detail(&self) -> String {
+        self.to_string()
+    }
+
+    /// A failure of the etcd store, classified by `kind`.
+    pub fn etcd(kind: ErrorCode, detail: impl Into<String>) -> Self {
+        Error::Etcd {
+            kind,
             detail: detail.into(),
         }
     }
 
-    /// A failure known only by its code (an operation of the host's): the code's own message.
-    pub fn from_code(raw: i32) -> Self {
-        Failure {
-            code: raw,
-            detail: message_of(raw).to_string(),
+    /// This error, its text replaced (secrets redacted), its class kept.
+    pub fn with_text(&self, text: String) -> Self {
+        Error::Redacted {
+            kind: self.kind(),
+            text,
         }
     }
 
-    pub fn invalid_param(detail: impl Into<String>) -> Self {
-        Failure::new(ErrorCode::InvalidParam, detail)
+    /// This error, with what it means here said after it (`note` brings its separator).
+    pub fn context(self, note: impl Into<String>) -> Self {
+        Error::Context {
+            source: Box::new(self),
+            note: note.into(),
+        }
     }
 }
 
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.detail)
+impl PartialEq for Error {
+    /// Same code, same text (an I/O error has no equality of its own).
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code() && self.to_string() == other.to_string()
     }
 }
 
-impl std::error::Error for Failure {}
+impl Eq for Error {}
+
+impl From<FileError> for Error {
+    fn from(err: FileError) -> Self {
+        Error::File(Arc::new(err))
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -177,7 +177,7 @@ static STORE: StoreMetrics = StoreMetrics::new();
 /// Counts `failure`, returned by a state-store operation, and passes it on:
 /// `store.save(..).map_err(store_failed)`.
 pub fn store_failed(failure: Failure) -> Failure {
-    STORE.error(failure.code);
+    STORE.error(failure.code());
     failure
 }
 

@@ -57,9 +57,8 @@ pub fn init(config_bytes: &[u8]) -> Result<(), Failure> {
 pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(), Failure> {
     let mut slot = INSTANCE.write();
     if slot.is_some() {
-        let failure = Failure::new(
-            ErrorCode::InitFailed,
-            "Initialization failed: the plugin is already initialized (call backup_plugin_cleanup first)",
+        let failure = Failure::InitFailed(
+            "the plugin is already initialized (call backup_plugin_cleanup first)".to_string(),
         );
         // The running instance's last error stays what it was.
         return Err(failure);
@@ -69,17 +68,17 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
     {
         Ok(config) => config,
         Err(err) => {
-            let failure = Failure::invalid_param(err.to_string());
-            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
-            tracing::error!(reason = %failure.detail, "plugin init failed");
+            let failure = Failure::Config(err);
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+            tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
         }
     };
     let plugin = match Plugin::new(config, clock) {
         Ok(plugin) => plugin,
         Err(failure) => {
-            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
-            tracing::error!(reason = %failure.detail, "plugin init failed");
+            *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+            tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
         }
     };
@@ -96,10 +95,9 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
 }
 
 /// Records why an init failed before a config could be parsed (NULL, oversized).
-pub fn fail_init(detail: String) -> Failure {
-    let failure = Failure::invalid_param(detail);
+pub fn fail_init(failure: Failure) -> Failure {
     if INSTANCE.read().is_none() {
-        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail.as_str()));
+        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
     }
     failure
 }
@@ -130,10 +128,11 @@ pub fn cleanup() {
 
 /// The running instance, or NOT_INITIALIZED.
 pub fn instance() -> Result<Arc<Plugin>, Failure> {
-    INSTANCE
-        .read()
-        .clone()
-        .ok_or_else(|| Failure::new(ErrorCode::NotInitialized, NOT_INITIALIZED))
+    INSTANCE.read().clone().ok_or_else(not_initialized)
+}
+
+pub fn not_initialized() -> Failure {
+    Failure::NotInitialized
 }
 
 /// What `backup_plugin_get_last_error` shows.
@@ -152,8 +151,8 @@ pub fn last_error_text() -> Arc<str> {
 
 /// What calls that keep durable state return when no state store is configured.
 fn no_state_store() -> Failure {
-    Failure::invalid_param(
-        "Invalid parameter: no state store is configured (set `state_dir`, or `state_backend = \"etcd\"` with `etcd_endpoints`); this operation keeps durable state there",
+    Failure::InvalidArgument(
+        "no state store is configured (set `state_dir`, or `state_backend = \"etcd\"` with `etcd_endpoints`); this operation keeps durable state there".to_string(),
     )
 }
 
@@ -212,12 +211,10 @@ impl Plugin {
         self.tracker.record(self.clock(), code, message);
     }
 
-    /// Books one plugin-level operation: its retries, and one error if it failed.
-    pub fn account(&self, retries: u32, result: &Result<(), Failure>) {
+    /// Counts the retries of a plugin-level operation. Its failure is booked by the C
+    /// frame (`ffi::frame::booked`), once per call, whatever failed.
+    fn count_retries(&self, retries: u32) {
         self.tracker.add_retries(retries as u64);
-        if let Err(failure) = result {
-            self.record_error(failure.code, Some(&failure.detail));
-        }
     }
 
     /// Runs `op` under the configured policy, unbooked.
@@ -235,13 +232,13 @@ impl Plugin {
         )
     }
 
-    /// Runs `op` under the configured policy, booking the call as a plugin-level operation.
+    /// Runs `op` under the configured policy, counting its retries.
     pub fn execute<F>(&self, op: F) -> Result<(), Failure>
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let execution = self.run_configured(op);
-        self.account(execution.retries, &execution.result);
+        self.count_retries(execution.retries);
         execution.result
     }
 
@@ -254,7 +251,7 @@ impl Plugin {
         self.log_records.as_deref().ok_or_else(no_state_store)
     }
 
-    /// `backup_log_run_command`, booked as a plugin-level operation.
+    /// `backup_log_run_command`, counting its retries.
     pub fn run_log_command(
         &self,
         task: &str,
@@ -262,13 +259,7 @@ impl Plugin {
         policy: &LogRetryPolicy,
         driver: &mut dyn TaskDriver,
     ) -> Result<(), Failure> {
-        let store = match self.log_records() {
-            Ok(store) => store,
-            Err(failure) => {
-                self.account(0, &Err(failure.clone()));
-                return Err(failure);
-            }
-        };
+        let store = self.log_records()?;
         let mut sleeper = CancellableSleeper(self.cancel);
         let mut runner = Runner {
             store,
@@ -277,7 +268,7 @@ impl Plugin {
             metrics: &self.log_metrics,
         };
         let outcome = runner.run(task, command, policy, driver);
-        self.account(outcome.retries, &outcome.result);
+        self.count_retries(outcome.retries);
         outcome.result
     }
 
@@ -314,26 +305,17 @@ impl Plugin {
         Ok(keyed)
     }
 
-    /// `backup_execute_idempotent`, booked as a plugin-level operation: `op` runs at most
-    /// once for `key` under the configured retry policy. `Ok(replayed)`.
+    /// `backup_execute_idempotent`: `op` runs at most once for `key` under the configured
+    /// retry policy, its retries counted. `Ok(replayed)`.
     pub fn execute_idempotent<F>(&self, key: &[u8], payload: &[u8], op: F) -> Result<bool, Failure>
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
-        let keyed = match self.keyed() {
-            Ok(keyed) => keyed,
-            Err(failure) => {
-                self.account(0, &Err(failure.clone()));
-                return Err(failure);
-            }
-        };
+        let keyed = self.keyed()?;
         let execution = keyed.execute(self.clock(), key, &idem::fingerprint(payload), || {
             self.run_configured(op)
         });
-        self.account(
-            execution.retries,
-            &execution.result.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
+        self.count_retries(execution.retries);
         execution.result
     }
 

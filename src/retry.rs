@@ -201,7 +201,7 @@ impl Execution {
     pub fn code(&self) -> i32 {
         match &self.result {
             Ok(()) => ErrorCode::Success.raw(),
-            Err(failure) => failure.code,
+            Err(failure) => failure.code(),
         }
     }
 }
@@ -291,7 +291,7 @@ where
             }
             Err(failure) => failure,
         };
-        progress.last_error = failure.code;
+        progress.last_error = failure.code();
         let give_up = |progress: &mut RetryProgress, env: &mut RetryEnv<'_, P>, reason: Failure| {
             progress.state = RetryState::Failed;
             (env.on_progress)(progress);
@@ -301,8 +301,8 @@ where
                 last_failure: Some(failure.clone()),
             }
         };
-        if !is_retryable(failure.code) {
-            tracing::debug!(code = failure.code, detail = %failure.detail, "permanent error, not retried");
+        if !is_retryable(failure.code()) {
+            tracing::debug!(code = failure.code(), detail = %failure, "permanent error, not retried");
             return give_up(progress, env, failure.clone());
         }
         let now = env.clock.monotonic_ms();
@@ -318,34 +318,29 @@ where
             policy.backoff(rng)
         });
         let Some(wait) = backoff.next() else {
-            let reason = Failure::new(
-                ErrorCode::RetryExhausted,
-                format!(
-                    "Retry attempts exhausted: {} retries failed; last error {}: {}",
-                    progress.current_retry, failure.code, failure.detail
-                ),
-            );
+            let reason = Failure::RetryExhausted {
+                context: format!("{} retries failed", progress.current_retry),
+                last: Box::new(failure.clone()),
+            };
             tracing::warn!(
                 retries = progress.current_retry,
-                last_error = failure.code,
+                last_error = failure.code(),
                 "retry attempts exhausted, giving up"
             );
             return give_up(progress, env, reason);
         };
         let wait_ms = wait.as_millis().min(u64::MAX as u128) as u64;
         if now.saturating_add(wait_ms) > budget_end {
-            let reason = Failure::new(
-                ErrorCode::Timeout,
-                format!(
-                    "Operation timeout: the next wait of {wait_ms} ms would end past the retry budget of {} ms from the first failure; last error {}: {}",
+            let reason = Failure::Timeout {
+                context: format!(
+                    "the next wait of {wait_ms} ms would end past the retry budget of {} ms from the first failure",
                     policy.timeout.map_or(0, |t| t.as_millis()),
-                    failure.code,
-                    failure.detail
                 ),
-            );
+                last: Box::new(failure.clone()),
+            };
             tracing::warn!(
                 retries = progress.current_retry,
-                last_error = failure.code,
+                last_error = failure.code(),
                 wait_ms,
                 "retry budget exhausted, giving up"
             );
@@ -355,23 +350,20 @@ where
         tracing::info!(
             retry = progress.current_retry,
             max_retry = policy.max_retry,
-            code = failure.code,
-            error = message_of(failure.code),
+            code = failure.code(),
+            error = message_of(failure.code()),
             wait_ms,
             "operation failed, retrying"
         );
         if !wait.is_zero() && env.sleeper.sleep(wait).is_err() {
             progress.current_retry -= 1;
-            let reason = Failure::new(
-                ErrorCode::Cancelled,
-                format!(
-                    "Operation cancelled during a retry wait (plugin cleanup); last error {}: {}",
-                    failure.code, failure.detail
-                ),
-            );
+            let reason = Failure::Cancelled(format!(
+                "plugin cleanup during a retry wait; last error {}: {failure}",
+                failure.code()
+            ));
             tracing::warn!(
                 retries = progress.current_retry,
-                last_error = failure.code,
+                last_error = failure.code(),
                 "retry wait cancelled"
             );
             return give_up(progress, env, reason);
@@ -509,7 +501,7 @@ mod tests {
             attempts += 1;
             match results.pop().unwrap_or(0) {
                 0 => Ok(()),
-                code => Err(Failure::from_code(code)),
+                code => Err(Failure::Host(code)),
             }
         });
         (execution, progress, attempts)
@@ -572,7 +564,7 @@ mod tests {
         assert_eq!(attempts, 4);
         assert_eq!(progress.current_retry, 3);
         assert_eq!(progress.last_error, -5);
-        assert_eq!(execution.last_failure.unwrap().code, -5);
+        assert_eq!(execution.last_failure.unwrap().code(), -5);
         // An interval of zero means no wait at all.
         assert!(sleeper.waits.is_empty());
     }
@@ -665,7 +657,7 @@ mod tests {
             |_| {
                 calls += 1;
                 if calls < 2 {
-                    Err(Failure::from_code(-6))
+                    Err(Failure::Host(-6))
                 } else {
                     Ok(())
                 }

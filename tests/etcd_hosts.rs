@@ -146,8 +146,8 @@ fn run_keys(client: Arc<EtcdClient>, log: &Path) {
                 Err(failure) => {
                     // Fail closed: nothing ran; try again later.
                     assert!(
-                        failure.code == ErrorCode::Network.raw()
-                            || failure.code == ErrorCode::ConnectionLost.raw(),
+                        failure.code() == ErrorCode::Network.raw()
+                            || failure.code() == ErrorCode::ConnectionLost.raw(),
                         "{failure:?}"
                     );
                     failures += 1;
@@ -398,9 +398,9 @@ fn etcd_log_backup_run_moves_to_another_host() {
         .begin_run(task, SubCommand::Start)
         .err()
         .expect("A holds the run");
-    assert_eq!(busy.code, ErrorCode::InProgress.raw(), "{busy:?}");
+    assert_eq!(busy.code(), ErrorCode::InProgress.raw(), "{busy:?}");
     let busy = host_b.reset(task, SubCommand::Start).unwrap_err();
-    assert_eq!(busy.code, ErrorCode::InProgress.raw(), "{busy:?}");
+    assert_eq!(busy.code(), ErrorCode::InProgress.raw(), "{busy:?}");
     // Another command of the same task is free.
     drop(host_b.begin_run(task, SubCommand::Stop).unwrap());
 
@@ -411,7 +411,7 @@ fn etcd_log_backup_run_moves_to_another_host() {
     let run = loop {
         match host_b.begin_run(task, SubCommand::Start) {
             Ok(run) => break run,
-            Err(f) if f.code == ErrorCode::InProgress.raw() => {
+            Err(f) if f.code() == ErrorCode::InProgress.raw() => {
                 assert!(
                     start.elapsed() < Duration::from_secs(10),
                     "A's run claim never expired"
@@ -548,7 +548,7 @@ fn etcd_log_backup_sequence_continues_on_another_host_after_a_kill() {
         let outcome = run_log_command(client.clone(), &log);
         match &outcome.result {
             // A's run claim lives until its lease runs out.
-            Err(f) if f.code == ErrorCode::InProgress.raw() => {
+            Err(f) if f.code() == ErrorCode::InProgress.raw() => {
                 assert!(
                     start.elapsed() < Duration::from_secs(10),
                     "A's run claim never expired"
@@ -558,7 +558,7 @@ fn etcd_log_backup_sequence_continues_on_another_host_after_a_kill() {
             _ => break outcome,
         }
     };
-    let code = outcome.result.as_ref().unwrap_err().code;
+    let code = outcome.result.as_ref().unwrap_err().code();
     assert_eq!(code, ErrorCode::RetryExhausted.raw(), "{outcome:?}");
     let text = fs::read_to_string(&log).unwrap();
     let attempts: Vec<(&str, u64)> = text

@@ -227,10 +227,11 @@ fn etcd_all_members_down_fails_closed_then_work_resumes() {
     let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
     let took = started.elapsed();
     assert!(
-        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        failure.code() == ErrorCode::Network.raw()
+            || failure.code() == ErrorCode::ConnectionLost.raw(),
         "{failure:?}"
     );
-    assert!(failure.detail.contains("etcd"), "{}", failure.detail);
+    assert!(failure.detail().contains("etcd"), "{}", failure.detail());
     assert!(
         took < Duration::from_secs(8),
         "gave up after {took:?}, etcd_timeout is 3s"
@@ -240,7 +241,8 @@ fn etcd_all_members_down_fails_closed_then_work_resumes() {
     std::thread::sleep(Duration::from_millis(500));
     let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
     assert!(
-        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        failure.code() == ErrorCode::Network.raw()
+            || failure.code() == ErrorCode::ConnectionLost.raw(),
         "{failure:?}"
     );
 
@@ -268,7 +270,7 @@ fn etcd_init_needs_no_cluster_and_keys_stay_under_the_prefix() {
     let failure = store
         .claim(b"k", &fingerprint(b""), unix_ms_now())
         .unwrap_err();
-    assert_eq!(failure.code, ErrorCode::Network.raw(), "{failure:?}");
+    assert_eq!(failure.code(), ErrorCode::Network.raw(), "{failure:?}");
 
     let cluster = Cluster::start(3);
     let store = host(
@@ -355,15 +357,19 @@ fn etcd_auth_right_and_wrong_password() {
     let started = Instant::now();
     let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();
     assert_eq!(
-        failure.code,
+        failure.code(),
         ErrorCode::PermissionDenied.raw(),
         "{failure:?}"
     );
-    assert!(failure.detail.contains("etcd_user"), "{}", failure.detail);
     assert!(
-        !failure.detail.contains("wrong-pw-7731"),
+        failure.detail().contains("etcd_user"),
+        "{}",
+        failure.detail()
+    );
+    assert!(
+        !failure.detail().contains("wrong-pw-7731"),
         "the password leaked: {}",
-        failure.detail
+        failure.detail()
     );
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -376,7 +382,7 @@ fn etcd_auth_right_and_wrong_password() {
     let store = host(&elsewhere, Duration::from_secs(5), Duration::from_secs(60));
     let failure = store.claim(b"auth", &fp, unix_ms_now()).unwrap_err();
     assert_eq!(
-        failure.code,
+        failure.code(),
         ErrorCode::PermissionDenied.raw(),
         "{failure:?}"
     );
@@ -413,7 +419,8 @@ fn etcd_tls_with_client_certificates() {
     let store = host(&anonymous, Duration::from_secs(5), Duration::from_secs(60));
     let failure = store.claim(b"tls", &fp, unix_ms_now()).unwrap_err();
     assert!(
-        failure.code == ErrorCode::Network.raw() || failure.code == ErrorCode::ConnectionLost.raw(),
+        failure.code() == ErrorCode::Network.raw()
+            || failure.code() == ErrorCode::ConnectionLost.raw(),
         "{failure:?}"
     );
     // A missing file is named at once.
@@ -422,11 +429,12 @@ fn etcd_tls_with_client_certificates() {
     let failure = EtcdClient::new(&missing)
         .err()
         .expect("a missing CA file is an error");
-    assert_eq!(failure.code, ErrorCode::InvalidParam.raw());
+    assert_eq!(failure.code(), ErrorCode::InvalidParam.raw());
     assert!(
-        failure.detail.contains("etcd_ca_file") && failure.detail.contains("/nonexistent/ca.pem"),
+        failure.detail().contains("etcd_ca_file")
+            && failure.detail().contains("/nonexistent/ca.pem"),
         "{}",
-        failure.detail
+        failure.detail()
     );
 }
 
@@ -577,11 +585,11 @@ fn etcd_database_space_exceeded_is_disk_full() {
     assert!(full, "etcd never reported its quota exhausted");
     let started = Instant::now();
     let failure = store.claim(b"after", &fp, unix_ms_now()).unwrap_err();
-    assert_eq!(failure.code, ErrorCode::DiskFull.raw(), "{failure:?}");
+    assert_eq!(failure.code(), ErrorCode::DiskFull.raw(), "{failure:?}");
     assert!(
-        failure.detail.contains("database space"),
+        failure.detail().contains("database space"),
         "{}",
-        failure.detail
+        failure.detail()
     );
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -591,5 +599,5 @@ fn etcd_database_space_exceeded_is_disk_full() {
     let failure = store
         .complete(b"before", token, &fp, 0, unix_ms_now())
         .unwrap_err();
-    assert_eq!(failure.code, ErrorCode::DiskFull.raw(), "{failure:?}");
+    assert_eq!(failure.code(), ErrorCode::DiskFull.raw(), "{failure:?}");
 }

@@ -246,8 +246,8 @@ fn a_full_disk_is_reported_not_retried_and_leaves_the_old_content() {
         execution.retries, 0,
         "a full disk must not be retried blindly"
     );
-    assert_eq!(c.tracker().stats(), (1, 0));
-    assert!(c.tracker().last_error().unwrap().contains("Disk full"));
+    assert_eq!(c.tracker().stats(), (0, 0), "no retry counted");
+    assert!(execution.result.unwrap_err().detail().contains("Disk full"));
     assert_eq!(fs::read(&target).unwrap(), b"old content");
     assert_eq!(
         entries(&mount.path),

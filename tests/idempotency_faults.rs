@@ -415,12 +415,12 @@ fn a_full_disk_fails_claims_closed_but_never_a_completion() {
         assert!(ran < 5000, "a full disk never refused a claim");
     };
     assert_eq!(
-        failure.code,
+        failure.code(),
         ErrorCode::DiskFull as i32,
         "{}",
-        failure.detail
+        failure.detail()
     );
-    assert!(failure.detail.contains("journal"), "{}", failure.detail);
+    assert!(failure.detail().contains("journal"), "{}", failure.detail());
     // Every key that ran is completed and replays; reading needs no room.
     for i in 0..ran {
         let out = keyed.execute(
@@ -479,10 +479,10 @@ fn a_nearly_full_disk_runs_claims_while_their_room_is_there() {
         assert!(ran < 2000, "a full disk never refused a claim");
     };
     assert_eq!(
-        failure.code,
+        failure.code(),
         ErrorCode::DiskFull as i32,
         "{}",
-        failure.detail
+        failure.detail()
     );
     assert!(ran >= 5, "only {ran} claims ran in 12 KiB");
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst) as usize, ran);
@@ -511,9 +511,9 @@ fn a_read_only_state_dir_runs_nothing() {
         .err()
         .expect("refused");
     assert_eq!(
-        err.code,
+        err.code(),
         ErrorCode::PermissionDenied as i32,
         "{}",
-        err.detail
+        err.detail()
     );
 }

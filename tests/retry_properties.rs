@@ -147,8 +147,8 @@ fn run(policy: &RetryPolicy, script: &[Outcome], seed: u64) -> Run {
             .copied()
             .unwrap_or(Outcome::Retryable)
         {
-            Outcome::Retryable => Err(Failure::from_code(ErrorCode::FileIo.raw())),
-            Outcome::Permanent => Err(Failure::from_code(ErrorCode::PermissionDenied.raw())),
+            Outcome::Retryable => Err(Failure::Host(ErrorCode::FileIo.raw())),
+            Outcome::Permanent => Err(Failure::Host(ErrorCode::PermissionDenied.raw())),
             Outcome::Success => Ok(()),
         }
     });
@@ -232,14 +232,14 @@ proptest! {
         match (&run.execution.result, last) {
             (Ok(()), Outcome::Success) => {}
             (Err(f), Outcome::Permanent) => {
-                prop_assert_eq!(f.code, ErrorCode::PermissionDenied.raw());
+                prop_assert_eq!(f.code(), ErrorCode::PermissionDenied.raw());
             }
             (Err(f), Outcome::Retryable) => {
                 // Given up for lack of retries or of budget, never with retries and budget left.
-                if f.code == ErrorCode::RetryExhausted.raw() {
+                if f.code() == ErrorCode::RetryExhausted.raw() {
                     prop_assert_eq!(run.execution.retries, policy.max_retry);
                 } else {
-                    prop_assert_eq!(f.code, ErrorCode::Timeout.raw());
+                    prop_assert_eq!(f.code(), ErrorCode::Timeout.raw());
                     prop_assert!(policy.timeout.is_some());
                 }
             }

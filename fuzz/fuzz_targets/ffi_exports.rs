@@ -4,7 +4,7 @@
 //! `bool` bytes hold any value (as C code can leave them).
 //!
 //! Must hold: no panic (a panic that the guard catches is reported as a finding too:
-//! `ffi_guard` turns it into BACKUP_ERROR_UNKNOWN, which no call below may return), no
+//! the frame of every export turns it into BACKUP_ERROR_UNKNOWN, which no call below may return), no
 //! memory error (the fuzzer builds with AddressSanitizer), and every returned string is a
 //! NUL-terminated C string.
 #![no_main]

@@ -144,7 +144,7 @@ fuzz_target!(|input: Input| {
     let store = match FileStore::open(dir.path(), settings()) {
         Ok(store) => store,
         Err(failure) => {
-            assert!(allowed(failure.code), "open failed with {failure:?}");
+            assert!(allowed(failure.code()), "open failed with {failure:?}");
             return;
         }
     };
@@ -167,7 +167,7 @@ fuzz_target!(|input: Input| {
                 }
             }
             Ok(None) => {}
-            Err(failure) => assert!(allowed(failure.code), "get failed with {failure:?}"),
+            Err(failure) => assert!(allowed(failure.code()), "get failed with {failure:?}"),
         }
         for payload in 0..4 {
             let fp = fingerprint_of(payload);
@@ -177,7 +177,7 @@ fuzz_target!(|input: Input| {
                     let _ = store.release(&key, token);
                 }
                 Ok(_) => {}
-                Err(failure) => assert!(allowed(failure.code), "claim failed with {failure:?}"),
+                Err(failure) => assert!(allowed(failure.code()), "claim failed with {failure:?}"),
             }
         }
     }

@@ -60,14 +60,14 @@ fuzz_target!(|input: Input| {
         Ok(None) => panic!("an existing record file loads as none"),
         Err(failure) => {
             assert_eq!(
-                failure.code,
+                failure.code(),
                 ErrorCode::DataCorruption.raw(),
                 "unexpected failure {failure:?}"
             );
             assert!(
-                failure.detail.contains(&*path.to_string_lossy()),
+                failure.detail().contains(&*path.to_string_lossy()),
                 "the error does not name the file: {}",
-                failure.detail
+                failure.detail()
             );
         }
     }

@@ -118,15 +118,12 @@ impl EtcdClient {
 fn tls_options(settings: &EtcdSettings) -> Result<TlsOptions, Failure> {
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| {
-            Failure::invalid_param(format!(
-                "Invalid parameter: `{key}`: cannot read {}: {e}",
-                path.display()
-            ))
+            Failure::InvalidArgument(format!("`{key}`: cannot read {}: {e}", path.display()))
         })
     };
     let Some(ca) = &settings.ca_file else {
-        return Err(Failure::invalid_param(
-            "Invalid parameter: https:// etcd endpoints need `etcd_ca_file`, the CA that signed the cluster's certificates",
+        return Err(Failure::InvalidArgument(
+            "https:// etcd endpoints need `etcd_ca_file`, the CA that signed the cluster's certificates".to_string(),
         ));
     };
     let mut tls =
@@ -194,8 +191,8 @@ impl Conn {
             };
             let (reason, sent) = match fault {
                 Fault::Permanent(failure) => {
-                    if failure.code == ErrorCode::DiskFull.raw() && self.disk_full_log_due() {
-                        tracing::error!(request = what, reason = %failure.detail, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
+                    if failure.kind() == ErrorCode::DiskFull && self.disk_full_log_due() {
+                        tracing::error!(request = what, reason = %failure, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
                     }
                     return Err(failure);
                 }
@@ -209,16 +206,16 @@ impl Conn {
                 self.current
                     .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
             if Instant::now() + backoff >= deadline {
-                let (code, label) = if sent_any {
-                    (ErrorCode::ConnectionLost, "Connection lost")
+                let code = if sent_any {
+                    ErrorCode::ConnectionLost
                 } else {
-                    (ErrorCode::Network, "Network error")
+                    ErrorCode::Network
                 };
                 tracing::warn!(request = what, reason = %reason, "etcd request failed on every endpoint within etcd_timeout");
-                return Err(Failure::new(
+                return Err(Failure::etcd(
                     code,
                     format!(
-                        "{label}: etcd request to {what} failed within etcd_timeout ({:?}) on {:?}: {reason}",
+                        "etcd request to {what} failed within etcd_timeout ({:?}) on {:?}: {reason}",
                         self.timeout, self.endpoints
                     ),
                 ));
@@ -391,32 +388,32 @@ fn classify(error: &etcd_client::Error) -> Fault {
             if message.contains("database space exceeded") {
                 // etcd keeps every revision until compacted; past its space quota it raises
                 // the NOSPACE alarm and refuses every write until an operator clears it.
-                return Fault::Permanent(Failure::new(
+                return Fault::Permanent(Failure::etcd(
                     ErrorCode::DiskFull,
-                    format!("Disk full: the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
+                    format!("the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
                 ));
             }
             if message.contains("authentication failed") {
-                return Fault::Permanent(Failure::new(
+                return Fault::Permanent(Failure::etcd(
                     ErrorCode::PermissionDenied,
-                    format!("Permission denied: etcd refused the credentials of `etcd_user` (etcd: {message})"),
+                    format!("etcd refused the credentials of `etcd_user` (etcd: {message})"),
                 ));
             }
             match status.code() {
-                Code::PermissionDenied => Fault::Permanent(Failure::new(
+                Code::PermissionDenied => Fault::Permanent(Failure::etcd(
                     ErrorCode::PermissionDenied,
-                    format!("Permission denied: etcd refused access under the configured prefix (etcd: {message}); grant the user's role read-write on `etcd_prefix`"),
+                    format!("etcd refused access under the configured prefix (etcd: {message}); grant the user's role read-write on `etcd_prefix`"),
                 )),
                 Code::Unauthenticated if !message.contains("invalid auth token") => {
-                    Fault::Permanent(Failure::new(
+                    Fault::Permanent(Failure::etcd(
                         ErrorCode::PermissionDenied,
-                        format!("Permission denied: etcd requires authentication (etcd: {message}); set `etcd_user` and `etcd_password`"),
+                        format!("etcd requires authentication (etcd: {message}); set `etcd_user` and `etcd_password`"),
                     ))
                 }
                 Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::NotFound
-                | Code::AlreadyExists | Code::Unimplemented => Fault::Permanent(Failure::new(
+                | Code::AlreadyExists | Code::Unimplemented => Fault::Permanent(Failure::etcd(
                     ErrorCode::Unknown,
-                    format!("Unknown error: etcd rejected the request: {message}"),
+                    format!("etcd rejected the request: {message}"),
                 )),
                 // Unavailable, DeadlineExceeded, Aborted, ResourceExhausted (too many
                 // requests), Internal, Unknown, Cancelled: no leader, a leader change, a
@@ -432,15 +429,15 @@ fn classify(error: &etcd_client::Error) -> Fault {
         E::LeaseKeepAliveError(message) | E::WatchError(message) => {
             retry(format!("lease keep-alive: {message}"), true)
         }
-        E::InvalidArgs(message) | E::EndpointError(message) => Fault::Permanent(
-            Failure::invalid_param(format!("Invalid parameter: etcd client: {message}")),
-        ),
-        E::InvalidUri(e) => Fault::Permanent(Failure::invalid_param(format!(
-            "Invalid parameter: `etcd_endpoints`: {e}"
-        ))),
-        other => Fault::Permanent(Failure::new(
+        E::InvalidArgs(message) | E::EndpointError(message) => {
+            Fault::Permanent(Failure::InvalidArgument(format!("etcd client: {message}")))
+        }
+        E::InvalidUri(e) => {
+            Fault::Permanent(Failure::InvalidArgument(format!("`etcd_endpoints`: {e}")))
+        }
+        other => Fault::Permanent(Failure::etcd(
             ErrorCode::Unknown,
-            format!("Unknown error: etcd client: {other}"),
+            format!("etcd client: {other}"),
         )),
     }
 }

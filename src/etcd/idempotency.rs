@@ -122,13 +122,10 @@ fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
         })
     };
     parse().ok_or_else(|| {
-        Failure::new(
-            ErrorCode::DataCorruption,
-            format!(
-                "Data corruption detected: etcd key {} does not hold an idempotency record",
-                String::from_utf8_lossy(key)
-            ),
-        )
+        Failure::Corruption(format!(
+            "etcd key {} does not hold an idempotency record",
+            String::from_utf8_lossy(key)
+        ))
     })
 }
 
@@ -137,13 +134,10 @@ fn lease_ms(d: Duration) -> u64 {
 }
 
 fn gave_up(key: &[u8]) -> Failure {
-    Failure::new(
-        ErrorCode::InProgress,
-        format!(
-            "Operation already in progress: key {} kept changing under other callers",
-            display_key(key)
-        ),
-    )
+    Failure::InProgress(format!(
+        "key {} kept changing under other callers",
+        display_key(key)
+    ))
 }
 
 impl IdempotencyStore for EtcdIdempotencyStore {
@@ -304,10 +298,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
 }
 
 fn with_key(failure: Failure, key: &[u8]) -> Failure {
-    Failure {
-        code: failure.code,
-        detail: format!("{} (idempotency key {})", failure.detail, display_key(key)),
-    }
+    failure.context(format!(" (idempotency key {})", display_key(key)))
 }
 
 /// A full cluster (its NOSPACE alarm raised) refuses every write, lease grants included,
@@ -320,7 +311,7 @@ async fn answer_without_writing(
     now_ms: u64,
     failure: Failure,
 ) -> Result<Claim, Failure> {
-    if failure.code != ErrorCode::DiskFull.raw() {
+    if failure.kind() != ErrorCode::DiskFull {
         return Err(failure);
     }
     let Ok(Some(kv)) = conn.get("read an idempotency key", key).await else {
@@ -510,6 +501,7 @@ async fn completion_lease(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn records_round_trip() {
@@ -547,11 +539,11 @@ mod tests {
                 &[value.clone(), vec![0]].concat(),
             ] {
                 let err = decode_value(b"k", bad).unwrap_err();
-                assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+                assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
             }
         }
         // The text form of earlier builds (another key space) is not taken for a record.
         let err = decode_value(b"k", b"c 5 ab 99").unwrap_err();
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
     }
 }

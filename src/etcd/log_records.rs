@@ -10,7 +10,7 @@
 
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::log_backup::records::{LogRecordStore, RetryRecord, RunClaim, Sequence};
 use crate::log_backup::SubCommand;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
@@ -46,13 +46,7 @@ fn keys(conn: &Conn, task: &str, command: SubCommand) -> Keys {
 }
 
 fn in_progress(task: &str, command: SubCommand, what: &str) -> Failure {
-    Failure::new(
-        ErrorCode::InProgress,
-        format!(
-            "Operation already in progress: {} of task {task:?} {what}",
-            command.name()
-        ),
-    )
+    Failure::InProgress(format!("{} of task {task:?} {what}", command.name()))
 }
 
 pub fn encode(sequence: &Sequence) -> String {
@@ -132,7 +126,7 @@ impl LogRecordStore for EtcdLogRecords {
                         tracing::warn!(task = %task_name, command = command_name, "log-backup run claim lost: its lease expired; its saves are refused");
                         return;
                     }
-                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail, "log-backup run lease not renewed; retrying"),
+                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail(), "log-backup run lease not renewed; retrying"),
                 }
             }
         });
@@ -149,18 +143,18 @@ impl LogRecordStore for EtcdLogRecords {
         let task = task.to_string();
         self.etcd.run(move |conn| async move {
             let k = keys(&conn, &task, command);
-            let Some(kv) = conn.get("read log-backup retry records", &k.records).await? else {
+            let Some(kv) = conn
+                .get("read log-backup retry records", &k.records)
+                .await?
+            else {
                 return Ok(None);
             };
             decode(kv.value()).map(Some).ok_or_else(|| {
-                Failure::new(
-                    ErrorCode::DataCorruption,
-                    format!(
-                        "Data corruption detected: etcd key {} does not hold the retry records of {} on task {task:?}",
-                        String::from_utf8_lossy(&k.records),
-                        command.name()
-                    ),
-                )
+                Failure::Corruption(format!(
+                    "etcd key {} does not hold the retry records of {} on task {task:?}",
+                    String::from_utf8_lossy(&k.records),
+                    command.name()
+                ))
             })
         })
     }
@@ -256,7 +250,7 @@ impl Drop for EtcdRun<'_> {
             .etcd
             .run(move |conn| async move { conn.revoke("end a log-backup run", token).await })
         {
-            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail, "log-backup run claim not revoked; it ends with its lease");
+            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail(), "log-backup run claim not revoked; it ends with its lease");
         }
     }
 }

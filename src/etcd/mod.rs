@@ -88,7 +88,7 @@ impl EtcdSettings {
 
     /// Checks what can be checked without the cluster; the message names the key.
     pub fn validate(&self) -> Result<(), Failure> {
-        let bad = |what: String| Err(Failure::invalid_param(format!("Invalid parameter: {what}")));
+        let bad = |what: String| Err(Failure::InvalidArgument(what));
         if self.endpoints.is_empty() {
             return bad(
                 "`etcd_endpoints` must list at least one endpoint for state_backend = \"etcd\""
@@ -192,36 +192,36 @@ mod tests {
         assert!(none
             .validate()
             .unwrap_err()
-            .detail
+            .detail()
             .contains("etcd_endpoints"));
         let creds = EtcdSettings::new(vec!["http://u:secret@127.0.0.1:2379".into()]);
-        let detail = creds.validate().unwrap_err().detail;
+        let detail = creds.validate().unwrap_err().detail();
         assert!(
             detail.contains("etcd_user") && !detail.contains("secret"),
             "{detail}"
         );
         let scheme = EtcdSettings::new(vec!["127.0.0.1:2379".into()]);
-        assert!(scheme.validate().unwrap_err().detail.contains("http://"));
+        assert!(scheme.validate().unwrap_err().detail().contains("http://"));
         let mut user_only = ok.clone();
         user_only.user = Some("u".into());
         assert!(user_only
             .validate()
             .unwrap_err()
-            .detail
+            .detail()
             .contains("etcd_password"));
         let mut plain_tls = ok.clone();
         plain_tls.ca_file = Some("/ca.pem".into());
         assert!(plain_tls
             .validate()
             .unwrap_err()
-            .detail
+            .detail()
             .contains("https://"));
         let mut cert_only = EtcdSettings::new(vec!["https://h:1".into()]);
         cert_only.cert_file = Some("/c.pem".into());
         assert!(cert_only
             .validate()
             .unwrap_err()
-            .detail
+            .detail()
             .contains("etcd_key_file"));
     }
 }

@@ -52,9 +52,8 @@ impl EtcdRuntime {
     ) -> Result<T, Failure> {
         // Another runtime's thread (a Rust host's) may wait here; ours would wait for itself.
         if self.thread.as_ref().map(|t| t.thread().id()) == Some(std::thread::current().id()) {
-            return Err(Failure::new(
-                ErrorCode::InvalidState,
-                "Invalid state for command: a synchronous etcd store call from the etcd runtime's own thread",
+            return Err(Failure::InvalidState(
+                "a synchronous etcd store call from the etcd runtime's own thread".to_string(),
             ));
         }
         let (tx, rx) = mpsc::sync_channel(1);
@@ -62,9 +61,9 @@ impl EtcdRuntime {
             let _ = tx.send(future.await);
         });
         rx.recv().unwrap_or_else(|_| {
-            Err(Failure::new(
+            Err(Failure::etcd(
                 ErrorCode::ConnectionLost,
-                "Connection lost: the etcd client's runtime stopped during the request",
+                "the etcd client's runtime stopped during the request",
             ))
         })
     }
@@ -79,10 +78,9 @@ impl EtcdRuntime {
 }
 
 fn start_failed(why: &str) -> Failure {
-    Failure::new(
-        ErrorCode::InitFailed,
-        format!("Initialization failed: cannot start the etcd client's runtime thread: {why}"),
-    )
+    Failure::InitFailed(format!(
+        "cannot start the etcd client's runtime thread: {why}"
+    ))
 }
 
 impl Drop for EtcdRuntime {
@@ -118,6 +116,6 @@ mod tests {
         let refused = runtime
             .run(async move { Ok(inner.run(async { Ok(9) })) })
             .unwrap();
-        assert_eq!(refused.unwrap_err().code, ErrorCode::InvalidState.raw());
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidState.raw());
     }
 }

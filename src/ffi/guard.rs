@@ -1,46 +1,22 @@
-//! FFI plumbing: the panic guard, argument checks, and strings in and out.
+//! FFI plumbing: argument conversions (each failing with an [`ArgError`] naming the
+//! argument), and strings in and out. The frame of every export is in `frame`.
 //! Every `unsafe` pointer conversion of the crate lives here or right at its use in `ffi`.
 
-use crate::error::{ErrorCode, Failure};
+use super::frame::ArgError;
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// Runs an exported body; a panic becomes `$default` instead of unwinding into C.
-/// The guard sits inside the body so that cbindgen still sees a plain `extern "C" fn`.
-macro_rules! ffi_guard {
-    ($default:expr, $body:block) => {
-        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
-            Ok(value) => value,
-            Err(payload) => {
-                $crate::ffi::guard::report_panic(payload.as_ref());
-                $default
-            }
-        }
-    };
-}
-pub(crate) use ffi_guard;
-
-pub fn report_panic(payload: &(dyn std::any::Any + Send)) {
+/// Logs a panic caught at the boundary; returns what it said.
+pub fn report_panic(payload: &(dyn std::any::Any + Send)) -> String {
     let what = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_string());
     tracing::error!(panic = %what, "internal panic caught at the C boundary");
-}
-
-/// The code a result crosses the boundary as.
-pub fn code_of(result: &Result<(), Failure>) -> i32 {
-    match result {
-        Ok(()) => ErrorCode::Success.raw(),
-        Err(failure) => failure.code,
-    }
-}
-
-pub fn null_arg(name: &str) -> Failure {
-    Failure::invalid_param(format!("Invalid parameter: `{name}` is NULL"))
+    what
 }
 
 /// Longest C string argument accepted (paths, keys, task names are far shorter).
@@ -50,17 +26,18 @@ const MAX_C_STRING: usize = 64 * 1024;
 ///
 /// # Safety
 /// `ptr` is NULL or points to a NUL-terminated string.
-pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Failure> {
+pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a [u8], ArgError> {
     if ptr.is_null() {
-        return Err(null_arg(name));
+        return Err(ArgError::Null(name));
     }
     // SAFETY: non-NULL and NUL-terminated by the caller's contract.
     let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
     if bytes.len() > MAX_C_STRING {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `{name}` is {} bytes long, more than {MAX_C_STRING}",
-            bytes.len()
-        )));
+        return Err(ArgError::TooLong {
+            name,
+            len: bytes.len(),
+            max: MAX_C_STRING,
+        });
     }
     Ok(bytes)
 }
@@ -69,14 +46,12 @@ pub unsafe fn c_bytes<'a>(ptr: *const c_char, name: &str) -> Result<&'a [u8], Fa
 ///
 /// # Safety
 /// As for [`c_bytes`].
-pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+pub unsafe fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a str, ArgError> {
     // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
     let bytes = unsafe { c_bytes(ptr, name) }?;
-    std::str::from_utf8(bytes).map_err(|e| {
-        Failure::invalid_param(format!(
-            "Invalid parameter: `{name}` is not valid UTF-8 (invalid byte at offset {})",
-            e.valid_up_to()
-        ))
+    std::str::from_utf8(bytes).map_err(|e| ArgError::NotUtf8 {
+        name,
+        offset: e.valid_up_to(),
     })
 }
 
@@ -84,13 +59,11 @@ pub unsafe fn c_str<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failu
 ///
 /// # Safety
 /// As for [`c_bytes`].
-pub unsafe fn c_path<'a>(ptr: *const c_char, name: &str) -> Result<&'a Path, Failure> {
+pub unsafe fn c_path<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a Path, ArgError> {
     // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
     let bytes = unsafe { c_bytes(ptr, name) }?;
     if bytes.is_empty() {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `{name}` is empty"
-        )));
+        return Err(ArgError::Empty(name));
     }
     Ok(Path::new(OsStr::from_bytes(bytes)))
 }
@@ -113,19 +86,19 @@ pub unsafe fn c_message<'a>(ptr: *const c_char) -> Option<std::borrow::Cow<'a, s
 ///
 /// # Safety
 /// `ptr` is NULL or valid for `len` bytes.
-pub unsafe fn c_slice<'a>(ptr: *const u8, len: usize, name: &str) -> Result<&'a [u8], Failure> {
+pub unsafe fn c_slice<'a>(
+    ptr: *const u8,
+    len: usize,
+    name: &'static str,
+) -> Result<&'a [u8], ArgError> {
     if ptr.is_null() {
         if len == 0 {
             return Ok(&[]);
         }
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `{name}` is NULL with a size of {len}"
-        )));
+        return Err(ArgError::NullWithSize { name, size: len });
     }
     if len > isize::MAX as usize {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: size {len} of `{name}` is larger than any buffer"
-        )));
+        return Err(ArgError::TooLarge { name, size: len });
     }
     // SAFETY: non-NULL, and valid for `len` bytes by the caller's contract.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
@@ -198,4 +171,24 @@ pub fn copy_to_buffer(text: &str, buffer: &mut [c_char]) {
         *dst = *src as c_char;
     }
     buffer[end] = 0;
+}
+
+/// A pointer argument that must not be NULL.
+pub fn non_null<T>(ptr: *mut T, name: &'static str) -> Result<*mut T, ArgError> {
+    if ptr.is_null() {
+        Err(ArgError::Null(name))
+    } else {
+        Ok(ptr)
+    }
+}
+
+/// Writes `value` through an optional output pointer (NULL: not wanted).
+///
+/// # Safety
+/// `ptr` is NULL or writable.
+pub unsafe fn write_optional<T>(ptr: *mut T, value: T) {
+    if !ptr.is_null() {
+        // SAFETY: non-NULL and writable (this function's contract).
+        unsafe { ptr.write(value) };
+    }
 }

@@ -2,10 +2,10 @@
 //! processes and crashes.
 #![allow(non_camel_case_types)]
 
-use super::guard::{c_bytes, c_slice, ffi_guard, null_arg};
-use super::plugin::{host_op, with_plugin, with_plugin_unbooked};
-use crate::error::{ErrorCode, Failure};
-use crate::idempotency::keyed::check_key;
+use super::frame::{self, required, ArgError};
+use super::guard::{c_bytes, c_slice, write_optional};
+use super::plugin::{done, host_op};
+use crate::idempotency::MAX_KEY_BYTES as KEY_MAX;
 use std::ffi::{c_char, c_void};
 
 /// Longest idempotency key, in bytes.
@@ -16,10 +16,15 @@ pub type backup_idempotent_op_fn = Option<unsafe extern "C" fn(user_data: *mut c
 
 /// # Safety
 /// `key` is NULL or NUL-terminated.
-unsafe fn key_arg<'a>(key: *const c_char) -> Result<&'a [u8], Failure> {
+unsafe fn key_arg<'a>(key: *const c_char) -> Result<&'a [u8], ArgError> {
     // SAFETY: `key` is NULL or NUL-terminated (this function's contract).
     let key = unsafe { c_bytes(key, "key") }?;
-    check_key(key)?;
+    if key.is_empty() || key.len() > KEY_MAX {
+        return Err(ArgError::Invalid {
+            name: "key",
+            problem: format!("must be 1 to {KEY_MAX} bytes, got {}", key.len()),
+        });
+    }
     Ok(key)
 }
 
@@ -40,27 +45,26 @@ pub extern "C" fn backup_execute_idempotent(
     user_data: *mut c_void,
     replayed_out: *mut bool,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        // SAFETY: replayed_out is NULL or writable.
-        let report = |replayed: bool| unsafe {
-            if let Some(out) = replayed_out.as_mut() {
-                *out = replayed;
+    // SAFETY: replayed_out is NULL or writable.
+    let report = |replayed: bool| unsafe { write_optional(replayed_out, replayed) };
+    frame::booked(
+        || {
+            report(false);
+            // SAFETY: key NUL-terminated; fingerprint valid for fingerprint_len bytes.
+            unsafe {
+                Ok((
+                    key_arg(key)?,
+                    c_slice(fingerprint as *const u8, fingerprint_len, "fingerprint")?,
+                    required(op, "op")?,
+                ))
             }
-        };
-        report(false);
-        // SAFETY: key NUL-terminated; fingerprint valid for fingerprint_len bytes.
-        let args = unsafe { key_arg(key) }.and_then(|key| {
-            // SAFETY: `fingerprint` is NULL or valid for `fingerprint_len` bytes (the contract).
-            let fingerprint =
-                unsafe { c_slice(fingerprint as *const u8, fingerprint_len, "fingerprint") }?;
-            Ok((key, fingerprint, op.ok_or_else(|| null_arg("op"))?))
-        });
-        with_plugin(args, |plugin, (key, fingerprint, op)| {
+        },
+        |plugin, (key, fingerprint, op)| {
             let replayed = plugin.execute_idempotent(key, fingerprint, host_op(op, user_data))?;
             report(replayed);
-            Ok(())
-        })
-    })
+            done(Ok(()))
+        },
+    )
 }
 
 /// Drops what is stored under `key`, so that its operation may run again. A key that is
@@ -68,9 +72,9 @@ pub extern "C" fn backup_execute_idempotent(
 /// BACKUP_ERROR_IN_PROGRESS returned. Needs an initialized plugin with a `state_dir`.
 #[no_mangle]
 pub extern "C" fn backup_idempotency_forget(key: *const c_char) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
+    frame::unbooked(
         // SAFETY: key NUL-terminated.
-        let key = unsafe { key_arg(key) };
-        with_plugin_unbooked(key, |plugin, key| plugin.forget_idempotency_key(key))
-    })
+        || unsafe { key_arg(key) },
+        |plugin, key| done(plugin.forget_idempotency_key(key)),
+    )
 }

@@ -2,10 +2,11 @@
 //! with records that survive a restart.
 #![allow(non_camel_case_types)]
 
-use super::guard::{c_str, copy_to_buffer, ffi_guard, null_arg};
-use super::plugin::{with_plugin, with_plugin_unbooked};
-use super::types::CBool;
-use crate::error::{ErrorCode, Failure};
+use super::frame::{self, required, ArgError};
+use super::guard::{c_str, copy_to_buffer, non_null};
+use super::plugin::done;
+use super::types::{CBool, BACKUP_SUCCESS};
+use crate::error::Failure;
 use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
 use crate::log_backup::{decide, KernelState, SubCommand};
 use std::ffi::{c_char, c_void};
@@ -67,24 +68,33 @@ pub struct SLogBackupRetryRecord {
     pub original_reason: [c_char; 256],
 }
 
-fn command_arg(raw: ELogSubCommand) -> Result<SubCommand, Failure> {
-    SubCommand::from_raw(raw).ok_or_else(|| {
-        Failure::invalid_param(format!(
-            "Invalid parameter: command {raw} is not an ELogSubCommand"
-        ))
+fn command_arg(raw: ELogSubCommand) -> Result<SubCommand, ArgError> {
+    SubCommand::from_raw(raw).ok_or_else(|| ArgError::Invalid {
+        name: "command",
+        problem: format!("is {raw}, not an ELogSubCommand"),
+    })
+}
+
+fn state_arg(raw: ELogBackupKernelState) -> Result<KernelState, ArgError> {
+    KernelState::from_raw(raw).ok_or_else(|| ArgError::Invalid {
+        name: "state",
+        problem: format!("is {raw}, not an ELogBackupKernelState"),
     })
 }
 
 /// # Safety
 /// `task` is NULL or NUL-terminated.
-unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
+unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, ArgError> {
     // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     let task = unsafe { c_str(task, "task") }?;
     if task.is_empty() || task.len() > BACKUP_LOG_TASK_MAX {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `task` must be 1 to {BACKUP_LOG_TASK_MAX} bytes, got {}",
-            task.len()
-        )));
+        return Err(ArgError::Invalid {
+            name: "task",
+            problem: format!(
+                "must be 1 to {BACKUP_LOG_TASK_MAX} bytes, got {}",
+                task.len()
+            ),
+        });
     }
     Ok(task)
 }
@@ -96,7 +106,7 @@ unsafe fn task_arg<'a>(task: *const c_char) -> Result<&'a str, Failure> {
 unsafe fn records_key<'a>(
     task: *const c_char,
     command: ELogSubCommand,
-) -> Result<(&'a str, SubCommand), Failure> {
+) -> Result<(&'a str, SubCommand), ArgError> {
     // SAFETY: `task` is NULL or NUL-terminated (this function's contract).
     Ok((unsafe { task_arg(task) }?, command_arg(command)?))
 }
@@ -110,15 +120,9 @@ pub extern "C" fn backup_log_check_idempotency(
     already_truncated: bool,
     out: *mut SLogBackupDecision,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        let (Some(command), Some(state)) =
-            (SubCommand::from_raw(command), KernelState::from_raw(state))
-        else {
-            return ErrorCode::InvalidParam.raw();
-        };
-        if out.is_null() {
-            return ErrorCode::InvalidParam.raw();
-        }
+    frame::pure(|| {
+        let (command, state) = (command_arg(command)?, state_arg(state)?);
+        let out = non_null(out, "out")?;
         let decision = decide(command, state, already_truncated);
         // SAFETY: non-NULL, caller-owned.
         unsafe {
@@ -128,7 +132,7 @@ pub extern "C" fn backup_log_check_idempotency(
                 actual_command: decision.actual.map_or(-1, |c| c as i32),
             });
         }
-        ErrorCode::Success.raw()
+        Ok(BACKUP_SUCCESS)
     })
 }
 
@@ -150,17 +154,18 @@ impl TaskDriver for HostTask {
         let code = unsafe { (self.query)(self.user_data, &mut state, truncated_out) };
         let truncated = truncated.get();
         if code != 0 {
-            return Err(Failure {
+            return Err(Failure::HostCall {
+                what: "state query".to_string(),
                 code,
-                detail: format!(
-                    "state query failed with {code}: {}",
-                    crate::error::message_of(code)
-                ),
             });
         }
-        KernelState::from_raw(state).map(|s| (s, truncated)).ok_or_else(|| {
-            Failure::invalid_param(format!("Invalid parameter: the state query reported {state}, not an ELogBackupKernelState"))
-        })
+        KernelState::from_raw(state)
+            .map(|s| (s, truncated))
+            .ok_or_else(|| {
+                Failure::InvalidArgument(format!(
+                    "the state query reported {state}, not an ELogBackupKernelState"
+                ))
+            })
     }
 
     fn execute(&mut self, command: SubCommand) -> i32 {
@@ -181,12 +186,13 @@ pub extern "C" fn backup_log_run_command(
     execute: backup_log_execute_fn,
     user_data: *mut c_void,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        // SAFETY: task NUL-terminated; policy NULL or valid.
-        let args = unsafe { task_arg(task) }.and_then(|task| {
+    frame::booked(
+        || {
+            // SAFETY: task NUL-terminated.
+            let task = unsafe { task_arg(task) }?;
             let command = command_arg(command)?;
-            let query = query.ok_or_else(|| null_arg("query"))?;
-            let execute = execute.ok_or_else(|| null_arg("execute"))?;
+            let query = required(query, "query")?;
+            let execute = required(execute, "execute")?;
             // SAFETY: `policy` is NULL or points to a policy of four integers (any bytes valid).
             let policy = match unsafe { policy.as_ref() } {
                 None => LogRetryPolicy::default(),
@@ -207,11 +213,11 @@ pub extern "C" fn backup_log_run_command(
                     user_data,
                 },
             ))
-        });
-        with_plugin(args, |plugin, (task, command, policy, mut host)| {
-            plugin.run_log_command(task, command, &policy, &mut host)
-        })
-    })
+        },
+        |plugin, (task, command, policy, mut host)| {
+            done(plugin.run_log_command(task, command, &policy, &mut host))
+        },
+    )
 }
 
 /// Copies the retry records of (task, command): min(total, capacity) of them, oldest first;
@@ -224,18 +230,17 @@ pub extern "C" fn backup_log_get_retry_records(
     capacity: u32,
     count_out: *mut u32,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        // SAFETY: task NUL-terminated.
-        let args = unsafe { records_key(task, command) }.and_then(|(task, command)| {
-            if count_out.is_null() {
-                return Err(null_arg("count_out"));
-            }
+    frame::unbooked(
+        || {
+            // SAFETY: task NUL-terminated.
+            let key = unsafe { records_key(task, command) }?;
+            non_null(count_out, "count_out")?;
             if out.is_null() && capacity > 0 {
-                return Err(null_arg("out"));
+                return Err(ArgError::Null("out"));
             }
-            Ok((task, command))
-        });
-        with_plugin_unbooked(args, |plugin, (task, command)| {
+            Ok(key)
+        },
+        |plugin, (task, command)| {
             let sequence = plugin.log_retry_records(task, command)?;
             // SAFETY: count_out non-NULL; out valid for `capacity` records.
             unsafe {
@@ -250,9 +255,9 @@ pub extern "C" fn backup_log_get_retry_records(
                     copy_to_buffer(&r.original_reason, &mut slot.original_reason);
                 }
             }
-            Ok(())
-        })
-    })
+            Ok(BACKUP_SUCCESS)
+        },
+    )
 }
 
 /// Removes the records of (task, command), abandoning an unfinished sequence.
@@ -261,11 +266,9 @@ pub extern "C" fn backup_log_reset_retry_records(
     task: *const c_char,
     command: ELogSubCommand,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
+    frame::unbooked(
         // SAFETY: task NUL-terminated.
-        let args = unsafe { records_key(task, command) };
-        with_plugin_unbooked(args, |plugin, (task, command)| {
-            plugin.reset_log_retry_records(task, command)
-        })
-    })
+        || unsafe { records_key(task, command) },
+        |plugin, (task, command)| done(plugin.reset_log_retry_records(task, command)),
+    )
 }

@@ -4,6 +4,9 @@
 // `unsafe fn` would change nothing for C callers (rustls-ffi makes the same choice).
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+#[cfg(test)]
+mod export_table;
+pub(crate) mod frame;
 pub(crate) mod guard;
 
 pub mod coordinator;

@@ -1,8 +1,9 @@
 //! Exports of ABI §1-§2: error strings, and retry contexts used directly by a host.
 //! These need no `backup_plugin_init` and never touch the plugin's statistics.
 
-use super::guard::{ffi_guard, replace_malloc_string};
-use super::types::{SRetryContext, SRetryPolicy};
+use super::frame::{self, required, ArgError};
+use super::guard::{non_null, replace_malloc_string};
+use super::types::{SRetryContext, SRetryPolicy, BACKUP_SUCCESS};
 use crate::error::{message_of, ErrorCode, Failure};
 use crate::retry::{self, Execution, RetryPolicy, RetryProgress, RetryState};
 use std::ffi::{c_char, c_void};
@@ -14,10 +15,7 @@ pub type BackupOperationFn = Option<unsafe extern "C" fn(user_data: *mut c_void)
 /// The fixed message of `code` ("Unknown error" for codes outside the table). Static; never NULL.
 #[no_mangle]
 pub extern "C" fn backup_error_string(code: i32) -> *const c_char {
-    ErrorCode::from_raw(code)
-        .unwrap_or(ErrorCode::Unknown)
-        .message_cstr()
-        .as_ptr()
+    frame::pure(|| Ok(frame::code_message(code).as_ptr()))
 }
 
 /// Initializes a caller-allocated context: IDLE, no error, no message.
@@ -28,10 +26,8 @@ pub extern "C" fn backup_retry_context_init(
     max_retry: u32,
     retry_interval: u32,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        if retry_context.is_null() {
-            return ErrorCode::InvalidParam.raw();
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
         // SAFETY: non-NULL, points to caller-owned memory of the right size. Fields are
         // written one by one: the memory may be uninitialized (fresh malloc).
         unsafe {
@@ -48,19 +44,18 @@ pub extern "C" fn backup_retry_context_init(
                 },
             );
         }
-        ErrorCode::Success.raw()
+        Ok(BACKUP_SUCCESS)
     })
 }
 
 /// Frees the context's library-owned message. The context itself is the caller's. NULL: no-op.
 #[no_mangle]
 pub extern "C" fn backup_retry_context_destroy(retry_context: *mut SRetryContext) {
-    ffi_guard!((), {
-        if retry_context.is_null() {
-            return;
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
         // SAFETY: non-NULL context whose message, if any, the library allocated.
         unsafe { replace_malloc_string(&raw mut (*retry_context).error_message, None) };
+        Ok(())
     })
 }
 
@@ -74,17 +69,16 @@ pub extern "C" fn backup_execute_with_retry(
     op: BackupOperationFn,
     user_data: *mut c_void,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        if retry_context.is_null() {
-            return ErrorCode::InvalidParam.raw();
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
+        let op = required(op, "op")?;
         // The policy is read from the context only once the first attempt has failed (as
         // the original plugin read `max_retry` at each retry).
         // SAFETY: non-NULL context owned by the caller for the duration of the call; the
         // closure is called only within it.
         let policy = || unsafe { context_policy(retry_context) };
         // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
-        unsafe { execute_into_context(retry_context, policy, op, user_data) }
+        Ok(unsafe { execute_into_context(retry_context, policy, op, user_data) })
     })
 }
 
@@ -98,45 +92,44 @@ pub extern "C" fn backup_execute_with_retry_policy(
     op: BackupOperationFn,
     user_data: *mut c_void,
 ) -> i32 {
-    ffi_guard!(ErrorCode::Unknown.raw(), {
-        if retry_context.is_null() || policy.is_null() {
-            return ErrorCode::InvalidParam.raw();
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
+        let policy = non_null(policy.cast_mut(), "policy")?;
+        let op = required(op, "op")?;
         // SAFETY: non-NULL, aligned and caller-owned for the duration of the call; every
         // field of `SRetryPolicy` is valid for any bytes (integers, an f64, and `jitter` a
         // `CBool` byte, never a Rust bool), so the reference is to a valid value.
         let c_policy = unsafe { &*policy };
         let policy = match from_c_policy(c_policy) {
             Ok(policy) => policy,
-            Err(failure) => {
+            Err(err) => {
+                // The context's message is where a direct caller looks for the reason.
                 // SAFETY: non-NULL context; its message is NULL or the library's (init).
                 unsafe {
                     replace_malloc_string(
                         &raw mut (*retry_context).error_message,
-                        Some(&failure.detail),
+                        Some(&Failure::from(err.clone()).to_string()),
                     )
                 };
-                return failure.code;
+                return Err(err.into());
             }
         };
         // SAFETY: non-NULL caller-owned context, valid for the whole call.
         unsafe { (*retry_context).max_retry = policy.max_retry };
         // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
-        unsafe { execute_into_context(retry_context, move || policy, op, user_data) }
+        Ok(unsafe { execute_into_context(retry_context, move || policy, op, user_data) })
     })
 }
 
 /// True when `error_code` is retryable and retries remain (`current_retry < max_retry`).
 #[no_mangle]
 pub extern "C" fn backup_should_retry(retry_context: *mut SRetryContext, error_code: i32) -> bool {
-    ffi_guard!(false, {
-        if retry_context.is_null() {
-            return false;
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
         // SAFETY: non-NULL caller-owned context.
         let (current, max) =
             unsafe { ((*retry_context).current_retry, (*retry_context).max_retry) };
-        crate::error::is_retryable(error_code) && current < max
+        Ok(crate::error::is_retryable(error_code) && current < max)
     })
 }
 
@@ -144,16 +137,15 @@ pub extern "C" fn backup_should_retry(retry_context: *mut SRetryContext, error_c
 /// `last_retry_time`. NULL: no-op.
 #[no_mangle]
 pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
-    ffi_guard!((), {
-        if retry_context.is_null() {
-            return;
-        }
+    frame::pure(|| {
+        let retry_context = non_null(retry_context, "retry_context")?;
         let token = crate::cancel::token();
         // SAFETY: non-NULL caller-owned context.
         let interval = unsafe { (*retry_context).retry_interval };
         let _ = token.sleep(Duration::from_secs(interval as u64));
         // SAFETY: non-NULL caller-owned context.
         unsafe { (*retry_context).last_retry_time = crate::clock::unix_ms_now() };
+        Ok(())
     })
 }
 
@@ -167,12 +159,15 @@ pub(crate) unsafe fn context_policy(ctx: *const SRetryContext) -> RetryPolicy {
     RetryPolicy::fixed(max_retry, Duration::from_secs(interval as u64))
 }
 
-pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
+pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, ArgError> {
     if !p.multiplier.is_finite() || p.multiplier < 1.0 {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: retry policy multiplier {} is not a finite number >= 1.0",
-            p.multiplier
-        )));
+        return Err(ArgError::Invalid {
+            name: "policy",
+            problem: format!(
+                "has a multiplier of {}, not a finite number >= 1.0",
+                p.multiplier
+            ),
+        });
     }
     let ms = Duration::from_millis;
     Ok(RetryPolicy::fixed(p.max_retry, ms(p.initial_interval_ms))
@@ -192,12 +187,9 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, Failure> {
 unsafe fn execute_into_context(
     ctx: *mut SRetryContext,
     policy: impl FnOnce() -> RetryPolicy,
-    op: BackupOperationFn,
+    op: unsafe extern "C" fn(*mut c_void) -> i32,
     user_data: *mut c_void,
 ) -> i32 {
-    let Some(op) = op else {
-        return ErrorCode::InvalidParam.raw();
-    };
     let mut progress = RetryProgress::default();
     // SAFETY: `ctx` is non-NULL and valid for the whole call (this function's contract).
     let first = retry::first_attempt(&mut progress, &mut unsafe { mirror(ctx) }, || {
@@ -264,9 +256,9 @@ unsafe fn retry_into_context(
         // SAFETY: the host's function, called with the host's pointer, as the contract says.
         |_| match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::from_code(code)),
+            code => Err(Failure::Host(code)),
         },
-        Failure::from_code(code),
+        Failure::Host(code),
     );
     // SAFETY: `ctx` is valid (as above); its message is NULL or the library's.
     unsafe { finish_context(ctx, &progress, &execution, true) };
@@ -304,8 +296,8 @@ pub(crate) unsafe fn finish_context(
         }
         let message = match (&execution.result, &execution.last_failure) {
             (Ok(()), _) => None,
-            (Err(_), Some(last)) => Some(message_of(last.code)),
-            (Err(failure), None) => Some(message_of(failure.code)),
+            (Err(_), Some(last)) => Some(message_of(last.code())),
+            (Err(failure), None) => Some(message_of(failure.code())),
         };
         replace_malloc_string(&raw mut (*ctx).error_message, message);
     }

@@ -6,7 +6,7 @@ use super::{
     display_key, Claim, Completion, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES,
 };
 use crate::clock::Clock;
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::metrics::store_failed;
 use crate::retry::Execution;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,8 +73,8 @@ pub struct KeyedExecution {
 /// A key must be 1 to 255 bytes; any content.
 pub fn check_key(key: &[u8]) -> Result<(), Failure> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
-        return Err(Failure::invalid_param(format!(
-            "Invalid parameter: `key` must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+        return Err(Failure::InvalidArgument(format!(
+            "`key` must be 1 to {MAX_KEY_BYTES} bytes, got {}",
             key.len()
         )));
     }
@@ -139,23 +139,21 @@ impl Keyed {
                 tracing::debug!(key = %shown, "idempotency key completed earlier: replayed");
                 let result = match result {
                     0 => Ok(true),
-                    code => Err(Failure::from_code(code)),
+                    code => Err(Failure::Host(code)),
                 };
                 return KeyedExecution { result, retries: 0 };
             }
             Claim::Conflict => {
                 KeyedMetrics::bump(&self.metrics.conflicts);
-                return refused(Failure::new(
-                    ErrorCode::IdempotencyConflict,
-                    format!("Idempotency key reused with different payload: key {shown} was used with another fingerprint"),
-                ));
+                return refused(Failure::Conflict(format!(
+                    "key {shown} was used with another fingerprint"
+                )));
             }
             Claim::InProgress => {
                 KeyedMetrics::bump(&self.metrics.in_progress);
-                return refused(Failure::new(
-                    ErrorCode::InProgress,
-                    format!("Operation already in progress: key {shown} is claimed by another caller whose lease has not run out"),
-                ));
+                return refused(Failure::InProgress(format!(
+                    "key {shown} is claimed by another caller whose lease has not run out"
+                )));
             }
             Claim::Acquired { token, taken_over } => {
                 KeyedMetrics::bump(&self.metrics.claims);
@@ -182,20 +180,17 @@ impl Keyed {
                 }
                 Err(failure) => {
                     let failure = store_failed(failure);
-                    let failure = Failure {
-                        code: failure.code,
-                        detail: format!(
-                            "the operation of key {shown} ran, but its completion was not recorded ({}); the key stays claimed until its lease runs out",
-                            failure.detail
-                        ),
+                    let failure = Failure::NotRecorded {
+                        key: shown.to_string(),
+                        source: Box::new(failure),
                     };
-                    tracing::error!(reason = %failure.detail, "idempotent completion lost");
+                    tracing::error!(reason = %failure, "idempotent completion lost");
                     Err(failure)
                 }
             },
             Err(failure) => {
                 if let Err(release) = self.store.release(key, token).map_err(store_failed) {
-                    tracing::warn!(key = %shown, reason = %release.detail, "claim not released; it ends with its lease");
+                    tracing::warn!(key = %shown, reason = %release.detail(), "claim not released; it ends with its lease");
                 }
                 Err(failure)
             }
@@ -212,12 +207,16 @@ impl Keyed {
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
-        match self.store.forget(key, clock.unix_ms()).map_err(store_failed)? {
+        match self
+            .store
+            .forget(key, clock.unix_ms())
+            .map_err(store_failed)?
+        {
             Forgotten::Removed | Forgotten::Absent => Ok(()),
-            Forgotten::InProgress => Err(Failure::new(
-                ErrorCode::InProgress,
-                format!("Operation already in progress: key {} is being run by a live owner; not forgotten", display_key(key)),
-            )),
+            Forgotten::InProgress => Err(Failure::InProgress(format!(
+                "key {} is being run by a live owner; not forgotten",
+                display_key(key)
+            ))),
         }
     }
 }
@@ -226,6 +225,7 @@ impl Keyed {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::idempotency::file_store::{FileStore, FileStoreSettings};
     use crate::idempotency::{fingerprint, ClaimToken, KeyRecord};
     use std::cell::Cell;
@@ -242,7 +242,7 @@ mod tests {
     impl IdempotencyStore for Flaky {
         fn claim(&self, key: &[u8], fp: &Fingerprint, now: u64) -> Result<Claim, Failure> {
             match self.fail_claim {
-                Some(code) => Err(Failure::from_code(code.raw())),
+                Some(code) => Err(Failure::Host(code.raw())),
                 None => self.inner.claim(key, fp, now),
             }
         }
@@ -258,7 +258,7 @@ mod tests {
             now: u64,
         ) -> Result<Completion, Failure> {
             match self.fail_complete {
-                Some(code) => Err(Failure::from_code(code.raw())),
+                Some(code) => Err(Failure::Host(code.raw())),
                 None => self.inner.complete(key, token, fp, result, now),
             }
         }
@@ -325,8 +325,8 @@ mod tests {
             .keyed
             .execute(&s.clock, b"k", &fingerprint(b"else"), succeed(&runs));
         let err = other.result.unwrap_err();
-        assert_eq!(err.code, ErrorCode::IdempotencyConflict.raw());
-        assert!(err.detail.contains("\"k\""), "{}", err.detail);
+        assert_eq!(err.code(), ErrorCode::IdempotencyConflict.raw());
+        assert!(err.detail().contains("\"k\""), "{}", err.detail());
         assert_eq!(runs.get(), 1);
         // claims, replays, conflicts, in_progress, takeovers
         assert_eq!(counters(&s.keyed), [1, 1, 1, 0, 0]);
@@ -337,12 +337,12 @@ mod tests {
         let s = setup(None, None);
         let fp = fingerprint(b"");
         let failed = s.keyed.execute(&s.clock, b"k", &fp, || Execution {
-            result: Err(Failure::from_code(ErrorCode::RetryExhausted.raw())),
+            result: Err(Failure::Host(ErrorCode::RetryExhausted.raw())),
             retries: 3,
             last_failure: None,
         });
         assert_eq!(
-            failed.result.unwrap_err().code,
+            failed.result.unwrap_err().code(),
             ErrorCode::RetryExhausted.raw()
         );
         let runs = Cell::new(0);
@@ -358,7 +358,7 @@ mod tests {
         let out = s
             .keyed
             .execute(&s.clock, b"k", &fingerprint(b""), succeed(&runs));
-        assert_eq!(out.result.unwrap_err().code, ErrorCode::DiskFull.raw());
+        assert_eq!(out.result.unwrap_err().code(), ErrorCode::DiskFull.raw());
         assert_eq!(runs.get(), 0);
     }
 
@@ -372,20 +372,23 @@ mod tests {
             .execute(&s.clock, b"k", &fp, succeed(&runs))
             .result
             .unwrap_err();
-        assert_eq!(err.code, ErrorCode::FileIo.raw());
+        assert_eq!(err.code(), ErrorCode::FileIo.raw());
         assert!(
-            err.detail
+            err.detail()
                 .contains("ran, but its completion was not recorded"),
             "{}",
-            err.detail
+            err.detail()
         );
         assert_eq!(runs.get(), 1);
         let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(again.result.unwrap_err().code, ErrorCode::InProgress.raw());
+        assert_eq!(
+            again.result.unwrap_err().code(),
+            ErrorCode::InProgress.raw()
+        );
         // Until the lease runs out: then it is taken over.
         s.clock.advance(LEASE);
         let taken = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(taken.result.unwrap_err().code, ErrorCode::FileIo.raw());
+        assert_eq!(taken.result.unwrap_err().code(), ErrorCode::FileIo.raw());
         assert_eq!(runs.get(), 2);
         assert_eq!(counters(&s.keyed), [2, 0, 0, 1, 1]);
     }
@@ -401,7 +404,10 @@ mod tests {
                 s.clock.advance(LEASE / 3);
                 s.keyed.keeper().tick(s.keyed.store(), s.clock.unix_ms());
                 let rival = s.keyed.execute(&s.clock, b"slow", &fp, succeed(&runs));
-                assert_eq!(rival.result.unwrap_err().code, ErrorCode::InProgress.raw());
+                assert_eq!(
+                    rival.result.unwrap_err().code(),
+                    ErrorCode::InProgress.raw()
+                );
             }
             Execution {
                 result: Ok(()),
@@ -423,7 +429,7 @@ mod tests {
 
     fn fail_with(code: ErrorCode) -> impl FnOnce() -> Execution {
         move || Execution {
-            result: Err(Failure::from_code(code.raw())),
+            result: Err(Failure::Host(code.raw())),
             retries: 0,
             last_failure: None,
         }
@@ -439,7 +445,7 @@ mod tests {
         let a = s.keyed.execute(&s.clock, b"k", &fp, || {
             s.clock.advance(LEASE + Duration::from_secs(1));
             let taken = b.execute(&s.clock, b"k", &fp, fail_with(ErrorCode::FileIo));
-            assert_eq!(taken.result.unwrap_err().code, ErrorCode::FileIo.raw());
+            assert_eq!(taken.result.unwrap_err().code(), ErrorCode::FileIo.raw());
             assert_eq!(b.metrics.takeovers.load(Ordering::Relaxed), 1);
             succeed(&runs)()
         });
@@ -449,7 +455,7 @@ mod tests {
         assert!(again.result.unwrap(), "replayed");
         let other = b.execute(&s.clock, b"k", &fingerprint(b"else"), succeed(&runs));
         assert_eq!(
-            other.result.unwrap_err().code,
+            other.result.unwrap_err().code(),
             ErrorCode::IdempotencyConflict.raw()
         );
         assert_eq!(runs.get(), 1);
@@ -472,7 +478,7 @@ mod tests {
                 // A third caller meanwhile is refused: B's claim is live.
                 let meanwhile = third.execute(&s.clock, b"k", &fp, succeed(&runs));
                 assert_eq!(
-                    meanwhile.result.unwrap_err().code,
+                    meanwhile.result.unwrap_err().code(),
                     ErrorCode::InProgress.raw()
                 );
                 b_runs.set(1);
@@ -505,7 +511,7 @@ mod tests {
                 // The first caller fails late and releases: the second's claim must stay.
                 let rival_now = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
                 assert_eq!(
-                    rival_now.result.unwrap_err().code,
+                    rival_now.result.unwrap_err().code(),
                     ErrorCode::InProgress.raw()
                 );
                 succeed(&runs)()
@@ -513,7 +519,7 @@ mod tests {
             assert!(!second.result.unwrap());
             fail_with(ErrorCode::Network)()
         });
-        assert_eq!(first.result.unwrap_err().code, ErrorCode::Network.raw());
+        assert_eq!(first.result.unwrap_err().code(), ErrorCode::Network.raw());
         let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
         assert!(again.result.unwrap(), "the taker's completion stands");
         assert_eq!(runs.get(), 1);
@@ -526,7 +532,7 @@ mod tests {
         let runs = Cell::new(0);
         s.keyed.execute(&s.clock, b"k", &fp, || {
             let err = s.keyed.forget(&s.clock, b"k").unwrap_err();
-            assert_eq!(err.code, ErrorCode::InProgress.raw());
+            assert_eq!(err.code(), ErrorCode::InProgress.raw());
             succeed(&runs)()
         });
         s.keyed.forget(&s.clock, b"k").unwrap();
@@ -544,9 +550,12 @@ mod tests {
         let out = s
             .keyed
             .execute(&s.clock, &long, &fingerprint(b""), succeed(&runs));
-        assert_eq!(out.result.unwrap_err().code, ErrorCode::InvalidParam.raw());
         assert_eq!(
-            s.keyed.forget(&s.clock, b"").unwrap_err().code,
+            out.result.unwrap_err().code(),
+            ErrorCode::InvalidParam.raw()
+        );
+        assert_eq!(
+            s.keyed.forget(&s.clock, b"").unwrap_err().code(),
             ErrorCode::InvalidParam.raw()
         );
         assert_eq!(runs.get(), 0);
@@ -554,9 +563,9 @@ mod tests {
         assert!(check_key(&[0xff; 255]).is_ok());
         let err = check_key(&[b'k'; 256]).unwrap_err();
         assert!(
-            err.detail.contains("`key`") && err.detail.contains("256"),
+            err.detail().contains("`key`") && err.detail().contains("256"),
             "{}",
-            err.detail
+            err.detail()
         );
     }
 
@@ -570,10 +579,10 @@ mod tests {
         let fp = fingerprint(b"p");
         let s = setup(Some(ErrorCode::Timeout), None);
         let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(out.result.unwrap_err().code, -7);
+        assert_eq!(out.result.unwrap_err().code(), -7);
         let s = setup(None, Some(ErrorCode::ConnectionLost));
         let out = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
-        assert_eq!(out.result.unwrap_err().code, -11);
+        assert_eq!(out.result.unwrap_err().code(), -11);
         assert!(errors.get(-7) > timeouts, "a failed claim is counted");
         assert!(errors.get(-11) > lost, "a failed completion is counted");
     }

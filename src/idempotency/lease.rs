@@ -8,7 +8,7 @@
 
 use super::{ClaimToken, IdempotencyStore};
 use crate::clock::Clock;
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -79,12 +79,7 @@ impl LeaseKeeper {
                 let Some(store) = store.upgrade() else { return };
                 thread_shared.tick(store.as_ref(), clock.unix_ms());
             })
-            .map_err(|e| {
-                Failure::new(
-                    ErrorCode::MemoryAlloc,
-                    format!("Memory allocation failed: cannot start the lease thread: {e}"),
-                )
-            })?;
+            .map_err(|e| Failure::OutOfResources(format!("cannot start the lease thread: {e}")))?;
         Ok(LeaseKeeper {
             shared,
             thread: Some(thread),
@@ -139,13 +134,13 @@ impl Shared {
                 }
                 Err(failure) => tracing::warn!(
                     keys = due.len(),
-                    reason = %failure.detail,
+                    reason = %failure.detail(),
                     "idempotency leases not renewed; retrying at the next tick"
                 ),
             }
         }
         if let Err(failure) = store.maintain(now_ms) {
-            tracing::warn!(reason = %failure.detail, "idempotency store housekeeping failed");
+            tracing::warn!(reason = %failure.detail(), "idempotency store housekeeping failed");
         }
     }
 }

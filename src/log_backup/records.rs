@@ -15,7 +15,7 @@
 use super::run_lock::{slot_of, RunLocks, RunSlot};
 use super::SubCommand;
 use crate::durable::{self, FileError};
-use crate::error::{ErrorCode, Failure};
+use crate::error::Failure;
 use crate::hex::{hex, unhex};
 use std::fmt::Write as _;
 use std::fs;
@@ -72,13 +72,10 @@ pub trait RunClaim {
 }
 
 pub fn in_progress(task: &str, command: SubCommand) -> Failure {
-    Failure::new(
-        ErrorCode::InProgress,
-        format!(
-            "Operation already in progress: {} of task {task:?} is being run by another caller",
-            command.name()
-        ),
-    )
+    Failure::InProgress(format!(
+        "{} of task {task:?} is being run by another caller",
+        command.name()
+    ))
 }
 
 pub struct RecordStore {
@@ -125,15 +122,8 @@ impl RecordStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(FileError::new("read retry records", &path, e).into()),
         };
-        let corrupt = |why: &str| {
-            Failure::new(
-                ErrorCode::DataCorruption,
-                format!(
-                    "Data corruption detected: retry record file {}: {why}",
-                    path.display()
-                ),
-            )
-        };
+        let corrupt =
+            |why: &str| Failure::Corruption(format!("retry record file {}: {why}", path.display()));
         let text = String::from_utf8(text).map_err(|_| corrupt("not UTF-8"))?;
         let body_end = text
             .rfind("checksum ")
@@ -310,6 +300,7 @@ impl RetryRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     fn sample() -> Sequence {
         Sequence {
@@ -352,7 +343,7 @@ mod tests {
         let run = store.begin_run("t", SubCommand::Stop).unwrap();
         run.save(&sample()).unwrap();
         let busy =
-            |r: Result<_, Failure>| r.err().map(|f| f.code) == Some(ErrorCode::InProgress.raw());
+            |r: Result<_, Failure>| r.err().map(|f| f.code()) == Some(ErrorCode::InProgress.raw());
         assert!(busy(store.begin_run("t", SubCommand::Stop).map(|_| ())));
         assert!(busy(other.begin_run("t", SubCommand::Stop).map(|_| ())));
         assert!(busy(other.reset("t", SubCommand::Stop)));
@@ -384,11 +375,11 @@ mod tests {
         bytes[30] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let err = store.load("t", SubCommand::Pause).unwrap_err();
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
         assert!(
-            err.detail.contains(&path.display().to_string()),
+            err.detail().contains(&path.display().to_string()),
             "{}",
-            err.detail
+            err.detail()
         );
         // Never silently reset: the file is still there.
         assert!(path.exists());

@@ -6,7 +6,7 @@
 use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
-use crate::error::{is_retryable, message_of, ErrorCode, Failure};
+use crate::error::{is_retryable, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::{RetryPolicy, Sleeper};
 use std::time::Duration;
@@ -228,10 +228,10 @@ impl Runner<'_> {
                             command = command.name(),
                             "log-backup retry wait cancelled"
                         );
-                        outcome.result = Err(Failure::new(
-                            ErrorCode::Cancelled,
-                            format!("Operation cancelled: plugin cleanup during the retry wait of {} on task {task:?}", command.name()),
-                        ));
+                        outcome.result = Err(Failure::Cancelled(format!(
+                            "plugin cleanup during the retry wait of {} on task {task:?}",
+                            command.name()
+                        )));
                         return outcome;
                     }
                     let now = self.clock.unix_ms();
@@ -261,9 +261,8 @@ impl Runner<'_> {
                         recovered: true,
                     },
                     Err(other) => other,
-                    Ok(_) => Attempt::Retryable(Failure::new(
-                        ErrorCode::Unknown,
-                        "the previous attempt was interrupted (the process died)",
+                    Ok(_) => Attempt::Retryable(Failure::Indeterminate(
+                        "the previous attempt was interrupted (the process died)".to_string(),
                     )),
                 },
             };
@@ -321,7 +320,9 @@ impl Runner<'_> {
     ) -> Result<SubCommand, Attempt> {
         let (state, truncated) = match driver.query() {
             Ok(observed) => observed,
-            Err(failure) if is_retryable(failure.code) => return Err(Attempt::Retryable(failure)),
+            Err(failure) if is_retryable(failure.code()) => {
+                return Err(Attempt::Retryable(failure))
+            }
             Err(failure) => return Err(Attempt::Permanent(failure)),
         };
         let decision = decide(command, state, truncated);
@@ -329,9 +330,8 @@ impl Runner<'_> {
             self.metrics.syncs[command as usize][state as usize].inc();
         }
         if state == KernelState::Unknown {
-            return Err(Attempt::Retryable(Failure::new(
-                ErrorCode::Unknown,
-                "the task's state is UNKNOWN",
+            return Err(Attempt::Retryable(Failure::Indeterminate(
+                "the task's state is UNKNOWN".to_string(),
             )));
         }
         if decision.should_skip {
@@ -341,13 +341,10 @@ impl Runner<'_> {
             });
         }
         decision.actual.ok_or_else(|| {
-            Attempt::Permanent(Failure::new(
-                ErrorCode::InvalidState,
-                format!(
-                    "Invalid state for command: cannot {} a task in state {state:?}",
-                    command.name()
-                ),
-            ))
+            Attempt::Permanent(Failure::InvalidState(format!(
+                "cannot {} a task in state {state:?}",
+                command.name()
+            )))
         })
     }
 
@@ -378,9 +375,9 @@ impl Runner<'_> {
             }
         }
         // The host's own code is kept as it is, even outside the table.
-        let failure = Failure {
+        let failure = Failure::HostCall {
+            what: actual.name().to_string(),
             code,
-            detail: format!("{} failed with {code}: {}", actual.name(), message_of(code)),
         };
         if is_retryable(code) {
             Attempt::Retryable(failure)
@@ -404,26 +401,28 @@ impl Runner<'_> {
         let first_failure = *sequence.first_failure_ms.get_or_insert(now);
         let retry_num = sequence.records.len() as u32 + 1;
         if retry_num > policy.max_retry {
-            let reason = Failure::new(
-                ErrorCode::RetryExhausted,
-                format!(
-                    "Retry attempts exhausted: {} of task {task:?} failed after {} retries; last error {}: {}",
-                    command.name(), policy.max_retry, failure.code, failure.detail
+            let reason = Failure::RetryExhausted {
+                context: format!(
+                    "{} of task {task:?} failed after {} retries",
+                    command.name(),
+                    policy.max_retry
                 ),
-            );
+                last: Box::new(failure),
+            };
             return Err(self.finish(run, task, command, sequence, reason));
         }
         let wait_ms = policy.wait(retry_num).as_millis() as u64;
         let expected = now.saturating_add(wait_ms);
         let budget_end = first_failure.saturating_add(policy.timeout.as_millis() as u64);
         if expected > budget_end {
-            let reason = Failure::new(
-                ErrorCode::Timeout,
-                format!(
-                    "Operation timeout: {} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget; last error {}: {}",
-                    command.name(), policy.timeout.as_millis(), failure.code, failure.detail
+            let reason = Failure::Timeout {
+                context: format!(
+                    "{} of task {task:?}: the next wait of {wait_ms} ms would end past the {} ms budget",
+                    command.name(),
+                    policy.timeout.as_millis()
                 ),
-            );
+                last: Box::new(failure),
+            };
             return Err(self.finish(run, task, command, sequence, reason));
         }
         sequence.records.push(RetryRecord {
@@ -431,14 +430,14 @@ impl Runner<'_> {
             detect_failed_at_ms: now,
             expected_retry_at_ms: expected,
             real_retry_at_ms: 0,
-            reason_code: failure.code,
-            original_reason: truncate_reason(&failure.detail),
+            reason_code: failure.code(),
+            original_reason: truncate_reason(&failure.detail()),
         });
         tracing::info!(
             task,
             command = command.name(),
             retry = retry_num,
-            code = failure.code,
+            code = failure.code(),
             wait_ms,
             "log-backup command failed, retrying"
         );
@@ -454,8 +453,8 @@ impl Runner<'_> {
         sequence: &mut Sequence,
         failure: Failure,
     ) -> Failure {
-        tracing::warn!(task, command = command.name(), code = failure.code, reason = %failure.detail, "log-backup command gave up");
-        sequence.outcome = Some(failure.code);
+        tracing::warn!(task, command = command.name(), code = failure.code(), reason = %failure.detail(), "log-backup command gave up");
+        sequence.outcome = Some(failure.code());
         self.metrics
             .finished(command, sequence, self.clock.unix_ms());
         if !sequence.records.is_empty() {
@@ -471,6 +470,7 @@ impl Runner<'_> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::error::ErrorCode;
     use crate::log_backup::records::RecordStore;
     use crate::retry::FakeSleeper;
     use KernelState::*;
@@ -502,7 +502,7 @@ mod tests {
     impl TaskDriver for FakeTask {
         fn query(&mut self) -> Result<(KernelState, bool), Failure> {
             match self.query_error {
-                Some(code) => Err(Failure::from_code(code)),
+                Some(code) => Err(Failure::Host(code)),
                 None => Ok((self.state, self.truncated)),
             }
         }
@@ -574,7 +574,7 @@ mod tests {
     }
 
     fn code(outcome: &RunOutcome) -> i32 {
-        outcome.result.as_ref().err().map_or(0, |f| f.code)
+        outcome.result.as_ref().err().map_or(0, |f| f.code())
     }
 
     #[test]

@@ -50,10 +50,7 @@ impl FileStore {
                 Ok(()) => {}
                 Err(e) => {
                     let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
-                    sync.failed = Some(Failure {
-                        code: failure.code,
-                        detail: format!("{}; the idempotency store refuses further work until the plugin is restarted", failure.detail),
-                    });
+                    sync.failed = Some(failure.context("; the idempotency store refuses further work until the plugin is restarted"));
                 }
             }
             self.synced.notify_all();

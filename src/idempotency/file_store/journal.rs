@@ -139,7 +139,7 @@ impl FileStore {
         let bad = match bad {
             Ok(bad) => bad,
             Err(failure) => {
-                if failure.code == ErrorCode::DataCorruption.raw() {
+                if failure.code() == ErrorCode::DataCorruption.raw() {
                     inner.broken = Some(failure.clone());
                 }
                 return Err(failure);
@@ -180,14 +180,11 @@ impl FileStore {
 }
 
 pub(super) fn corruption(path: &Path, why: String) -> Failure {
-    let failure = Failure::new(
-        ErrorCode::DataCorruption,
-        format!(
-            "Data corruption detected: idempotency journal {}: {why}; it is left as it is for inspection",
-            path.display()
-        ),
-    );
-    tracing::error!(reason = %failure.detail, "idempotency store refuses work");
+    let failure = Failure::Corruption(format!(
+        "idempotency journal {}: {why}; it is left as it is for inspection",
+        path.display()
+    ));
+    tracing::error!(reason = %failure.detail(), "idempotency store refuses work");
     failure
 }
 

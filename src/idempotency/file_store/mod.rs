@@ -323,7 +323,7 @@ impl FileStore {
             ..
         } = txn;
         if let Some(failure) = failed {
-            if failure.code == ErrorCode::DataCorruption.raw() {
+            if failure.code() == ErrorCode::DataCorruption.raw() {
                 inner.broken = Some(failure.clone());
             }
             return Err(failure);
@@ -697,11 +697,11 @@ mod tests {
         let err = FileStore::open(dir.path(), settings())
             .err()
             .expect("refused");
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
         assert!(
-            err.detail.contains("journal") && err.detail.contains("byte 0"),
+            err.detail().contains("journal") && err.detail().contains("byte 0"),
             "{}",
-            err.detail
+            err.detail()
         );
         assert_eq!(fs::read(&journal).unwrap(), bytes, "never silently emptied");
     }
@@ -719,8 +719,8 @@ mod tests {
         let err = FileStore::open(dir.path(), settings())
             .err()
             .expect("refused");
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw());
-        assert!(err.detail.contains("text format"), "{}", err.detail);
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
+        assert!(err.detail().contains("text format"), "{}", err.detail());
         assert_eq!(fs::read_to_string(&journal).unwrap(), line, "never cut off");
     }
 
@@ -737,7 +737,7 @@ mod tests {
         // `other` has read nothing yet: it reads the bad record now.
         for _ in 0..2 {
             let err = other.claim(b"three", &A, 2).unwrap_err();
-            assert_eq!(err.code, ErrorCode::DataCorruption.raw());
+            assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
         }
     }
 
@@ -865,8 +865,13 @@ mod images {
         replays(&store, 1..320);
         // ...and reading it back still checks it: corruption, on every call from then on.
         let err = store.claim(b"key-0", &FP, 11).unwrap_err();
-        assert_eq!(err.code, ErrorCode::DataCorruption.raw(), "{}", err.detail);
-        assert!(err.detail.contains("byte 0"), "{}", err.detail);
+        assert_eq!(
+            err.code(),
+            ErrorCode::DataCorruption.raw(),
+            "{}",
+            err.detail()
+        );
+        assert!(err.detail().contains("byte 0"), "{}", err.detail());
         assert!(store.claim(b"key-5", &FP, 11).is_err());
     }
 

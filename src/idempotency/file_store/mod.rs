@@ -90,6 +90,7 @@ pub struct FileStore {
     slack: u64,
     inner: Mutex<Inner>,
     sync: Mutex<SyncState>,
+    /// Notified when the sync state changes: a gathering leader looks again.
     synced: Condvar,
     compaction: Mutex<()>,
     /// Callers between entering a transaction and appending: a sync leader lets them
@@ -128,8 +129,10 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
-    /// Callers waiting for the fsync in flight (or the next one).
-    waiters: usize,
+    /// The sync leader waits for callers to join its fsync (on `FileStore::synced`).
+    gathering: bool,
+    /// Callers asleep until the fsync in flight (or the next one) ends.
+    sleepers: Vec<group_commit::Sleeper>,
     /// Callers the last fsync released: most come back with their next record soon.
     released: usize,
     /// How long the last fsync took: the leader waits a fraction of it for callers.
@@ -139,6 +142,7 @@ struct SyncState {
 }
 
 /// The point a transaction must see durable before it returns.
+#[derive(Clone, Copy)]
 struct SyncPoint {
     generation: u64,
     offset: u64,
@@ -232,7 +236,8 @@ impl FileStore {
                 written: end,
                 synced: end,
                 syncing: false,
-                waiters: 0,
+                gathering: false,
+                sleepers: Vec::new(),
                 released: 1,
                 last_sync: Duration::ZERO,
                 failed: None,
@@ -286,6 +291,10 @@ impl FileStore {
         self.in_transaction.fetch_add(1, Ordering::AcqRel);
         let result = self.transact_locked(f);
         self.in_transaction.fetch_sub(1, Ordering::AcqRel);
+        if result.is_err() {
+            // A gathering leader waits for no record from this caller.
+            self.nudge_leader(&self.sync.lock());
+        }
         let (value, point) = result?;
         self.wait_durable(point)?;
         Ok(value)

@@ -96,7 +96,16 @@ impl FileStore {
                     });
                 }
             }
-            wake_sleepers(&mut sync);
+            let woken = wake_sleepers(&mut sync);
+            // The leader's own records were written before its fsync began.
+            debug_assert!(sync.failed.is_some() || point.is_durable(&sync));
+            let result = sync.failed.clone().map_or(Ok(()), Err);
+            // Woken outside the mutex: their next appends need it at once.
+            drop(sync);
+            for thread in woken {
+                thread.unpark();
+            }
+            return result;
         }
     }
 
@@ -114,13 +123,15 @@ impl FileStore {
     }
 }
 
-/// After an fsync: wakes the sleepers it covered, and one it did not to lead the next fsync
-/// (the others sleep on, covered by that one). After a failure, all of them, to report it.
-fn wake_sleepers(sync: &mut SyncState) {
+/// After an fsync: tells the sleepers it covered, and one it did not to lead the next fsync
+/// (the others sleep on, covered by that one), after a failure all of them, to report it;
+/// the threads to unpark.
+fn wake_sleepers(sync: &mut SyncState) -> Vec<Thread> {
     let sleepers = std::mem::take(&mut sync.sleepers);
     // The leader and every caller that waited: most come back soon with their next record.
     sync.released = sleepers.len() + 1;
     let mut leader_named = false;
+    let mut woken_threads = Vec::with_capacity(sleepers.len());
     for sleeper in sleepers {
         let woken = if sync.failed.is_none() && sleeper.point.is_durable(sync) {
             DURABLE
@@ -132,8 +143,9 @@ fn wake_sleepers(sync: &mut SyncState) {
             continue;
         };
         sleeper.wake.store(woken, Ordering::Release);
-        sleeper.thread.unpark();
+        woken_threads.push(sleeper.thread);
     }
+    woken_threads
 }
 
 #[cfg(test)]

@@ -32,9 +32,7 @@ impl<'a> FileLock<'a> {
             }
         }
     }
-}
 
-impl<'a> FileLock<'a> {
     /// Leaves the lock held after the guard, for the next transaction of this process.
     pub(super) fn keep(self) {
         std::mem::forget(self);

@@ -44,7 +44,7 @@ use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +69,9 @@ impl FileStoreSettings {
 /// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
 const RESERVE_CHUNK: u64 = 64 << 10;
 const ALLOCATION_MARGIN: u64 = 8 << 10;
+/// Transactions of this process in a row that may pass the journal's lock on to the next
+/// one without unlocking, so that other processes get their turn.
+const MAX_KEPT: u32 = 16;
 /// Longest a sync leader waits for other callers to join its fsync.
 const MAX_GATHER: Duration = Duration::from_millis(1);
 
@@ -90,11 +93,17 @@ pub struct FileStore {
     slack: u64,
     inner: Mutex<Inner>,
     sync: Mutex<SyncState>,
+    /// Notified when the sync state changes: a gathering leader looks again.
     synced: Condvar,
     compaction: Mutex<()>,
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
     in_transaction: AtomicUsize,
+    /// Transactions waiting for `inner`.
+    entering: AtomicUsize,
+    /// The journal's lock was left held for the next transaction (how many in a row):
+    /// nothing changed the journal since the last one read it. Changed under `inner`.
+    lock_kept: AtomicU32,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
@@ -128,8 +137,10 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
-    /// Callers waiting for the fsync in flight (or the next one).
-    waiters: usize,
+    /// The sync leader waits for callers to join its fsync (on `FileStore::synced`).
+    gathering: bool,
+    /// Callers asleep until the fsync in flight (or the next one) ends.
+    sleepers: Vec<group_commit::Sleeper>,
     /// Callers the last fsync released: most come back with their next record soon.
     released: usize,
     /// How long the last fsync took: the leader waits a fraction of it for callers.
@@ -139,6 +150,7 @@ struct SyncState {
 }
 
 /// The point a transaction must see durable before it returns.
+#[derive(Clone, Copy)]
 struct SyncPoint {
     generation: u64,
     offset: u64,
@@ -232,7 +244,8 @@ impl FileStore {
                 written: end,
                 synced: end,
                 syncing: false,
-                waiters: 0,
+                gathering: false,
+                sleepers: Vec::new(),
                 released: 1,
                 last_sync: Duration::ZERO,
                 failed: None,
@@ -240,6 +253,8 @@ impl FileStore {
             synced: Condvar::new(),
             compaction: Mutex::new(()),
             in_transaction: AtomicUsize::new(0),
+            entering: AtomicUsize::new(0),
+            lock_kept: AtomicU32::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             dir,
@@ -274,8 +289,10 @@ impl FileStore {
         self.compact(now_ms, true)
     }
 
-    /// Waits for the journal's cross-process lock.
+    /// Waits for the journal's cross-process lock (called under `inner`).
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
+        // A lock kept by the last transaction is this caller's now, and released with it.
+        self.lock_kept.store(0, Ordering::Relaxed);
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
         Ok(lock.expect("a waiting lock is always taken"))
     }
@@ -286,6 +303,10 @@ impl FileStore {
         self.in_transaction.fetch_add(1, Ordering::AcqRel);
         let result = self.transact_locked(f);
         self.in_transaction.fetch_sub(1, Ordering::AcqRel);
+        if result.is_err() {
+            // A gathering leader waits for no record from this caller.
+            self.nudge_leader(&self.sync.lock());
+        }
         let (value, point) = result?;
         self.wait_durable(point)?;
         Ok(value)
@@ -296,7 +317,17 @@ impl FileStore {
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> T,
     ) -> Result<(T, SyncPoint), Failure> {
+        self.entering.fetch_add(1, Ordering::AcqRel);
         let mut inner = self.inner.lock();
+        self.entering.fetch_sub(1, Ordering::AcqRel);
+        // Queued transactions of this process pass the journal's lock on: no other process
+        // appended meanwhile, and two syscalls and a catch-up are saved (the sync leader
+        // waits for these transactions: they are its fsync's batch).
+        let kept = self.lock_kept.swap(0, Ordering::Relaxed);
+        let lock = match kept {
+            0 => self.lock_journal()?,
+            _ => FileLock::kept(&self.journal_lock),
+        };
         if let Some(failure) = inner
             .broken
             .clone()
@@ -304,8 +335,9 @@ impl FileStore {
         {
             return Err(failure);
         }
-        let lock = self.lock_journal()?;
-        self.catch_up(&mut inner)?;
+        if kept == 0 {
+            self.catch_up(&mut inner)?;
+        }
         let mut txn = Txn {
             store: self,
             inner: &inner,
@@ -354,7 +386,13 @@ impl FileStore {
             generation: inner.generation,
             offset: inner.end,
         };
-        drop(lock);
+        if self.entering.load(Ordering::Acquire) > 0 && kept < MAX_KEPT {
+            // Another transaction of this process waits for `inner`: it takes the lock over.
+            self.lock_kept.store(kept + 1, Ordering::Relaxed);
+            lock.keep();
+        } else {
+            drop(lock);
+        }
         drop(inner);
         Ok((value, point))
     }

@@ -12,11 +12,11 @@
 //! move only while the table grows, and keys whose last record lies past the image's end
 //! are left to the journal), so that a restart replays a short tail.
 
-use super::files::{create_fresh, reserve, FileLock};
+use super::files::{create_fresh, reserve, FileLock, Paced};
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
 use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
-use super::{FileStore, RESERVE_CHUNK};
+use super::{FileStore, Held, RESERVE_CHUNK};
 use crate::durable::{self, FileError};
 use crate::error::Failure;
 use crate::idempotency::record::{self, MAX_RECORD_BYTES};
@@ -28,11 +28,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Live records checked against the index at a time (one short hold of the mutex each).
-const BATCH: usize = 8192;
+const BATCH: usize = 2048;
 /// Slots copied into an image at a time under the mutex.
 const IMAGE_PIECE: usize = 16384;
 /// The tail is copied in rounds without the lock until this little is left.
-const TAIL_UNDER_LOCK: u64 = 256 << 10;
+const TAIL_UNDER_LOCK: u64 = 64 << 10;
 
 /// Why a rewrite stopped early.
 enum Stop {
@@ -61,6 +61,7 @@ struct Rewrite<'a> {
     /// Bytes written to the file; `out` follows them.
     flushed: u64,
     out: Vec<u8>,
+    paced: Paced,
 }
 
 impl Rewrite<'_> {
@@ -78,6 +79,7 @@ impl Rewrite<'_> {
     fn flush(&mut self) -> Result<(), Failure> {
         self.file
             .write_all_at(&self.out, self.flushed)
+            .and_then(|()| self.paced.wrote(&self.file, self.out.len()))
             .map_err(|e| FileError::new("write", self.path, e))?;
         self.flushed += self.out.len() as u64;
         self.out.clear();
@@ -101,6 +103,7 @@ impl Rewrite<'_> {
             .map_err(|e| FileError::new("read", old_path, e))?;
         self.file
             .write_all_at(&tail, self.flushed)
+            .and_then(|()| self.paced.wrote(&self.file, tail.len()))
             .map_err(|e| FileError::new("write", self.path, e))?;
         let mut at = 0;
         while at < tail.len() {
@@ -162,6 +165,7 @@ impl FileStore {
         // 1. Under the lock: where the journal ends.
         let (from, generation, old, keys) = {
             let mut inner = self.inner.lock();
+            let _held = Held::since_now(&self.longest_hold_us);
             let _lock = self.lock_journal()?;
             self.catch_up(&mut inner)?;
             if !force && inner.end <= inner.compact_at {
@@ -182,6 +186,7 @@ impl FileStore {
             index: Index::with_capacity(keys),
             flushed: 0,
             out: Vec::with_capacity(CHUNK + MAX_RECORD_BYTES),
+            paced: Paced::default(),
         };
         match self.rewrite(now_ms, rewrite, &old, from, generation) {
             Ok(()) => Ok(()),
@@ -232,7 +237,7 @@ impl FileStore {
         self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
         // 3. Still without it: what callers appended meanwhile, in rounds.
         let mut copied = from;
-        for _ in 0..8 {
+        for _ in 0..16 {
             let end = self.caught_up_end(generation)?;
             if end - copied <= TAIL_UNDER_LOCK {
                 break;
@@ -242,7 +247,15 @@ impl FileStore {
         }
         rw.flush()?;
         let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
+        // Room for the tail still to come and for the completions of the claims, reserved
+        // and made durable now, so that the switch under the lock rarely allocates.
+        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        let reserved_to = match reserve(&rw.file, rw.flushed, ahead).map_err(side)? {
+            true => rw.flushed + ahead,
+            false => u64::MAX,
+        };
         rw.file.sync_data().map_err(side)?;
+        rw.paced = Paced::default();
         // The image of the new journal's index, up to here.
         let covered = rw.flushed;
         // No image while the new index still grows (it was sized for the keys at the start).
@@ -253,8 +266,14 @@ impl FileStore {
             let covers = Covers::of(&rw.file, covered).map_err(side)?;
             image.finish(covers, &self.image_tmp_path)?;
         }
+        // Writing the image took a while: what was appended meanwhile, still unlocked.
+        let end = self.caught_up_end(generation)?;
+        rw.copy_tail(old, &self.journal_path, copied, end)?;
+        copied = end;
+        rw.file.sync_data().map_err(side)?;
         // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
+        let held = Held::since_now(&self.longest_hold_us);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -262,13 +281,11 @@ impl FileStore {
         }
         rw.copy_tail(old, &self.journal_path, copied, inner.end)?;
         let new_len = rw.flushed;
-        reserve(
-            &rw.file,
-            new_len,
-            room_for(rw.index.claims()) + RESERVE_CHUNK,
-        )
-        .and_then(|_| rw.file.sync_data())
-        .map_err(side)?;
+        let needed = new_len + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        if needed > reserved_to {
+            reserve(&rw.file, new_len, needed - new_len).map_err(side)?;
+        }
+        rw.file.sync_data().map_err(side)?;
         // An image, if any, must not describe the old journal once the new one is in place.
         let image = if imaged {
             fs::rename(&self.image_tmp_path, &self.image_path)
@@ -299,6 +316,7 @@ impl FileStore {
         sync.synced = new_len;
         drop(sync);
         self.synced.notify_all();
+        drop(held);
         drop(_lock);
         drop(inner);
         drop(old_index);
@@ -322,6 +340,7 @@ impl FileStore {
     ) -> Result<(), Stop> {
         let current: Vec<bool> = {
             let inner = self.inner.lock();
+            let _held = Held::since_now(&self.longest_hold_us);
             if inner.generation != generation {
                 return Err(Stop::Abandoned);
             }
@@ -341,6 +360,7 @@ impl FileStore {
     /// Where the journal ends once this process has read every append (briefly locked).
     fn caught_up_end(&self, generation: u64) -> Result<u64, Stop> {
         let mut inner = self.inner.lock();
+        let _held = Held::since_now(&self.longest_hold_us);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -354,6 +374,7 @@ impl FileStore {
     pub(super) fn checkpoint(&self) -> Result<(), Failure> {
         let (covered, generation, epoch, slots, journal) = {
             let inner = self.inner.lock();
+            let _held = Held::since_now(&self.longest_hold_us);
             let behind = inner.end.saturating_sub(inner.imaged);
             // While the index grows its slots move: the next maintenance writes it.
             let Some(slots) = inner.index.slots().map(<[Slot]>::len) else {
@@ -385,6 +406,7 @@ impl FileStore {
         for start in (0..slots).step_by(IMAGE_PIECE) {
             {
                 let inner = self.inner.lock();
+                let _held = Held::since_now(&self.longest_hold_us);
                 // Rebuilt (slots moved) or replaced: the next maintenance starts over.
                 if inner.generation != generation || inner.index.epoch != epoch {
                     drop(inner);
@@ -403,6 +425,7 @@ impl FileStore {
         }
         image.finish(covers, tmp)?;
         let mut inner = self.inner.lock();
+        let _held = Held::since_now(&self.longest_hold_us);
         if inner.generation != generation {
             let _ = fs::remove_file(tmp);
             return Ok(());

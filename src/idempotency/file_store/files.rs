@@ -8,6 +8,29 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// Bytes a side file (a compaction's new journal, an index image) is written ahead of
+/// the disk: syncing it as it goes keeps the callers' `fdatasync` of the journal short (on
+/// ext4 a commit waits for the data of every file written since the last one, so hundreds
+/// of MB of side file written at once would stall the callers' fsyncs for a second).
+pub(super) const SYNC_EVERY: u64 = 8 << 20;
+
+/// Counts bytes written to a side file and syncs it every [`SYNC_EVERY`].
+#[derive(Default)]
+pub(super) struct Paced {
+    unsynced: u64,
+}
+
+impl Paced {
+    pub(super) fn wrote(&mut self, file: &File, bytes: usize) -> io::Result<()> {
+        self.unsynced += bytes as u64;
+        if self.unsynced >= SYNC_EVERY {
+            file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+}
+
 /// An exclusive `flock`, released on drop.
 pub(super) struct FileLock<'a>(&'a File);
 

@@ -25,6 +25,7 @@
 
 mod compaction;
 mod files;
+mod follow;
 mod group_commit;
 mod image;
 mod index;
@@ -92,12 +93,33 @@ pub struct FileStore {
     sync: Mutex<SyncState>,
     synced: Condvar,
     compaction: Mutex<()>,
+    /// The index of a journal another process put in place, loaded without the locks.
+    followed: Mutex<Option<follow::Followed>>,
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
     in_transaction: AtomicUsize,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
+    /// The longest maintenance held the store's mutex, in µs (see [`Held`]).
+    longest_hold_us: AtomicU64,
+}
+
+/// Notes, when dropped, how long maintenance held the mutex since it was made: what a
+/// caller may have waited for, whatever the machine's scheduling adds to it.
+struct Held<'a>(&'a AtomicU64, std::time::Instant);
+
+impl Held<'_> {
+    fn since_now(longest: &AtomicU64) -> Held<'_> {
+        Held(longest, std::time::Instant::now())
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0
+            .fetch_max(self.1.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// The journal as this process has read it.
@@ -239,9 +261,11 @@ impl FileStore {
             }),
             synced: Condvar::new(),
             compaction: Mutex::new(()),
+            followed: Mutex::new(None),
             in_transaction: AtomicUsize::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
+            longest_hold_us: AtomicU64::new(0),
             dir,
         };
         store.transact(|_| ())?;
@@ -267,6 +291,12 @@ impl FileStore {
     /// Compactions this handle made.
     pub fn compactions(&self) -> u64 {
         self.compactions.load(Ordering::Relaxed)
+    }
+
+    /// The longest that maintenance (a compaction's steps, an image's pieces, following
+    /// another process's compaction) held the mutex that every call of this handle takes.
+    pub fn longest_maintenance_hold(&self) -> Duration {
+        Duration::from_micros(self.longest_hold_us.load(Ordering::Relaxed))
     }
 
     /// Compacts the journal now, however little it has grown (for tools and benchmarks).
@@ -303,6 +333,12 @@ impl FileStore {
             .or_else(|| self.sync.lock().failed.clone())
         {
             return Err(failure);
+        }
+        if self.replaced(&inner)? {
+            // Another process compacted: its index is loaded without any lock held.
+            drop(inner);
+            self.prepare_follow()?;
+            inner = self.inner.lock();
         }
         let lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
@@ -455,6 +491,10 @@ impl IdempotencyStore for FileStore {
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
         let retired = self.inner.lock().index.take_retired();
         drop(retired);
+        if self.replaced(&self.inner.lock())? {
+            // Ahead of the callers, who then only read the journal past its image.
+            self.prepare_follow()?;
+        }
         // The file's size too, not only this process's view: other processes append.
         let grown = || {
             let inner = self.inner.lock();

@@ -28,9 +28,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Live records checked against the index at a time (one short hold of the mutex each).
-const BATCH: usize = 2048;
+const BATCH: usize = 1024;
 /// Slots copied into an image at a time under the mutex.
-const IMAGE_PIECE: usize = 16384;
+const IMAGE_PIECE: usize = 4096;
 /// The tail is copied in rounds without the lock until this little is left.
 const TAIL_UNDER_LOCK: u64 = 64 << 10;
 
@@ -271,6 +271,9 @@ impl FileStore {
         rw.copy_tail(old, &self.journal_path, copied, end)?;
         copied = end;
         rw.file.sync_data().map_err(side)?;
+        // The image replaced stays open until the lock is released: the rename then does
+        // not free its blocks (tens of ms for a large file) under the lock.
+        let replaced_image = File::open(&self.image_path).ok();
         // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
         let held = Held::since_now(&self.longest_hold_us);
@@ -320,6 +323,7 @@ impl FileStore {
         drop(_lock);
         drop(inner);
         drop(old_index);
+        drop(replaced_image);
         self.compactions.fetch_add(1, Ordering::Relaxed);
         self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(
@@ -338,17 +342,21 @@ impl FileStore {
         bytes: &mut Vec<u8>,
         generation: u64,
     ) -> Result<(), Stop> {
-        let current: Vec<bool> = {
-            let inner = self.inner.lock();
+        let (current, retired): (Vec<bool>, _) = {
+            let mut inner = self.inner.lock();
             let _held = Held::since_now(&self.longest_hold_us);
             if inner.generation != generation {
                 return Err(Stop::Abandoned);
             }
-            batch
+            let current = batch
                 .iter()
                 .map(|c| inner.index.is_current(c.hash, c.offset))
-                .collect()
+                .collect();
+            // A table the index outgrew meanwhile is freed now, not after the compaction:
+            // the process would otherwise hold three tables at once.
+            (current, inner.index.take_retired())
         };
+        drop(retired);
         for (c, _) in batch.iter().zip(current).filter(|(_, keep)| *keep) {
             rw.push_new(&bytes[c.start..c.start + c.len], c.hash, c.claim)?;
         }
@@ -424,6 +432,8 @@ impl FileStore {
             image.push(&piece, covered, tmp)?;
         }
         image.finish(covers, tmp)?;
+        // Closed after the lock, so that the rename does not free the old image under it.
+        let _replaced_image = File::open(&self.image_path).ok();
         let mut inner = self.inner.lock();
         let _held = Held::since_now(&self.longest_hold_us);
         if inner.generation != generation {

@@ -97,7 +97,8 @@ impl FileStore {
             meta = journal
                 .metadata()
                 .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-            inner.journal = journal.clone();
+            // The old journal is closed (its blocks freed) by housekeeping, not under the lock.
+            inner.closing = Some(std::mem::replace(&mut inner.journal, journal.clone()));
             inner.generation += 1;
             inner.end = end;
             inner.imaged = end;

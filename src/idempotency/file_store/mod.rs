@@ -117,8 +117,8 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0
-            .fetch_max(self.1.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let us = self.1.elapsed().as_micros() as u64;
+        self.0.fetch_max(us, Ordering::Relaxed);
     }
 }
 
@@ -139,6 +139,8 @@ struct Inner {
     compact_at: u64,
     /// Corruption found: every call reports it.
     broken: Option<Failure>,
+    /// A journal another process replaced, to be closed outside the lock.
+    closing: Option<Arc<File>>,
 }
 
 /// Group commit of the current journal file.
@@ -247,6 +249,7 @@ impl FileStore {
                 imaged: end,
                 compact_at: settings.compaction_slack_bytes,
                 broken: None,
+                closing: None,
             }),
             sync: Mutex::new(SyncState {
                 generation: 0,
@@ -489,7 +492,10 @@ impl IdempotencyStore for FileStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
-        let retired = self.inner.lock().index.take_retired();
+        let retired = {
+            let mut inner = self.inner.lock();
+            (inner.index.take_retired(), inner.closing.take())
+        };
         drop(retired);
         if self.replaced(&self.inner.lock())? {
             // Ahead of the callers, who then only read the journal past its image.

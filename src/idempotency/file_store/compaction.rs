@@ -4,8 +4,13 @@
 //! is scanned without the lock, each record kept if it is live and still its key's last
 //! one (checked against the index in short batches under the mutex), and a new index is
 //! built as the records are written. What callers append meanwhile is copied in rounds
-//! without the lock; only the last few records are copied under it before the new file
-//! (already fsynced) and the image of its index are renamed into place.
+//! without the lock; only the last few records (under 64 KB) are copied under it before
+//! the new file (already fsynced, its room reserved) and the image of its index are
+//! renamed into place. The new file and the images are synced every few MB as they are
+//! written, so that the callers' own fsyncs never wait for hundreds of MB of them; the
+//! files replaced are closed after the lock is released, so that their blocks are not
+//! freed under it. [`FileStore::longest_maintenance_hold`] tells how long the mutex was
+//! held at most.
 //!
 //! Between compactions, once the journal has grown past what the image on disk covers by a
 //! sixteenth, the index is written as a new image, copied in pieces under the mutex (slots
@@ -247,13 +252,6 @@ impl FileStore {
         }
         rw.flush()?;
         let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
-        // Room for the tail still to come and for the completions of the claims, reserved
-        // and made durable now, so that the switch under the lock rarely allocates.
-        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
-        let reserved_to = match reserve(&rw.file, rw.flushed, ahead).map_err(side)? {
-            true => rw.flushed + ahead,
-            false => u64::MAX,
-        };
         rw.file.sync_data().map_err(side)?;
         rw.paced = Paced::default();
         // The image of the new journal's index, up to here.
@@ -270,6 +268,15 @@ impl FileStore {
         let end = self.caught_up_end(generation)?;
         rw.copy_tail(old, &self.journal_path, copied, end)?;
         copied = end;
+        // Room for the tail still to come and for the completions of the claims, reserved
+        // and made durable now, so that the switch under the lock rarely allocates.
+        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        let reserved_to = match reserve(&rw.file, rw.flushed, ahead) {
+            Ok(true) => rw.flushed + ahead,
+            Ok(false) => u64::MAX,
+            // A nearly full disk: only what the switch needs, under the lock.
+            Err(_) => rw.flushed,
+        };
         rw.file.sync_data().map_err(side)?;
         // The image replaced stays open until the lock is released: the rename then does
         // not free its blocks (tens of ms for a large file) under the lock.

@@ -18,7 +18,8 @@
 //! - **Bounded.** Once the journal has doubled since its last compaction (plus some
 //!   slack), [`FileStore::maintain`] rewrites it with the live records only, without
 //!   holding the lock but for the last few records (see `compaction.rs`). Other processes see
-//!   the old journal unlinked and reopen the new one.
+//!   the old journal unlinked and reopen the new one, loading its index image with no lock
+//!   held (see `follow.rs`).
 //! - **Quick restart.** `index` holds an image of the index (see `image.rs`), written at each
 //!   compaction and whenever the journal has grown a sixteenth past it: a restart loads it and
 //!   reads only the journal past it.

@@ -170,7 +170,7 @@ impl FileStore {
         // 1. Under the lock: where the journal ends.
         let (from, generation, old, keys) = {
             let mut inner = self.inner.lock();
-            let _held = Held::since_now(&self.longest_hold_us);
+            let _held = Held::since_now(self);
             let _lock = self.lock_journal()?;
             self.catch_up(&mut inner)?;
             if !force && inner.end <= inner.compact_at {
@@ -283,7 +283,7 @@ impl FileStore {
         let replaced_image = File::open(&self.image_path).ok();
         // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
-        let held = Held::since_now(&self.longest_hold_us);
+        let held = Held::since_now(self);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -351,7 +351,7 @@ impl FileStore {
     ) -> Result<(), Stop> {
         let (current, retired): (Vec<bool>, _) = {
             let mut inner = self.inner.lock();
-            let _held = Held::since_now(&self.longest_hold_us);
+            let _held = Held::since_now(self);
             if inner.generation != generation {
                 return Err(Stop::Abandoned);
             }
@@ -375,7 +375,7 @@ impl FileStore {
     /// Where the journal ends once this process has read every append (briefly locked).
     fn caught_up_end(&self, generation: u64) -> Result<u64, Stop> {
         let mut inner = self.inner.lock();
-        let _held = Held::since_now(&self.longest_hold_us);
+        let _held = Held::since_now(self);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -389,7 +389,7 @@ impl FileStore {
     pub(super) fn checkpoint(&self) -> Result<(), Failure> {
         let (covered, generation, epoch, slots, journal) = {
             let inner = self.inner.lock();
-            let _held = Held::since_now(&self.longest_hold_us);
+            let _held = Held::since_now(self);
             let behind = inner.end.saturating_sub(inner.imaged);
             // While the index grows its slots move: the next maintenance writes it.
             let Some(slots) = inner.index.slots().map(<[Slot]>::len) else {
@@ -421,7 +421,7 @@ impl FileStore {
         for start in (0..slots).step_by(IMAGE_PIECE) {
             {
                 let inner = self.inner.lock();
-                let _held = Held::since_now(&self.longest_hold_us);
+                let _held = Held::since_now(self);
                 // Rebuilt (slots moved) or replaced: the next maintenance starts over.
                 if inner.generation != generation || inner.index.epoch != epoch {
                     drop(inner);
@@ -442,7 +442,7 @@ impl FileStore {
         // Closed after the lock, so that the rename does not free the old image under it.
         let _replaced_image = File::open(&self.image_path).ok();
         let mut inner = self.inner.lock();
-        let _held = Held::since_now(&self.longest_hold_us);
+        let _held = Held::since_now(self);
         if inner.generation != generation {
             let _ = fs::remove_file(tmp);
             return Ok(());

@@ -90,7 +90,7 @@ impl FileStore {
     /// The journal now in place and its index as far as loaded (under the locks): the
     /// one prepared ahead when it is of this journal, else loaded now.
     pub(super) fn follow(&self) -> Result<(Arc<File>, Index, u64), Failure> {
-        let _held = Held::since_now(&self.longest_hold_us);
+        let _held = Held::since_now(self);
         let journal = Arc::new(open_rw(&self.journal_path)?);
         let inode = journal
             .metadata()

@@ -104,23 +104,48 @@ pub struct FileStore {
     compactions: AtomicU64,
     /// The longest maintenance held the store's mutex, in µs (see [`Held`]).
     longest_hold_us: AtomicU64,
+    /// The same, less the time its thread waited for a core meanwhile.
+    longest_running_hold_us: AtomicU64,
 }
 
 /// Notes, when dropped, how long maintenance held the mutex since it was made: what a
-/// caller may have waited for, whatever the machine's scheduling adds to it.
-struct Held<'a>(&'a AtomicU64, std::time::Instant);
+/// caller may have waited for; and that time less what the thread waited for a core
+/// meanwhile, which is what the work itself takes on a machine shared with other work.
+struct Held<'a> {
+    store: &'a FileStore,
+    since: std::time::Instant,
+    waited_ns: u64,
+}
 
 impl Held<'_> {
-    fn since_now(longest: &AtomicU64) -> Held<'_> {
-        Held(longest, std::time::Instant::now())
+    fn since_now(store: &FileStore) -> Held<'_> {
+        Held {
+            store,
+            since: std::time::Instant::now(),
+            waited_ns: waited_for_cpu_ns(),
+        }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        let us = self.1.elapsed().as_micros() as u64;
-        self.0.fetch_max(us, Ordering::Relaxed);
+        let us = self.since.elapsed().as_micros() as u64;
+        let waited_us = waited_for_cpu_ns().saturating_sub(self.waited_ns) / 1000;
+        let store = self.store;
+        store.longest_hold_us.fetch_max(us, Ordering::Relaxed);
+        store
+            .longest_running_hold_us
+            .fetch_max(us.saturating_sub(waited_us), Ordering::Relaxed);
     }
+}
+
+/// How long this thread has waited for a core so far, in ns (0 where the kernel does not
+/// say): the second field of `/proc/thread-self/schedstat`.
+fn waited_for_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The journal as this process has read it.
@@ -270,6 +295,7 @@ impl FileStore {
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             longest_hold_us: AtomicU64::new(0),
+            longest_running_hold_us: AtomicU64::new(0),
             dir,
         };
         store.transact(|_| ())?;
@@ -301,6 +327,12 @@ impl FileStore {
     /// another process's compaction) held the mutex that every call of this handle takes.
     pub fn longest_maintenance_hold(&self) -> Duration {
         Duration::from_micros(self.longest_hold_us.load(Ordering::Relaxed))
+    }
+
+    /// The same, less the time the holding thread waited for a core meanwhile: what the
+    /// maintenance work itself costs callers, on a machine shared with other work.
+    pub fn longest_maintenance_hold_running(&self) -> Duration {
+        Duration::from_micros(self.longest_running_hold_us.load(Ordering::Relaxed))
     }
 
     /// Compacts the journal now, however little it has grown (for tools and benchmarks).

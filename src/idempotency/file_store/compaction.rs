@@ -17,7 +17,7 @@
 //! move only while the table grows, and keys whose last record lies past the image's end
 //! are left to the journal), so that a restart replays a short tail.
 
-use super::files::{create_fresh, reserve, FileLock, Paced};
+use super::files::{advise_random, create_fresh, reserve, FileLock, Paced};
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
 use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
@@ -185,6 +185,8 @@ impl FileStore {
             )
         };
         let file = create_fresh(&self.compact_path)?;
+        // It becomes the journal: read at random offsets.
+        advise_random(&file);
         let rewrite = Rewrite {
             path: &self.compact_path,
             file,

@@ -1,7 +1,7 @@
 //! The file-system calls the store needs beyond `std`, through `rustix` (no `unsafe`).
 
 use crate::durable::FileError;
-use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
+use rustix::fs::{fadvise, fallocate, flock, Advice, FallocateFlags, FlockOperation};
 use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -73,6 +73,14 @@ pub(super) fn open_rw(path: &Path) -> Result<File, FileError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| FileError::new("open", path, e))
+}
+
+/// Tells the kernel that a journal is read at random offsets (each call reads its key's
+/// record back, under the store's mutex): a page-cache miss then reads that page only,
+/// not a readahead window that the cached pages before it suggest. Scans read 4 MB at a
+/// time and need no readahead. Only advice: a kernel that ignores it changes nothing.
+pub(super) fn advise_random(file: &File) {
+    let _ = fadvise(file, 0, None, Advice::Random);
 }
 
 /// A new, empty side file at `path` (a compaction's new journal, an index image), 0640,

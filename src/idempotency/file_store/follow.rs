@@ -6,7 +6,7 @@
 //! Before, the image was loaded and the records past it applied under the journal's
 //! `flock`, so that every process waited for it.
 
-use super::files::open_rw;
+use super::files::{advise_random, open_rw};
 use super::image;
 use super::index::Index;
 use super::journal::apply;
@@ -50,6 +50,7 @@ impl FileStore {
     pub(super) fn prepare_follow(&self) -> Result<(), Failure> {
         let mut followed = self.followed.lock();
         let journal = Arc::new(open_rw(&self.journal_path)?);
+        advise_random(&journal);
         let inode = journal
             .metadata()
             .map_err(|e| FileError::new("stat", &self.journal_path, e))?
@@ -92,6 +93,7 @@ impl FileStore {
     pub(super) fn follow(&self) -> Result<(Arc<File>, Index, u64), Failure> {
         let _held = Held::since_now(self);
         let journal = Arc::new(open_rw(&self.journal_path)?);
+        advise_random(&journal);
         let inode = journal
             .metadata()
             .map_err(|e| FileError::new("stat", &self.journal_path, e))?

@@ -247,6 +247,7 @@ impl FileStore {
         let journal_lock = open_rw(&journal_lock_path)?;
         let compact_lock = open_rw(&compact_lock_path)?;
         let journal = Arc::new(open_rw(&journal_path)?);
+        files::advise_random(&journal);
         // The journal's directory entry must survive a power loss before any claim does.
         durable::sync_dir(&dir)?;
         let image_path = dir.join("index");

@@ -7,12 +7,15 @@
 //! - restart: open plus the first call (target ≤ 2 s);
 //! - claim rate (claim + complete of new keys) and replay rate (claims of completed keys) at
 //!   N keys against an empty store measured in the same process (target: at least 1/1.2);
-//! - the longest single call seen while filling (compactions run under the callers).
+//! - the longest single call (claim + complete) and its 99th percentile while filling, and
+//!   among the calls that overlapped a compaction (target: a few ms);
+//! - bytes read from the device per replay (page-cache misses).
 //!
 //! Each case runs in a child process of its own, so that its RSS is its own store's.
 //!
 //!   cargo bench --bench key_store_scale              1 M and 10 M, on /dev/shm and on disk
 //!   cargo bench --bench key_store_scale -- quick     1 M only (also KEY_STORE_SCALE=quick)
+//!   cargo bench --bench key_store_scale -- 10m disk  10 M only, on disk only (`tmpfs` too)
 //!
 //! On disk means a directory under `target/` (override with KEY_STORE_SCALE_DISK=<dir>).
 
@@ -59,38 +62,116 @@ fn key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}/vnode-{}/block-{i:012}", i % 128).into_bytes()
 }
 
-/// Claims and completes keys `range` of `prefix` from 8 threads; keys/s, the longest
-/// claim + complete, and how many took over 10 ms.
-fn fill(store: &FileStore, prefix: &str, range: std::ops::Range<u64>) -> (f64, Duration, u64) {
+/// Call durations in 10 µs steps up to 100 ms (the longest is kept apart).
+struct Histogram {
+    counts: Vec<u64>,
+    longest_us: u64,
+}
+
+const STEP_US: u64 = 10;
+const BUCKETS: usize = 10_000;
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            counts: vec![0; BUCKETS + 1],
+            longest_us: 0,
+        }
+    }
+    fn add(&mut self, us: u64) {
+        self.counts[((us / STEP_US) as usize).min(BUCKETS)] += 1;
+        self.longest_us = self.longest_us.max(us);
+    }
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.longest_us = self.longest_us.max(other.longest_us);
+    }
+    /// The longest and the 99th percentile, in ms.
+    fn worst_and_p99(&self) -> (f64, f64) {
+        let total: u64 = self.counts.iter().sum();
+        let mut seen = 0;
+        let mut p99 = 0;
+        for (at, n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen * 100 >= total * 99 {
+                p99 = (at as u64 + 1) * STEP_US;
+                break;
+            }
+        }
+        let p99 = p99.min(self.longest_us);
+        (self.longest_us as f64 / 1000.0, p99 as f64 / 1000.0)
+    }
+}
+
+/// What a fill saw.
+struct Filled {
+    rate: f64,
+    all: Histogram,
+    /// Calls that overlapped a `maintain` call: (start since the origin, duration) in µs.
+    near_maintenance: Vec<(u64, u64)>,
+}
+
+/// Claims and completes keys `range` of `prefix` from 8 threads, timing every call;
+/// `maintaining` is set while the housekeeping thread runs `maintain`.
+fn fill(
+    store: &FileStore,
+    prefix: &str,
+    range: std::ops::Range<u64>,
+    origin: Instant,
+    maintaining: &AtomicBool,
+) -> Filled {
     let next = AtomicU64::new(range.start);
-    let worst = AtomicU64::new(0);
-    let slow = AtomicU64::new(0);
     let started = Instant::now();
+    let mut filled = Filled {
+        rate: 0.0,
+        all: Histogram::new(),
+        near_maintenance: Vec::new(),
+    };
     std::thread::scope(|scope| {
-        for _ in 0..THREADS {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= range.end {
-                    break;
-                }
-                let key = key(prefix, i);
-                let fp = fingerprint(&key);
-                let t = Instant::now();
-                let Claim::Acquired { token, .. } = store.claim(&key, &fp, NOW_MS).unwrap() else {
-                    panic!("a new key was not acquired");
-                };
-                store.complete(&key, token, &fp, 0, NOW_MS).unwrap();
-                let took = t.elapsed().as_micros() as u64;
-                worst.fetch_max(took, Ordering::Relaxed);
-                if took > 10_000 {
-                    slow.fetch_add(1, Ordering::Relaxed);
-                }
-            });
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut all, mut near) = (Histogram::new(), Vec::new());
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= range.end {
+                            break (all, near);
+                        }
+                        let key = key(prefix, i);
+                        let fp = fingerprint(&key);
+                        let during = maintaining.load(Ordering::Relaxed);
+                        let t = Instant::now();
+                        let Claim::Acquired { token, .. } = store.claim(&key, &fp, NOW_MS).unwrap()
+                        else {
+                            panic!("a new key was not acquired");
+                        };
+                        store.complete(&key, token, &fp, 0, NOW_MS).unwrap();
+                        let took = t.elapsed().as_micros() as u64;
+                        all.add(took);
+                        if during || maintaining.load(Ordering::Relaxed) {
+                            near.push((t.duration_since(origin).as_micros() as u64, took));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            let (all, near) = thread.join().unwrap();
+            filled.all.merge(&all);
+            filled.near_maintenance.extend(near);
         }
     });
-    let rate = (range.end - range.start) as f64 / started.elapsed().as_secs_f64();
-    let worst = Duration::from_micros(worst.load(Ordering::Relaxed));
-    (rate, worst, slow.load(Ordering::Relaxed))
+    filled.rate = (range.end - range.start) as f64 / started.elapsed().as_secs_f64();
+    filled
+}
+
+/// Bytes this process has made the kernel read from a block device (page-cache misses).
+fn disk_read_bytes() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    let line = io.lines().find(|l| l.starts_with("read_bytes:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Claims `SAMPLE` completed keys picked at random among the first `live`: replays/s.
@@ -133,32 +214,64 @@ fn run_case(base: &Path, live: u64) {
     // The empty store: the reference, measured in rounds interleaved with the full one's
     // (the machine is shared and noisy).
     let empty = FileStore::open(&empty_dir, settings()).unwrap();
-    fill(&empty, "empty", 0..SAMPLE);
+    let origin = Instant::now();
+    let maintaining = AtomicBool::new(false);
+    fill(&empty, "empty", 0..SAMPLE, origin, &maintaining);
     let rss_before = rss_bytes();
     let store = FileStore::open(&full_dir, settings()).unwrap();
     let stop = AtomicBool::new(false);
-    let (fill_rate, worst, slow) = std::thread::scope(|scope| {
-        // Housekeeping as the lease thread does it (its tick, or woken when due).
+    let (filled, compacting) = std::thread::scope(|scope| {
+        // Housekeeping as the lease thread does it (its tick, or woken when due); it
+        // notes when each compaction ran.
         let keeper = scope.spawn(|| {
+            let mut windows = Vec::new();
             while !stop.load(Ordering::Relaxed) {
+                let (before, t) = (store.compactions(), Instant::now());
+                maintaining.store(true, Ordering::Relaxed);
                 store.maintain(NOW_MS).unwrap();
+                maintaining.store(false, Ordering::Relaxed);
+                if store.compactions() > before {
+                    let from = t.duration_since(origin).as_micros() as u64;
+                    windows.push((from, from + t.elapsed().as_micros() as u64));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            windows
         });
-        let out = fill(&store, "full", 0..live);
+        let out = fill(&store, "full", 0..live, origin, &maintaining);
         stop.store(true, Ordering::Relaxed);
-        keeper.join().unwrap();
-        out
+        (out, keeper.join().unwrap())
     });
+    let fill_rate = filled.rate;
+    let hold = store.longest_maintenance_hold();
+    let hold_running = store.longest_maintenance_hold_running();
+    let (worst, p99) = filled.all.worst_and_p99();
+    // Calls that overlapped a compaction.
+    let mut during = Histogram::new();
+    let mut during_calls = 0;
+    for (at, took) in &filled.near_maintenance {
+        if compacting
+            .iter()
+            .any(|(from, to)| *at < *to && at + took > *from)
+        {
+            during.add(*took);
+            during_calls += 1;
+        }
+    }
+    let (worst_compacting, p99_compacting) = during.worst_and_p99();
+    drop(filled);
     let rss_after = rss_bytes();
     let peak = peak_rss_bytes();
     let (mut claims, mut replays) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let mut replay_reads = 0;
     for round in 0..ROUNDS {
         let keys = SAMPLE + round * ROUND..SAMPLE + (round + 1) * ROUND;
-        claims[0].push(fill(&empty, "empty", keys.clone()).0);
-        claims[1].push(fill(&store, "more", keys.clone()).0);
+        claims[0].push(fill(&empty, "empty", keys.clone(), origin, &maintaining).rate);
+        claims[1].push(fill(&store, "more", keys.clone(), origin, &maintaining).rate);
         replays[0].push(replay(&empty, "empty", SAMPLE));
+        let read_before = disk_read_bytes();
         replays[1].push(replay(&store, "full", live));
+        replay_reads += disk_read_bytes() - read_before;
     }
     let [claim_empty, claim_full] = claims.map(median);
     let [replay_empty, replay_full] = replays.map(median);
@@ -177,8 +290,7 @@ fn run_case(base: &Path, live: u64) {
     assert_eq!(claim, Claim::Replay { result: 0 });
     drop(store);
     std::fs::remove_dir_all(&full_dir).unwrap();
-    println!(
-        "result {} {} {} {} {} {} {} {} {} {} {} {}",
+    let fields = [
         (rss_after.saturating_sub(rss_before)) as f64 / live as f64,
         disk as f64 / live_total as f64,
         restart.as_secs_f64(),
@@ -187,11 +299,19 @@ fn run_case(base: &Path, live: u64) {
         replay_empty,
         replay_full,
         fill_rate,
-        worst.as_secs_f64() * 1000.0,
-        live,
+        worst,
+        p99,
         (peak.saturating_sub(rss_before)) as f64 / live as f64,
-        slow,
-    );
+        compacting.len() as f64,
+        during_calls as f64,
+        worst_compacting,
+        p99_compacting,
+        replay_reads as f64 / (ROUNDS * ROUND) as f64,
+        hold.as_secs_f64() * 1000.0,
+        hold_running.as_secs_f64() * 1000.0,
+    ];
+    let fields: Vec<String> = fields.iter().map(f64::to_string).collect();
+    println!("result {}", fields.join(" "));
 }
 
 fn main() {
@@ -202,10 +322,20 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "quick")
         || std::env::var("KEY_STORE_SCALE").is_ok_and(|v| v == "quick");
+    let only_10m = args.iter().any(|a| a == "10m");
     let sizes: &[u64] = if quick {
         &[1_000_000]
+    } else if only_10m {
+        &[10_000_000]
     } else {
         &[1_000_000, 10_000_000]
+    };
+    // `tmpfs` or `disk` alone picks one place.
+    let wanted = |place: &str| {
+        let named = ["tmpfs", "disk"]
+            .iter()
+            .any(|p| args.iter().any(|a| a == p));
+        !named || args.iter().any(|a| a == place)
     };
     let disk = std::env::var_os("KEY_STORE_SCALE_DISK")
         .map(PathBuf::from)
@@ -217,29 +347,30 @@ fn main() {
         ("disk", disk),
     ];
     println!("idempotency key store at scale: 8 threads, new keys, 32-byte fingerprints");
-    for (name, base) in &places {
+    let mut rows = Vec::new();
+    for (name, base) in places.iter().filter(|(name, _)| wanted(name)) {
         for &live in sizes {
             let base = base.join(format!("{}-{live}", std::process::id()));
             let _ = std::fs::remove_dir_all(&base);
             std::fs::create_dir_all(&base).unwrap();
             let out = Command::new(&args[0])
                 .args(["case", base.to_str().unwrap(), &live.to_string()])
+                .stderr(std::process::Stdio::inherit())
                 .output()
                 .unwrap();
             let _ = std::fs::remove_dir_all(&base);
             let stdout = String::from_utf8_lossy(&out.stdout);
             let Some(line) = stdout.lines().find(|l| l.starts_with("result ")) else {
-                println!(
-                    "{name} {live}: the case failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                println!("{name} {live}: the case failed (its stderr is above)");
                 continue;
             };
             let v: Vec<f64> = line[7..].split(' ').map(|x| x.parse().unwrap()).collect();
             let (mem, disk_b, restart) = (v[0], v[1], v[2]);
-            let (ce, cf, re, rf, fill_rate, worst) = (v[3], v[4], v[5], v[6], v[7], v[8]);
-            let (peak, slow) = (v[10], v[11]);
-            println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s; longest claim+complete {worst:.1} ms, {slow} over 10 ms):");
+            let (ce, cf, re, rf, fill_rate) = (v[3], v[4], v[5], v[6], v[7]);
+            let (worst, p99, peak) = (v[8], v[9], v[10]);
+            let (compactions, during, worst_c, p99_c, reads) = (v[11], v[12], v[13], v[14], v[15]);
+            let (hold, hold_running) = (v[16], v[17]);
+            println!("{name}, {live} live keys (filled at {fill_rate:.0} keys/s):");
             println!(
                 "  memory per key      {mem:7.1} B    ratio to target 64 B:  {:.2} (peak {peak:.1} B)",
                 mem / 64.0
@@ -257,9 +388,23 @@ fn main() {
                 ce / cf
             );
             println!(
-                "  replay rate         {rf:7.0}/s  empty store {re:.0}/s: slowdown {:.2} (target <= 1.2)",
+                "  replay rate         {rf:7.0}/s  empty store {re:.0}/s: slowdown {:.2} (target <= 1.2; {reads:.0} B read from the device per replay)",
                 re / rf
             );
+            println!(
+                "  call (claim+complete) while filling: longest {worst:.1} ms, p99 {p99:.2} ms; during {compactions} compactions ({during} calls): longest {worst_c:.1} ms, p99 {p99_c:.2} ms; the mutex held by maintenance at most {hold:.1} ms ({hold_running:.1} ms without its waits for a core)"
+            );
+            rows.push(format!(
+                "| {name} | {live} | {mem:.1} (peak {peak:.0}) | {disk_b:.1} | {restart:.3} | {:.2} | {:.2} | {worst_c:.1} / {p99_c:.2} | {worst:.1} / {p99:.2} | {hold:.1} ({hold_running:.1}) |",
+                ce / cf,
+                re / rf
+            ));
         }
+    }
+    println!();
+    println!("| store | live keys | RAM B/key | disk B/key | restart s | claim slowdown | replay slowdown | longest / p99 call during compaction, ms | longest / p99 call while filling, ms | longest hold of the mutex by maintenance (less waits for a core), ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
     }
 }

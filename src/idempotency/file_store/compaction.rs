@@ -4,19 +4,24 @@
 //! is scanned without the lock, each record kept if it is live and still its key's last
 //! one (checked against the index in short batches under the mutex), and a new index is
 //! built as the records are written. What callers append meanwhile is copied in rounds
-//! without the lock; only the last few records are copied under it before the new file
-//! (already fsynced) and the image of its index are renamed into place.
+//! without the lock; only the last few records (under 64 KB) are copied under it before
+//! the new file (already fsynced, its room reserved) and the image of its index are
+//! renamed into place. The new file and the images are synced every few MB as they are
+//! written, so that the callers' own fsyncs never wait for hundreds of MB of them; the
+//! files replaced are closed after the lock is released, so that their blocks are not
+//! freed under it. [`FileStore::longest_maintenance_hold`] tells how long the mutex was
+//! held at most.
 //!
 //! Between compactions, once the journal has grown past what the image on disk covers by a
 //! sixteenth, the index is written as a new image, copied in pieces under the mutex (slots
 //! move only while the table grows, and keys whose last record lies past the image's end
 //! are left to the journal), so that a restart replays a short tail.
 
-use super::files::{create_fresh, reserve, FileLock};
+use super::files::{advise_random, create_fresh, reserve, FileLock, Paced};
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
 use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
-use super::{FileStore, RESERVE_CHUNK};
+use super::{FileStore, Held, RESERVE_CHUNK};
 use crate::durable::{self, FileError};
 use crate::error::Failure;
 use crate::idempotency::record::{self, MAX_RECORD_BYTES};
@@ -28,11 +33,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Live records checked against the index at a time (one short hold of the mutex each).
-const BATCH: usize = 8192;
+const BATCH: usize = 1024;
 /// Slots copied into an image at a time under the mutex.
-const IMAGE_PIECE: usize = 16384;
+const IMAGE_PIECE: usize = 4096;
 /// The tail is copied in rounds without the lock until this little is left.
-const TAIL_UNDER_LOCK: u64 = 256 << 10;
+const TAIL_UNDER_LOCK: u64 = 64 << 10;
 
 /// Why a rewrite stopped early.
 enum Stop {
@@ -61,6 +66,7 @@ struct Rewrite<'a> {
     /// Bytes written to the file; `out` follows them.
     flushed: u64,
     out: Vec<u8>,
+    paced: Paced,
 }
 
 impl Rewrite<'_> {
@@ -78,6 +84,7 @@ impl Rewrite<'_> {
     fn flush(&mut self) -> Result<(), Failure> {
         self.file
             .write_all_at(&self.out, self.flushed)
+            .and_then(|()| self.paced.wrote(&self.file, self.out.len()))
             .map_err(|e| FileError::new("write", self.path, e))?;
         self.flushed += self.out.len() as u64;
         self.out.clear();
@@ -101,6 +108,7 @@ impl Rewrite<'_> {
             .map_err(|e| FileError::new("read", old_path, e))?;
         self.file
             .write_all_at(&tail, self.flushed)
+            .and_then(|()| self.paced.wrote(&self.file, tail.len()))
             .map_err(|e| FileError::new("write", self.path, e))?;
         let mut at = 0;
         while at < tail.len() {
@@ -162,6 +170,7 @@ impl FileStore {
         // 1. Under the lock: where the journal ends.
         let (from, generation, old, keys) = {
             let mut inner = self.inner.lock();
+            let _held = Held::since_now(self);
             let _lock = self.lock_journal()?;
             self.catch_up(&mut inner)?;
             if !force && inner.end <= inner.compact_at {
@@ -176,12 +185,15 @@ impl FileStore {
             )
         };
         let file = create_fresh(&self.compact_path)?;
+        // It becomes the journal: read at random offsets.
+        advise_random(&file);
         let rewrite = Rewrite {
             path: &self.compact_path,
             file,
             index: Index::with_capacity(keys),
             flushed: 0,
             out: Vec::with_capacity(CHUNK + MAX_RECORD_BYTES),
+            paced: Paced::default(),
         };
         match self.rewrite(now_ms, rewrite, &old, from, generation) {
             Ok(()) => Ok(()),
@@ -232,7 +244,7 @@ impl FileStore {
         self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
         // 3. Still without it: what callers appended meanwhile, in rounds.
         let mut copied = from;
-        for _ in 0..8 {
+        for _ in 0..16 {
             let end = self.caught_up_end(generation)?;
             if end - copied <= TAIL_UNDER_LOCK {
                 break;
@@ -243,6 +255,7 @@ impl FileStore {
         rw.flush()?;
         let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
         rw.file.sync_data().map_err(side)?;
+        rw.paced = Paced::default();
         // The image of the new journal's index, up to here.
         let covered = rw.flushed;
         // No image while the new index still grows (it was sized for the keys at the start).
@@ -253,8 +266,26 @@ impl FileStore {
             let covers = Covers::of(&rw.file, covered).map_err(side)?;
             image.finish(covers, &self.image_tmp_path)?;
         }
+        // Writing the image took a while: what was appended meanwhile, still unlocked.
+        let end = self.caught_up_end(generation)?;
+        rw.copy_tail(old, &self.journal_path, copied, end)?;
+        copied = end;
+        // Room for the tail still to come and for the completions of the claims, reserved
+        // and made durable now, so that the switch under the lock rarely allocates.
+        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        let reserved_to = match reserve(&rw.file, rw.flushed, ahead) {
+            Ok(true) => rw.flushed + ahead,
+            Ok(false) => u64::MAX,
+            // A nearly full disk: only what the switch needs, under the lock.
+            Err(_) => rw.flushed,
+        };
+        rw.file.sync_data().map_err(side)?;
+        // The image replaced stays open until the lock is released: the rename then does
+        // not free its blocks (tens of ms for a large file) under the lock.
+        let replaced_image = File::open(&self.image_path).ok();
         // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
+        let held = Held::since_now(self);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -262,13 +293,11 @@ impl FileStore {
         }
         rw.copy_tail(old, &self.journal_path, copied, inner.end)?;
         let new_len = rw.flushed;
-        reserve(
-            &rw.file,
-            new_len,
-            room_for(rw.index.claims()) + RESERVE_CHUNK,
-        )
-        .and_then(|_| rw.file.sync_data())
-        .map_err(side)?;
+        let needed = new_len + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        if needed > reserved_to {
+            reserve(&rw.file, new_len, needed - new_len).map_err(side)?;
+        }
+        rw.file.sync_data().map_err(side)?;
         // An image, if any, must not describe the old journal once the new one is in place.
         let image = if imaged {
             fs::rename(&self.image_tmp_path, &self.image_path)
@@ -299,9 +328,11 @@ impl FileStore {
         sync.synced = new_len;
         drop(sync);
         self.synced.notify_all();
+        drop(held);
         drop(_lock);
         drop(inner);
         drop(old_index);
+        drop(replaced_image);
         self.compactions.fetch_add(1, Ordering::Relaxed);
         self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(
@@ -320,16 +351,21 @@ impl FileStore {
         bytes: &mut Vec<u8>,
         generation: u64,
     ) -> Result<(), Stop> {
-        let current: Vec<bool> = {
-            let inner = self.inner.lock();
+        let (current, retired): (Vec<bool>, _) = {
+            let mut inner = self.inner.lock();
+            let _held = Held::since_now(self);
             if inner.generation != generation {
                 return Err(Stop::Abandoned);
             }
-            batch
+            let current = batch
                 .iter()
                 .map(|c| inner.index.is_current(c.hash, c.offset))
-                .collect()
+                .collect();
+            // A table the index outgrew meanwhile is freed now, not after the compaction:
+            // the process would otherwise hold three tables at once.
+            (current, inner.index.take_retired())
         };
+        drop(retired);
         for (c, _) in batch.iter().zip(current).filter(|(_, keep)| *keep) {
             rw.push_new(&bytes[c.start..c.start + c.len], c.hash, c.claim)?;
         }
@@ -341,6 +377,7 @@ impl FileStore {
     /// Where the journal ends once this process has read every append (briefly locked).
     fn caught_up_end(&self, generation: u64) -> Result<u64, Stop> {
         let mut inner = self.inner.lock();
+        let _held = Held::since_now(self);
         let _lock = self.lock_journal()?;
         self.catch_up(&mut inner)?;
         if inner.generation != generation {
@@ -354,6 +391,7 @@ impl FileStore {
     pub(super) fn checkpoint(&self) -> Result<(), Failure> {
         let (covered, generation, epoch, slots, journal) = {
             let inner = self.inner.lock();
+            let _held = Held::since_now(self);
             let behind = inner.end.saturating_sub(inner.imaged);
             // While the index grows its slots move: the next maintenance writes it.
             let Some(slots) = inner.index.slots().map(<[Slot]>::len) else {
@@ -385,6 +423,7 @@ impl FileStore {
         for start in (0..slots).step_by(IMAGE_PIECE) {
             {
                 let inner = self.inner.lock();
+                let _held = Held::since_now(self);
                 // Rebuilt (slots moved) or replaced: the next maintenance starts over.
                 if inner.generation != generation || inner.index.epoch != epoch {
                     drop(inner);
@@ -402,7 +441,10 @@ impl FileStore {
             image.push(&piece, covered, tmp)?;
         }
         image.finish(covers, tmp)?;
+        // Closed after the lock, so that the rename does not free the old image under it.
+        let _replaced_image = File::open(&self.image_path).ok();
         let mut inner = self.inner.lock();
+        let _held = Held::since_now(self);
         if inner.generation != generation {
             let _ = fs::remove_file(tmp);
             return Ok(());

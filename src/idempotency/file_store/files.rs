@@ -1,12 +1,35 @@
 //! The file-system calls the store needs beyond `std`, through `rustix` (no `unsafe`).
 
 use crate::durable::FileError;
-use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
+use rustix::fs::{fadvise, fallocate, flock, Advice, FallocateFlags, FlockOperation};
 use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// Bytes a side file (a compaction's new journal, an index image) is written ahead of
+/// the disk: syncing it as it goes keeps the callers' `fdatasync` of the journal short (on
+/// ext4 a commit waits for the data of every file written since the last one, so hundreds
+/// of MB of side file written at once would stall the callers' fsyncs for a second).
+pub(super) const SYNC_EVERY: u64 = 8 << 20;
+
+/// Counts bytes written to a side file and syncs it every [`SYNC_EVERY`].
+#[derive(Default)]
+pub(super) struct Paced {
+    unsynced: u64,
+}
+
+impl Paced {
+    pub(super) fn wrote(&mut self, file: &File, bytes: usize) -> io::Result<()> {
+        self.unsynced += bytes as u64;
+        if self.unsynced >= SYNC_EVERY {
+            file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+}
 
 /// An exclusive `flock`, released on drop.
 pub(super) struct FileLock<'a>(&'a File);
@@ -60,6 +83,14 @@ pub(super) fn open_rw(path: &Path) -> Result<File, FileError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| FileError::new("open", path, e))
+}
+
+/// Tells the kernel that a journal is read at random offsets (each call reads its key's
+/// record back, under the store's mutex): a page-cache miss then reads that page only,
+/// not a readahead window that the cached pages before it suggest. Scans read 4 MB at a
+/// time and need no readahead. Only advice: a kernel that ignores it changes nothing.
+pub(super) fn advise_random(file: &File) {
+    let _ = fadvise(file, 0, None, Advice::Random);
 }
 
 /// A new, empty side file at `path` (a compaction's new journal, an index image), 0640,

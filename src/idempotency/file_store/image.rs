@@ -8,7 +8,7 @@
 //! journal file. An image that does not check or does not match is ignored (the journal
 //! is then read whole): it only saves time, the journal stays the truth.
 
-use super::files::create_fresh;
+use super::files::{create_fresh, Paced};
 use super::index::{Index, Slot};
 use crate::durable::FileError;
 use crate::error::Failure;
@@ -53,6 +53,7 @@ pub(super) struct ImageWriter {
     /// Slots of the table the image is of (its size when loaded).
     table: u64,
     claims: u64,
+    paced: Paced,
 }
 
 impl ImageWriter {
@@ -66,6 +67,7 @@ impl ImageWriter {
             keys: 0,
             table: 0,
             claims: 0,
+            paced: Paced::default(),
         })
     }
 
@@ -88,6 +90,7 @@ impl ImageWriter {
         self.crc.update(&self.buffer);
         self.file
             .write_all_at(&self.buffer, self.written)
+            .and_then(|()| self.paced.wrote(&self.file, self.buffer.len()))
             .map_err(|e| FileError::new("write", path, e))?;
         self.written += self.buffer.len() as u64;
         self.buffer.clear();

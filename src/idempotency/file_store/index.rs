@@ -58,6 +58,25 @@ pub(super) fn hash_key(key: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// A table of `n` empty slots, zeroed by the allocator: a large one comes as fresh pages
+/// from the kernel, zeroed when first touched, instead of being written whole (hundreds
+/// of MB, a stall of a few hundred ms) while the table grows under the store's mutex.
+fn empty_table(n: usize) -> Vec<Slot> {
+    let layout = std::alloc::Layout::array::<Slot>(n).expect("an index table fits in memory");
+    assert!(layout.size() > 0);
+    // SAFETY: the layout has a non-zero size (checked above); a null pointer is handled
+    // before use. All-zero bytes are a valid `Slot` (two `u64`s; meta 0 is an empty slot).
+    // The pointer comes from the global allocator with the layout of `n` slots, which is
+    // the layout a `Vec<Slot>` of capacity `n` frees it with, and all `n` are initialized.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<Slot>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, n, n)
+    }
+}
+
 pub(super) struct Index {
     slots: Vec<Slot>,
     /// While the table grows: the previous table, moved over a few slots at each insertion
@@ -99,7 +118,7 @@ impl Index {
     pub fn with_slots(slots: usize) -> Self {
         debug_assert!(slots.is_power_of_two());
         Index {
-            slots: vec![Slot::default(); slots.max(MIN_SLOTS)],
+            slots: empty_table(slots.max(MIN_SLOTS)),
             old: Vec::new(),
             moved: 0,
             retired: Vec::new(),
@@ -258,7 +277,7 @@ impl Index {
         } else {
             self.slots.len()
         };
-        self.old = std::mem::replace(&mut self.slots, vec![Slot::default(); size]);
+        self.old = std::mem::replace(&mut self.slots, empty_table(size));
         self.moved = 0;
         self.used = 0;
         self.epoch += 1;

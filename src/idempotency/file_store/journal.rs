@@ -2,9 +2,9 @@
 //! what other processes appended, and telling a torn last record (cut off) from
 //! corruption (reported, file kept).
 
-use super::files::{open_rw, reserve};
+use super::files::reserve;
 use super::index::{hash_key, Index};
-use super::{image, FileStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
+use super::{FileStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
 use crate::durable::FileError;
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::record::{self, Entry, MAX_RECORD_BYTES};
@@ -13,7 +13,6 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// Bytes read at a time when scanning the journal.
 pub(super) const CHUNK: usize = 4 << 20;
@@ -94,12 +93,12 @@ impl FileStore {
             .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
         if meta.nlink() == 0 {
             // A compaction in another process renamed a new journal over this one.
-            let journal = Arc::new(open_rw(&self.journal_path)?);
+            let (journal, index, end) = self.follow()?;
             meta = journal
                 .metadata()
                 .map_err(|e| FileError::new("stat", &self.journal_path, e))?;
-            let (index, end) = image::load(&self.image_path, &journal).unwrap_or_default();
-            inner.journal = journal.clone();
+            // The old journal is closed (its blocks freed) by housekeeping, not under the lock.
+            inner.closing = Some(std::mem::replace(&mut inner.journal, journal.clone()));
             inner.generation += 1;
             inner.end = end;
             inner.imaged = end;

@@ -18,13 +18,15 @@
 //! - **Bounded.** Once the journal has doubled since its last compaction (plus some
 //!   slack), [`FileStore::maintain`] rewrites it with the live records only, without
 //!   holding the lock but for the last few records (see `compaction.rs`). Other processes see
-//!   the old journal unlinked and reopen the new one.
+//!   the old journal unlinked and reopen the new one, loading its index image with no lock
+//!   held (see `follow.rs`).
 //! - **Quick restart.** `index` holds an image of the index (see `image.rs`), written at each
 //!   compaction and whenever the journal has grown a sixteenth past it: a restart loads it and
 //!   reads only the journal past it.
 
 mod compaction;
 mod files;
+mod follow;
 mod group_commit;
 mod image;
 mod index;
@@ -40,7 +42,7 @@ use crate::error::{ErrorCode, Failure};
 use files::{open_rw, FileLock};
 use index::Index;
 use journal::apply;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -96,6 +98,8 @@ pub struct FileStore {
     /// Notified when the sync state changes: a gathering leader looks again.
     synced: Condvar,
     compaction: Mutex<()>,
+    /// The index of a journal another process put in place, loaded without the locks.
+    followed: Mutex<Option<follow::Followed>>,
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
     in_transaction: AtomicUsize,
@@ -107,6 +111,50 @@ pub struct FileStore {
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
+    /// The longest maintenance held the store's mutex, in µs (see [`Held`]).
+    longest_hold_us: AtomicU64,
+    /// The same, less the time its thread waited for a core meanwhile.
+    longest_running_hold_us: AtomicU64,
+}
+
+/// Notes, when dropped, how long maintenance held the mutex since it was made: what a
+/// caller may have waited for; and that time less what the thread waited for a core
+/// meanwhile, which is what the work itself takes on a machine shared with other work.
+struct Held<'a> {
+    store: &'a FileStore,
+    since: std::time::Instant,
+    waited_ns: u64,
+}
+
+impl Held<'_> {
+    fn since_now(store: &FileStore) -> Held<'_> {
+        Held {
+            store,
+            since: std::time::Instant::now(),
+            waited_ns: waited_for_cpu_ns(),
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let us = self.since.elapsed().as_micros() as u64;
+        let waited_us = waited_for_cpu_ns().saturating_sub(self.waited_ns) / 1000;
+        let store = self.store;
+        store.longest_hold_us.fetch_max(us, Ordering::Relaxed);
+        store
+            .longest_running_hold_us
+            .fetch_max(us.saturating_sub(waited_us), Ordering::Relaxed);
+    }
+}
+
+/// How long this thread has waited for a core so far, in ns (0 where the kernel does not
+/// say): the second field of `/proc/thread-self/schedstat`.
+fn waited_for_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The journal as this process has read it.
@@ -126,6 +174,8 @@ struct Inner {
     compact_at: u64,
     /// Corruption found: every call reports it.
     broken: Option<Failure>,
+    /// A journal another process replaced, to be closed outside the lock.
+    closing: Option<Arc<File>>,
 }
 
 /// Group commit of the current journal file.
@@ -209,6 +259,7 @@ impl FileStore {
         let journal_lock = open_rw(&journal_lock_path)?;
         let compact_lock = open_rw(&compact_lock_path)?;
         let journal = Arc::new(open_rw(&journal_path)?);
+        files::advise_random(&journal);
         // The journal's directory entry must survive a power loss before any claim does.
         durable::sync_dir(&dir)?;
         let image_path = dir.join("index");
@@ -237,6 +288,7 @@ impl FileStore {
                 imaged: end,
                 compact_at: settings.compaction_slack_bytes,
                 broken: None,
+                closing: None,
             }),
             sync: Mutex::new(SyncState {
                 generation: 0,
@@ -252,11 +304,14 @@ impl FileStore {
             }),
             synced: Condvar::new(),
             compaction: Mutex::new(()),
+            followed: Mutex::new(None),
             in_transaction: AtomicUsize::new(0),
             entering: AtomicUsize::new(0),
             lock_kept: AtomicU32::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
+            longest_hold_us: AtomicU64::new(0),
+            longest_running_hold_us: AtomicU64::new(0),
             dir,
         };
         store.transact(|_| ())?;
@@ -282,6 +337,18 @@ impl FileStore {
     /// Compactions this handle made.
     pub fn compactions(&self) -> u64 {
         self.compactions.load(Ordering::Relaxed)
+    }
+
+    /// The longest that maintenance (a compaction's steps, an image's pieces, following
+    /// another process's compaction) held the mutex that every call of this handle takes.
+    pub fn longest_maintenance_hold(&self) -> Duration {
+        Duration::from_micros(self.longest_hold_us.load(Ordering::Relaxed))
+    }
+
+    /// The same, less the time the holding thread waited for a core meanwhile: what the
+    /// maintenance work itself costs callers, on a machine shared with other work.
+    pub fn longest_maintenance_hold_running(&self) -> Duration {
+        Duration::from_micros(self.longest_running_hold_us.load(Ordering::Relaxed))
     }
 
     /// Compacts the journal now, however little it has grown (for tools and benchmarks).
@@ -312,18 +379,32 @@ impl FileStore {
         Ok(value)
     }
 
+    /// Takes the store's mutex as the next transaction, and with it the journal's lock if
+    /// the previous transaction passed it on: how many transactions in a row it was kept.
+    ///
+    /// Queued transactions of this process pass the journal's lock on: no other process
+    /// appended meanwhile, and two syscalls and a catch-up are saved (the sync leader
+    /// waits for these transactions: they are its fsync's batch).
+    fn enter(&self) -> (MutexGuard<'_, Inner>, u32) {
+        self.entering.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.lock();
+        self.entering.fetch_sub(1, Ordering::AcqRel);
+        (inner, self.lock_kept.swap(0, Ordering::Relaxed))
+    }
+
     /// A transaction's work under the locks; where it must be durable up to.
     fn transact_locked<T>(
         &self,
         f: impl FnOnce(&mut Txn<'_>) -> T,
     ) -> Result<(T, SyncPoint), Failure> {
-        self.entering.fetch_add(1, Ordering::AcqRel);
-        let mut inner = self.inner.lock();
-        self.entering.fetch_sub(1, Ordering::AcqRel);
-        // Queued transactions of this process pass the journal's lock on: no other process
-        // appended meanwhile, and two syscalls and a catch-up are saved (the sync leader
-        // waits for these transactions: they are its fsync's batch).
-        let kept = self.lock_kept.swap(0, Ordering::Relaxed);
+        let (mut inner, mut kept) = self.enter();
+        // A lock passed on (below) was held all along: no other process can have compacted.
+        if kept == 0 && self.replaced(&inner)? {
+            // Another process compacted: its index is loaded without any lock held.
+            drop(inner);
+            self.prepare_follow()?;
+            (inner, kept) = self.enter();
+        }
         let lock = match kept {
             0 => self.lock_journal()?,
             _ => FileLock::kept(&self.journal_lock),
@@ -491,8 +572,15 @@ impl IdempotencyStore for FileStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<(), Failure> {
-        let retired = self.inner.lock().index.take_retired();
+        let retired = {
+            let mut inner = self.inner.lock();
+            (inner.index.take_retired(), inner.closing.take())
+        };
         drop(retired);
+        if self.replaced(&self.inner.lock())? {
+            // Ahead of the callers, who then only read the journal past its image.
+            self.prepare_follow()?;
+        }
         // The file's size too, not only this process's view: other processes append.
         let grown = || {
             let inner = self.inner.lock();

@@ -69,17 +69,24 @@ pub extern "C" fn backup_execute_with_retry(
     op: BackupOperationFn,
     user_data: *mut c_void,
 ) -> i32 {
-    frame::pure(|| {
-        let retry_context = non_null(retry_context, "retry_context")?;
-        let op = required(op, "op")?;
-        // The policy is read from the context only once the first attempt has failed (as
-        // the original plugin read `max_retry` at each retry).
-        // SAFETY: non-NULL context owned by the caller for the duration of the call; the
-        // closure is called only within it.
-        let policy = || unsafe { context_policy(retry_context) };
-        // SAFETY: as above; `op` and `user_data` are the host's, called as the contract says.
-        Ok(unsafe { execute_into_context(retry_context, policy, op, user_data) })
-    })
+    frame::pure_checked(
+        || {
+            Ok((
+                non_null(retry_context, "retry_context")?,
+                required(op, "op")?,
+            ))
+        },
+        |(retry_context, op)| {
+            // The policy is read from the context only once the first attempt has failed
+            // (as the original plugin read `max_retry` at each retry).
+            // SAFETY: non-NULL context owned by the caller for the duration of the call;
+            // the closure is called only within it.
+            let policy = || unsafe { context_policy(retry_context) };
+            // SAFETY: as above; `op` and `user_data` are the host's, called as the contract
+            // says.
+            unsafe { execute_into_context(retry_context, policy, op, user_data) }
+        },
+    )
 }
 
 /// Like `backup_execute_with_retry`, under an extended policy (backoff, cap, jitter, budget).

@@ -361,25 +361,7 @@ fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_d
 
     // etcd keeps every revision until compacted: rewriting one key fills the quota with
     // history until etcd refuses writes and raises its NOSPACE alarm.
-    let filler = cluster.dir.path().join("filler");
-    std::fs::write(&filler, vec![b'x'; 256 * 1024]).unwrap();
-    let mut full = false;
-    for _ in 0..40 {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "etcdctl --endpoints={} put /filler/history < {}",
-                cluster.endpoints()[0],
-                filler.display()
-            ))
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stderr).contains("database space exceeded") {
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "etcd never reported its quota exhausted");
+    cluster.fill_past_quota(256 * 1024, |_| "/filler/history".to_string());
     assert!(cluster.etcdctl(&["alarm", "list"]).contains("NOSPACE"));
 
     // A new key fails closed: DISK_FULL, its op never runs, and the last error says why

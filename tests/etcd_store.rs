@@ -564,25 +564,7 @@ fn etcd_database_space_exceeded_is_disk_full() {
     );
     let fp = fingerprint(b"full");
     let token = acquired(store.claim(b"before", &fp, unix_ms_now()).unwrap());
-    let filler = cluster.dir.path().join("filler");
-    std::fs::write(&filler, vec![b'x'; 512 * 1024]).unwrap();
-    let mut full = false;
-    for i in 0..40 {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "etcdctl --endpoints={} put /filler/{i} < {}",
-                cluster.endpoints()[0],
-                filler.display()
-            ))
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stderr).contains("database space exceeded") {
-            full = true;
-            break;
-        }
-    }
-    assert!(full, "etcd never reported its quota exhausted");
+    cluster.fill_past_quota(512 * 1024, |i| format!("/filler/{i}"));
     let started = Instant::now();
     let failure = store.claim(b"after", &fp, unix_ms_now()).unwrap_err();
     assert_eq!(failure.code(), ErrorCode::DiskFull.raw(), "{failure:?}");

@@ -205,6 +205,29 @@ impl Cluster {
         cmd.args(args).output().expect("run etcdctl")
     }
 
+    /// Writes `value_len`-byte values (at most 40 of them, under the keys `key(i)`) until
+    /// etcd refuses a write for its space quota; panics if it never does.
+    pub fn fill_past_quota(&self, value_len: usize, key: impl Fn(usize) -> String) {
+        let filler = self.dir.path().join("filler");
+        std::fs::write(&filler, vec![b'x'; value_len]).unwrap();
+        for i in 0..40 {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "etcdctl --endpoints={} put {} < {}",
+                    self.endpoints()[0],
+                    key(i),
+                    filler.display()
+                ))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stderr).contains("database space exceeded") {
+                return;
+            }
+        }
+        panic!("etcd never reported its quota exhausted");
+    }
+
     /// etcdctl on all members; panics with its output on failure.
     pub fn etcdctl(&self, args: &[&str]) -> String {
         let out = self.etcdctl_on(&[], args);

@@ -45,16 +45,22 @@ impl FileStore {
         Ok(meta.nlink() == 0)
     }
 
-    /// Loads the index of the journal now in place, holding no lock but `followed` (the
-    /// other threads that need it wait for this one's load rather than load it again).
-    pub(super) fn prepare_follow(&self) -> Result<(), Failure> {
-        let mut followed = self.followed.lock();
+    /// The journal file now at the journal's path (read at random offsets), and its inode.
+    fn journal_in_place(&self) -> Result<(Arc<File>, u64), Failure> {
         let journal = Arc::new(open_rw(&self.journal_path)?);
         advise_random(&journal);
         let inode = journal
             .metadata()
             .map_err(|e| FileError::new("stat", &self.journal_path, e))?
             .ino();
+        Ok((journal, inode))
+    }
+
+    /// Loads the index of the journal now in place, holding no lock but `followed` (the
+    /// other threads that need it wait for this one's load rather than load it again).
+    pub(super) fn prepare_follow(&self) -> Result<(), Failure> {
+        let mut followed = self.followed.lock();
+        let (journal, inode) = self.journal_in_place()?;
         if followed.as_ref().is_some_and(|f| f.inode == inode) {
             return Ok(());
         }
@@ -92,12 +98,7 @@ impl FileStore {
     /// one prepared ahead when it is of this journal, else loaded now.
     pub(super) fn follow(&self) -> Result<(Arc<File>, Index, u64), Failure> {
         let _held = Held::since_now(self);
-        let journal = Arc::new(open_rw(&self.journal_path)?);
-        advise_random(&journal);
-        let inode = journal
-            .metadata()
-            .map_err(|e| FileError::new("stat", &self.journal_path, e))?
-            .ino();
+        let (journal, inode) = self.journal_in_place()?;
         // Never wait here for a load in progress: it may be of another file.
         let prepared = self.followed.try_lock().and_then(|mut f| f.take());
         if let Some(f) = prepared.filter(|f| f.inode == inode) {

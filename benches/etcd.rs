@@ -33,21 +33,24 @@ fn fresh_key() -> String {
 }
 
 /// Keys per second through the store, `threads` callers sharing one store.
+/// One new key through the store: claimed, then completed with its fingerprint.
+fn claim_and_complete(store: &EtcdIdempotencyStore, key: &str) {
+    let fp = fingerprint(key.as_bytes());
+    let Claim::Acquired { token, .. } = store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()
+    else {
+        panic!("a fresh key is acquired")
+    };
+    let done = store.complete(key.as_bytes(), token, &fp, 0, unix_ms_now());
+    assert_eq!(done.unwrap(), Completion::Recorded);
+}
+
 fn store_rate(store: &Arc<EtcdIdempotencyStore>, threads: usize, keys: usize) -> f64 {
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 for _ in 0..keys / threads {
-                    let key = fresh_key();
-                    let fp = fingerprint(key.as_bytes());
-                    let Claim::Acquired { token, .. } =
-                        store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()
-                    else {
-                        panic!("a fresh key is acquired")
-                    };
-                    let done = store.complete(key.as_bytes(), token, &fp, 0, unix_ms_now());
-                    assert_eq!(done.unwrap(), Completion::Recorded);
+                    claim_and_complete(store, &fresh_key());
                 }
             });
         }
@@ -212,15 +215,7 @@ fn footprint(n: usize) {
                 if i >= n {
                     break;
                 }
-                let key = block_key(i);
-                let fp = fingerprint(key.as_bytes());
-                let Claim::Acquired { token, .. } =
-                    store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()
-                else {
-                    panic!("a fresh key is acquired")
-                };
-                let done = store.complete(key.as_bytes(), token, &fp, 0, unix_ms_now());
-                assert_eq!(done.unwrap(), Completion::Recorded);
+                claim_and_complete(&store, &block_key(i));
             });
         }
     });

@@ -197,13 +197,9 @@ pub fn booked<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
     op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
 ) -> R {
-    let instance = plugin::instance().ok();
-    let result = catch(|| on_plugin(instance.as_deref(), args, op));
-    finish(result, |failure| {
-        if let Some(plugin) = &instance {
-            let (code, message) = to_c(failure);
-            plugin.record_error(code, Some(&message));
-        }
+    on_instance(args, op, |plugin, failure| {
+        let (code, message) = to_c(failure);
+        plugin.record_error(code, Some(&message));
     })
 }
 
@@ -214,11 +210,23 @@ pub fn unbooked<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
     op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
 ) -> R {
+    on_instance(args, op, |plugin, failure| {
+        plugin.tracker().set_last_error(&to_c(failure).1)
+    })
+}
+
+/// The frame of every call of the plugin: a failure goes to `book` once an instance
+/// exists (before init there is nowhere to put it).
+fn on_instance<A, R: CReturn>(
+    args: impl FnOnce() -> Result<A, ArgError>,
+    op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
+    book: impl FnOnce(&Plugin, &Failure),
+) -> R {
     let instance = plugin::instance().ok();
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
     finish(result, |failure| {
         if let Some(plugin) = &instance {
-            plugin.tracker().set_last_error(&to_c(failure).1);
+            book(plugin, failure);
         }
     })
 }

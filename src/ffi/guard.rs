@@ -68,6 +68,25 @@ pub unsafe fn c_path<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a P
     Ok(Path::new(OsStr::from_bytes(bytes)))
 }
 
+/// A path argument that must name a file (ABI §3): a path that is empty, ends in `/`, or
+/// whose last component is `.` or `..` is the caller's mistake, and like every parameter
+/// check it is reported before the plugin's init is looked at (ABI §4).
+///
+/// # Safety
+/// As for [`c_bytes`].
+pub unsafe fn c_file_path<'a>(
+    ptr: *const c_char,
+    name: &'static str,
+) -> Result<&'a Path, ArgError> {
+    // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
+    let path = unsafe { c_path(ptr, name) }?;
+    crate::durable::target_file_name(path).map_err(|err| ArgError::Invalid {
+        name,
+        problem: format!("{:?}: {}", path, err.source),
+    })?;
+    Ok(path)
+}
+
 /// An optional message argument: NULL is `None`, bad UTF-8 is replaced, never rejected
 /// (recording an error must not fail because of how the error was spelled).
 ///

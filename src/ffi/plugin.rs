@@ -2,7 +2,7 @@
 
 use super::coordinator::{copy_history, history_args};
 use super::frame::{self, required, ArgError, Nullable};
-use super::guard::{c_message, c_path, c_slice, non_null, return_string, write_optional};
+use super::guard::{c_file_path, c_message, c_slice, non_null, return_string, write_optional};
 use super::retry::BackupOperationFn;
 use super::types::{SBackupErrorRecord, BACKUP_ERROR_INVALID_PARAM, BACKUP_SUCCESS};
 use crate::error::Failure;
@@ -127,7 +127,7 @@ pub extern "C" fn backup_plugin_write_file_with_retry(
         // SAFETY: path NUL-terminated; data valid for size bytes.
         || unsafe {
             Ok((
-                c_path(path, "path")?,
+                c_file_path(path, "path")?,
                 c_slice(data as *const u8, size, "data")?,
             ))
         },

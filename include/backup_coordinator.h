@@ -361,7 +361,7 @@ typedef struct {
    */
   uint64_t max_interval_ms;
   /*
-   1.0 = fixed interval.
+   1.0 = fixed interval; 0 (a zero-initialized policy) is taken as 1.0.
    */
   double multiplier;
   /*
@@ -587,7 +587,8 @@ int32_t backup_execute_with_retry(SRetryContext *retry_context, BackupOperationF
 /*
  Like `backup_execute_with_retry`, under an extended policy (backoff, cap, jitter, budget).
  The budget's exhaustion returns BACKUP_ERROR_TIMEOUT. NULL argument or an invalid policy
- (multiplier not finite or below 1.0): BACKUP_ERROR_INVALID_PARAM.
+ (multiplier not finite, or below 1.0 and not 0): BACKUP_ERROR_INVALID_PARAM. A multiplier
+ of 0, as a zero-initialized policy has, is a fixed interval (1.0).
  */
 int32_t backup_execute_with_retry_policy(SRetryContext *retry_context, const SRetryPolicy *policy, BackupOperationFn op, void *user_data);
 

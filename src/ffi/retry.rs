@@ -91,7 +91,8 @@ pub extern "C" fn backup_execute_with_retry(
 
 /// Like `backup_execute_with_retry`, under an extended policy (backoff, cap, jitter, budget).
 /// The budget's exhaustion returns BACKUP_ERROR_TIMEOUT. NULL argument or an invalid policy
-/// (multiplier not finite or below 1.0): BACKUP_ERROR_INVALID_PARAM.
+/// (multiplier not finite, or below 1.0 and not 0): BACKUP_ERROR_INVALID_PARAM. A multiplier
+/// of 0, as a zero-initialized policy has, is a fixed interval (1.0).
 #[no_mangle]
 pub extern "C" fn backup_execute_with_retry_policy(
     retry_context: *mut SRetryContext,
@@ -167,7 +168,14 @@ pub(crate) unsafe fn context_policy(ctx: *const SRetryContext) -> RetryPolicy {
 }
 
 pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, ArgError> {
-    if !p.multiplier.is_finite() || p.multiplier < 1.0 {
+    // A C host that zero-initializes the struct and sets only what it needs (as the other
+    // policy structs of the ABI allow) means a fixed interval.
+    let multiplier = if p.multiplier == 0.0 {
+        1.0
+    } else {
+        p.multiplier
+    };
+    if !multiplier.is_finite() || multiplier < 1.0 {
         return Err(ArgError::Invalid {
             name: "policy",
             problem: format!(
@@ -179,7 +187,7 @@ pub(crate) fn from_c_policy(p: &SRetryPolicy) -> Result<RetryPolicy, ArgError> {
     let ms = Duration::from_millis;
     Ok(RetryPolicy::fixed(p.max_retry, ms(p.initial_interval_ms))
         .with_max_interval((p.max_interval_ms > 0).then(|| ms(p.max_interval_ms)))
-        .with_multiplier(p.multiplier)
+        .with_multiplier(multiplier)
         .with_jitter(p.jitter.get())
         .with_timeout((p.timeout_ms > 0).then(|| ms(p.timeout_ms))))
 }

@@ -102,7 +102,7 @@ pub struct SRetryPolicy {
     pub initial_interval_ms: u64,
     /// Cap of one wait; 0 = no cap.
     pub max_interval_ms: u64,
-    /// 1.0 = fixed interval.
+    /// 1.0 = fixed interval; 0 (a zero-initialized policy) is taken as 1.0.
     pub multiplier: f64,
     /// Full jitter on each wait.
     pub jitter: CBool,

@@ -1401,6 +1401,13 @@ static void deeper_budget(void) {
                "§2 jitter exhausted");
     EXPECT(now_ms() - t0 <= 300, "§2 full jitter: no wait longer than computed");
     EXPECT_INT(sc.calls, 6, "§2 jitter attempts");
+    /* A policy zero-initialized but for what the host needs: multiplier 0 is no invalid
+     * policy, and a budget that allows two 50 ms waits. */
+    SRetryPolicy z = {.max_retry = 10, .initial_interval_ms = 50, .timeout_ms = 120};
+    sc = (Script){.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
+    EXPECT_INT(backup_execute_with_retry_policy(&ctx, &z, scripted, &sc), BACKUP_ERROR_TIMEOUT,
+               "§2 a zero-initialized policy: fixed interval");
+    EXPECT_INT(sc.calls, 3, "§2 zero multiplier: waits of 50, 50 ms");
     backup_retry_context_destroy(&ctx);
     PASS("§2 budget from the first failure; jitter");
 }
@@ -1683,6 +1690,325 @@ static void deeper_restart(void) {
     PASS("§7 restart and policy");
 }
 
+/* §3: the library knows which coordinators it created, also when an address is reused. */
+static void deeper_registry(void) {
+    for (int i = 0; i < 20; i++) {
+        SBackupCoordinatorConfig cfg = {.error_retry_max = 1, .backup_path = "copied"};
+        SBackupCoordinator* c = backup_coordinator_init(&cfg, NULL, NULL);
+        backup_coordinator_destroy(c);
+        SBackupCoordinator* m = malloc(sizeof *m);
+        memset(m, 0, sizeof *m);
+        m->config.backup_path = "literal";
+        m->config.encryption_key = "literal";
+        m->config.error_store_path = "literal";
+        backup_retry_context_init(&m->retry_context, 0, 0);
+        backup_record_error(m, BACKUP_ERROR_NETWORK, NULL);
+        backup_coordinator_destroy(m); /* must not free the literals (ASan would abort) */
+    }
+    /* No path or logging off: no file. */
+    char dir[128];
+    snprintf(dir, sizeof dir, "%s/nolog", g_dir);
+    SBackupCoordinatorConfig off = {.error_store_path = dir, .enable_error_logging = false};
+    SBackupCoordinator* c = backup_coordinator_init(&off, NULL, NULL);
+    backup_record_error(c, BACKUP_ERROR_NETWORK, NULL);
+    backup_coordinator_destroy(c);
+    EXPECT(count_prefix(dir, "backup_error_") <= 0, "§3 logging off: no log line");
+    PASS("§3 registry");
+}
+
+/* §6: names unique, a taken name moves to the next millisecond; 0750/0640 whatever umask. */
+static void deeper_names(void) {
+    char dir[128], path[512], t[256];
+    snprintf(dir, sizeof dir, "%s/names", g_dir);
+    mkdir(dir, 0750);
+    uint64_t now = unix_ms();
+    for (uint64_t ms = now; ms < now + 400; ms++) {
+        snprintf(path, sizeof path, "%s/backup_error_%llu.log", dir, (unsigned long long)ms);
+        FILE* f = fopen(path, "w");
+        if (f) { fputs("foreign\n", f); fclose(f); }
+    }
+    snprintf(t, sizeof t, "error_store_path = \"%s\"\nerror_log_rotation_count = 100000\n", dir);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§6 init");
+    backup_plugin_record_error(BACKUP_ERROR_NETWORK, "ours");
+    backup_plugin_cleanup();
+    EXPECT_INT(count_prefix(dir, "backup_error_"), 401, "§6 a new file, no name reused");
+    int foreign_touched = 0;
+    for (uint64_t ms = now; ms < now + 400; ms++) {
+        snprintf(path, sizeof path, "%s/backup_error_%llu.log", dir, (unsigned long long)ms);
+        struct stat st;
+        if (stat(path, &st) != 0 || st.st_size != 8) foreign_touched++;
+    }
+    EXPECT_INT(foreign_touched, 0, "§6 files created exclusively");
+
+    snprintf(dir, sizeof dir, "%s/umask/deep", g_dir);
+    mode_t old = umask(077);
+    SBackupCoordinatorConfig cfg = {.error_store_path = dir, .enable_error_logging = true};
+    SBackupCoordinator* c = backup_coordinator_init(&cfg, NULL, NULL);
+    backup_record_error(c, BACKUP_ERROR_NETWORK, NULL);
+    backup_coordinator_destroy(c);
+    umask(old);
+    struct stat st;
+    EXPECT(stat(dir, &st) == 0 && (st.st_mode & 07777) == 0750, "§6 directory 0750 under umask 077");
+    char name[256] = "", buf[512];
+    read_log(dir, buf, sizeof buf, name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    EXPECT(stat(path, &st) == 0 && (st.st_mode & 07777) == 0640, "§6 file 0640 under umask 077");
+    PASS("§6 names and modes");
+}
+
+/* §6: writers sharing a directory: the newest line of every live writer stays on disk. */
+static int line_on_disk(const char* dir, const char* line) {
+    DIR* d = opendir(dir);
+    if (!d) return 0;
+    struct dirent* e;
+    int found = 0;
+    while (!found && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[512], buf[65536];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        FILE* f = fopen(path, "r");
+        size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+        if (f) fclose(f);
+        buf[n] = 0;
+        if (strstr(buf, line)) found = 1;
+    }
+    closedir(d);
+    return found;
+}
+
+static void deeper_shared_dir(void) {
+    char dir[128], t[256];
+    snprintf(dir, sizeof dir, "%s/shared", g_dir);
+    snprintf(t, sizeof t, "error_store_path = \"%s\"\nerror_log_rotation_count = 1\n"
+             "error_log_rotation_size = \"1KB\"\n", dir);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§6 init");
+    SBackupCoordinatorConfig cfg = {.error_store_path = dir, .enable_error_logging = true};
+    SBackupCoordinator* c = backup_coordinator_init(&cfg, NULL, NULL);
+    char msg[64];
+    int bad = 0;
+    for (int i = 0; i < 40; i++) {
+        snprintf(msg, sizeof msg, "plugin line %d xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", i);
+        backup_plugin_record_error(BACKUP_ERROR_NETWORK, msg);
+        char cmsg[64];
+        snprintf(cmsg, sizeof cmsg, "coord line %d", i);
+        backup_record_error(c, BACKUP_ERROR_FILE_IO, cmsg);
+        if (!line_on_disk(dir, msg) || !line_on_disk(dir, cmsg)) bad++;
+    }
+    EXPECT_INT(bad, 0, "§6 the newest line of every live writer is on disk");
+    backup_coordinator_destroy(c);
+    backup_plugin_cleanup();
+    PASS("§6 shared directory");
+}
+
+/* §7: INVALID_STATE finishes an unfinished sequence; a finished one is replaced by a new one. */
+static void* run_pause_slow(void* arg) {
+    /* Short enough that the resumed call below waits out the remainder quickly. */
+    static const SLogBackupRetryPolicy slow = {.max_retry_times = 3, .min_retry_duration_ms = 1500,
+                                               .max_retry_duration_ms = 1500};
+    Runner* r = (Runner*)arg;
+    r->rc = backup_log_run_command("seq", LOG_SUBCOMMAND_PAUSE, &slow, tq, tx, &r->task);
+    return NULL;
+}
+
+static void deeper_sequences(void) {
+    char t[256];
+    snprintf(t, sizeof t, "state_dir = \"%s/state_seq\"\n", g_dir);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§7 init");
+    Runner r = {.task = {.state = LOG_BACKUP_KERNEL_RUNNING, .exec_fail = BACKUP_ERROR_NETWORK,
+                         .exec_fails = 100}};
+    pthread_t th;
+    pthread_create(&th, NULL, run_pause_slow, &r);
+    usleep(300 * 1000);
+    backup_plugin_cleanup();
+    pthread_join(th, NULL);
+    EXPECT_INT(r.rc, BACKUP_ERROR_CANCELLED, "§7 cancelled");
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§7 init again");
+    SLogBackupRetryRecord rec[8];
+    uint32_t count = 0;
+    backup_log_get_retry_records("seq", LOG_SUBCOMMAND_PAUSE, rec, 8, &count);
+    EXPECT_INT(count, 1, "§7 CANCELLED leaves the sequence (its record)");
+    const SLogBackupRetryPolicy fast = {.max_retry_times = 2, .min_retry_duration_ms = 1,
+                                        .max_retry_duration_ms = 1, .retry_timeout_ms = 60000};
+    Task gone = {.state = LOG_BACKUP_KERNEL_NOT_EXIST};
+    uint64_t t0 = now_ms();
+    EXPECT_INT(backup_log_run_command("seq", LOG_SUBCOMMAND_PAUSE, &fast, tq, tx, &gone),
+               BACKUP_ERROR_INVALID_STATE, "§7 resumed sequence ends INVALID_STATE");
+    uint64_t waited = now_ms() - t0;
+    EXPECT(waited >= 900 && waited < 1500, "§7 the resumed call waits the remainder of the begun wait");
+    backup_log_get_retry_records("seq", LOG_SUBCOMMAND_PAUSE, rec, 8, &count);
+    EXPECT(count >= 1, "§7 records stay readable after INVALID_STATE");
+    Task fail = {.state = LOG_BACKUP_KERNEL_RUNNING, .exec_fail = BACKUP_ERROR_NETWORK, .exec_fails = 100};
+    EXPECT_INT(backup_log_run_command("seq", LOG_SUBCOMMAND_PAUSE, &fast, tq, tx, &fail),
+               BACKUP_ERROR_RETRY_EXHAUSTED, "§7 a new sequence after a finished one");
+    EXPECT_INT(fail.executes, 3, "§7 the new sequence has its own count");
+    backup_log_get_retry_records("seq", LOG_SUBCOMMAND_PAUSE, rec, 8, &count);
+    EXPECT_INT(count, 2, "§7 only the new sequence's records");
+    if (count >= 1) EXPECT_INT(rec[0].retry_num, 1, "§7 new sequence starts at 1");
+    Task again = {.state = LOG_BACKUP_KERNEL_RUNNING, .exec_fail = BACKUP_ERROR_NETWORK, .exec_fails = 100};
+    backup_log_run_command("seq", LOG_SUBCOMMAND_PAUSE, &fast, tq, tx, &again);
+    EXPECT_INT(again.executes, 3, "§7 exhausted sequence is finished: next call starts anew");
+    backup_plugin_cleanup();
+    PASS("§7 sequences");
+}
+
+/* §4: the calls of the plugin that need init; cancel of a direct execute; success keeps the
+ * last error. */
+static void* direct_exec(void* arg) {
+    SRetryContext* ctx = (SRetryContext*)arg;
+    Script s = {.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
+    ctx->current_retry = (uint32_t)backup_execute_with_retry(ctx, scripted, &s);
+    return NULL;
+}
+
+static int32_t once_claim(void* u) { __atomic_add_fetch((int*)u, 1, __ATOMIC_SEQ_CST); usleep(50000); return 0; }
+typedef struct { int* runs; int32_t rc; } Claimer;
+static void* claimer(void* arg) {
+    Claimer* c = (Claimer*)arg;
+    c->rc = backup_execute_idempotent("race", "same", 4, once_claim, c->runs, NULL);
+    return NULL;
+}
+
+static void deeper_misc(void) {
+    SBackupErrorRecord hist[2];
+    uint32_t count;
+    char buf[64];
+    size_t len;
+    EXPECT_INT(backup_plugin_get_error_history(hist, 2, &count), BACKUP_ERROR_NOT_INITIALIZED,
+               "§4 history before init");
+    EXPECT_INT(backup_plugin_get_metrics(buf, sizeof buf, &len), BACKUP_ERROR_NOT_INITIALIZED,
+               "§4 metrics before init");
+    EXPECT(backup_plugin_get_error_log_path() == NULL, "§4 no log path before init");
+
+    SRetryContext ctx;
+    backup_retry_context_init(&ctx, 3, 30);
+    pthread_t t;
+    pthread_create(&t, NULL, direct_exec, &ctx);
+    usleep(200 * 1000);
+    backup_plugin_cleanup();
+    pthread_join(t, NULL);
+    EXPECT_INT((int32_t)ctx.current_retry, BACKUP_ERROR_CANCELLED, "§2 a direct execute's wait is cancellable");
+    backup_retry_context_destroy(&ctx);
+
+    EXPECT_INT(init_text("error_retry_max = 1\nerror_retry_interval = 0\n"), BACKUP_SUCCESS, "§4 init");
+    backup_plugin_record_error(BACKUP_ERROR_NETWORK, "kept");
+    EXPECT_INT(backup_plugin_execute_with_retry(ok_op, NULL), BACKUP_SUCCESS, "§4 success");
+    EXPECT_STR(backup_plugin_get_last_error(), "kept", "§4 a success does not change the last error");
+    backup_plugin_cleanup();
+
+    char tt[256];
+    snprintf(tt, sizeof tt, "state_dir = \"%s/state_race\"\n", g_dir);
+    EXPECT_INT(init_text(tt), BACKUP_SUCCESS, "§8 init");
+    int runs = 0;
+    Claimer cl[8];
+    pthread_t th[8];
+    for (int i = 0; i < 8; i++) { cl[i] = (Claimer){.runs = &runs}; pthread_create(&th[i], NULL, claimer, &cl[i]); }
+    int ok = 0, busy = 0;
+    for (int i = 0; i < 8; i++) {
+        pthread_join(th[i], NULL);
+        if (cl[i].rc == BACKUP_SUCCESS) ok++;
+        if (cl[i].rc == BACKUP_ERROR_IN_PROGRESS) busy++;
+    }
+    EXPECT_INT(runs, 1, "§8 claiming is atomic across threads");
+    EXPECT_INT(ok + busy, 8, "§8 the others: IN_PROGRESS or a replay");
+    backup_plugin_cleanup();
+    PASS("§4 misc");
+}
+
+/* §4: what the plugin-level operations book; §8: a completion survives SIGKILL after return. */
+static int32_t exec_fail_net(void* u, ELogSubCommand c) { (void)u; (void)c; return BACKUP_ERROR_NETWORK; }
+
+static void deeper_booking(void) {
+    char t[256];
+    snprintf(t, sizeof t, "state_dir = \"%s/state_book\"\nerror_retry_max = 2\n"
+             "error_retry_interval = 0\n", g_dir);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (init_text(t) != 0) _exit(3);
+        if (backup_execute_idempotent("durable", "fp", 2, ok_op, NULL, NULL) != 0) _exit(5);
+        kill(getpid(), SIGKILL);
+        _exit(4);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§8 init");
+    Op o = {0};
+    bool replayed = false;
+    EXPECT_INT(backup_execute_idempotent("durable", "fp", 2, iop, &o, &replayed), BACKUP_SUCCESS,
+               "§8 replay after the owner was killed");
+    EXPECT(replayed && o.calls == 0, "§8 success recorded durably before the call returned");
+    uint64_t e0, r0, e1, r1;
+    backup_plugin_get_error_stats(&e0, &r0);
+    EXPECT(e0 == 0 && r0 == 0, "§8 a replay books nothing");
+    EXPECT_INT(backup_execute_idempotent("durable", "other", 5, iop, &o, NULL),
+               BACKUP_ERROR_IDEMPOTENCY_CONFLICT, "§8 conflict");
+    backup_plugin_get_error_stats(&e1, &r1);
+    EXPECT_INT(e1 - e0, 1, "§4 a conflict is one error of the plugin");
+    o = (Op){.rc = BACKUP_ERROR_NETWORK, .fail_times = 1};
+    backup_execute_idempotent("retried", "fp", 2, iop, &o, NULL);
+    backup_plugin_get_error_stats(&e0, &r0);
+    EXPECT_INT(r0 - r1, 1, "§4 retries of an idempotent op count");
+    EXPECT_INT(e0, e1, "§4 a retried success is no error");
+    SLogBackupRetryPolicy fast = {.max_retry_times = 3, .min_retry_duration_ms = 1,
+                                  .max_retry_duration_ms = 1, .retry_timeout_ms = 60000};
+    EXPECT_INT(backup_log_run_command("book", LOG_SUBCOMMAND_STOP, &fast, q_running2, exec_fail_net, NULL),
+               BACKUP_ERROR_RETRY_EXHAUSTED, "§7 exhausted");
+    backup_plugin_get_error_stats(&e1, &r1);
+    EXPECT_INT(r1 - r0, 3, "§4 retries of a log command count");
+    EXPECT_INT(e1 - e0, 1, "§4 one error per log command call");
+    SLogBackupRetryRecord rec[1];
+    uint32_t count;
+    EXPECT_INT(backup_log_get_retry_records("book", LOG_SUBCOMMAND_STOP, rec, 1, &count), BACKUP_SUCCESS,
+               "§7 records");
+    EXPECT_INT(backup_log_get_retry_records("book", LOG_SUBCOMMAND_STOP, rec, 1, NULL),
+               BACKUP_ERROR_INVALID_PARAM, "§7 NULL count_out");
+    backup_plugin_get_error_stats(&e0, &r0);
+    EXPECT_INT(e0, e1, "§4 get_retry_records is not a plugin-level operation: not counted");
+    backup_plugin_cleanup();
+    PASS("§4 booking");
+}
+
+/* §6: one file takes many lines; the count applies at once over the whole directory;
+ * a caller-allocated coordinator logs too. */
+static void deeper_files(void) {
+    char dir[128], t[256], path[256];
+    snprintf(dir, sizeof dir, "%s/many", g_dir);
+    snprintf(t, sizeof t, "error_store_path = \"%s\"\n", dir);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§6 init");
+    for (int i = 0; i < 3; i++) backup_plugin_record_error(BACKUP_ERROR_NETWORK, "line");
+    backup_plugin_cleanup();
+    EXPECT_INT(count_prefix(dir, "backup_error_"), 1, "§6 one file takes many lines");
+    char buf[1024];
+    read_log(dir, buf, sizeof buf, NULL);
+    int lines = 0;
+    for (char* q = buf; *q; q++) lines += *q == '\n';
+    EXPECT_INT(lines, 3, "§6 three lines");
+
+    snprintf(dir, sizeof dir, "%s/count_at_once", g_dir);
+    mkdir(dir, 0750);
+    for (int i = 0; i < 5; i++) {
+        snprintf(path, sizeof path, "%s/backup_error_%d.log", dir, 100 + i);
+        FILE* f = fopen(path, "w");
+        if (f) fclose(f);
+    }
+    snprintf(t, sizeof t, "error_store_path = \"%s\"\nerror_log_rotation_count = 2\n", dir);
+    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§6 init count");
+    backup_plugin_record_error(BACKUP_ERROR_NETWORK, "x");
+    EXPECT(count_prefix(dir, "backup_error_") <= 2, "§6 files beyond the count deleted");
+    backup_plugin_cleanup();
+
+    char mdir[128];
+    snprintf(mdir, sizeof mdir, "%s/malloc_log", g_dir);
+    SBackupCoordinator* m = calloc(1, sizeof *m);
+    m->config.error_store_path = mdir;
+    m->config.enable_error_logging = true;
+    backup_retry_context_init(&m->retry_context, 0, 0);
+    backup_record_error(m, BACKUP_ERROR_TIMEOUT, "from malloc'd");
+    backup_coordinator_destroy(m);
+    read_log(mdir, buf, sizeof buf, NULL);
+    EXPECT_HAS(buf, "Error -7: from malloc'd\n", "§3 a caller-allocated coordinator logs");
+    PASS("§6 files");
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/backup_abi_XXXXXX");
     CHECK(mkdtemp(g_dir) != NULL);
@@ -1707,6 +2033,13 @@ int main(void) {
     deeper_kill();
     deeper_leases();
     deeper_restart();
+    deeper_registry();
+    deeper_names();
+    deeper_shared_dir();
+    deeper_sequences();
+    deeper_misc();
+    deeper_booking();
+    deeper_files();
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
     CHECK(system(cmd) == 0);

@@ -406,18 +406,32 @@ fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
     match err.span() {
         Some(span) => {
             let (line, column) = line_column(text, span.start);
-            if defines_secret(text.lines().nth(line - 1).unwrap_or("")) {
+            let line_text = text.lines().nth(line - 1).unwrap_or("");
+            if defines_secret(line_text) {
                 // The parser may quote what it found; on a secret's line that is the secret.
                 return ConfigError(format!(
                     "TOML syntax error at line {line}, column {column}, in the value of a secret key (not shown)"
                 ));
             }
+            // An invalid config names its key (ABI §4), also when the parser refused the
+            // line (a duplicate key, an integer beyond 64 bits).
+            let key = key_of_line(line_text)
+                .map(|key| format!(" (key `{key}`)"))
+                .unwrap_or_default();
             ConfigError(format!(
-                "TOML syntax error at line {line}, column {column}: {message}"
+                "TOML syntax error at line {line}, column {column}{key}: {message}"
             ))
         }
         None => ConfigError(format!("TOML syntax error: {message}")),
     }
+}
+
+/// The key a `key = value` line assigns, as written; `None` for any other line.
+fn key_of_line(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let keyish = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ' | '"');
+    (!key.is_empty() && key.chars().all(keyish)).then_some(key)
 }
 
 /// Whether a line assigns `encryption_key` or `etcd_password` (in any spelling).
@@ -1032,6 +1046,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("key `enable`"), "{err}");
+        let err = parse("[plugins.incremental_bitmap]\nerror_retry_max = 99999999999999999999\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("key `error_retry_max`"),
+            "{err}"
+        );
+        let err = parse("[plugins.incremental_bitmap\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("key `"), "{err}");
     }
 
     #[test]

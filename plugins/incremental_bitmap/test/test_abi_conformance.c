@@ -950,6 +950,11 @@ static void section5(void) {
     expect_init("error_retry_max = -1", BACKUP_ERROR_INVALID_PARAM, "-1", "negative echoed");
     expect_init("error_retry_max = 3\nerror.retry.max = 4\n", BACKUP_ERROR_INVALID_PARAM,
                 "error", "key given twice");
+    /* Refused by the TOML parser itself: still an invalid config that names its key. */
+    expect_init("[plugins.incremental_bitmap]\nerror_retry_max = 99999999999999999999\n",
+                BACKUP_ERROR_INVALID_PARAM, "error_retry_max", "integer beyond 64 bits names its key");
+    expect_init("[plugins.incremental_bitmap]\nenable = true\nenable = false\n",
+                BACKUP_ERROR_INVALID_PARAM, "enable", "duplicate key names it");
     PASS("§5 config");
 }
 

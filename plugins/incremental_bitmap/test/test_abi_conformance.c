@@ -798,11 +798,17 @@ static void section5(void) {
     char u[2300];
     snprintf(u, sizeof u, "[plugins.incremental_bitmap]\n%s", t);
     expect_init(u, BACKUP_SUCCESS, NULL, "every key under the section");
-    /* taosX's section as written. */
+    /* taosX's section as written (its error_store_path is created: removed again after
+     * when it was not there before). */
+    struct stat st;
+    bool parent_existed = stat("/var/log/taosx", &st) == 0;
+    bool dir_existed = stat("/var/log/taosx/backup_errors", &st) == 0;
     expect_init("[plugins.incremental_bitmap]\nenable = true\nerror_retry_max = 10\n"
                 "error_retry_interval = 5\nerror_store_path = \"/var/log/taosx/backup_errors\"\n"
                 "enable_error_logging = true\nerror_buffer_size = 1000\n",
                 BACKUP_SUCCESS, NULL, "taosX section as written");
+    if (!dir_existed) rmdir("/var/log/taosx/backup_errors");
+    if (!parent_existed) rmdir("/var/log/taosx");
     /* Dotted forms. */
     snprintf(t, sizeof t, "error.retry.max = 3\nerror.retry.interval = \"250ms\"\n"
              "log.path = \"%s/d_log\"\nlog.level = \"debug\"\n"

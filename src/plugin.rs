@@ -312,9 +312,15 @@ impl Plugin {
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let keyed = self.keyed()?;
-        let execution = keyed.execute(self.clock(), key, &idem::fingerprint(payload), || {
-            self.run_configured(op)
-        });
+        // The claim goes through the configured policy too (ABI §9: an unreachable store
+        // is retried like the operation), then the operation.
+        let execution = keyed.execute_retrying_claim(
+            self.clock(),
+            key,
+            &idem::fingerprint(payload),
+            |claim| self.run_configured(claim),
+            || self.run_configured(op),
+        );
         self.count_retries(execution.retries);
         execution.result
     }

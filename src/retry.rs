@@ -198,6 +198,15 @@ impl Execution {
         }
     }
 
+    /// One attempt and no retry, whatever it returned.
+    pub fn once(result: Result<(), Failure>) -> Self {
+        Execution {
+            last_failure: result.as_ref().err().cloned(),
+            result,
+            retries: 0,
+        }
+    }
+
     pub fn code(&self) -> i32 {
         match &self.result {
             Ok(()) => ErrorCode::Success.raw(),

@@ -17,8 +17,8 @@ use backup_coordinator::ffi::log_backup::{
     SLogBackupRetryPolicy, SLogBackupRetryRecord,
 };
 use backup_coordinator::ffi::plugin::{
-    backup_plugin_cleanup, backup_plugin_get_last_error, backup_plugin_get_metrics,
-    backup_plugin_init,
+    backup_plugin_cleanup, backup_plugin_get_error_stats, backup_plugin_get_last_error,
+    backup_plugin_get_metrics, backup_plugin_init,
 };
 use etcd_cluster::Cluster;
 use std::ffi::{c_void, CStr, CString};
@@ -293,6 +293,16 @@ fn init_needs_no_cluster_and_keyed_calls_fail_closed_until_it_is_back() {
         last_error()
     );
     assert!(!replayed);
+    // Retried through the plugin's policy (`error_retry_max = 2`), then given up with the
+    // store's own code, and counted once.
+    let (mut errors, mut retries) = (0u64, 0u64);
+    backup_plugin_get_error_stats(&mut errors, &mut retries);
+    assert_eq!((errors, retries), (1, 2), "{}", last_error());
+    assert!(
+        last_error().contains("no claim was made: 2 retries failed"),
+        "{}",
+        last_error()
+    );
     assert_eq!(
         runs.load(Ordering::SeqCst),
         0,

@@ -70,6 +70,21 @@ pub struct KeyedExecution {
     pub retries: u32,
 }
 
+/// What a retried claim gives up with: the store's own failure (NETWORK, CONNECTION_LOST,
+/// FILE_IO, ...) with the retries said, rather than RETRY_EXHAUSTED or TIMEOUT, which
+/// would hide that the store, not an operation, failed. Cancellation stays as it is.
+fn store_gave_up(failure: Failure) -> Failure {
+    match failure {
+        Failure::RetryExhausted { context, last } | Failure::Timeout { context, last } => {
+            Failure::Context {
+                source: last,
+                note: format!(" (no claim was made: {context})"),
+            }
+        }
+        other => other,
+    }
+}
+
 /// A key must be 1 to 255 bytes; any content.
 pub fn check_key(key: &[u8]) -> Result<(), Failure> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
@@ -111,7 +126,8 @@ impl Keyed {
 
     /// Runs `run` (the operation under its retry policy) at most once for `key`: a
     /// completed key replays, a key another caller runs is refused, a reused key with
-    /// another fingerprint conflicts. Nothing runs unless its claim is durable.
+    /// another fingerprint conflicts. Nothing runs unless its claim is durable. A store
+    /// that cannot be reached is tried once.
     pub fn execute(
         &self,
         clock: &dyn Clock,
@@ -119,18 +135,53 @@ impl Keyed {
         fingerprint: &Fingerprint,
         run: impl FnOnce() -> Execution,
     ) -> KeyedExecution {
-        let refused = |failure| KeyedExecution {
-            result: Err(failure),
-            retries: 0,
-        };
+        self.execute_retrying_claim(
+            clock,
+            key,
+            fingerprint,
+            |claim| Execution::once(claim(0)),
+            run,
+        )
+    }
+
+    /// [`Self::execute`], the claim made through `retry` (the caller's policy): a store
+    /// failure with a retryable code (an etcd cluster unreachable, an I/O error) is
+    /// retried like an attempt of the operation, and the store's own failure is what the
+    /// call gives up with, never a claim that was not acknowledged.
+    pub fn execute_retrying_claim(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+        run: impl FnOnce() -> Execution,
+    ) -> KeyedExecution {
         // The journal's format holds keys of this size only.
         if let Err(failure) = check_key(key) {
-            return refused(failure);
+            return KeyedExecution {
+                result: Err(failure),
+                retries: 0,
+            };
         }
-        let now = clock.unix_ms();
-        let claim = match self.store.claim(key, fingerprint, now) {
-            Ok(claim) => claim,
-            Err(failure) => return refused(store_failed(failure)),
+        let mut claimed = None;
+        let claiming = retry(&mut |_| {
+            let now = clock.unix_ms();
+            let claim = self
+                .store
+                .claim(key, fingerprint, now)
+                .map_err(store_failed)?;
+            claimed = Some((claim, now));
+            Ok(())
+        });
+        let claim_retries = claiming.retries;
+        let refused = |failure| KeyedExecution {
+            result: Err(failure),
+            retries: claim_retries,
+        };
+        let (claim, now) = match (claimed, claiming.result) {
+            (Some(claimed), Ok(())) => claimed,
+            (_, Err(failure)) => return refused(store_gave_up(failure)),
+            (None, Ok(())) => unreachable!("a claim that succeeded is kept"),
         };
         let shown = display_key(key);
         let token = match claim {
@@ -200,7 +251,7 @@ impl Keyed {
         }
         KeyedExecution {
             result,
-            retries: execution.retries,
+            retries: claim_retries + execution.retries,
         }
     }
 
@@ -237,10 +288,21 @@ mod tests {
         inner: FileStore,
         fail_claim: Option<ErrorCode>,
         fail_complete: Option<ErrorCode>,
+        /// Claims that fail as an unreachable etcd cluster does, before they succeed.
+        unreachable_claims: AtomicU64,
     }
 
     impl IdempotencyStore for Flaky {
         fn claim(&self, key: &[u8], fp: &Fingerprint, now: u64) -> Result<Claim, Failure> {
+            let unreachable = self.unreachable_claims.load(Ordering::SeqCst);
+            if unreachable > 0 {
+                self.unreachable_claims
+                    .store(unreachable - 1, Ordering::SeqCst);
+                return Err(Failure::Etcd {
+                    kind: ErrorCode::Network,
+                    detail: "no endpoint answered".into(),
+                });
+            }
             match self.fail_claim {
                 Some(code) => Err(Failure::Host(code.raw())),
                 None => self.inner.claim(key, fp, now),
@@ -276,22 +338,25 @@ mod tests {
     struct Setup {
         _dir: tempfile::TempDir,
         clock: ManualClock,
+        store: Arc<Flaky>,
         keyed: Keyed,
     }
 
     fn setup(fail_claim: Option<ErrorCode>, fail_complete: Option<ErrorCode>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
-        let store = Flaky {
+        let store = Arc::new(Flaky {
             inner: FileStore::open(dir.path(), settings).unwrap(),
             fail_claim,
             fail_complete,
-        };
+            unreachable_claims: AtomicU64::new(0),
+        });
         let clock = ManualClock::new(1_000_000);
-        let keyed = Keyed::new(Arc::new(store), Arc::new(clock.clone()), LEASE).unwrap();
+        let keyed = Keyed::new(store.clone(), Arc::new(clock.clone()), LEASE).unwrap();
         Setup {
             _dir: dir,
             clock,
+            store,
             keyed,
         }
     }
@@ -360,6 +425,80 @@ mod tests {
             .execute(&s.clock, b"k", &fingerprint(b""), succeed(&runs));
         assert_eq!(out.result.unwrap_err().code(), ErrorCode::DiskFull.raw());
         assert_eq!(runs.get(), 0);
+    }
+
+    /// Runs claims under a fixed policy of `max_retry` retries, with a fake sleeper.
+    fn retrying(
+        clock: &ManualClock,
+        max_retry: u32,
+    ) -> impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution + '_ {
+        move |claim| {
+            let mut sleeper = crate::retry::FakeSleeper {
+                clock: clock.clone(),
+                waits: Vec::new(),
+                cancel_on_wait: None,
+            };
+            let policy = crate::retry::RetryPolicy::fixed(max_retry, Duration::from_secs(1));
+            let mut env = crate::retry::RetryEnv {
+                clock,
+                sleeper: &mut sleeper,
+                jitter_seed: Some(1),
+                on_progress: crate::retry::no_progress,
+            };
+            crate::retry::run(&policy, &mut env, &mut Default::default(), claim)
+        }
+    }
+
+    #[test]
+    fn an_unreachable_store_is_retried_through_the_policy_before_anything_runs() {
+        let s = setup(None, None);
+        let flaky = |n| s.store.unreachable_claims.store(n, Ordering::SeqCst);
+        let runs = Cell::new(0);
+        let fp = fingerprint(b"");
+
+        // Two failed claims, then the cluster answers: the key runs once, 2 + 2 retries.
+        flaky(2);
+        let out = s.keyed.execute_retrying_claim(
+            &s.clock,
+            b"k",
+            &fp,
+            retrying(&s.clock, 3),
+            succeed(&runs),
+        );
+        assert!(!out.result.unwrap(), "ran now");
+        assert_eq!((out.retries, runs.get()), (2 + 2, 1));
+
+        // Unreachable past the policy: nothing runs, and the call gives up with the
+        // store's own code, its retries counted and said.
+        flaky(10);
+        let out = s.keyed.execute_retrying_claim(
+            &s.clock,
+            b"other",
+            &fp,
+            retrying(&s.clock, 3),
+            succeed(&runs),
+        );
+        assert_eq!(out.retries, 3);
+        let err = out.result.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Network.raw(), "{}", err.detail());
+        assert!(
+            err.detail().contains("no claim was made: 3 retries failed"),
+            "{}",
+            err.detail()
+        );
+        assert_eq!(runs.get(), 1, "nothing ran without a claim");
+
+        // A permanent store failure is not retried.
+        let s = setup(Some(ErrorCode::DiskFull), None);
+        let out = s.keyed.execute_retrying_claim(
+            &s.clock,
+            b"k",
+            &fp,
+            retrying(&s.clock, 3),
+            succeed(&runs),
+        );
+        assert_eq!(out.result.unwrap_err().code(), ErrorCode::DiskFull.raw());
+        assert_eq!((out.retries, runs.get()), (0, 1));
     }
 
     #[test]

@@ -1,28 +1,101 @@
-//! Group commit: callers that append at about the same time share one `fdatasync`.
+//! Group commit: callers that append at about the same time share one `fdatasync`, and
+//! one caller runs the transactions queued meanwhile (combining).
+//!
+//! Each transaction is queued as a [`Request`]. The caller that takes the store's mutex
+//! runs every queued request in turn, under one hold of the journal's lock and one
+//! catch-up, and leaves each caller asleep until the fsync that covers its records: a
+//! caller sleeps and wakes once per transaction, and the callers an fsync released do
+//! not hand the mutex on to each other, a wake-up each, before the next fsync can start.
 
-use super::{FileStore, SyncPoint, SyncState, MAX_GATHER};
+use super::{FileStore, Inner, SyncPoint, SyncState, Txn, MAX_GATHER, MAX_KEPT};
 use crate::durable::FileError;
 use crate::error::Failure;
-use parking_lot::MutexGuard;
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::{self, Thread};
 use std::time::Instant;
 
-/// A caller waiting for an fsync, parked on its own thread rather than on a condition
-/// variable: the fsync's leader wakes each caller it covered with the answer, so that the
-/// callers it releases run at once instead of taking the mutex one after the other.
-pub(super) struct Sleeper {
+/// Queued, for whichever caller holds the store's mutex to run.
+const QUEUED: u8 = 0;
+/// Taken by a caller that runs it now.
+const TAKEN: u8 = 1;
+/// Appended; asleep until an fsync covers it.
+const ASLEEP: u8 = 2;
+/// Durable (or a transaction that failed): the caller returns without the mutex.
+const SETTLED: u8 = 3;
+/// The caller looks again under the sync mutex (an fsync failed, or it leads the next one).
+pub(super) const LOOK_AGAIN: u8 = 4;
+
+/// What a caller waits on, its thread woken by whoever changes `state`.
+pub(super) struct Waiter {
     thread: Thread,
-    point: SyncPoint,
-    wake: Arc<AtomicU8>,
+    state: AtomicU8,
+    /// Where the transaction's records end, or why it failed; set before `state`.
+    outcome: Mutex<Option<Result<SyncPoint, Failure>>>,
 }
 
-const ASLEEP: u8 = 0;
-/// The fsync covered the caller's records: it returns without the mutex.
-const DURABLE: u8 = 1;
-/// The caller looks again under the mutex (an fsync failed, or it leads the next one).
-const LOOK_AGAIN: u8 = 2;
+impl Waiter {
+    pub(super) fn new() -> Self {
+        Waiter {
+            thread: thread::current(),
+            state: AtomicU8::new(QUEUED),
+            outcome: Mutex::new(None),
+        }
+    }
+
+    /// Where the settled transaction's records end, or why it failed.
+    pub(super) fn take_outcome(&self) -> Result<SyncPoint, Failure> {
+        self.outcome
+            .lock()
+            .take()
+            .expect("a settled request has an outcome")
+    }
+
+    /// Sets the state and wakes the caller (unless it is this thread, which looks itself).
+    fn wake(&self, state: u8) {
+        let thread = self.thread.clone();
+        self.state.store(state, Ordering::Release);
+        if thread.id() != thread::current().id() {
+            thread.unpark();
+        }
+    }
+}
+
+/// A transaction's work, run on whichever thread holds the store's mutex.
+type Work<'a> = dyn FnMut(&mut Txn<'_>) + Send + 'a;
+
+/// A queued transaction: its work, borrowed from the frame of the caller that waits for it.
+pub(super) struct Request {
+    work: *mut Work<'static>,
+    waiter: Arc<Waiter>,
+}
+
+// SAFETY: the work is `Send`, and its caller waits (it does not touch it) while another
+// thread runs it.
+unsafe impl Send for Request {}
+
+impl Request {
+    /// # Safety
+    /// `work` must stay alive, and untouched by the caller, until `waiter` is settled
+    /// (state SETTLED or LOOK_AGAIN): the caller waits for that in
+    /// [`FileStore::await_request`].
+    pub(super) unsafe fn new<'a>(work: &'a mut Work<'a>, waiter: Arc<Waiter>) -> Self {
+        let work: *mut Work<'a> = work;
+        Request {
+            // SAFETY: only the lifetime bound changes; the caller keeps `work` alive as
+            // the contract above says.
+            work: unsafe { std::mem::transmute::<*mut Work<'a>, *mut Work<'static>>(work) },
+            waiter,
+        }
+    }
+}
+
+/// A caller waiting for an fsync.
+pub(super) struct Sleeper {
+    waiter: Arc<Waiter>,
+    point: SyncPoint,
+}
 
 impl SyncPoint {
     fn is_durable(&self, sync: &SyncState) -> bool {
@@ -32,6 +105,131 @@ impl SyncPoint {
 }
 
 impl FileStore {
+    /// Waits until this caller's queued request is settled, running queued requests
+    /// (its own among them) when the store's mutex is free; SETTLED or LOOK_AGAIN.
+    pub(super) fn await_request(&self, waiter: &Waiter) -> u8 {
+        loop {
+            match waiter.state.load(Ordering::Acquire) {
+                QUEUED => {
+                    if let Some(inner) = self.inner.try_lock() {
+                        self.combine(inner);
+                        continue;
+                    }
+                    // A combiner runs it, or wakes this caller when it is done; any other
+                    // holder of the mutex (maintenance) does not look at the queue.
+                    if !self.combining.load(Ordering::Acquire) {
+                        self.combine(self.inner.lock());
+                        continue;
+                    }
+                    thread::park();
+                }
+                TAKEN | ASLEEP => thread::park(),
+                settled => return settled,
+            }
+        }
+    }
+
+    /// Runs the queued requests under `inner`: at most [`MAX_KEPT`] batches under one hold
+    /// of the journal's lock. Each caller is left asleep until the fsync that covers its
+    /// records, and one of them leads that fsync.
+    fn combine(&self, inner: MutexGuard<'_, Inner>) {
+        // Another combiner took the request this caller queued.
+        if self.queue.lock().is_empty() {
+            return;
+        }
+        let (mut inner, lock) = self.prepare(inner);
+        let lock = match lock {
+            Ok(lock) => lock,
+            Err(failure) => {
+                // What failed the batch's preparation fails each of its transactions.
+                let batch = std::mem::take(&mut *self.queue.lock());
+                drop(inner);
+                for request in batch {
+                    self.settle(&request.waiter, Err(failure.clone()));
+                }
+                return;
+            }
+        };
+        self.combining.store(true, Ordering::Release);
+        let mut batch = Vec::new();
+        for _ in 0..MAX_KEPT {
+            {
+                let mut queue = self.queue.lock();
+                for request in queue.iter() {
+                    request.waiter.state.store(TAKEN, Ordering::Relaxed);
+                }
+                batch.append(&mut queue);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            for request in batch.drain(..) {
+                // SAFETY: the request is not settled yet, so its caller keeps `work` alive
+                // and waits (`Request::new`); this is its only use.
+                let result = self.run_one(&mut inner, unsafe { &mut *request.work });
+                self.settle(&request.waiter, result);
+            }
+        }
+        self.combining.store(false, Ordering::Release);
+        drop(lock);
+        drop(inner);
+        // Callers that queued after the last look saw a combiner and sleep: they take the
+        // mutex themselves (the queue is looked at after `combining` is cleared).
+        for request in self.queue.lock().iter() {
+            request.waiter.thread.unpark();
+        }
+        self.ensure_leader();
+    }
+
+    /// After a transaction ran: its caller sleeps until an fsync covers its records, or
+    /// is woken at once when they are durable already or the transaction failed.
+    fn settle(&self, waiter: &Arc<Waiter>, result: Result<SyncPoint, Failure>) {
+        let mut sync = self.sync.lock();
+        let outcome = match result {
+            Ok(point) => match &sync.failed {
+                Some(failure) => Err(failure.clone()),
+                None => Ok(point),
+            },
+            Err(failure) => Err(failure),
+        };
+        let asleep = matches!(outcome, Ok(point) if !point.is_durable(&sync));
+        if let (true, Ok(point)) = (asleep, &outcome) {
+            sync.sleepers.push(Sleeper {
+                waiter: waiter.clone(),
+                point: *point,
+            });
+        }
+        *waiter.outcome.lock() = Some(outcome);
+        if asleep {
+            waiter.state.store(ASLEEP, Ordering::Release);
+        }
+        // Appended (or failed): a gathering leader waits for no more from this caller.
+        self.in_transaction.fetch_sub(1, Ordering::AcqRel);
+        self.nudge_leader(&sync);
+        drop(sync);
+        if !asleep {
+            waiter.wake(SETTLED);
+        }
+    }
+
+    /// When callers sleep for an fsync that nobody is running, one of them (this thread
+    /// when it is one) leads it.
+    fn ensure_leader(&self) {
+        let mut sync = self.sync.lock();
+        if sync.syncing || sync.sleepers.is_empty() {
+            return;
+        }
+        let me = thread::current().id();
+        let at = sync
+            .sleepers
+            .iter()
+            .position(|s| s.waiter.thread.id() == me)
+            .unwrap_or(0);
+        let leader = sync.sleepers.remove(at);
+        drop(sync);
+        leader.waiter.wake(LOOK_AGAIN);
+    }
+
     /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
     ///
     /// Group commit: while one fsync is in flight the next records queue up. Before it
@@ -39,10 +237,12 @@ impl FileStore {
     /// the callers the previous fsync released to append their next records, and for
     /// callers in the middle of a transaction, so that one fsync covers them all. Alone, it
     /// waits for nobody.
-    pub(super) fn wait_durable(&self, point: SyncPoint) -> Result<(), Failure> {
+    pub(super) fn wait_durable(
+        &self,
+        point: SyncPoint,
+        waiter: &Arc<Waiter>,
+    ) -> Result<(), Failure> {
         let mut sync = self.sync.lock();
-        // This caller has left its transaction: a gathering leader may be waiting for it.
-        self.nudge_leader(&sync);
         loop {
             if let Some(failure) = &sync.failed {
                 return Err(failure.clone());
@@ -51,21 +251,20 @@ impl FileStore {
                 return Ok(());
             }
             if sync.syncing {
-                let wake = Arc::new(AtomicU8::new(ASLEEP));
+                waiter.state.store(ASLEEP, Ordering::Release);
                 sync.sleepers.push(Sleeper {
-                    thread: thread::current(),
+                    waiter: waiter.clone(),
                     point,
-                    wake: wake.clone(),
                 });
                 self.nudge_leader(&sync);
                 drop(sync);
                 let woken = loop {
-                    match wake.load(Ordering::Acquire) {
+                    match waiter.state.load(Ordering::Acquire) {
                         ASLEEP => thread::park(),
                         woken => break woken,
                     }
                 };
-                if woken == DURABLE {
+                if woken == SETTLED {
                     return Ok(());
                 }
                 sync = self.sync.lock();
@@ -99,8 +298,8 @@ impl FileStore {
             let result = sync.failed.clone().map_or(Ok(()), Err);
             // Woken outside the mutex: their next appends need it at once.
             drop(sync);
-            for thread in woken {
-                thread.unpark();
+            for (waiter, state) in woken {
+                waiter.wake(state);
             }
             return result;
         }
@@ -120,18 +319,18 @@ impl FileStore {
     }
 }
 
-/// After an fsync: tells the sleepers it covered, and one it did not to lead the next fsync
-/// (the others sleep on, covered by that one), after a failure all of them, to report it;
-/// the threads to unpark.
-fn wake_sleepers(sync: &mut SyncState) -> Vec<Thread> {
+/// After an fsync: the sleepers it covered (SETTLED), and one it did not to lead the next
+/// fsync (the others sleep on, covered by that one), after a failure all of them, to
+/// report it (LOOK_AGAIN).
+fn wake_sleepers(sync: &mut SyncState) -> Vec<(Arc<Waiter>, u8)> {
     let sleepers = std::mem::take(&mut sync.sleepers);
     // The leader and every caller that waited: most come back soon with their next record.
     sync.released = sleepers.len() + 1;
     let mut leader_named = false;
-    let mut woken_threads = Vec::with_capacity(sleepers.len());
+    let mut woken = Vec::with_capacity(sleepers.len());
     for sleeper in sleepers {
-        let woken = if sync.failed.is_none() && sleeper.point.is_durable(sync) {
-            DURABLE
+        let state = if sync.failed.is_none() && sleeper.point.is_durable(sync) {
+            SETTLED
         } else if sync.failed.is_some() || !leader_named {
             leader_named = true;
             LOOK_AGAIN
@@ -139,10 +338,9 @@ fn wake_sleepers(sync: &mut SyncState) -> Vec<Thread> {
             sync.sleepers.push(sleeper);
             continue;
         };
-        sleeper.wake.store(woken, Ordering::Release);
-        woken_threads.push(sleeper.thread);
+        woken.push((sleeper.waiter, state));
     }
-    woken_threads
+    woken
 }
 
 #[cfg(test)]

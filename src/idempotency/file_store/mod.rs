@@ -46,7 +46,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +71,8 @@ impl FileStoreSettings {
 /// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
 const RESERVE_CHUNK: u64 = 64 << 10;
 const ALLOCATION_MARGIN: u64 = 8 << 10;
-/// Transactions of this process in a row that may pass the journal's lock on to the next
-/// one without unlocking, so that other processes get their turn.
+/// Batches of queued transactions one caller runs under one hold of the journal's lock,
+/// so that other processes get their turn.
 const MAX_KEPT: u32 = 16;
 /// Longest a sync leader waits for other callers to join its fsync.
 const MAX_GATHER: Duration = Duration::from_millis(1);
@@ -103,11 +103,10 @@ pub struct FileStore {
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
     in_transaction: AtomicUsize,
-    /// Transactions waiting for `inner`.
-    entering: AtomicUsize,
-    /// The journal's lock was left held for the next transaction (how many in a row):
-    /// nothing changed the journal since the last one read it. Changed under `inner`.
-    lock_kept: AtomicU32,
+    /// Transactions waiting for whichever caller holds `inner` to run them.
+    queue: Mutex<Vec<group_commit::Request>>,
+    /// The holder of `inner` runs queued transactions (set and cleared under `inner`).
+    combining: AtomicBool,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
@@ -306,8 +305,8 @@ impl FileStore {
             compaction: Mutex::new(()),
             followed: Mutex::new(None),
             in_transaction: AtomicUsize::new(0),
-            entering: AtomicUsize::new(0),
-            lock_kept: AtomicU32::new(0),
+            queue: Mutex::new(Vec::new()),
+            combining: AtomicBool::new(false),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             longest_hold_us: AtomicU64::new(0),
@@ -358,76 +357,87 @@ impl FileStore {
 
     /// Waits for the journal's cross-process lock (called under `inner`).
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
-        // A lock kept by the last transaction is this caller's now, and released with it.
-        self.lock_kept.store(0, Ordering::Relaxed);
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
         Ok(lock.expect("a waiting lock is always taken"))
     }
 
     /// Runs `f` as one transaction: up to date with every process, its records appended
     /// (all or none) and durable before this returns.
-    fn transact<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> T) -> Result<T, Failure> {
-        self.in_transaction.fetch_add(1, Ordering::AcqRel);
-        let result = self.transact_locked(f);
-        self.in_transaction.fetch_sub(1, Ordering::AcqRel);
-        if result.is_err() {
-            // A gathering leader waits for no record from this caller.
-            self.nudge_leader(&self.sync.lock());
-        }
-        let (value, point) = result?;
-        self.wait_durable(point)?;
-        Ok(value)
-    }
-
-    /// Takes the store's mutex as the next transaction, and with it the journal's lock if
-    /// the previous transaction passed it on: how many transactions in a row it was kept.
     ///
-    /// Queued transactions of this process pass the journal's lock on: no other process
-    /// appended meanwhile, and two syscalls and a catch-up are saved (the sync leader
-    /// waits for these transactions: they are its fsync's batch).
-    fn enter(&self) -> (MutexGuard<'_, Inner>, u32) {
-        self.entering.fetch_add(1, Ordering::AcqRel);
-        let inner = self.inner.lock();
-        self.entering.fetch_sub(1, Ordering::AcqRel);
-        (inner, self.lock_kept.swap(0, Ordering::Relaxed))
+    /// The transaction is queued; whichever caller holds the store's mutex runs the queued
+    /// transactions one after the other (combining, see `group_commit.rs`), so that the
+    /// callers an fsync released do not hand the mutex on to each other, one wake-up each.
+    fn transact<T: Send>(&self, f: impl FnOnce(&mut Txn<'_>) -> T + Send) -> Result<T, Failure> {
+        self.in_transaction.fetch_add(1, Ordering::AcqRel);
+        let mut f = Some(f);
+        let mut value = None;
+        let mut work = |txn: &mut Txn<'_>| value = f.take().map(|f| f(txn));
+        let waiter = Arc::new(group_commit::Waiter::new());
+        // SAFETY: `work` lives on this frame until `await_request` has returned, and
+        // that returns only once the request is settled, after its last use (see
+        // `group_commit::Request`).
+        let request = unsafe { group_commit::Request::new(&mut work, waiter.clone()) };
+        self.queue.lock().push(request);
+        // `work` (and `value`, which it writes) is this frame's again once settled.
+        let settled = self.await_request(&waiter);
+        let point = waiter.take_outcome()?;
+        if settled == group_commit::LOOK_AGAIN {
+            self.wait_durable(point, &waiter)?;
+        }
+        Ok(value.expect("a settled transaction without failure has run"))
     }
 
-    /// A transaction's work under the locks; where it must be durable up to.
-    fn transact_locked<T>(
-        &self,
-        f: impl FnOnce(&mut Txn<'_>) -> T,
-    ) -> Result<(T, SyncPoint), Failure> {
-        let (mut inner, mut kept) = self.enter();
-        // A lock passed on (below) was held all along: no other process can have compacted.
-        if kept == 0 && self.replaced(&inner)? {
-            // Another process compacted: its index is loaded without any lock held.
-            drop(inner);
-            self.prepare_follow()?;
-            (inner, kept) = self.enter();
+    /// Makes the store's view current for a batch of transactions: follows another
+    /// process's compaction, takes the journal's lock, reads what others appended.
+    fn prepare<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, Result<FileLock<'a>, Failure>) {
+        match self.replaced(&inner) {
+            Err(failure) => return (inner, Err(failure)),
+            Ok(true) => {
+                // Another process compacted: its index is loaded without any lock held.
+                drop(inner);
+                let followed = self.prepare_follow();
+                inner = self.inner.lock();
+                if let Err(failure) = followed {
+                    return (inner, Err(failure));
+                }
+            }
+            Ok(false) => {}
         }
-        let lock = match kept {
-            0 => self.lock_journal()?,
-            _ => FileLock::kept(&self.journal_lock),
-        };
-        if let Some(failure) = inner
-            .broken
-            .clone()
-            .or_else(|| self.sync.lock().failed.clone())
-        {
-            return Err(failure);
-        }
-        if kept == 0 {
+        let ready = (|| {
+            let lock = self.lock_journal()?;
+            if let Some(failure) = inner
+                .broken
+                .clone()
+                .or_else(|| self.sync.lock().failed.clone())
+            {
+                return Err(failure);
+            }
             self.catch_up(&mut inner)?;
-        }
+            Ok(lock)
+        })();
+        (inner, ready)
+    }
+
+    /// One transaction's work under the locks (after [`FileStore::prepare`]): where it
+    /// must be durable up to.
+    fn run_one(
+        &self,
+        inner: &mut Inner,
+        work: &mut (dyn FnMut(&mut Txn<'_>) + Send),
+    ) -> Result<SyncPoint, Failure> {
         let mut txn = Txn {
             store: self,
-            inner: &inner,
+            inner,
             appended: Vec::new(),
             entries: Vec::new(),
             claims_need_room: false,
             failed: None,
         };
-        let value = f(&mut txn);
+        // A panic fails this transaction only, not the others of the batch.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut txn)));
         let Txn {
             appended,
             entries,
@@ -435,6 +445,16 @@ impl FileStore {
             failed,
             ..
         } = txn;
+        if let Err(panic) = ran {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            return Err(Failure::Panic(format!(
+                "an idempotency transaction panicked: {what}"
+            )));
+        }
         if let Some(failure) = failed {
             if failure.code() == ErrorCode::DataCorruption.raw() {
                 inner.broken = Some(failure.clone());
@@ -443,8 +463,7 @@ impl FileStore {
         }
         if !appended.is_empty() {
             let start = inner.end;
-            self.append(&mut inner, &appended, claims_need_room)?;
-            let inner = &mut *inner;
+            self.append(inner, &appended, claims_need_room)?;
             for (at, entry) in &entries {
                 let offset = start + *at as u64;
                 if let Err(failure) = apply(
@@ -463,19 +482,10 @@ impl FileStore {
                 self.compaction_due.store(true, Ordering::Relaxed);
             }
         }
-        let point = SyncPoint {
+        Ok(SyncPoint {
             generation: inner.generation,
             offset: inner.end,
-        };
-        if self.entering.load(Ordering::Acquire) > 0 && kept < MAX_KEPT {
-            // Another transaction of this process waits for `inner`: it takes the lock over.
-            self.lock_kept.store(kept + 1, Ordering::Relaxed);
-            lock.keep();
-        } else {
-            drop(lock);
-        }
-        drop(inner);
-        Ok((value, point))
+        })
     }
 }
 

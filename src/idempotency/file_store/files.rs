@@ -55,6 +55,16 @@ impl<'a> FileLock<'a> {
             }
         }
     }
+
+    /// Leaves the lock held after the guard, for the next transaction of this process.
+    pub(super) fn keep(self) {
+        std::mem::forget(self);
+    }
+
+    /// The guard of a lock that [`FileLock::keep`] left held.
+    pub(super) fn kept(file: &'a File) -> Self {
+        FileLock(file)
+    }
 }
 
 impl Drop for FileLock<'_> {

@@ -7,6 +7,7 @@
 //! caller sleeps and wakes once per transaction, and the callers an fsync released do
 //! not hand the mutex on to each other, a wake-up each, before the next fsync can start.
 
+use super::files::FileLock;
 use super::{FileStore, Inner, SyncPoint, SyncState, Txn, MAX_GATHER, MAX_KEPT};
 use crate::durable::FileError;
 use crate::error::Failure;
@@ -26,6 +27,8 @@ const ASLEEP: u8 = 2;
 const SETTLED: u8 = 3;
 /// The caller looks again under the sync mutex (an fsync failed, or it leads the next one).
 pub(super) const LOOK_AGAIN: u8 = 4;
+/// Leads the next fsync, waiting for callers to join it.
+const GATHERING: u8 = 5;
 
 /// What a caller waits on, its thread woken by whoever changes `state`.
 pub(super) struct Waiter {
@@ -137,7 +140,17 @@ impl FileStore {
         if self.queue.lock().is_empty() {
             return;
         }
-        let (mut inner, lock) = self.prepare(inner);
+        // The journal's lock, when the last combiner left it held for this one: nothing
+        // changed the journal since it read it (`lock_journal` takes that over).
+        let kept = self.lock_kept.swap(0, Ordering::Relaxed);
+        let (mut inner, lock) = match kept {
+            0 => self.prepare(inner),
+            _ => (inner, Ok(FileLock::kept(&self.journal_lock))),
+        };
+        let lock = lock.and_then(|lock| match self.refusal(&inner) {
+            Some(failure) => Err(failure),
+            None => Ok(lock),
+        });
         let lock = match lock {
             Ok(lock) => lock,
             Err(failure) => {
@@ -147,11 +160,13 @@ impl FileStore {
                 for request in batch {
                     self.settle(&request.waiter, Err(failure.clone()));
                 }
+                self.ensure_leader();
                 return;
             }
         };
         self.combining.store(true, Ordering::Release);
         let mut batch = Vec::new();
+        // Bounded, so that this caller returns (the rest are woken to run themselves).
         for _ in 0..MAX_KEPT {
             {
                 let mut queue = self.queue.lock();
@@ -171,7 +186,15 @@ impl FileStore {
             }
         }
         self.combining.store(false, Ordering::Release);
-        drop(lock);
+        if self.in_transaction.load(Ordering::Acquire) > 0 && kept < MAX_KEPT {
+            // More transactions of this process come at once: the next combiner takes the
+            // lock over, skipping two syscalls and a catch-up; other processes get their
+            // turn after MAX_KEPT combiners in a row.
+            self.lock_kept.store(kept + 1, Ordering::Relaxed);
+            lock.keep();
+        } else {
+            drop(lock);
+        }
         drop(inner);
         // Callers that queued after the last look saw a combiner and sleep: they take the
         // mutex themselves (the queue is looked at after `combining` is cleared).
@@ -203,19 +226,27 @@ impl FileStore {
         if asleep {
             waiter.state.store(ASLEEP, Ordering::Release);
         }
-        // Appended (or failed): a gathering leader waits for no more from this caller.
+        // Appended (or failed): a gathering leader waits for no more from this caller (the
+        // combiner looks whether the gathering is complete once it is done).
         self.in_transaction.fetch_sub(1, Ordering::AcqRel);
-        self.nudge_leader(&sync);
         drop(sync);
         if !asleep {
             waiter.wake(SETTLED);
         }
     }
 
-    /// When callers sleep for an fsync that nobody is running, one of them (this thread
+    /// After a combiner ran its batch: when the fsync a leader gathers for has everyone it
+    /// waits for, this thread runs it at once (the leader, asleep, sleeps on until it is
+    /// done); when callers sleep for an fsync that nobody runs, one of them (this thread
     /// when it is one) leads it.
     fn ensure_leader(&self) {
         let mut sync = self.sync.lock();
+        if sync.gathering && self.all_joined(&sync) {
+            self.steal_gather(&mut sync);
+            // What the fsync covered is reported to each sleeper, this thread's own too.
+            let _ = self.run_sync(sync, false);
+            return;
+        }
         if sync.syncing || sync.sleepers.is_empty() {
             return;
         }
@@ -235,8 +266,9 @@ impl FileStore {
     /// Group commit: while one fsync is in flight the next records queue up. Before it
     /// starts its fsync, a leader waits (at most half of the last fsync's time, asleep) for
     /// the callers the previous fsync released to append their next records, and for
-    /// callers in the middle of a transaction, so that one fsync covers them all. Alone, it
-    /// waits for nobody.
+    /// callers in the middle of a transaction, so that one fsync covers them all; the
+    /// caller that completes the gathering starts the fsync itself, without waking the
+    /// leader. Alone, it waits for nobody.
     pub(super) fn wait_durable(
         &self,
         point: SyncPoint,
@@ -256,15 +288,12 @@ impl FileStore {
                     waiter: waiter.clone(),
                     point,
                 });
-                self.nudge_leader(&sync);
+                if sync.gathering && self.all_joined(&sync) {
+                    self.steal_gather(&mut sync);
+                    return self.run_sync(sync, false);
+                }
                 drop(sync);
-                let woken = loop {
-                    match waiter.state.load(Ordering::Acquire) {
-                        ASLEEP => thread::park(),
-                        woken => break woken,
-                    }
-                };
-                if woken == SETTLED {
+                if self.sleep(waiter) == SETTLED {
                     return Ok(());
                 }
                 sync = self.sync.lock();
@@ -272,37 +301,86 @@ impl FileStore {
             }
             sync.syncing = true;
             sync.gathering = true;
+            waiter.state.store(GATHERING, Ordering::Release);
+            sync.gatherer = Some(Sleeper {
+                waiter: waiter.clone(),
+                point,
+            });
             let deadline = Instant::now() + (sync.last_sync / 2).min(MAX_GATHER);
-            while !self.all_joined(&sync) {
-                if self.synced.wait_until(&mut sync, deadline).timed_out() {
+            // Asleep on its own thread: the caller that completes the gathering runs the
+            // fsync and wakes this one with the rest.
+            while waiter.state.load(Ordering::Acquire) == GATHERING && !self.all_joined(&sync) {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     break;
+                };
+                MutexGuard::unlocked(&mut sync, || thread::park_timeout(left));
+            }
+            if waiter.state.load(Ordering::Acquire) != GATHERING {
+                // Another caller completed the gathering and runs the fsync: this one is
+                // among its sleepers.
+                drop(sync);
+                if self.sleep(waiter) == SETTLED {
+                    return Ok(());
                 }
+                sync = self.sync.lock();
+                continue;
             }
             sync.gathering = false;
-            let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
-            let started = Instant::now();
-            let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
-            sync.last_sync = started.elapsed();
-            sync.syncing = false;
-            match result {
-                Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),
-                Ok(()) => {}
-                Err(e) => {
-                    let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
-                    sync.failed = Some(failure.context("; the idempotency store refuses further work until the plugin is restarted"));
-                }
-            }
-            let woken = wake_sleepers(&mut sync);
-            // The leader's own records were written before its fsync began.
-            debug_assert!(sync.failed.is_some() || point.is_durable(&sync));
-            let result = sync.failed.clone().map_or(Ok(()), Err);
-            // Woken outside the mutex: their next appends need it at once.
-            drop(sync);
-            for (waiter, state) in woken {
-                waiter.wake(state);
-            }
-            return result;
+            sync.gatherer = None;
+            return self.run_sync(sync, true);
         }
+    }
+
+    /// Sleeps until woken out of ASLEEP: SETTLED or LOOK_AGAIN.
+    fn sleep(&self, waiter: &Waiter) -> u8 {
+        loop {
+            match waiter.state.load(Ordering::Acquire) {
+                ASLEEP => thread::park(),
+                woken => return woken,
+            }
+        }
+    }
+
+    /// Takes over the fsync a leader gathers for; the leader sleeps until it is done.
+    fn steal_gather(&self, sync: &mut SyncState) {
+        sync.gathering = false;
+        if let Some(gatherer) = sync.gatherer.take() {
+            gatherer.waiter.state.store(ASLEEP, Ordering::Release);
+            sync.sleepers.push(gatherer);
+        }
+    }
+
+    /// Runs the fsync (`syncing` is set, the gathering over), then wakes the sleepers it
+    /// covered and names the next leader; whether it succeeded. `leader_waits`: this
+    /// thread waited for it without being among the sleepers.
+    fn run_sync(
+        &self,
+        mut sync: MutexGuard<'_, SyncState>,
+        leader_waits: bool,
+    ) -> Result<(), Failure> {
+        let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
+        let started = Instant::now();
+        let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
+        sync.last_sync = started.elapsed();
+        sync.syncing = false;
+        match result {
+            Ok(()) if sync.generation == generation => sync.synced = sync.synced.max(target),
+            Ok(()) => {}
+            Err(e) => {
+                let failure: Failure = FileError::new("fsync", &self.journal_path, e).into();
+                sync.failed = Some(failure.context(
+                    "; the idempotency store refuses further work until the plugin is restarted",
+                ));
+            }
+        }
+        let woken = wake_sleepers(&mut sync, leader_waits);
+        let result = sync.failed.clone().map_or(Ok(()), Err);
+        // Woken outside the mutex: their next appends need it at once.
+        drop(sync);
+        for (waiter, state) in woken {
+            waiter.wake(state);
+        }
+        result
     }
 
     /// Whether every caller a leader expects has appended: those the last fsync released
@@ -310,22 +388,15 @@ impl FileStore {
     fn all_joined(&self, sync: &SyncState) -> bool {
         sync.sleepers.len() + 1 >= sync.released && self.in_transaction.load(Ordering::Acquire) == 0
     }
-
-    /// Wakes a gathering leader once nobody is left to wait for.
-    pub(super) fn nudge_leader(&self, sync: &SyncState) {
-        if sync.gathering && self.all_joined(sync) {
-            self.synced.notify_all();
-        }
-    }
 }
 
 /// After an fsync: the sleepers it covered (SETTLED), and one it did not to lead the next
 /// fsync (the others sleep on, covered by that one), after a failure all of them, to
 /// report it (LOOK_AGAIN).
-fn wake_sleepers(sync: &mut SyncState) -> Vec<(Arc<Waiter>, u8)> {
+fn wake_sleepers(sync: &mut SyncState, leader_waits: bool) -> Vec<(Arc<Waiter>, u8)> {
     let sleepers = std::mem::take(&mut sync.sleepers);
-    // The leader and every caller that waited: most come back soon with their next record.
-    sync.released = sleepers.len() + 1;
+    // Every caller that waited, the leader too: most come back soon with their next record.
+    sync.released = sleepers.len() + leader_waits as usize;
     let mut leader_named = false;
     let mut woken = Vec::with_capacity(sleepers.len());
     for sleeper in sleepers {

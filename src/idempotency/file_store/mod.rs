@@ -46,7 +46,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,8 +71,8 @@ impl FileStoreSettings {
 /// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
 const RESERVE_CHUNK: u64 = 64 << 10;
 const ALLOCATION_MARGIN: u64 = 8 << 10;
-/// Batches of queued transactions one caller runs under one hold of the journal's lock,
-/// so that other processes get their turn.
+/// Combiners in a row that may pass the journal's lock on to the next one without
+/// unlocking, so that other processes get their turn.
 const MAX_KEPT: u32 = 16;
 /// Longest a sync leader waits for other callers to join its fsync.
 const MAX_GATHER: Duration = Duration::from_millis(1);
@@ -95,7 +95,7 @@ pub struct FileStore {
     slack: u64,
     inner: Mutex<Inner>,
     sync: Mutex<SyncState>,
-    /// Notified when the sync state changes: a gathering leader looks again.
+    /// Notified when a compaction made the journal durable whole.
     synced: Condvar,
     compaction: Mutex<()>,
     /// The index of a journal another process put in place, loaded without the locks.
@@ -107,6 +107,9 @@ pub struct FileStore {
     queue: Mutex<Vec<group_commit::Request>>,
     /// The holder of `inner` runs queued transactions (set and cleared under `inner`).
     combining: AtomicBool,
+    /// The journal's lock was left held for the next combiner (how many in a row):
+    /// nothing changed the journal since the last one read it. Changed under `inner`.
+    lock_kept: AtomicU32,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
@@ -186,8 +189,10 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
-    /// The sync leader waits for callers to join its fsync (on `FileStore::synced`).
+    /// The sync leader waits for callers to join its fsync.
     gathering: bool,
+    /// That leader: the caller that completes the gathering runs the fsync instead.
+    gatherer: Option<group_commit::Sleeper>,
     /// Callers asleep until the fsync in flight (or the next one) ends.
     sleepers: Vec<group_commit::Sleeper>,
     /// Callers the last fsync released: most come back with their next record soon.
@@ -296,6 +301,7 @@ impl FileStore {
                 synced: end,
                 syncing: false,
                 gathering: false,
+                gatherer: None,
                 sleepers: Vec::new(),
                 released: 1,
                 last_sync: Duration::ZERO,
@@ -307,6 +313,7 @@ impl FileStore {
             in_transaction: AtomicUsize::new(0),
             queue: Mutex::new(Vec::new()),
             combining: AtomicBool::new(false),
+            lock_kept: AtomicU32::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
             longest_hold_us: AtomicU64::new(0),
@@ -357,6 +364,8 @@ impl FileStore {
 
     /// Waits for the journal's cross-process lock (called under `inner`).
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
+        // A lock kept by the last combiner is this caller's now, and released with it.
+        self.lock_kept.store(0, Ordering::Relaxed);
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
         Ok(lock.expect("a waiting lock is always taken"))
     }
@@ -408,17 +417,21 @@ impl FileStore {
         }
         let ready = (|| {
             let lock = self.lock_journal()?;
-            if let Some(failure) = inner
-                .broken
-                .clone()
-                .or_else(|| self.sync.lock().failed.clone())
-            {
+            if let Some(failure) = self.refusal(&inner) {
                 return Err(failure);
             }
             self.catch_up(&mut inner)?;
             Ok(lock)
         })();
         (inner, ready)
+    }
+
+    /// Why the store refuses every transaction, if it does: corruption, a failed fsync.
+    fn refusal(&self, inner: &Inner) -> Option<Failure> {
+        inner
+            .broken
+            .clone()
+            .or_else(|| self.sync.lock().failed.clone())
     }
 
     /// One transaction's work under the locks (after [`FileStore::prepare`]): where it

@@ -360,7 +360,8 @@ impl FileStore {
     ) -> Result<(), Failure> {
         let (file, target, generation) = (sync.file.clone(), sync.written, sync.generation);
         let started = Instant::now();
-        let result = MutexGuard::unlocked(&mut sync, || file.sync_data());
+        let covers = (sync.synced, target);
+        let result = MutexGuard::unlocked(&mut sync, || self.sync_journal(&file, covers));
         sync.last_sync = started.elapsed();
         sync.syncing = false;
         match result {
@@ -381,6 +382,17 @@ impl FileStore {
             waiter.wake(state);
         }
         result
+    }
+
+    /// The journal's `fdatasync`, covering the bytes from `covers.0` to `covers.1`
+    /// (tests make a chosen one fail).
+    fn sync_journal(&self, file: &std::fs::File, covers: (u64, u64)) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(e) = tests::injected_sync_failure(&self.journal_path, covers) {
+            return Err(e);
+        }
+        let _ = covers;
+        file.sync_data()
     }
 
     /// Whether every caller a leader expects has appended: those the last fsync released
@@ -415,12 +427,79 @@ fn wake_sleepers(sync: &mut SyncState, leader_waits: bool) -> Vec<(Arc<Waiter>, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::FileStoreSettings;
     use super::*;
+    use crate::error::ErrorCode;
     use crate::idempotency::{Claim, IdempotencyStore};
-    use std::sync::atomic::AtomicBool;
+    use std::cell::Cell;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::mpsc;
     use std::time::Duration;
+
+    /// An fsync of a journal to fail: after `successes` more, once; the bytes it covered.
+    struct InjectedFailure {
+        journal: PathBuf,
+        successes: u32,
+        failed: Option<(u64, u64)>,
+    }
+
+    static INJECTED: Mutex<Vec<InjectedFailure>> = Mutex::new(Vec::new());
+
+    pub(in super::super) fn injected_sync_failure(
+        journal: &Path,
+        covers: (u64, u64),
+    ) -> Option<std::io::Error> {
+        let mut injected = INJECTED.lock();
+        let failure = injected.iter_mut().find(|f| f.journal == journal)?;
+        if failure.failed.is_some() {
+            return None;
+        }
+        if failure.successes > 0 {
+            failure.successes -= 1;
+            return None;
+        }
+        failure.failed = Some(covers);
+        Some(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    fn fail_sync_after(journal: &Path, successes: u32) {
+        INJECTED.lock().push(InjectedFailure {
+            journal: journal.to_path_buf(),
+            successes,
+            failed: None,
+        });
+    }
+
+    /// The bytes the injected failure covered: from the end of what was durable before it
+    /// to the end of what it was to make durable.
+    fn injected_range(journal: &Path) -> Option<(u64, u64)> {
+        INJECTED
+            .lock()
+            .iter()
+            .find(|f| f.journal == journal)
+            .and_then(|f| f.failed)
+    }
+
+    thread_local! {
+        /// Where the last transaction of this thread ended in the journal, when it says.
+        static LAST_END: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    pub(in super::super) fn note_outcome(outcome: &Result<SyncPoint, Failure>) {
+        LAST_END.with(|end| end.set(outcome.as_ref().ok().map(|point| point.offset)));
+    }
+
+    /// Runs `scenario` on a thread of its own; fails the test if it has not returned
+    /// within a minute (a caller left asleep for good).
+    fn within_a_minute<T: Send + 'static>(scenario: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || done.send(scenario()));
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("callers still waiting after a minute")
+    }
 
     fn settings() -> FileStoreSettings {
         FileStoreSettings {
@@ -487,5 +566,204 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    /// One fsync fails: every caller whose records it was to make durable gets its
+    /// error, and no caller ever returned success for a record that was not durable; a
+    /// restart then replays every completion that was acknowledged.
+    #[test]
+    fn a_failed_fsync_fails_every_caller_it_covered_and_none_released_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path(), settings()).unwrap());
+        let journal = store.journal_path().to_path_buf();
+        fail_sync_after(&journal, 40);
+        let calls = {
+            let store = store.clone();
+            within_a_minute(move || {
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = (0..8)
+                        .map(|t| {
+                            let store = &store;
+                            scope.spawn(move || {
+                                // (key, whether it was the completion, succeeded, end)
+                                let mut calls = Vec::new();
+                                let mut note = |key: &str, completion, ok| {
+                                    calls.push((key.to_string(), completion, ok, LAST_END.get()));
+                                    ok
+                                };
+                                for i in 0.. {
+                                    let key = format!("k-{t}-{i}");
+                                    let claim = store.claim(key.as_bytes(), &[3; 32], 10);
+                                    let token = match claim {
+                                        Ok(Claim::Acquired { token, .. }) => token,
+                                        Ok(other) => panic!("{key}: {other:?}"),
+                                        Err(failure) => {
+                                            note(&key, false, false);
+                                            return (calls, failure);
+                                        }
+                                    };
+                                    note(&key, false, true);
+                                    let done =
+                                        store.complete(key.as_bytes(), token, &[3; 32], 0, 10);
+                                    if let Err(failure) = done {
+                                        note(&key, true, false);
+                                        return (calls, failure);
+                                    }
+                                    note(&key, true, true);
+                                }
+                                unreachable!()
+                            })
+                        })
+                        .collect();
+                    threads
+                        .into_iter()
+                        .map(|t| t.join().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+        };
+        let (durable, target) = injected_range(&journal).expect("the fsync failed");
+        let mut covered = 0;
+        for (calls, failure) in &calls {
+            assert_eq!(
+                failure.code(),
+                ErrorCode::FileIo.raw(),
+                "{}",
+                failure.detail()
+            );
+            assert!(failure.detail().contains("fsync"), "{}", failure.detail());
+            for (key, _, ok, end) in calls {
+                if *ok {
+                    let end = end.expect("a success has its end");
+                    assert!(
+                        end <= durable,
+                        "{key} acknowledged at {end}, durable {durable}"
+                    );
+                } else if let Some(end) = end.filter(|end| *end > durable && *end <= target) {
+                    covered += 1;
+                    assert!(end > durable);
+                }
+            }
+            // Every later call is refused, with the same reason.
+            let refused = store.claim(b"later", &[3; 32], 10).unwrap_err();
+            assert_eq!(refused.detail(), failure.detail());
+        }
+        assert!(
+            covered >= 1,
+            "the failed fsync covered no caller ({durable}..{target})"
+        );
+        let failed: usize = calls
+            .iter()
+            .map(|(calls, _)| calls.iter().filter(|c| !c.2).count())
+            .sum();
+        assert_eq!(failed, 8, "each thread stops at its first failure");
+        drop(store);
+        let reopened = FileStore::open(dir.path(), settings()).unwrap();
+        for (calls, _) in &calls {
+            for (key, completion, ok, _) in calls {
+                if *completion && *ok {
+                    assert_eq!(
+                        reopened.claim(key.as_bytes(), &[3; 32], 11).unwrap(),
+                        Claim::Replay { result: 0 },
+                        "{key}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A transaction that panics while another caller runs it fails alone: its caller
+    /// gets the panic as an error, the other transactions of the batch go on.
+    #[test]
+    fn a_transaction_that_panics_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path(), settings()).unwrap());
+        let store2 = store.clone();
+        let panicked = within_a_minute(move || {
+            let store = store2;
+            std::thread::scope(|scope| {
+                for t in 0..7 {
+                    let store = &store;
+                    scope.spawn(move || {
+                        for i in 0..40 {
+                            run_key(store, &format!("k-{t}-{i}"));
+                        }
+                    });
+                }
+                let store = &store;
+                scope
+                    .spawn(move || {
+                        (0..40)
+                            .filter(|i| {
+                                let result = store.transact(|txn| {
+                                    if i % 4 == 0 {
+                                        panic!("boom {i}");
+                                    }
+                                    txn.put(format!("p-{i}").as_bytes(), None);
+                                });
+                                match result {
+                                    Ok(()) => false,
+                                    Err(failure) => {
+                                        assert!(
+                                            failure.detail().contains(&format!("boom {i}")),
+                                            "{}",
+                                            failure.detail()
+                                        );
+                                        true
+                                    }
+                                }
+                            })
+                            .count()
+                    })
+                    .join()
+                    .unwrap()
+            })
+        });
+        assert_eq!(panicked, 10);
+        for t in 0..7 {
+            for i in 0..40 {
+                let key = format!("k-{t}-{i}");
+                assert_eq!(
+                    store.claim(key.as_bytes(), &[3; 32], 11).unwrap(),
+                    Claim::Replay { result: 0 },
+                    "{key}"
+                );
+            }
+        }
+    }
+
+    /// Callers that queue while the mutex is held by something that runs no queued
+    /// transaction (maintenance) take it themselves once it is free, instead of
+    /// sleeping for a combiner that never comes.
+    #[test]
+    fn callers_queued_behind_maintenance_run_once_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path(), settings()).unwrap());
+        let done = Arc::new(AtomicUsize::new(0));
+        let held = store.inner.lock();
+        let callers: Vec<_> = (0..8)
+            .map(|t| {
+                let (store, done) = (store.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        run_key(&store, &format!("k-{t}-{i}"));
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            done.load(Ordering::Relaxed),
+            0,
+            "nothing runs under maintenance"
+        );
+        drop(held);
+        within_a_minute(move || {
+            for caller in callers {
+                caller.join().unwrap();
+            }
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 8);
     }
 }

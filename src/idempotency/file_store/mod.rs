@@ -389,7 +389,10 @@ impl FileStore {
         self.queue.lock().push(request);
         // `work` (and `value`, which it writes) is this frame's again once settled.
         let settled = self.await_request(&waiter);
-        let point = waiter.take_outcome()?;
+        let outcome = waiter.take_outcome();
+        #[cfg(test)]
+        group_commit::tests::note_outcome(&outcome);
+        let point = outcome?;
         if settled == group_commit::LOOK_AGAIN {
             self.wait_durable(point, &waiter)?;
         }

@@ -3,9 +3,11 @@
 //!
 //! - **Atomic claims.** Each call runs as one transaction under the process's mutex and an
 //!   exclusive `flock` of `lock`: read what other processes appended, decide, append.
+//!   Transactions are queued and run by whichever caller holds the mutex (combining).
 //! - **Durable before return.** A transaction's records are fsynced before it returns.
 //!   Concurrent callers share one `fdatasync` (group commit): while one is in flight, the
-//!   next callers' records queue up, and the next sync covers them all.
+//!   next callers' records queue up, and the next sync covers them all (see
+//!   `group_commit.rs`).
 //! - **Room for completions.** A claim first makes sure the file has blocks allocated
 //!   (`fallocate(FALLOC_FL_KEEP_SIZE)`) for the completion and one lease renewal of every
 //!   claim outstanding, its own included, so a full disk fails a claim, not a completion.

@@ -182,11 +182,11 @@ fn sigkill_in_the_middle_of_batches_loses_no_acknowledged_record() {
         runs.len()
     );
     assert!(done.len() >= 100, "too little done: {}", done.len());
-    // Kills must have landed in the middle of calls, or this proved little.
+    // Kills must have landed in the middle of calls, or this proved little (how many
+    // landed before the completion was written is up to timing, and only reported).
     assert!(
-        runs.len() - done.len() >= ROUNDS && claimed_only >= 1,
-        "too few kills landed in the middle of a call: {} ({claimed_only} before the \
-         completion was written)",
+        runs.len() - done.len() >= ROUNDS,
+        "too few kills landed in the middle of a call: {}",
         runs.len() - done.len()
     );
 }

@@ -140,6 +140,10 @@ impl Index {
     pub fn slots(&self) -> Option<&[Slot]> {
         self.old.is_empty().then_some(&self.slots[..])
     }
+    /// The address of the table and the mask of its slot numbers (a prefetch hint).
+    pub fn table(&self) -> (usize, usize) {
+        (self.slots.as_ptr() as usize, self.slots.len() - 1)
+    }
     #[cfg(test)]
     pub fn bytes(&self) -> usize {
         (self.slots.len() + self.old.len()) * std::mem::size_of::<Slot>()

@@ -5,14 +5,16 @@ use rustix::fs::{fadvise, fallocate, flock, Advice, FallocateFlags, FlockOperati
 use rustix::io::Errno;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 /// Bytes a side file (a compaction's new journal, an index image) is written ahead of
-/// the disk: syncing it as it goes keeps the callers' `fdatasync` of the journal short (on
-/// ext4 a commit waits for the data of every file written since the last one, so hundreds
-/// of MB of side file written at once would stall the callers' fsyncs for a second).
-pub(super) const SYNC_EVERY: u64 = 8 << 20;
+/// the disk, and written at a time: syncing it as it goes keeps the callers' `fdatasync`
+/// of the journal short (on ext4 a commit waits for the data of every file written since
+/// the last one, so hundreds of MB of side file written at once would stall the callers'
+/// fsyncs for a second; 8 MB at a time still made calls wait tens of ms at 10 M keys).
+pub(super) const SYNC_EVERY: u64 = 1 << 20;
 
 /// Counts bytes written to a side file and syncs it every [`SYNC_EVERY`].
 #[derive(Default)]
@@ -117,5 +119,43 @@ pub(super) fn reserve(file: &File, offset: u64, len: u64) -> io::Result<bool> {
             Err(Errno::OPNOTSUPP) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// The file at `path` if there is one, to be emptied by [`free_gradually`] once replaced.
+pub(super) fn open_replaced(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()
+}
+
+/// Bytes of a replaced file freed at a time, and the pause after each.
+const FREE_STEP: u64 = 16 << 20;
+const FREE_PAUSE: Duration = Duration::from_millis(2);
+
+/// Frees the blocks of a file that was replaced (no longer linked, still open) a slice at
+/// a time from its end. The file system frees a file's blocks (and, mounted with
+/// `discard`, trims them) in the journal commit that every caller's `fdatasync` waits for:
+/// a journal of a GB dropped at once held callers for tens of ms. Nobody reads it any
+/// more: a process that still has it open finds it unlinked (`nlink` 0) under the
+/// journal's lock before it reads, and reads the file in its place. A file still linked
+/// is left alone.
+pub(super) fn free_gradually(file: &File) {
+    let Ok(meta) = file.metadata() else {
+        return;
+    };
+    if meta.nlink() != 0 {
+        return;
+    }
+    let mut len = meta.len();
+    while len > 0 {
+        len = len.saturating_sub(FREE_STEP);
+        if file.set_len(len).is_err() {
+            return;
+        }
+        std::thread::sleep(FREE_PAUSE);
     }
 }

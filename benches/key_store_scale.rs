@@ -17,6 +17,10 @@
 //!   cargo bench --bench key_store_scale -- quick     1 M only (also KEY_STORE_SCALE=quick)
 //!   cargo bench --bench key_store_scale -- 10m disk  10 M only, on disk only (`tmpfs` too)
 //!
+//!   cargo bench --bench key_store_scale -- replays <dir> <keys>
+//!                                                replays only, of a store kept in <dir>
+//!                                                (filled by the first run; remove it after)
+//!
 //! On disk means a directory under `target/` (override with KEY_STORE_SCALE_DISK=<dir>).
 
 use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
@@ -32,6 +36,9 @@ const SAMPLE: u64 = 100_000;
 /// Rounds of rate measurements, and calls per round.
 const ROUNDS: u64 = 5;
 const ROUND: u64 = 20_000;
+/// Replays per round: several times a round of claims, as a replay is that much quicker
+/// (a round of 20,000 took 20 to 40 ms, a scheduling hiccup's length on a shared machine).
+const REPLAY_ROUND: u64 = 100_000;
 const NOW_MS: u64 = 1_700_000_000_000;
 
 fn settings() -> FileStoreSettings {
@@ -174,7 +181,7 @@ fn disk_read_bytes() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Claims `SAMPLE` completed keys picked at random among the first `live`: replays/s.
+/// Claims `REPLAY_ROUND` completed keys picked at random among the first `live`: replays/s.
 fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
     let done = AtomicU64::new(0);
     let started = Instant::now();
@@ -183,7 +190,7 @@ fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
             let done = &done;
             scope.spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(t);
-                while done.fetch_add(1, Ordering::Relaxed) < ROUND {
+                while done.fetch_add(1, Ordering::Relaxed) < REPLAY_ROUND {
                     let key = key(prefix, rng.u64(0..live));
                     let fp = fingerprint(&key);
                     let claim = store.claim(&key, &fp, NOW_MS + 1).unwrap();
@@ -192,7 +199,7 @@ fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
             });
         }
     });
-    ROUND as f64 / started.elapsed().as_secs_f64()
+    REPLAY_ROUND as f64 / started.elapsed().as_secs_f64()
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {
@@ -306,7 +313,7 @@ fn run_case(base: &Path, live: u64) {
         during_calls as f64,
         worst_compacting,
         p99_compacting,
-        replay_reads as f64 / (ROUNDS * ROUND) as f64,
+        replay_reads as f64 / (ROUNDS * REPLAY_ROUND) as f64,
         hold.as_secs_f64() * 1000.0,
         hold_running.as_secs_f64() * 1000.0,
     ];
@@ -314,10 +321,67 @@ fn run_case(base: &Path, live: u64) {
     println!("result {}", fields.join(" "));
 }
 
+/// Replays only, against a store kept in `base` between runs (filled on the first run):
+/// quick to repeat, and to profile (`perf record`) the replay path alone.
+fn run_replays(base: &Path, live: u64) {
+    let full_dir = base.join("full");
+    let filled = full_dir.join("idempotency/journal").exists();
+    let store = FileStore::open(&full_dir, settings()).unwrap();
+    if !filled {
+        let origin = Instant::now();
+        let maintaining = AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    store.maintain(NOW_MS).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let filled = fill(&store, "full", 0..live, origin, &maintaining);
+            stop.store(true, Ordering::Relaxed);
+            println!("filled {live} keys at {:.0} keys/s", filled.rate);
+        });
+        store.compact_now(NOW_MS).unwrap();
+    }
+    let empty_dir = base.join("empty");
+    let _ = std::fs::remove_dir_all(&empty_dir);
+    let empty = FileStore::open(&empty_dir, settings()).unwrap();
+    fill(
+        &empty,
+        "empty",
+        0..SAMPLE,
+        Instant::now(),
+        &AtomicBool::new(false),
+    );
+    if std::env::var_os("KEY_STORE_SCALE_FULL_ONLY").is_some() {
+        // For a profile of the full store's replays alone.
+        let rates: Vec<f64> = (0..4 * ROUNDS)
+            .map(|_| replay(&store, "full", live))
+            .collect();
+        println!("full store replays {:.0}/s", median(rates));
+        return;
+    }
+    let mut replays = [Vec::new(), Vec::new()];
+    for _ in 0..2 * ROUNDS {
+        replays[0].push(replay(&empty, "empty", SAMPLE));
+        replays[1].push(replay(&store, "full", live));
+    }
+    let [empty_rate, full_rate] = replays.map(median);
+    println!(
+        "replays at {live} keys: {full_rate:.0}/s, empty store {empty_rate:.0}/s: slowdown {:.2}",
+        empty_rate / full_rate
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "case") {
         run_case(Path::new(&args[at + 1]), args[at + 2].parse().unwrap());
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "replays") {
+        run_replays(Path::new(&args[at + 1]), args[at + 2].parse().unwrap());
         return;
     }
     let quick = args.iter().any(|a| a == "quick")

@@ -17,17 +17,20 @@
 //! move only while the table grows, and keys whose last record lies past the image's end
 //! are left to the journal), so that a restart replays a short tail.
 
-use super::files::{advise_random, create_fresh, reserve, FileLock, Paced};
+use super::files::{
+    advise_random, create_fresh, free_gradually, open_replaced, reserve, FileLock, Paced,
+    SYNC_EVERY,
+};
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
-use super::journal::{apply, corruption, for_each_record, room_for, CHUNK};
+use super::journal::{apply, corruption, for_each_record, room_for};
 use super::{FileStore, Held, RESERVE_CHUNK};
 use crate::durable::{self, FileError};
 use crate::error::Failure;
 use crate::idempotency::record::{self, MAX_RECORD_BYTES};
 use crate::idempotency::KeyState;
 use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -75,7 +78,7 @@ impl Rewrite<'_> {
         let offset = self.flushed + self.out.len() as u64;
         self.index.insert_new(hash, offset, claim);
         self.out.extend_from_slice(bytes);
-        if self.out.len() >= CHUNK {
+        if self.out.len() >= SYNC_EVERY as usize {
             self.flush()?;
         }
         Ok(())
@@ -106,10 +109,14 @@ impl Rewrite<'_> {
         let mut tail = vec![0; (to - from) as usize];
         old.read_exact_at(&mut tail, from)
             .map_err(|e| FileError::new("read", old_path, e))?;
-        self.file
-            .write_all_at(&tail, self.flushed)
-            .and_then(|()| self.paced.wrote(&self.file, tail.len()))
-            .map_err(|e| FileError::new("write", self.path, e))?;
+        // In pieces of what is synced at a time, as the rest of the file.
+        for (n, piece) in tail.chunks(SYNC_EVERY as usize).enumerate() {
+            let at = self.flushed + (n as u64) * SYNC_EVERY;
+            self.file
+                .write_all_at(piece, at)
+                .and_then(|()| self.paced.wrote(&self.file, piece.len()))
+                .map_err(|e| FileError::new("write", self.path, e))?;
+        }
         let mut at = 0;
         while at < tail.len() {
             let (entry, len) = record::decode(&tail[at..]).ok_or_else(|| {
@@ -192,11 +199,15 @@ impl FileStore {
             file,
             index: Index::with_capacity(keys),
             flushed: 0,
-            out: Vec::with_capacity(CHUNK + MAX_RECORD_BYTES),
+            out: Vec::with_capacity(SYNC_EVERY as usize + MAX_RECORD_BYTES),
             paced: Paced::default(),
         };
         match self.rewrite(now_ms, rewrite, &old, from, generation) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The old journal's blocks, freed a slice at a time, not all at its close.
+                free_gradually(&old);
+                Ok(())
+            }
             Err(stop) => {
                 let _ = fs::remove_file(&self.compact_path);
                 let _ = fs::remove_file(&self.image_tmp_path);
@@ -282,7 +293,7 @@ impl FileStore {
         rw.file.sync_data().map_err(side)?;
         // The image replaced stays open until the lock is released: the rename then does
         // not free its blocks (tens of ms for a large file) under the lock.
-        let replaced_image = File::open(&self.image_path).ok();
+        let replaced_image = open_replaced(&self.image_path);
         // 4. Under the lock again: the last records appended, then the switch.
         let mut inner = self.inner.lock();
         let held = Held::since_now(self);
@@ -332,7 +343,9 @@ impl FileStore {
         drop(_lock);
         drop(inner);
         drop(old_index);
-        drop(replaced_image);
+        if let Some(image) = replaced_image {
+            free_gradually(&image);
+        }
         self.compactions.fetch_add(1, Ordering::Relaxed);
         self.compaction_due.store(false, Ordering::Relaxed);
         tracing::info!(
@@ -411,6 +424,11 @@ impl FileStore {
         let Some(_maintainer) = self.maintainer()? else {
             return Ok(());
         };
+        // Another process compacted since: its image stands (and the journal this one would
+        // describe is being emptied); the next maintenance follows it.
+        if journal.metadata().map_or(true, |meta| meta.nlink() == 0) {
+            return Ok(());
+        }
         let tmp = &self.image_tmp_path;
         // The image never covers records that a power loss could still take back.
         journal
@@ -442,16 +460,101 @@ impl FileStore {
         }
         image.finish(covers, tmp)?;
         // Closed after the lock, so that the rename does not free the old image under it.
-        let _replaced_image = File::open(&self.image_path).ok();
-        let mut inner = self.inner.lock();
-        let _held = Held::since_now(self);
-        if inner.generation != generation {
-            let _ = fs::remove_file(tmp);
-            return Ok(());
+        let replaced_image = open_replaced(&self.image_path);
+        {
+            let mut inner = self.inner.lock();
+            let _held = Held::since_now(self);
+            if inner.generation != generation {
+                let _ = fs::remove_file(tmp);
+                return Ok(());
+            }
+            fs::rename(tmp, &self.image_path).map_err(|e| FileError::new("rename", tmp, e))?;
+            inner.imaged = covered;
         }
-        fs::rename(tmp, &self.image_path).map_err(|e| FileError::new("rename", tmp, e))?;
-        inner.imaged = covered;
+        if let Some(image) = replaced_image {
+            free_gradually(&image);
+        }
         tracing::debug!(covered, "idempotency index image written");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{image, FileStoreSettings};
+    use super::*;
+    use crate::idempotency::{Claim, IdempotencyStore};
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+
+    const FP: [u8; 32] = [5; 32];
+
+    fn open(dir: &Path) -> FileStore {
+        let settings = FileStoreSettings {
+            lease: Duration::from_secs(60),
+            ttl: Duration::from_secs(3600),
+            compaction_slack_bytes: 4096,
+        };
+        FileStore::open(dir, settings).unwrap()
+    }
+
+    fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
+        for i in keys {
+            let key = format!("key-{i}");
+            let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &FP, 10) else {
+                panic!("{key} not acquired");
+            };
+            store.complete(key.as_bytes(), token, &FP, 0, 10).unwrap();
+        }
+    }
+
+    /// The journal a compaction replaced is emptied by the compacting process, not left for
+    /// the last process that has it open to free whole; a process that had not followed
+    /// yet still answers from the new one.
+    #[test]
+    fn a_replaced_journal_is_emptied_and_other_handles_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let compactor = open(dir.path());
+        let other = open(dir.path());
+        fill(&compactor, 0..400);
+        assert_eq!(
+            other.claim(b"key-1", &FP, 11).unwrap(),
+            Claim::Replay { result: 0 }
+        );
+        let old = other.inner.lock().journal.clone();
+        assert!(old.metadata().unwrap().blocks() > 0);
+        compactor.compact_now(11).unwrap();
+        let meta = old.metadata().unwrap();
+        assert_eq!((meta.nlink(), meta.len(), meta.blocks()), (0, 0, 0));
+        for i in [0, 7, 399] {
+            let key = format!("key-{i}");
+            assert_eq!(
+                other.claim(key.as_bytes(), &FP, 12).unwrap(),
+                Claim::Replay { result: 0 },
+                "{key}"
+            );
+        }
+    }
+
+    /// A process that has not followed another's compaction yet writes no image of the
+    /// journal replaced: the image on disk stays the new journal's.
+    #[test]
+    fn an_image_of_a_replaced_journal_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = open(dir.path());
+        let compactor = open(dir.path());
+        fill(&stale, 0..300);
+        compactor.compact_now(11).unwrap();
+        // `stale` has read nothing since: its journal is the replaced one, and it is well
+        // past its image (none).
+        stale.checkpoint().unwrap();
+        let journal = File::open(compactor.journal_path()).unwrap();
+        let (index, _) = image::load(&dir.path().join("idempotency/index"), &journal)
+            .expect("the image is the new journal's");
+        assert_eq!(index.len(), 300);
+        assert_eq!(
+            stale.claim(b"key-299", &FP, 12).unwrap(),
+            Claim::Replay { result: 0 }
+        );
     }
 }

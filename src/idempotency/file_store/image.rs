@@ -8,7 +8,7 @@
 //! journal file. An image that does not check or does not match is ignored (the journal
 //! is then read whole): it only saves time, the journal stays the truth.
 
-use super::files::{create_fresh, Paced};
+use super::files::{create_fresh, Paced, SYNC_EVERY};
 use super::index::{Index, Slot};
 use crate::durable::FileError;
 use crate::error::Failure;
@@ -62,7 +62,7 @@ impl ImageWriter {
         Ok(ImageWriter {
             file,
             crc: crc32fast::Hasher::new(),
-            buffer: Vec::with_capacity(BUFFER + 64 * 1024),
+            buffer: Vec::with_capacity(SYNC_EVERY as usize + 64 * 1024),
             written: HEADER as u64,
             keys: 0,
             table: 0,
@@ -79,9 +79,11 @@ impl ImageWriter {
             self.claims += slot.is_claim() as u64;
             self.buffer.extend_from_slice(&slot.hash.to_le_bytes());
             self.buffer.extend_from_slice(&slot.meta.to_le_bytes());
-        }
-        if self.buffer.len() >= BUFFER {
-            self.flush(path)?;
+            // A whole table (hundreds of MB) is pushed at once by a compaction: written
+            // and synced a piece at a time all the same.
+            if self.buffer.len() >= SYNC_EVERY as usize {
+                self.flush(path)?;
+            }
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 use super::files::reserve;
 use super::index::{hash_key, Index};
+use super::read_ahead::ReadAhead;
 use super::{FileStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
 use crate::durable::FileError;
 use crate::error::{ErrorCode, Failure};
@@ -69,14 +70,20 @@ impl FileStore {
         Ok(())
     }
 
-    /// The record of `key` in the index, if any: its slot and state.
+    /// The record of `key` in the index, if any: its slot and state. The record read ahead
+    /// of the transaction, if any, is used when the key's slot still points at it.
     pub(super) fn lookup(
         &self,
         inner: &Inner,
         key: &[u8],
+        ahead: Option<&ReadAhead>,
     ) -> Result<Option<(usize, KeyRecord)>, Failure> {
         let mut state = None;
         let found = inner.index.find(hash_key(key), |offset, claim| {
+            if let Some(record) = ahead.and_then(|a| a.record_at(&inner.journal, offset, claim)) {
+                state = Some(record);
+                return Ok(true);
+            }
             let entry = read_if_key(&inner.journal, &self.journal_path, offset, claim, key)?;
             state = entry.and_then(|e| e.state);
             Ok::<bool, Failure>(state.is_some())
@@ -194,7 +201,7 @@ pub(super) fn room_for(claims: u64) -> u64 {
 
 /// The record at `offset` of a journal if it is `key`'s, read back (only its own bytes:
 /// the index says whether it is a claim, and a key of another length is another key).
-fn read_if_key(
+pub(super) fn read_if_key(
     file: &File,
     path: &Path,
     offset: u64,

@@ -33,6 +33,7 @@ mod group_commit;
 mod image;
 mod index;
 mod journal;
+mod read_ahead;
 
 use super::record::{self, Entry};
 use super::{
@@ -45,6 +46,7 @@ use files::{open_rw, FileLock};
 use index::Index;
 use journal::apply;
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use read_ahead::ReadAhead;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -115,6 +117,8 @@ pub struct FileStore {
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
     compaction_due: AtomicBool,
     compactions: AtomicU64,
+    /// Where the index's table is, for a prefetch before taking `inner` (`read_ahead.rs`).
+    slot_hint: read_ahead::SlotHint,
     /// The longest maintenance held the store's mutex, in µs (see [`Held`]).
     longest_hold_us: AtomicU64,
     /// The same, less the time its thread waited for a core meanwhile.
@@ -227,11 +231,16 @@ pub struct Txn<'a> {
 
 impl Txn<'_> {
     fn get(&mut self, key: &[u8]) -> Option<KeyRecord> {
+        self.get_read_ahead(key, None)
+    }
+
+    /// The same, given the key's record as read ahead of the transaction (`read_ahead.rs`).
+    fn get_read_ahead(&mut self, key: &[u8], ahead: Option<&ReadAhead>) -> Option<KeyRecord> {
         // A key written earlier in this transaction wins.
         if let Some((_, entry)) = self.entries.iter().rev().find(|(_, e)| e.key == key) {
             return entry.state;
         }
-        match self.store.lookup(self.inner, key) {
+        match self.store.lookup(self.inner, key, ahead) {
             Ok(found) => found.map(|(_, record)| record),
             Err(failure) => {
                 self.failed.get_or_insert(failure);
@@ -318,6 +327,7 @@ impl FileStore {
             lock_kept: AtomicU32::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
+            slot_hint: Default::default(),
             longest_hold_us: AtomicU64::new(0),
             longest_running_hold_us: AtomicU64::new(0),
             dir,
@@ -507,10 +517,17 @@ impl FileStore {
     }
 }
 
-impl IdempotencyStore for FileStore {
-    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+impl FileStore {
+    /// A claim, given the key's record as read ahead of its transaction.
+    fn claim_read_ahead(
+        &self,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        now_ms: u64,
+        ahead: Option<ReadAhead>,
+    ) -> Result<Claim, Failure> {
         self.transact(|txn| {
-            let existing = txn.get(key);
+            let existing = txn.get_read_ahead(key, ahead.as_ref());
             let claim = decide(existing.as_ref(), fingerprint, now_ms, ClaimToken::new());
             if let Claim::Acquired { token, .. } = claim {
                 txn.claims_need_room = true;
@@ -527,6 +544,12 @@ impl IdempotencyStore for FileStore {
             }
             claim
         })
+    }
+}
+
+impl IdempotencyStore for FileStore {
+    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+        self.claim_read_ahead(key, fingerprint, now_ms, self.read_ahead(key))
     }
 
     fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure> {

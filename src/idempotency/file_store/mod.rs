@@ -3,11 +3,9 @@
 //!
 //! - **Atomic claims.** Each call runs as one transaction under the process's mutex and an
 //!   exclusive `flock` of `lock`: read what other processes appended, decide, append.
-//!   Transactions are queued and run by whichever caller holds the mutex (combining).
 //! - **Durable before return.** A transaction's records are fsynced before it returns.
 //!   Concurrent callers share one `fdatasync` (group commit): while one is in flight, the
-//!   next callers' records queue up, and the next sync covers them all (see
-//!   `group_commit.rs`).
+//!   next callers' records queue up, and the next sync covers them all.
 //! - **Room for completions.** A claim first makes sure the file has blocks allocated
 //!   (`fallocate(FALLOC_FL_KEEP_SIZE)`) for the completion and one lease renewal of every
 //!   claim outstanding, its own included, so a full disk fails a claim, not a completion.
@@ -75,8 +73,8 @@ impl FileStoreSettings {
 /// Extra room allocated at a time, so that a claim rarely needs a `fallocate`.
 const RESERVE_CHUNK: u64 = 64 << 10;
 const ALLOCATION_MARGIN: u64 = 8 << 10;
-/// Combiners in a row that may pass the journal's lock on to the next one without
-/// unlocking, so that other processes get their turn.
+/// Transactions of this process in a row that may pass the journal's lock on to the next
+/// one without unlocking, so that other processes get their turn.
 const MAX_KEPT: u32 = 16;
 /// Longest a sync leader waits for other callers to join its fsync.
 const MAX_GATHER: Duration = Duration::from_millis(1);
@@ -99,7 +97,7 @@ pub struct FileStore {
     slack: u64,
     inner: Mutex<Inner>,
     sync: Mutex<SyncState>,
-    /// Notified when a compaction made the journal durable whole.
+    /// Notified when the sync state changes: a gathering leader looks again.
     synced: Condvar,
     compaction: Mutex<()>,
     /// The index of a journal another process put in place, loaded without the locks.
@@ -107,11 +105,9 @@ pub struct FileStore {
     /// Callers between entering a transaction and appending: a sync leader lets them
     /// append first, so that one fsync covers them all.
     in_transaction: AtomicUsize,
-    /// Transactions waiting for whichever caller holds `inner` to run them.
-    queue: Mutex<Vec<group_commit::Request>>,
-    /// The holder of `inner` runs queued transactions (set and cleared under `inner`).
-    combining: AtomicBool,
-    /// The journal's lock was left held for the next combiner (how many in a row):
+    /// Transactions waiting for `inner`.
+    entering: AtomicUsize,
+    /// The journal's lock was left held for the next transaction (how many in a row):
     /// nothing changed the journal since the last one read it. Changed under `inner`.
     lock_kept: AtomicU32,
     /// The journal passed `compact_at` (set by appends, cleared by compaction).
@@ -195,10 +191,8 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
-    /// The sync leader waits for callers to join its fsync.
+    /// The sync leader waits for callers to join its fsync (on `FileStore::synced`).
     gathering: bool,
-    /// That leader: the caller that completes the gathering runs the fsync instead.
-    gatherer: Option<group_commit::Sleeper>,
     /// Callers asleep until the fsync in flight (or the next one) ends.
     sleepers: Vec<group_commit::Sleeper>,
     /// Callers the last fsync released: most come back with their next record soon.
@@ -312,7 +306,6 @@ impl FileStore {
                 synced: end,
                 syncing: false,
                 gathering: false,
-                gatherer: None,
                 sleepers: Vec::new(),
                 released: 1,
                 last_sync: Duration::ZERO,
@@ -322,8 +315,7 @@ impl FileStore {
             compaction: Mutex::new(()),
             followed: Mutex::new(None),
             in_transaction: AtomicUsize::new(0),
-            queue: Mutex::new(Vec::new()),
-            combining: AtomicBool::new(false),
+            entering: AtomicUsize::new(0),
             lock_kept: AtomicU32::new(0),
             compaction_due: AtomicBool::new(false),
             compactions: AtomicU64::new(0),
@@ -376,7 +368,7 @@ impl FileStore {
 
     /// Waits for the journal's cross-process lock (called under `inner`).
     fn lock_journal(&self) -> Result<FileLock<'_>, FileError> {
-        // A lock kept by the last combiner is this caller's now, and released with it.
+        // A lock kept by the last transaction is this caller's now, and released with it.
         self.lock_kept.store(0, Ordering::Relaxed);
         let lock = FileLock::acquire(&self.journal_lock, &self.journal_lock_path, true)?;
         Ok(lock.expect("a waiting lock is always taken"))
@@ -384,88 +376,68 @@ impl FileStore {
 
     /// Runs `f` as one transaction: up to date with every process, its records appended
     /// (all or none) and durable before this returns.
-    ///
-    /// The transaction is queued; whichever caller holds the store's mutex runs the queued
-    /// transactions one after the other (combining, see `group_commit.rs`), so that the
-    /// callers an fsync released do not hand the mutex on to each other, one wake-up each.
-    fn transact<T: Send>(&self, f: impl FnOnce(&mut Txn<'_>) -> T + Send) -> Result<T, Failure> {
+    fn transact<T>(&self, f: impl FnOnce(&mut Txn<'_>) -> T) -> Result<T, Failure> {
         self.in_transaction.fetch_add(1, Ordering::AcqRel);
-        let mut f = Some(f);
-        let mut value = None;
-        let mut work = |txn: &mut Txn<'_>| value = f.take().map(|f| f(txn));
-        let waiter = Arc::new(group_commit::Waiter::new());
-        // SAFETY: `work` lives on this frame until `await_request` has returned, and
-        // that returns only once the request is settled, after its last use (see
-        // `group_commit::Request`).
-        let request = unsafe { group_commit::Request::new(&mut work, waiter.clone()) };
-        self.queue.lock().push(request);
-        // `work` (and `value`, which it writes) is this frame's again once settled.
-        let settled = self.await_request(&waiter);
-        let outcome = waiter.take_outcome();
-        #[cfg(test)]
-        group_commit::tests::note_outcome(&outcome);
-        let point = outcome?;
-        if settled == group_commit::LOOK_AGAIN {
-            self.wait_durable(point, &waiter)?;
+        let result = self.transact_locked(f);
+        self.in_transaction.fetch_sub(1, Ordering::AcqRel);
+        if result.is_err() {
+            // A gathering leader waits for no record from this caller.
+            self.nudge_leader(&self.sync.lock());
         }
-        Ok(value.expect("a settled transaction without failure has run"))
+        let (value, point) = result?;
+        self.wait_durable(point)?;
+        Ok(value)
     }
 
-    /// Makes the store's view current for a batch of transactions: follows another
-    /// process's compaction, takes the journal's lock, reads what others appended.
-    fn prepare<'a>(
-        &'a self,
-        mut inner: MutexGuard<'a, Inner>,
-    ) -> (MutexGuard<'a, Inner>, Result<FileLock<'a>, Failure>) {
-        match self.replaced(&inner) {
-            Err(failure) => return (inner, Err(failure)),
-            Ok(true) => {
-                // Another process compacted: its index is loaded without any lock held.
-                drop(inner);
-                let followed = self.prepare_follow();
-                inner = self.inner.lock();
-                if let Err(failure) = followed {
-                    return (inner, Err(failure));
-                }
-            }
-            Ok(false) => {}
-        }
-        let ready = (|| {
-            let lock = self.lock_journal()?;
-            if let Some(failure) = self.refusal(&inner) {
-                return Err(failure);
-            }
-            self.catch_up(&mut inner)?;
-            Ok(lock)
-        })();
-        (inner, ready)
+    /// Takes the store's mutex as the next transaction, and with it the journal's lock if
+    /// the previous transaction passed it on: how many transactions in a row it was kept.
+    ///
+    /// Queued transactions of this process pass the journal's lock on: no other process
+    /// appended meanwhile, and two syscalls and a catch-up are saved (the sync leader
+    /// waits for these transactions: they are its fsync's batch).
+    fn enter(&self) -> (MutexGuard<'_, Inner>, u32) {
+        self.entering.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.lock();
+        self.entering.fetch_sub(1, Ordering::AcqRel);
+        (inner, self.lock_kept.swap(0, Ordering::Relaxed))
     }
 
-    /// Why the store refuses every transaction, if it does: corruption, a failed fsync.
-    fn refusal(&self, inner: &Inner) -> Option<Failure> {
-        inner
+    /// A transaction's work under the locks; where it must be durable up to.
+    fn transact_locked<T>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> T,
+    ) -> Result<(T, SyncPoint), Failure> {
+        let (mut inner, mut kept) = self.enter();
+        // A lock passed on (below) was held all along: no other process can have compacted.
+        if kept == 0 && self.replaced(&inner)? {
+            // Another process compacted: its index is loaded without any lock held.
+            drop(inner);
+            self.prepare_follow()?;
+            (inner, kept) = self.enter();
+        }
+        let lock = match kept {
+            0 => self.lock_journal()?,
+            _ => FileLock::kept(&self.journal_lock),
+        };
+        if let Some(failure) = inner
             .broken
             .clone()
             .or_else(|| self.sync.lock().failed.clone())
-    }
-
-    /// One transaction's work under the locks (after [`FileStore::prepare`]): where it
-    /// must be durable up to.
-    fn run_one(
-        &self,
-        inner: &mut Inner,
-        work: &mut (dyn FnMut(&mut Txn<'_>) + Send),
-    ) -> Result<SyncPoint, Failure> {
+        {
+            return Err(failure);
+        }
+        if kept == 0 {
+            self.catch_up(&mut inner)?;
+        }
         let mut txn = Txn {
             store: self,
-            inner,
+            inner: &inner,
             appended: Vec::new(),
             entries: Vec::new(),
             claims_need_room: false,
             failed: None,
         };
-        // A panic fails this transaction only, not the others of the batch.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut txn)));
+        let value = f(&mut txn);
         let Txn {
             appended,
             entries,
@@ -473,16 +445,6 @@ impl FileStore {
             failed,
             ..
         } = txn;
-        if let Err(panic) = ran {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            return Err(Failure::Panic(format!(
-                "an idempotency transaction panicked: {what}"
-            )));
-        }
         if let Some(failure) = failed {
             if failure.code() == ErrorCode::DataCorruption.raw() {
                 inner.broken = Some(failure.clone());
@@ -491,7 +453,8 @@ impl FileStore {
         }
         if !appended.is_empty() {
             let start = inner.end;
-            self.append(inner, &appended, claims_need_room)?;
+            self.append(&mut inner, &appended, claims_need_room)?;
+            let inner = &mut *inner;
             for (at, entry) in &entries {
                 let offset = start + *at as u64;
                 if let Err(failure) = apply(
@@ -510,10 +473,19 @@ impl FileStore {
                 self.compaction_due.store(true, Ordering::Relaxed);
             }
         }
-        Ok(SyncPoint {
+        let point = SyncPoint {
             generation: inner.generation,
             offset: inner.end,
-        })
+        };
+        if self.entering.load(Ordering::Acquire) > 0 && kept < MAX_KEPT {
+            // Another transaction of this process waits for `inner`: it takes the lock over.
+            self.lock_kept.store(kept + 1, Ordering::Relaxed);
+            lock.keep();
+        } else {
+            drop(lock);
+        }
+        drop(inner);
+        Ok((value, point))
     }
 }
 

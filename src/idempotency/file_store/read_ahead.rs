@@ -100,7 +100,9 @@ impl FileStore {
         let hash = hash_key(key);
         self.slot_hint.prefetch(hash);
         let (journal, offset, claim) = {
-            let inner = self.inner.lock();
+            // Only when the mutex is free: queuing for it twice would cost callers who
+            // write (new keys, a combiner running a batch) more than the read saves.
+            let inner = self.inner.try_lock()?;
             if inner.broken.is_some() {
                 return None;
             }

@@ -451,33 +451,31 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_is_retried_through_the_policy_before_anything_runs() {
-        let s = setup(None, None);
-        let flaky = |n| s.store.unreachable_claims.store(n, Ordering::SeqCst);
         let runs = Cell::new(0);
         let fp = fingerprint(b"");
+        // One call whose claim is retried at most 3 times.
+        let call = |s: &Setup, key: &[u8]| {
+            s.keyed.execute_retrying_claim(
+                &s.clock,
+                key,
+                &fp,
+                retrying(&s.clock, 3),
+                succeed(&runs),
+            )
+        };
+        let s = setup(None, None);
+        let unreachable = |n| s.store.unreachable_claims.store(n, Ordering::SeqCst);
 
         // Two failed claims, then the cluster answers: the key runs once, 2 + 2 retries.
-        flaky(2);
-        let out = s.keyed.execute_retrying_claim(
-            &s.clock,
-            b"k",
-            &fp,
-            retrying(&s.clock, 3),
-            succeed(&runs),
-        );
+        unreachable(2);
+        let out = call(&s, b"k");
         assert!(!out.result.unwrap(), "ran now");
         assert_eq!((out.retries, runs.get()), (2 + 2, 1));
 
         // Unreachable past the policy: nothing runs, and the call gives up with the
         // store's own code, its retries counted and said.
-        flaky(10);
-        let out = s.keyed.execute_retrying_claim(
-            &s.clock,
-            b"other",
-            &fp,
-            retrying(&s.clock, 3),
-            succeed(&runs),
-        );
+        unreachable(10);
+        let out = call(&s, b"other");
         assert_eq!(out.retries, 3);
         let err = out.result.unwrap_err();
         assert_eq!(err.code(), ErrorCode::Network.raw(), "{}", err.detail());
@@ -489,14 +487,7 @@ mod tests {
         assert_eq!(runs.get(), 1, "nothing ran without a claim");
 
         // A permanent store failure is not retried.
-        let s = setup(Some(ErrorCode::DiskFull), None);
-        let out = s.keyed.execute_retrying_claim(
-            &s.clock,
-            b"k",
-            &fp,
-            retrying(&s.clock, 3),
-            succeed(&runs),
-        );
+        let out = call(&setup(Some(ErrorCode::DiskFull), None), b"k");
         assert_eq!(out.result.unwrap_err().code(), ErrorCode::DiskFull.raw());
         assert_eq!((out.retries, runs.get()), (0, 1));
     }

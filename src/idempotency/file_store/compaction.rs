@@ -481,31 +481,17 @@ impl FileStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{image, FileStoreSettings};
+    use super::super::image;
     use super::*;
     use crate::idempotency::{Claim, IdempotencyStore};
     use std::os::unix::fs::MetadataExt;
-    use std::time::Duration;
 
     const FP: [u8; 32] = [5; 32];
 
-    fn open(dir: &Path) -> FileStore {
-        let settings = FileStoreSettings {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(3600),
-            compaction_slack_bytes: 4096,
-        };
-        FileStore::open(dir, settings).unwrap()
-    }
+    use super::super::test_support::open;
 
     fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
-        for i in keys {
-            let key = format!("key-{i}");
-            let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &FP, 10) else {
-                panic!("{key} not acquired");
-            };
-            store.complete(key.as_bytes(), token, &FP, 0, 10).unwrap();
-        }
+        super::super::test_support::fill(store, keys, &FP);
     }
 
     /// The journal a compaction replaced is emptied by the compacting process, not left for

@@ -116,20 +116,11 @@ impl FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::idempotency::file_store::FileStoreSettings;
     use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, KeyRecord, KeyState};
-    use std::time::Duration;
 
     const FP: [u8; 32] = [3; 32];
 
-    fn open(dir: &std::path::Path) -> FileStore {
-        let settings = FileStoreSettings {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(3600),
-            compaction_slack_bytes: 4096,
-        };
-        FileStore::open(dir, settings).unwrap()
-    }
+    use super::super::test_support::open;
 
     #[test]
     fn records_read_ahead_that_were_cut_off_and_written_over_are_read_again() {

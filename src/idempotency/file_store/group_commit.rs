@@ -147,19 +147,11 @@ fn wake_sleepers(sync: &mut SyncState) -> Vec<Thread> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::FileStoreSettings;
     use super::*;
     use crate::idempotency::{Claim, IdempotencyStore};
     use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
 
-    fn settings() -> FileStoreSettings {
-        FileStoreSettings {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(3600),
-            compaction_slack_bytes: 4096,
-        }
-    }
+    use super::super::test_support::settings;
 
     fn run_key(store: &FileStore, key: &str) {
         let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &[3; 32], 10) else {

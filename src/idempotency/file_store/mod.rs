@@ -32,6 +32,8 @@ mod image;
 mod index;
 mod journal;
 mod read_ahead;
+#[cfg(test)]
+mod test_support;
 
 use super::record::{self, Entry};
 use super::{
@@ -967,22 +969,10 @@ mod images {
 
     const FP: Fingerprint = [7; 32];
 
-    fn settings() -> FileStoreSettings {
-        FileStoreSettings {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(3600),
-            compaction_slack_bytes: 4096,
-        }
-    }
+    use super::test_support::settings;
 
     fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
-        for i in keys {
-            let key = format!("key-{i}");
-            let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &FP, 10) else {
-                panic!("{key} not acquired");
-            };
-            store.complete(key.as_bytes(), token, &FP, 0, 10).unwrap();
-        }
+        super::test_support::fill(store, keys, &FP);
     }
 
     fn replays(store: &FileStore, keys: std::ops::Range<u32>) {

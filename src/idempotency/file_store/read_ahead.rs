@@ -128,24 +128,15 @@ impl FileStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::FileStoreSettings;
     use super::*;
     use crate::error::ErrorCode;
     use crate::idempotency::{Claim, Fingerprint, Forgotten, IdempotencyStore};
     use std::os::unix::fs::FileExt;
-    use std::time::Duration;
 
     const A: Fingerprint = [0xa; 32];
     const B: Fingerprint = [0xb; 32];
 
-    fn open(dir: &std::path::Path) -> FileStore {
-        let settings = FileStoreSettings {
-            lease: Duration::from_secs(60),
-            ttl: Duration::from_secs(3600),
-            compaction_slack_bytes: 4096,
-        };
-        FileStore::open(dir, settings).unwrap()
-    }
+    use super::super::test_support::open;
 
     fn token(claim: Claim) -> crate::idempotency::ClaimToken {
         match claim {

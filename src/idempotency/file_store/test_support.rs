@@ -1,0 +1,31 @@
+//! Helpers shared by the file store's unit tests.
+
+use super::{FileStore, FileStoreSettings};
+use crate::idempotency::{Claim, Fingerprint, IdempotencyStore};
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+/// A 60 s lease, a 1 h TTL, and compaction once 4 KiB of the journal is dead.
+pub fn settings() -> FileStoreSettings {
+    FileStoreSettings {
+        lease: Duration::from_secs(60),
+        ttl: Duration::from_secs(3600),
+        compaction_slack_bytes: 4096,
+    }
+}
+
+pub fn open(dir: &Path) -> FileStore {
+    FileStore::open(dir, settings()).unwrap()
+}
+
+/// Runs `key-<i>` for each `i` of `keys` to completion, with fingerprint `fp`, at 10 ms.
+pub fn fill(store: &FileStore, keys: Range<u32>, fp: &Fingerprint) {
+    for i in keys {
+        let key = format!("key-{i}");
+        let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), fp, 10) else {
+            panic!("{key} not acquired");
+        };
+        store.complete(key.as_bytes(), token, fp, 0, 10).unwrap();
+    }
+}

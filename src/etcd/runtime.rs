@@ -22,6 +22,7 @@ impl EtcdRuntime {
         let thread = std::thread::Builder::new()
             .name("backup-etcd".into())
             .spawn(move || {
+                block_sigpipe();
                 let runtime = match Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => runtime,
                     Err(e) => {
@@ -98,6 +99,22 @@ impl Drop for EtcdRuntime {
     }
 }
 
+/// Blocks SIGPIPE on the calling thread and the threads it starts (tokio's blocking pool).
+/// A write to a socket whose peer is gone (an etcd member killed mid-request) raises
+/// SIGPIPE on the writing thread unless the write asks not to, and vectored writes cannot;
+/// a C host such as taosX's stand-ins keeps SIGPIPE's default action, which ends the whole
+/// process. Blocked, the write fails with EPIPE and the client fails over.
+fn block_sigpipe() {
+    // SAFETY: `set` is a local sigset_t initialised by sigemptyset before use; the calls
+    // change only this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +134,27 @@ mod tests {
             .run(async move { Ok(inner.run(async { Ok(9) })) })
             .unwrap();
         assert_eq!(refused.unwrap_err().code(), ErrorCode::InvalidState.raw());
+    }
+
+    /// Whether SIGPIPE is blocked on the calling thread.
+    fn sigpipe_blocked() -> bool {
+        // SAFETY: queries this thread's mask into a local, zero-initialised sigset_t.
+        unsafe {
+            let mut current: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut current);
+            libc::sigismember(&current, libc::SIGPIPE) == 1
+        }
+    }
+
+    #[test]
+    fn the_runtime_s_threads_never_take_sigpipe() {
+        let runtime = EtcdRuntime::start().unwrap();
+        assert!(runtime.run(async { Ok(sigpipe_blocked()) }).unwrap());
+        // Threads it starts (the blocking pool, used to resolve endpoint names) too.
+        let pooled =
+            runtime.run(async { Ok(tokio::task::spawn_blocking(sigpipe_blocked).await.unwrap()) });
+        assert!(pooled.unwrap());
+        // The caller's thread is left as it was.
+        assert!(!sigpipe_blocked());
     }
 }

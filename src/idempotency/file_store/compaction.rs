@@ -486,13 +486,7 @@ mod tests {
     use crate::idempotency::{Claim, IdempotencyStore};
     use std::os::unix::fs::MetadataExt;
 
-    const FP: [u8; 32] = [5; 32];
-
-    use super::super::test_support::open;
-
-    fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
-        super::super::test_support::fill(store, keys, &FP);
-    }
+    use super::super::test_support::{fill, open, FP};
 
     /// The journal a compaction replaced is emptied by the compacting process, not left for
     /// the last process that has it open to free whole; a process that had not followed

@@ -967,13 +967,7 @@ mod images {
     use crate::error::ErrorCode;
     use std::fs;
 
-    const FP: Fingerprint = [7; 32];
-
-    use super::test_support::settings;
-
-    fn fill(store: &FileStore, keys: std::ops::Range<u32>) {
-        super::test_support::fill(store, keys, &FP);
-    }
+    use super::test_support::{fill, settings, FP};
 
     fn replays(store: &FileStore, keys: std::ops::Range<u32>) {
         for i in keys {

@@ -19,13 +19,16 @@ pub fn open(dir: &Path) -> FileStore {
     FileStore::open(dir, settings()).unwrap()
 }
 
-/// Runs `key-<i>` for each `i` of `keys` to completion, with fingerprint `fp`, at 10 ms.
-pub fn fill(store: &FileStore, keys: Range<u32>, fp: &Fingerprint) {
+/// The fingerprint [`fill`] runs its keys with.
+pub const FP: Fingerprint = [7; 32];
+
+/// Runs `key-<i>` for each `i` of `keys` to completion, with fingerprint [`FP`], at 10 ms.
+pub fn fill(store: &FileStore, keys: Range<u32>) {
     for i in keys {
         let key = format!("key-{i}");
-        let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), fp, 10) else {
+        let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &FP, 10) else {
             panic!("{key} not acquired");
         };
-        store.complete(key.as_bytes(), token, fp, 0, 10).unwrap();
+        store.complete(key.as_bytes(), token, &FP, 0, 10).unwrap();
     }
 }

@@ -964,47 +964,49 @@ static void section5(void) {
     PASS("§5 config");
 }
 
-/* The configured policy takes sizes and durations as strings. */
-static void section5_effect(void) {
-    char t[512];
-    snprintf(t, sizeof t, "[plugins.incremental_bitmap]\nerror.retry.max = 2\n"
-             "error.retry.interval = \"200ms\"\n");
-    EXPECT_INT(init_text(t), BACKUP_SUCCESS, "§5 init");
+/* What an operation that always fails with NETWORK did under a configured policy. */
+typedef struct {
+    int32_t rc;
+    int calls;
+    uint64_t took_ms;
+} FailingRun;
+
+/* Inits the plugin with `config`, runs the failing operation once, and cleans up. */
+static FailingRun run_failing(const char* config, const char* what) {
+    EXPECT_INT(init_text(config), BACKUP_SUCCESS, what);
     Script s = {.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
     uint64_t t0 = now_ms();
-    EXPECT_INT(backup_plugin_execute_with_retry(scripted, &s), BACKUP_ERROR_RETRY_EXHAUSTED,
-               "§5 error.retry.max");
-    uint64_t took = now_ms() - t0;
-    EXPECT_INT(s.calls, 3, "§5 error.retry.max = 2");
-    EXPECT(took >= 395 && took < 2000, "§5 error.retry.interval = \"200ms\"");
+    FailingRun run = {.rc = backup_plugin_execute_with_retry(scripted, &s)};
+    run.took_ms = now_ms() - t0;
+    run.calls = s.calls;
     backup_plugin_cleanup();
+    return run;
+}
+
+/* The configured policy takes sizes and durations as strings. */
+static void section5_effect(void) {
+    FailingRun run = run_failing("[plugins.incremental_bitmap]\nerror.retry.max = 2\n"
+                                 "error.retry.interval = \"200ms\"\n",
+                                 "§5 init");
+    EXPECT_INT(run.rc, BACKUP_ERROR_RETRY_EXHAUSTED, "§5 error.retry.max");
+    EXPECT_INT(run.calls, 3, "§5 error.retry.max = 2");
+    EXPECT(run.took_ms >= 395 && run.took_ms < 2000, "§5 error.retry.interval = \"200ms\"");
     /* Multiplier with the default 5m cap, and the timeout. */
-    EXPECT_INT(init_text("error_retry_max = 10\nerror_retry_interval = \"100ms\"\n"
-                         "error_retry_timeout = \"250ms\"\n"), BACKUP_SUCCESS, "§5 init timeout");
-    s = (Script){.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
-    t0 = now_ms();
-    EXPECT_INT(backup_plugin_execute_with_retry(scripted, &s), BACKUP_ERROR_TIMEOUT,
-               "§5 error_retry_timeout");
-    EXPECT(now_ms() - t0 < 300, "§5 no wait ends past the budget");
-    EXPECT_INT(s.calls, 3, "§5 timeout attempts");
-    backup_plugin_cleanup();
+    run = run_failing("error_retry_max = 10\nerror_retry_interval = \"100ms\"\n"
+                      "error_retry_timeout = \"250ms\"\n",
+                      "§5 init timeout");
+    EXPECT_INT(run.rc, BACKUP_ERROR_TIMEOUT, "§5 error_retry_timeout");
+    EXPECT(run.took_ms < 300, "§5 no wait ends past the budget");
+    EXPECT_INT(run.calls, 3, "§5 timeout attempts");
     /* 20 + 60 + 180 = 260 ms without a cap, 60 ms with a 20 ms cap. */
-    EXPECT_INT(init_text("error_retry_max = 3\nerror_retry_interval = \"20ms\"\n"
-                         "error_retry_multiplier = 3.0\nerror_retry_max_interval = 0\n"),
-               BACKUP_SUCCESS, "§5 init no cap");
-    s = (Script){.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
-    t0 = now_ms();
-    backup_plugin_execute_with_retry(scripted, &s);
-    EXPECT(now_ms() - t0 >= 258, "§5 error_retry_max_interval 0 = no cap; multiplier");
-    backup_plugin_cleanup();
-    EXPECT_INT(init_text("error_retry_max = 3\nerror_retry_interval = \"20ms\"\n"
-                         "error_retry_multiplier = 3.0\nerror_retry_max_interval = \"20ms\"\n"),
-               BACKUP_SUCCESS, "§5 init cap");
-    s = (Script){.fail_times = 100, .code = BACKUP_ERROR_NETWORK};
-    t0 = now_ms();
-    backup_plugin_execute_with_retry(scripted, &s);
-    EXPECT(now_ms() - t0 < 200, "§5 error_retry_max_interval caps");
-    backup_plugin_cleanup();
+    run = run_failing("error_retry_max = 3\nerror_retry_interval = \"20ms\"\n"
+                      "error_retry_multiplier = 3.0\nerror_retry_max_interval = 0\n",
+                      "§5 init no cap");
+    EXPECT(run.took_ms >= 258, "§5 error_retry_max_interval 0 = no cap; multiplier");
+    run = run_failing("error_retry_max = 3\nerror_retry_interval = \"20ms\"\n"
+                      "error_retry_multiplier = 3.0\nerror_retry_max_interval = \"20ms\"\n",
+                      "§5 init cap");
+    EXPECT(run.took_ms < 200, "§5 error_retry_max_interval caps");
     PASS("§5 configured policy");
 }
 

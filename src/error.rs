@@ -253,6 +253,22 @@ impl Error {
             note: note.into(),
         }
     }
+
+    /// What a state-store access retried through a policy gives up with: the store's own
+    /// failure (NETWORK, CONNECTION_LOST, FILE_IO, ...) with the retries said and what did
+    /// not happen (`nothing_done`), rather than RETRY_EXHAUSTED or TIMEOUT, which would
+    /// hide that the store, not an operation, failed. Cancellation stays as it is.
+    pub fn store_gave_up(self, nothing_done: &str) -> Self {
+        match self {
+            Error::RetryExhausted { context, last } | Error::Timeout { context, last } => {
+                Error::Context {
+                    source: last,
+                    note: format!(" ({nothing_done}: {context})"),
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 impl PartialEq for Error {

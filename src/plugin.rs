@@ -267,7 +267,11 @@ impl Plugin {
             sleeper: &mut sleeper,
             metrics: &self.log_metrics,
         };
-        let outcome = runner.run(task, command, policy, driver);
+        // A record store that does not answer is retried through the configured policy
+        // (ABI §9), before anything is queried or executed.
+        let outcome = runner.run_retrying_store(task, command, policy, driver, |start| {
+            self.run_configured(start)
+        });
         self.count_retries(outcome.retries);
         outcome.result
     }

@@ -478,6 +478,30 @@ impl Sleeper for FakeSleeper {
     }
 }
 
+/// For tests of callers that take a policy as a closure: runs `op` under a fixed policy of
+/// `max_retry` retries 1 s apart, waiting on `clock` with a [`FakeSleeper`].
+#[cfg(test)]
+pub(crate) fn retrying_on(
+    clock: &crate::clock::ManualClock,
+    max_retry: u32,
+) -> impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution + '_ {
+    move |op| {
+        let mut sleeper = FakeSleeper {
+            clock: clock.clone(),
+            waits: Vec::new(),
+            cancel_on_wait: None,
+        };
+        let policy = RetryPolicy::fixed(max_retry, Duration::from_secs(1));
+        let mut env = RetryEnv {
+            clock,
+            sleeper: &mut sleeper,
+            jitter_seed: Some(1),
+            on_progress: no_progress,
+        };
+        run(&policy, &mut env, &mut Default::default(), op)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

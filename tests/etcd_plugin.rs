@@ -126,8 +126,10 @@ fn metrics() -> String {
 static EXECUTES: AtomicU32 = AtomicU32::new(0);
 static FAILS_LEFT: AtomicU32 = AtomicU32::new(0);
 static STARTED: AtomicU32 = AtomicU32::new(0);
+static QUERIES: AtomicU32 = AtomicU32::new(0);
 
 unsafe extern "C" fn query_state(_: *mut c_void, state: *mut i32, truncated: *mut bool) -> i32 {
+    QUERIES.fetch_add(1, Ordering::SeqCst);
     // SAFETY: the plugin passes writable outs.
     unsafe {
         *state = if STARTED.load(Ordering::SeqCst) > 0 {
@@ -278,7 +280,7 @@ fn keys_and_log_commands_live_in_etcd_through_the_c_abi() {
 }
 
 #[test]
-fn init_needs_no_cluster_and_keyed_calls_fail_closed_until_it_is_back() {
+fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
     let _turn = turn();
     let mut cluster = Cluster::start(3);
     cluster.kill_all();
@@ -309,6 +311,33 @@ fn init_needs_no_cluster_and_keyed_calls_fail_closed_until_it_is_back() {
         "op never runs without a claim"
     );
     let task = CString::new("log-task-down").unwrap();
+    // A log-backup command likewise: its run is retried, then given up with the store's
+    // code; the task is neither queried nor executed.
+    let (queries, executes) = (
+        QUERIES.load(Ordering::SeqCst),
+        EXECUTES.load(Ordering::SeqCst),
+    );
+    let rc = run_start(&task, 3);
+    assert!(
+        rc == NETWORK || rc == CONNECTION_LOST,
+        "{rc}: {}",
+        last_error()
+    );
+    backup_plugin_get_error_stats(&mut errors, &mut retries);
+    assert_eq!((errors, retries), (2, 4), "{}", last_error());
+    assert!(
+        last_error().contains("nothing was run: 2 retries failed"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        (
+            QUERIES.load(Ordering::SeqCst),
+            EXECUTES.load(Ordering::SeqCst)
+        ),
+        (queries, executes),
+        "nothing runs before the store answers"
+    );
     let mut count = 0u32;
     let rc =
         backup_log_get_retry_records(task.as_ptr(), START, std::ptr::null_mut(), 0, &mut count);
@@ -333,6 +362,7 @@ fn init_needs_no_cluster_and_keyed_calls_fail_closed_until_it_is_back() {
         last_error()
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(run_start(&task, 3), SUCCESS, "{}", last_error());
 }
 
 /// A field of the first `etcdctl endpoint status -w json` entry ("revision", "dbSize",

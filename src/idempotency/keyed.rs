@@ -70,21 +70,6 @@ pub struct KeyedExecution {
     pub retries: u32,
 }
 
-/// What a retried claim gives up with: the store's own failure (NETWORK, CONNECTION_LOST,
-/// FILE_IO, ...) with the retries said, rather than RETRY_EXHAUSTED or TIMEOUT, which
-/// would hide that the store, not an operation, failed. Cancellation stays as it is.
-fn store_gave_up(failure: Failure) -> Failure {
-    match failure {
-        Failure::RetryExhausted { context, last } | Failure::Timeout { context, last } => {
-            Failure::Context {
-                source: last,
-                note: format!(" (no claim was made: {context})"),
-            }
-        }
-        other => other,
-    }
-}
-
 /// A key must be 1 to 255 bytes; any content.
 pub fn check_key(key: &[u8]) -> Result<(), Failure> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
@@ -180,7 +165,7 @@ impl Keyed {
         };
         let (claim, now) = match (claimed, claiming.result) {
             (Some(claimed), Ok(())) => claimed,
-            (_, Err(failure)) => return refused(store_gave_up(failure)),
+            (_, Err(failure)) => return refused(failure.store_gave_up("no claim was made")),
             (None, Ok(())) => unreachable!("a claim that succeeded is kept"),
         };
         let shown = display_key(key);
@@ -427,28 +412,6 @@ mod tests {
         assert_eq!(runs.get(), 0);
     }
 
-    /// Runs claims under a fixed policy of `max_retry` retries, with a fake sleeper.
-    fn retrying(
-        clock: &ManualClock,
-        max_retry: u32,
-    ) -> impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution + '_ {
-        move |claim| {
-            let mut sleeper = crate::retry::FakeSleeper {
-                clock: clock.clone(),
-                waits: Vec::new(),
-                cancel_on_wait: None,
-            };
-            let policy = crate::retry::RetryPolicy::fixed(max_retry, Duration::from_secs(1));
-            let mut env = crate::retry::RetryEnv {
-                clock,
-                sleeper: &mut sleeper,
-                jitter_seed: Some(1),
-                on_progress: crate::retry::no_progress,
-            };
-            crate::retry::run(&policy, &mut env, &mut Default::default(), claim)
-        }
-    }
-
     #[test]
     fn an_unreachable_store_is_retried_through_the_policy_before_anything_runs() {
         let runs = Cell::new(0);
@@ -459,7 +422,7 @@ mod tests {
                 &s.clock,
                 key,
                 &fp,
-                retrying(&s.clock, 3),
+                crate::retry::retrying_on(&s.clock, 3),
                 succeed(&runs),
             )
         };

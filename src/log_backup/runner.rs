@@ -8,7 +8,7 @@ use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
-use crate::retry::{RetryPolicy, Sleeper};
+use crate::retry::{Execution, RetryPolicy, Sleeper};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -150,6 +150,7 @@ pub struct Runner<'a> {
 }
 
 impl Runner<'_> {
+    /// Runs `command` on `task`; the record store is tried once.
     pub fn run(
         &mut self,
         task: &str,
@@ -157,26 +158,50 @@ impl Runner<'_> {
         policy: &LogRetryPolicy,
         driver: &mut dyn TaskDriver,
     ) -> RunOutcome {
+        self.run_retrying_store(task, command, policy, driver, |start| {
+            Execution::once(start(0))
+        })
+    }
+
+    /// [`Self::run`], the start of the call (taking the run's claim and loading its
+    /// records) made through `retry_store` (the plugin's policy): a store that does not
+    /// answer (an etcd cluster unreachable, an I/O error) is retried, and the store's own
+    /// failure is what the call gives up with. Nothing is queried or executed before the
+    /// store has answered.
+    pub fn run_retrying_store(
+        &mut self,
+        task: &str,
+        command: SubCommand,
+        policy: &LogRetryPolicy,
+        driver: &mut dyn TaskDriver,
+        retry_store: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+    ) -> RunOutcome {
         let mut outcome = RunOutcome {
             result: Ok(()),
             retries: 0,
             skipped: false,
         };
-        // One runner per (task, command), across threads, processes and hosts.
-        let run = match self.store.begin_run(task, command) {
-            Ok(run) => run,
-            Err(failure) => {
-                outcome.result = Err(failure);
+        let store = self.store;
+        let mut started = None;
+        let starting = retry_store(&mut |_| {
+            // One runner per (task, command), across threads, processes and hosts.
+            let run = store.begin_run(task, command)?;
+            let loaded = store.load(task, command).map_err(store_failed)?;
+            started = Some((run, loaded));
+            Ok(())
+        });
+        outcome.retries = starting.retries;
+        let (run, loaded) = match (started, starting.result) {
+            (Some(started), Ok(())) => started,
+            (_, Err(failure)) => {
+                outcome.result = Err(failure.store_gave_up("nothing was run"));
                 return outcome;
             }
+            (None, Ok(())) => unreachable!("a start that succeeded is kept"),
         };
         let run = run.as_ref();
-        let (mut sequence, mut step) = match self.store.load(task, command) {
-            Err(failure) => {
-                outcome.result = Err(store_failed(failure));
-                return outcome;
-            }
-            Ok(Some(seq)) if seq.outcome.is_none() && !seq.records.is_empty() => {
+        let (mut sequence, mut step) = match loaded {
+            Some(seq) if seq.outcome.is_none() && !seq.records.is_empty() => {
                 let interrupted = seq.records.last().is_some_and(|r| r.real_retry_at_ms != 0);
                 tracing::info!(
                     task,
@@ -193,7 +218,7 @@ impl Runner<'_> {
                     },
                 )
             }
-            Ok(existing) => {
+            existing => {
                 // A finished sequence stays readable until the next one starts: now.
                 if existing.is_some() {
                     if let Err(failure) = run.remove() {
@@ -575,6 +600,96 @@ mod tests {
 
     fn code(outcome: &RunOutcome) -> i32 {
         outcome.result.as_ref().err().map_or(0, |f| f.code())
+    }
+
+    /// The record store of `Fixture`, refusing the next `failures` starts with `code`.
+    struct Unanswering<'a> {
+        store: &'a RecordStore,
+        failures: std::sync::atomic::AtomicU32,
+        code: ErrorCode,
+    }
+
+    impl LogRecordStore for Unanswering<'_> {
+        fn begin_run(
+            &self,
+            task: &str,
+            command: SubCommand,
+        ) -> Result<Box<dyn crate::log_backup::records::RunClaim + '_>, Failure> {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.failures.load(Relaxed) > 0 {
+                self.failures.fetch_sub(1, Relaxed);
+                return Err(Failure::etcd(self.code, "no member answered"));
+            }
+            self.store.begin_run(task, command)
+        }
+        fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure> {
+            self.store.load(task, command)
+        }
+        fn reset(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
+            self.store.reset(task, command)
+        }
+    }
+
+    #[test]
+    fn a_store_that_does_not_answer_is_retried_through_the_policy_before_anything_runs() {
+        let f = Fixture::new();
+        let run = |failures: u32, code: ErrorCode, task: &mut FakeTask| {
+            let store = Unanswering {
+                store: &f.store,
+                failures: failures.into(),
+                code,
+            };
+            let mut sleeper = FakeSleeper {
+                clock: f.clock.clone(),
+                waits: vec![],
+                cancel_on_wait: None,
+            };
+            let mut runner = Runner {
+                store: &store,
+                clock: &f.clock,
+                sleeper: &mut sleeper,
+                metrics: &f.metrics,
+            };
+            runner.run_retrying_store(
+                "task-1",
+                SubCommand::Start,
+                &LogRetryPolicy::default(),
+                task,
+                crate::retry::retrying_on(&f.clock, 3),
+            )
+        };
+
+        // Two starts unanswered, then the store answers: the command runs once.
+        let mut task = FakeTask::new(NotExist);
+        let outcome = run(2, ErrorCode::Network, &mut task);
+        assert_eq!((code(&outcome), outcome.retries), (0, 2));
+        assert_eq!(task.executed, vec![SubCommand::Start]);
+
+        // Unanswered past the policy: the store's own code, its retries counted and
+        // said, and the task neither queried nor executed.
+        let mut task = FakeTask::new(NotExist);
+        task.query_error = Some(ErrorCode::InvalidParam.raw());
+        let outcome = run(10, ErrorCode::ConnectionLost, &mut task);
+        let failure = outcome.result.clone().unwrap_err();
+        assert_eq!(failure.code(), ErrorCode::ConnectionLost.raw());
+        assert!(
+            failure
+                .detail()
+                .contains("nothing was run: 3 retries failed"),
+            "{}",
+            failure.detail()
+        );
+        assert_eq!(outcome.retries, 3);
+        assert!(task.executed.is_empty());
+
+        // A store failure that is not retryable ends the call at once.
+        let mut task = FakeTask::new(NotExist);
+        let outcome = run(1, ErrorCode::DiskFull, &mut task);
+        assert_eq!(
+            (code(&outcome), outcome.retries),
+            (ErrorCode::DiskFull.raw(), 0)
+        );
+        assert!(task.executed.is_empty());
     }
 
     #[test]

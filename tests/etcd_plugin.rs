@@ -362,6 +362,8 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
         last_error()
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // And the log-backup command runs (its execute, scripted by earlier tests, now succeeds).
+    FAILS_LEFT.store(0, Ordering::SeqCst);
     assert_eq!(run_start(&task, 3), SUCCESS, "{}", last_error());
 }
 

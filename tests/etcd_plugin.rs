@@ -154,6 +154,13 @@ unsafe extern "C" fn execute_start(_: *mut c_void, _command: i32) -> i32 {
     SUCCESS
 }
 
+/// A task not started yet, whose execute has no failure scripted, and no execute counted.
+fn fresh_task() {
+    for counter in [&EXECUTES, &FAILS_LEFT, &STARTED, &QUERIES] {
+        counter.store(0, Ordering::SeqCst);
+    }
+}
+
 fn run_start(task: &CString, max_retry_times: u32) -> i32 {
     let policy = SLogBackupRetryPolicy {
         max_retry_times,
@@ -235,6 +242,7 @@ fn keys_and_log_commands_live_in_etcd_through_the_c_abi() {
 
     // A log-backup START that fails once, then succeeds: two executes, records cleared.
     let task = CString::new("log-task-1").unwrap();
+    fresh_task();
     FAILS_LEFT.store(1, Ordering::SeqCst);
     assert_eq!(run_start(&task, 3), SUCCESS, "{}", last_error());
     assert_eq!(EXECUTES.load(Ordering::SeqCst), 2);
@@ -245,8 +253,7 @@ fn keys_and_log_commands_live_in_etcd_through_the_c_abi() {
 
     // One that keeps failing: exhausted, its records readable from etcd, then reset.
     let task = CString::new("log-task-2").unwrap();
-    STARTED.store(0, Ordering::SeqCst);
-    EXECUTES.store(0, Ordering::SeqCst);
+    fresh_task();
     FAILS_LEFT.store(u32::MAX, Ordering::SeqCst);
     assert_eq!(run_start(&task, 2), RETRY_EXHAUSTED, "{}", last_error());
     assert_eq!(
@@ -313,10 +320,7 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
     let task = CString::new("log-task-down").unwrap();
     // A log-backup command likewise: its run is retried, then given up with the store's
     // code; the task is neither queried nor executed.
-    let (queries, executes) = (
-        QUERIES.load(Ordering::SeqCst),
-        EXECUTES.load(Ordering::SeqCst),
-    );
+    fresh_task();
     let rc = run_start(&task, 3);
     assert!(
         rc == NETWORK || rc == CONNECTION_LOST,
@@ -335,7 +339,7 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
             QUERIES.load(Ordering::SeqCst),
             EXECUTES.load(Ordering::SeqCst)
         ),
-        (queries, executes),
+        (0, 0),
         "nothing runs before the store answers"
     );
     let mut count = 0u32;
@@ -362,9 +366,9 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
         last_error()
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    // And the log-backup command runs (its execute, scripted by earlier tests, now succeeds).
-    FAILS_LEFT.store(0, Ordering::SeqCst);
+    // And the log-backup command runs.
     assert_eq!(run_start(&task, 3), SUCCESS, "{}", last_error());
+    assert_eq!(EXECUTES.load(Ordering::SeqCst), 1);
 }
 
 /// A field of the first `etcdctl endpoint status -w json` entry ("revision", "dbSize",

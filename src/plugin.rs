@@ -276,12 +276,28 @@ impl Plugin {
         outcome.result
     }
 
+    /// A call's access to the state store, retried through the configured policy like the
+    /// operations (ABI §9: an etcd cluster that does not answer, an I/O error), its retries
+    /// counted; when the policy gives up, the store's own failure, saying `nothing_done`.
+    fn store_access<T>(
+        &self,
+        nothing_done: &str,
+        access: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let (result, retries) = retry::retry_for_value(|op| self.run_configured(op), access);
+        self.count_retries(retries);
+        result.map_err(|failure| failure.store_gave_up(nothing_done))
+    }
+
     pub fn log_retry_records(&self, task: &str, command: SubCommand) -> Result<Sequence, Failure> {
-        Ok(self.log_records()?.load(task, command)?.unwrap_or_default())
+        let store = self.log_records()?;
+        let loaded = self.store_access("nothing was read", || store.load(task, command))?;
+        Ok(loaded.unwrap_or_default())
     }
 
     pub fn reset_log_retry_records(&self, task: &str, command: SubCommand) -> Result<(), Failure> {
-        self.log_records()?.reset(task, command)
+        let store = self.log_records()?;
+        self.store_access("nothing was removed", || store.reset(task, command))
     }
 
     fn keyed(&self) -> Result<Arc<Keyed>, Failure> {
@@ -331,7 +347,8 @@ impl Plugin {
 
     /// `backup_idempotency_forget`.
     pub fn forget_idempotency_key(&self, key: &[u8]) -> Result<(), Failure> {
-        self.keyed()?.forget(self.clock(), key)
+        let keyed = self.keyed()?;
+        self.store_access("nothing was forgotten", || keyed.forget(self.clock(), key))
     }
 
     /// Prometheus text of the plugin's counters (rendered by `crate::metrics`).

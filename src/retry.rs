@@ -456,6 +456,26 @@ where
     run(policy, &mut env, progress, op)
 }
 
+/// Runs `access` through `retry` (a policy given as a closure, as callers that retry a
+/// store take it) and keeps what the attempt that succeeded returned: that value, or the
+/// failure the policy gave up with; and the retries made either way.
+pub fn retry_for_value<T>(
+    retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+    mut access: impl FnMut() -> Result<T, Failure>,
+) -> (Result<T, Failure>, u32) {
+    let mut value = None;
+    let execution = retry(&mut |_| {
+        value = Some(access()?);
+        Ok(())
+    });
+    let result = match (value, execution.result) {
+        (Some(value), Ok(())) => Ok(value),
+        (_, Err(failure)) => Err(failure),
+        (None, Ok(())) => unreachable!("the attempt that succeeded left its value"),
+    };
+    (result, execution.retries)
+}
+
 /// A sleeper for tests: advances a manual clock instead of sleeping, notes each wait, and
 /// reports cancellation at the wait it is told to.
 #[cfg(test)]

@@ -342,14 +342,35 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
         (0, 0),
         "nothing runs before the store answers"
     );
-    let mut count = 0u32;
-    let rc =
-        backup_log_get_retry_records(task.as_ptr(), START, std::ptr::null_mut(), 0, &mut count);
-    assert!(
-        rc == NETWORK || rc == CONNECTION_LOST,
-        "{rc}: {}",
-        last_error()
-    );
+    // Reading or resetting the records, forgetting a key: each retried the same way.
+    let key = CString::new("block-down").unwrap();
+    let calls: [(&str, &dyn Fn() -> i32); 3] = [
+        ("nothing was read", &|| {
+            backup_log_get_retry_records(task.as_ptr(), START, std::ptr::null_mut(), 0, &mut 0)
+        }),
+        ("nothing was removed", &|| {
+            backup_log_reset_retry_records(task.as_ptr(), START)
+        }),
+        ("nothing was forgotten", &|| {
+            backup_idempotency_forget(key.as_ptr())
+        }),
+    ];
+    for (nothing_done, call) in calls {
+        let rc = call();
+        assert!(
+            rc == NETWORK || rc == CONNECTION_LOST,
+            "{rc}: {}",
+            last_error()
+        );
+        assert!(
+            last_error().contains(&format!("{nothing_done}: 2 retries failed")),
+            "{}",
+            last_error()
+        );
+        let before = retries;
+        backup_plugin_get_error_stats(&mut errors, &mut retries);
+        assert_eq!(retries, before + 2, "{}", last_error());
+    }
 
     // The cluster is back: the same plugin, without a new init, runs the key once.
     cluster.restart_all();

@@ -8,7 +8,7 @@ use super::{
 use crate::clock::Clock;
 use crate::error::Failure;
 use crate::metrics::store_failed;
-use crate::retry::Execution;
+use crate::retry::{retry_for_value, Execution};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,25 +148,21 @@ impl Keyed {
                 retries: 0,
             };
         }
-        let mut claimed = None;
-        let claiming = retry(&mut |_| {
+        let (claimed, claim_retries) = retry_for_value(retry, || {
             let now = clock.unix_ms();
             let claim = self
                 .store
                 .claim(key, fingerprint, now)
                 .map_err(store_failed)?;
-            claimed = Some((claim, now));
-            Ok(())
+            Ok((claim, now))
         });
-        let claim_retries = claiming.retries;
         let refused = |failure| KeyedExecution {
             result: Err(failure),
             retries: claim_retries,
         };
-        let (claim, now) = match (claimed, claiming.result) {
-            (Some(claimed), Ok(())) => claimed,
-            (_, Err(failure)) => return refused(failure.store_gave_up("no claim was made")),
-            (None, Ok(())) => unreachable!("a claim that succeeded is kept"),
+        let (claim, now) = match claimed {
+            Ok(claimed) => claimed,
+            Err(failure) => return refused(failure.store_gave_up("no claim was made")),
         };
         let shown = display_key(key);
         let token = match claim {

@@ -8,7 +8,7 @@ use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
-use crate::retry::{Execution, RetryPolicy, Sleeper};
+use crate::retry::{retry_for_value, Execution, RetryPolicy, Sleeper};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -182,22 +182,19 @@ impl Runner<'_> {
             skipped: false,
         };
         let store = self.store;
-        let mut started = None;
-        let starting = retry_store(&mut |_| {
+        let (started, retries) = retry_for_value(retry_store, || {
             // One runner per (task, command), across threads, processes and hosts.
             let run = store.begin_run(task, command)?;
             let loaded = store.load(task, command).map_err(store_failed)?;
-            started = Some((run, loaded));
-            Ok(())
+            Ok((run, loaded))
         });
-        outcome.retries = starting.retries;
-        let (run, loaded) = match (started, starting.result) {
-            (Some(started), Ok(())) => started,
-            (_, Err(failure)) => {
+        outcome.retries = retries;
+        let (run, loaded) = match started {
+            Ok(started) => started,
+            Err(failure) => {
                 outcome.result = Err(failure.store_gave_up("nothing was run"));
                 return outcome;
             }
-            (None, Ok(())) => unreachable!("a start that succeeded is kept"),
         };
         let run = run.as_ref();
         let (mut sequence, mut step) = match loaded {

@@ -11,8 +11,9 @@
 //!    to an O_APPEND file on as many threads (target: 1 thread at least 0.85 of the floor's
 //!    rate), 1 and 8 threads (target: 8 threads at least the 1-thread rate; rounds of both
 //!    are interleaved, and the 8-vs-1 figure is the median of per-round ratios). Also
-//!    against the honest floor of ABI §6: that write(2) plus the removal check (a statx of
-//!    the link count) that each record call makes.
+//!    against the honest floor: that write(2) plus the removal check (a statx of the link
+//!    count) that each record call makes, so that a log file or directory removed under the
+//!    plugin (`rm -rf`, logrotate) is noticed at the very next line.
 //! 3. Durable write of 4 KiB and 1 MiB, vs the raw open/write/fsync/rename/fsync-dir
 //!    sequence (target: within 1.3x and 1.15x).
 //! 4. A skipped log-backup command vs the bare query callback (no target).
@@ -141,7 +142,7 @@ fn seconds_per_op(threads: usize, per_thread: usize, op: impl Fn() + Sync) -> f6
     start.elapsed().as_secs_f64() / (per_thread * threads) as f64
 }
 
-/// The removal check the log makes before each line (ABI §6): the open file's link count.
+/// The removal check the log makes before each line: the open file's link count.
 fn link_count(fd: i32) -> u32 {
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let rc = unsafe {
@@ -159,7 +160,7 @@ fn link_count(fd: i32) -> u32 {
 
 /// record_error with the file log on 1 and on 8 threads, against two floors on as many
 /// threads: a raw write(2) of the same line to an O_APPEND file, and that write with the
-/// removal check ABI §6 requires. Rounds of all six are interleaved, so that the 8-vs-1
+/// removal check the log makes. Rounds of all six are interleaved, so that the 8-vs-1
 /// figure compares rounds run a moment apart (the machine is shared).
 fn bench_record_error(rounds: usize) {
     const RECORDS: usize = 20_000;
@@ -230,7 +231,7 @@ fn bench_record_error(rounds: usize) {
             spread(&vs_write),
         );
         println!(
-            "    vs raw write(2) + the removal check ABI §6 requires (statx of the link count) {:.0} lines/s: {:.2} of that floor's rate ({})",
+            "    vs raw write(2) + the per-line removal check (statx of the link count) {:.0} lines/s: {:.2} of that floor's rate ({})",
             rate(checked),
             median(vs_checked.clone()),
             spread(&vs_checked),

@@ -284,9 +284,10 @@ impl Plugin {
         nothing_done: &str,
         access: impl FnMut() -> Result<T, Failure>,
     ) -> Result<T, Failure> {
-        let (result, retries) = retry::retry_for_value(|op| self.run_configured(op), access);
+        let (result, retries) =
+            retry::retry_store_access(|op| self.run_configured(op), nothing_done, access);
         self.count_retries(retries);
-        result.map_err(|failure| failure.store_gave_up(nothing_done))
+        result
     }
 
     pub fn log_retry_records(&self, task: &str, command: SubCommand) -> Result<Sequence, Failure> {

@@ -456,11 +456,13 @@ where
     run(policy, &mut env, progress, op)
 }
 
-/// Runs `access` through `retry` (a policy given as a closure, as callers that retry a
-/// store take it) and keeps what the attempt that succeeded returned: that value, or the
-/// failure the policy gave up with; and the retries made either way.
-pub fn retry_for_value<T>(
+/// Runs a state-store `access` through `retry` (a policy given as a closure) and keeps
+/// what the attempt that succeeded returned; and the retries made either way. When the
+/// policy gives up, the store's own failure, saying `nothing_done` (see
+/// [`Failure::store_gave_up`]).
+pub fn retry_store_access<T>(
     retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+    nothing_done: &str,
     mut access: impl FnMut() -> Result<T, Failure>,
 ) -> (Result<T, Failure>, u32) {
     let mut value = None;
@@ -470,7 +472,7 @@ pub fn retry_for_value<T>(
     });
     let result = match (value, execution.result) {
         (Some(value), Ok(())) => Ok(value),
-        (_, Err(failure)) => Err(failure),
+        (_, Err(failure)) => Err(failure.store_gave_up(nothing_done)),
         (None, Ok(())) => unreachable!("the attempt that succeeded left its value"),
     };
     (result, execution.retries)

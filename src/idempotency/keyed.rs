@@ -8,7 +8,7 @@ use super::{
 use crate::clock::Clock;
 use crate::error::Failure;
 use crate::metrics::store_failed;
-use crate::retry::{retry_for_value, Execution};
+use crate::retry::{retry_store_access, Execution};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +148,7 @@ impl Keyed {
                 retries: 0,
             };
         }
-        let (claimed, claim_retries) = retry_for_value(retry, || {
+        let (claimed, claim_retries) = retry_store_access(retry, "no claim was made", || {
             let now = clock.unix_ms();
             let claim = self
                 .store
@@ -162,7 +162,7 @@ impl Keyed {
         };
         let (claim, now) = match claimed {
             Ok(claimed) => claimed,
-            Err(failure) => return refused(failure.store_gave_up("no claim was made")),
+            Err(failure) => return refused(failure),
         };
         let shown = display_key(key);
         let token = match claim {

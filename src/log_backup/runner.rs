@@ -8,7 +8,7 @@ use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, Failure};
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
-use crate::retry::{retry_for_value, Execution, RetryPolicy, Sleeper};
+use crate::retry::{retry_store_access, Execution, RetryPolicy, Sleeper};
 use std::time::Duration;
 
 /// The log-backup retry policy; a zero field takes its default.
@@ -182,7 +182,7 @@ impl Runner<'_> {
             skipped: false,
         };
         let store = self.store;
-        let (started, retries) = retry_for_value(retry_store, || {
+        let (started, retries) = retry_store_access(retry_store, "nothing was run", || {
             // One runner per (task, command), across threads, processes and hosts.
             let run = store.begin_run(task, command)?;
             let loaded = store.load(task, command).map_err(store_failed)?;
@@ -192,7 +192,7 @@ impl Runner<'_> {
         let (run, loaded) = match started {
             Ok(started) => started,
             Err(failure) => {
-                outcome.result = Err(failure.store_gave_up("nothing was run"));
+                outcome.result = Err(failure);
                 return outcome;
             }
         };

@@ -163,6 +163,10 @@ typedef struct {
 
 #define BACKUP_ERROR_CANCELLED -16
 
+#define BACKUP_ERROR_LEASE_LOST -17
+
+#define BACKUP_ERROR_FENCED -18
+
 #define BACKUP_ERROR_UNKNOWN -99
 
 /*

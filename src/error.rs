@@ -29,11 +29,13 @@ pub enum ErrorCode {
     InProgress = -14,
     IdempotencyConflict = -15,
     Cancelled = -16,
+    LeaseLost = -17,
+    Fenced = -18,
     Unknown = -99,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::Success,
         ErrorCode::InvalidParam,
         ErrorCode::InitFailed,
@@ -51,6 +53,8 @@ impl ErrorCode {
         ErrorCode::InProgress,
         ErrorCode::IdempotencyConflict,
         ErrorCode::Cancelled,
+        ErrorCode::LeaseLost,
+        ErrorCode::Fenced,
         ErrorCode::Unknown,
     ];
 
@@ -83,6 +87,8 @@ impl ErrorCode {
             ErrorCode::InProgress => "Operation already in progress",
             ErrorCode::IdempotencyConflict => "Idempotency key reused with different payload",
             ErrorCode::Cancelled => "Operation cancelled",
+            ErrorCode::LeaseLost => "Claim lease lost",
+            ErrorCode::Fenced => "Fenced by a newer claim",
             ErrorCode::Unknown => "Unknown error",
         }
     }
@@ -173,6 +179,13 @@ pub enum Error {
     /// Another error, with what it means here said after it (`note` brings its separator).
     #[error("{source}{note}")]
     Context { source: Box<Error>, note: String },
+    /// The claim an operation ran under may have lapsed (its renewals failed, its owner
+    /// stalled) or was taken over: its effect must be fenced downstream.
+    #[error("Claim lease lost: {0}")]
+    LeaseLost(String),
+    /// A write refused because a newer claim's write of the same destination came first.
+    #[error("Fenced by a newer claim: {0}")]
+    Fenced(String),
     /// A failure of the shared state store on etcd (unreachable, refused, rejected),
     /// classified by `kind`.
     #[error("{}: {detail}", .kind.message())]
@@ -214,6 +227,8 @@ impl Error {
             Error::InProgress(_) => ErrorCode::InProgress,
             Error::Conflict(_) => ErrorCode::IdempotencyConflict,
             Error::InvalidState(_) => ErrorCode::InvalidState,
+            Error::LeaseLost(_) => ErrorCode::LeaseLost,
+            Error::Fenced(_) => ErrorCode::Fenced,
             Error::Indeterminate(_) => ErrorCode::Unknown,
             Error::NotRecorded { source, .. } | Error::Context { source, .. } => source.kind(),
             Error::Etcd { kind, .. } | Error::Redacted { kind, .. } => *kind,
@@ -295,6 +310,10 @@ mod tests {
         assert_eq!(ErrorCode::Success.raw(), 0);
         assert_eq!(ErrorCode::RetryExhausted.raw(), -12);
         assert_eq!(ErrorCode::Cancelled.raw(), -16);
+        assert_eq!(ErrorCode::LeaseLost.raw(), -17);
+        assert_eq!(ErrorCode::Fenced.raw(), -18);
+        assert_eq!(message_of(-17), "Claim lease lost");
+        assert_eq!(message_of(-18), "Fenced by a newer claim");
         assert_eq!(ErrorCode::Unknown.raw(), -99);
         assert_eq!(message_of(-10), "Disk full");
         assert_eq!(
@@ -322,6 +341,6 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_raw(code.raw()), Some(code));
         }
-        assert_eq!(ErrorCode::from_raw(-17), None);
+        assert_eq!(ErrorCode::from_raw(-19), None);
     }
 }

@@ -97,6 +97,8 @@ pub fn code_message(code: i32) -> &'static CStr {
         ErrorCode::InProgress => c"Operation already in progress",
         ErrorCode::IdempotencyConflict => c"Idempotency key reused with different payload",
         ErrorCode::Cancelled => c"Operation cancelled",
+        ErrorCode::LeaseLost => c"Claim lease lost",
+        ErrorCode::Fenced => c"Fenced by a newer claim",
         ErrorCode::Unknown => c"Unknown error",
     }
 }

@@ -22,6 +22,8 @@ pub const BACKUP_ERROR_INVALID_STATE: i32 = -13;
 pub const BACKUP_ERROR_IN_PROGRESS: i32 = -14;
 pub const BACKUP_ERROR_IDEMPOTENCY_CONFLICT: i32 = -15;
 pub const BACKUP_ERROR_CANCELLED: i32 = -16;
+pub const BACKUP_ERROR_LEASE_LOST: i32 = -17;
+pub const BACKUP_ERROR_FENCED: i32 = -18;
 pub const BACKUP_ERROR_UNKNOWN: i32 = -99;
 
 /// Capacity of `SBackupErrorRecord::message`, NUL included.

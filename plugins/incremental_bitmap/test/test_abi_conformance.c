@@ -106,7 +106,7 @@ static void section1(void) {
         {-12, "Retry attempts exhausted"}, {-13, "Invalid state for command"},
         {-14, "Operation already in progress"},
         {-15, "Idempotency key reused with different payload"}, {-16, "Operation cancelled"},
-        {-99, "Unknown error"},
+        {-17, "Claim lease lost"}, {-18, "Fenced by a newer claim"}, {-99, "Unknown error"},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         EXPECT_STR(backup_error_string(table[i].code), table[i].message, "§1 message");
@@ -114,8 +114,10 @@ static void section1(void) {
     EXPECT_INT(BACKUP_SUCCESS, 0, "§1 value");
     EXPECT_INT(BACKUP_ERROR_INVALID_STATE, -13, "§1 value");
     EXPECT_INT(BACKUP_ERROR_CANCELLED, -16, "§1 value");
+    EXPECT_INT(BACKUP_ERROR_LEASE_LOST, -17, "§1 value");
+    EXPECT_INT(BACKUP_ERROR_FENCED, -18, "§1 value");
     EXPECT_INT(BACKUP_ERROR_UNKNOWN, -99, "§1 value");
-    static const int32_t outside[] = {1, 42, -17, -98, -100, INT32_MIN, INT32_MAX};
+    static const int32_t outside[] = {1, 42, -19, -98, -100, INT32_MIN, INT32_MAX};
     for (size_t i = 0; i < sizeof outside / sizeof outside[0]; i++) {
         EXPECT_STR(backup_error_string(outside[i]), "Unknown error", "§1 outside the table");
     }
@@ -138,7 +140,7 @@ static void section1(void) {
         }
     }
     EXPECT(!backup_should_retry(&ctx, 42), "§1 a code outside the table is not retryable");
-    EXPECT(!backup_should_retry(&ctx, -17), "§1 a code outside the table is not retryable");
+    EXPECT(!backup_should_retry(&ctx, -19), "§1 a code outside the table is not retryable");
 
     /* An operation's code outside the table: non-retryable, returned as it is. */
     Script s = {.fail_times = 100, .code = 42};
@@ -146,9 +148,9 @@ static void section1(void) {
     EXPECT_INT(s.calls, 1, "§1 outside code not retried");
     EXPECT_INT(ctx.state, RETRY_STATE_FAILED, "§1 outside code: FAILED");
     EXPECT_STR(ctx.error_message, "Unknown error", "§1/§2 message of an outside code");
-    Script s2 = {.fail_times = 100, .code = -17};
-    EXPECT_INT(backup_execute_with_retry(&ctx, scripted, &s2), -17, "§1 outside code -17 as is");
-    EXPECT_INT(s2.calls, 1, "§1 -17 not retried");
+    Script s2 = {.fail_times = 100, .code = -19};
+    EXPECT_INT(backup_execute_with_retry(&ctx, scripted, &s2), -19, "§1 outside code -19 as is");
+    EXPECT_INT(s2.calls, 1, "§1 -19 not retried");
     backup_retry_context_destroy(&ctx);
     PASS("§1 error codes");
 }

@@ -284,6 +284,12 @@ typedef struct {
 typedef int32_t (*backup_idempotent_op_fn)(void *user_data);
 
 /*
+ An operation run under an idempotency key that fences its effect: it gets the claim's
+ fencing token (docs/C_API.md §8.1) and returns 0 or an error code.
+ */
+typedef int32_t (*backup_fenced_op_fn)(void *user_data, uint64_t fencing_token);
+
+/*
  What to do with a command in an observed state.
  */
 typedef struct {
@@ -450,6 +456,30 @@ int32_t backup_get_error_history(SBackupCoordinator *coordinator, SBackupErrorRe
  Needs an initialized plugin with a `state_dir`. `replayed_out` may be NULL.
  */
 int32_t backup_execute_idempotent(const char *key, const void *fingerprint, size_t fingerprint_len, backup_idempotent_op_fn op, void *user_data, bool *replayed_out);
+
+/*
+ `backup_execute_idempotent`, for an operation that fences its effect (docs/C_API.md §8.1):
+ `op(user_data, fencing_token)` gets the claim's token, strictly greater than the token of
+ every earlier claim of `key` (the same token on every attempt of the retry policy within
+ this call), and should pass it to where its effect lands (`backup_plugin_write_file_fenced`),
+ which refuses a lower token. When the claim stops being held while `op` runs (lease
+ renewals failed, the process stalled, another caller took the key over) and `op` then
+ succeeds, the call returns BACKUP_ERROR_LEASE_LOST: the effect may have been applied late
+ and must be fenced downstream. `op`'s own failure code is returned as it is.
+ */
+int32_t backup_execute_idempotent_fenced(const char *key, const void *fingerprint, size_t fingerprint_len, backup_fenced_op_fn op, void *user_data, bool *replayed_out);
+
+/*
+ Whether the claim `fencing_token` may still commit the effect of `key`'s operation
+ (docs/C_API.md §8.1); an `op` calls it before committing. BACKUP_SUCCESS while that claim
+ holds the key and its lease is sure to last at least one renewal period more (judged
+ on a monotonic clock from when the last renewal the store acknowledged was sent);
+ BACKUP_ERROR_LEASE_LOST when the lease may have lapsed (renewals failed, the owner
+ stalled) or another claim took over; BACKUP_ERROR_IDEMPOTENCY_CONFLICT when another claim
+ completed the key. A key completed by this very claim answers BACKUP_SUCCESS. Token 0,
+ or a key not of 1 to 255 bytes: BACKUP_ERROR_INVALID_PARAM. Needs an initialized plugin.
+ */
+int32_t backup_idempotency_check_claim(const char *key, uint64_t fencing_token);
 
 /*
  Drops what is stored under `key`, so that its operation may run again. A key that is

@@ -557,6 +557,7 @@ mod tests {
             "backup_idempotency_conflicts_total",
             "backup_idempotency_in_progress_total",
             "backup_idempotency_takeovers_total",
+            "backup_idempotency_leases_lost_total",
             "backup_state_store_failovers_total",
             "backup_state_store_unknown_outcomes_total",
         ] {
@@ -584,7 +585,7 @@ mod tests {
             &[&["command", "le"], &["command"]],
         );
         expect("backup_state_store_errors_total", "counter", &[&["code"]]);
-        assert_eq!(found.len(), 16, "no family more or less: {text}");
+        assert_eq!(found.len(), 17, "no family more or less: {text}");
         assert!(text.contains("backup_errors_total 3\n"));
         assert!(
             text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")

@@ -346,6 +346,41 @@ impl Plugin {
         execution.result
     }
 
+    /// `backup_execute_idempotent_fenced`: [`Self::execute_idempotent`] whose `op` gets the
+    /// claim's fencing token (the same on every attempt), and whose success after the claim
+    /// stopped being held is LEASE_LOST (docs/C_API.md §8.1).
+    pub fn execute_idempotent_fenced<F>(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        mut op: F,
+    ) -> Result<bool, Failure>
+    where
+        F: FnMut(u64) -> Result<(), Failure>,
+    {
+        let keyed = self.keyed()?;
+        let execution = keyed.execute_fenced(
+            self.clock(),
+            key,
+            &idem::fingerprint(payload),
+            |claim| self.run_configured(claim),
+            |token| self.run_configured(|_| op(token.0)),
+        );
+        self.count_retries(execution.retries);
+        execution.result
+    }
+
+    /// `backup_idempotency_check_claim`.
+    pub fn check_claim(&self, key: &[u8], token: u64) -> Result<(), Failure> {
+        if token == 0 {
+            return Err(Failure::InvalidArgument(
+                "`fencing_token` 0 is never a claim's token".into(),
+            ));
+        }
+        self.keyed()?
+            .check_claim(self.clock(), key, idem::ClaimToken(token))
+    }
+
     /// `backup_idempotency_forget`.
     pub fn forget_idempotency_key(&self, key: &[u8]) -> Result<(), Failure> {
         let keyed = self.keyed()?;

@@ -17,7 +17,7 @@ use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::{
-    display_key, Claim, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
+    display_key, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
     KeyRecord, KeyState,
 };
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, TxnOp};
@@ -88,6 +88,7 @@ fn encode(stored: &Stored) -> Vec<u8> {
         KeyState::Completed {
             result,
             expires_at_ms,
+            ..
         } => {
             value.extend_from_slice(&result.to_be_bytes());
             value.extend_from_slice(&expires_at_ms.to_be_bytes());
@@ -111,6 +112,7 @@ fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
                 lease_until_ms: u64_at(41)?,
             },
             (&COMPLETED, COMPLETION_LEN) => KeyState::Completed {
+                token,
                 result: i32::from_be_bytes(value.get(41..45)?.try_into().ok()?),
                 expires_at_ms: u64_at(45)?,
             },
@@ -141,7 +143,13 @@ fn gave_up(key: &[u8]) -> Failure {
 }
 
 impl IdempotencyStore for EtcdIdempotencyStore {
-    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+    fn claim_as(
+        &self,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        now_ms: u64,
+        _id: ClaimId,
+    ) -> Result<Claim, Failure> {
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
@@ -170,14 +178,24 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         })
     }
 
-    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], _now_ms: u64) -> Result<(), Failure> {
-        let tokens: Vec<i64> = claims.iter().map(|(_, token)| token.0 as i64).collect();
+    fn renew(
+        &self,
+        claims: &[(Vec<u8>, ClaimToken)],
+        _now_ms: u64,
+    ) -> Result<Vec<ClaimToken>, Failure> {
+        let tokens: Vec<ClaimToken> = claims.iter().map(|(_, token)| *token).collect();
         self.etcd.run(move |conn| async move {
+            let mut lapsed = Vec::new();
             for token in tokens {
-                // A lease that is gone is a claim that is no longer ours: skipped.
-                conn.keep_alive("renew a claim lease", token).await?;
+                // A lease that is gone is a claim that is no longer ours.
+                if !conn
+                    .keep_alive("renew a claim lease", token.0 as i64)
+                    .await?
+                {
+                    lapsed.push(token);
+                }
             }
-            Ok(())
+            Ok(lapsed)
         })
     }
 
@@ -198,6 +216,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                 record: KeyRecord {
                     fingerprint,
                     state: KeyState::Completed {
+                        token,
                         result,
                         expires_at_ms: now_ms.saturating_add(lease_ms(ttl)),
                     },
@@ -325,6 +344,7 @@ async fn answer_without_writing(
         KeyState::Completed {
             result,
             expires_at_ms,
+            ..
         } if now_ms < expires_at_ms => Ok(if same {
             Claim::Replay { result }
         } else {
@@ -402,6 +422,7 @@ async fn claim(
             KeyState::Completed {
                 result,
                 expires_at_ms,
+                ..
             } if now_ms < expires_at_ms => {
                 return Ok(if same {
                     Claim::Replay { result }
@@ -520,6 +541,7 @@ mod tests {
             record: KeyRecord {
                 fingerprint: [1; 32],
                 state: KeyState::Completed {
+                    token: ClaimToken(5),
                     result: -6,
                     expires_at_ms: 99,
                 },

@@ -113,6 +113,13 @@ unsafe extern "C" fn network_op(_: *mut c_void) -> i32 {
 unsafe extern "C" fn disk_full_op(_: *mut c_void) -> i32 {
     BACKUP_ERROR_DISK_FULL
 }
+unsafe extern "C" fn ok_fenced_op(_: *mut c_void, token: u64) -> i32 {
+    assert_ne!(token, 0, "a claim's token is never 0");
+    BACKUP_SUCCESS
+}
+unsafe extern "C" fn disk_full_fenced_op(_: *mut c_void, _: u64) -> i32 {
+    BACKUP_ERROR_DISK_FULL
+}
 unsafe extern "C" fn not_exist(
     _: *mut c_void,
     state: *mut ELogBackupKernelState,
@@ -786,6 +793,70 @@ fn table() -> Vec<Row> {
                     ))
                 }),
             ],
+        },
+        Row {
+            name: "backup_execute_idempotent_fenced",
+            kind: Booked,
+            valid: |_| {
+                Code(backup_execute_idempotent_fenced(
+                    c"fenced-key".as_ptr(),
+                    null(),
+                    0,
+                    Some(ok_fenced_op),
+                    null_mut(),
+                    null_mut(),
+                ))
+            },
+            failing: Some(|_| {
+                Code(backup_execute_idempotent_fenced(
+                    c"failing-fenced-key".as_ptr(),
+                    null(),
+                    0,
+                    Some(disk_full_fenced_op),
+                    null_mut(),
+                    null_mut(),
+                ))
+            }),
+            nulls: &[
+                ("key", |_| {
+                    Code(backup_execute_idempotent_fenced(
+                        null(),
+                        null(),
+                        0,
+                        Some(ok_fenced_op),
+                        null_mut(),
+                        null_mut(),
+                    ))
+                }),
+                ("fingerprint", |_| {
+                    Code(backup_execute_idempotent_fenced(
+                        KEY.as_ptr(),
+                        null(),
+                        3,
+                        Some(ok_fenced_op),
+                        null_mut(),
+                        null_mut(),
+                    ))
+                }),
+                ("op", |_| {
+                    Code(backup_execute_idempotent_fenced(
+                        KEY.as_ptr(),
+                        null(),
+                        0,
+                        None,
+                        null_mut(),
+                        null_mut(),
+                    ))
+                }),
+            ],
+        },
+        Row {
+            name: "backup_idempotency_check_claim",
+            kind: Unbooked,
+            // An answer (LEASE_LOST for a key never claimed), never booked.
+            valid: |_| Code(backup_idempotency_check_claim(c"never-claimed".as_ptr(), 1)),
+            failing: Some(|_| Code(backup_idempotency_check_claim(KEY.as_ptr(), 0))),
+            nulls: &[("key", |_| Code(backup_idempotency_check_claim(null(), 1)))],
         },
         Row {
             name: "backup_idempotency_forget",

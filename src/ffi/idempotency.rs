@@ -14,6 +14,11 @@ pub const BACKUP_IDEMPOTENCY_KEY_MAX: usize = 255;
 /// An operation run under an idempotency key: returns 0 or an error code.
 pub type backup_idempotent_op_fn = Option<unsafe extern "C" fn(user_data: *mut c_void) -> i32>;
 
+/// An operation run under an idempotency key that fences its effect: it gets the claim's
+/// fencing token (docs/C_API.md §8.1) and returns 0 or an error code.
+pub type backup_fenced_op_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, fencing_token: u64) -> i32>;
+
 /// # Safety
 /// `key` is NULL or NUL-terminated.
 unsafe fn key_arg<'a>(key: *const c_char) -> Result<&'a [u8], ArgError> {
@@ -64,6 +69,68 @@ pub extern "C" fn backup_execute_idempotent(
             report(replayed);
             done(Ok(()))
         },
+    )
+}
+
+/// `backup_execute_idempotent`, for an operation that fences its effect (docs/C_API.md §8.1):
+/// `op(user_data, fencing_token)` gets the claim's token, strictly greater than the token of
+/// every earlier claim of `key` (the same token on every attempt of the retry policy within
+/// this call), and should pass it to where its effect lands (`backup_plugin_write_file_fenced`),
+/// which refuses a lower token. When the claim stops being held while `op` runs (lease
+/// renewals failed, the process stalled, another caller took the key over) and `op` then
+/// succeeds, the call returns BACKUP_ERROR_LEASE_LOST: the effect may have been applied late
+/// and must be fenced downstream. `op`'s own failure code is returned as it is.
+#[no_mangle]
+pub extern "C" fn backup_execute_idempotent_fenced(
+    key: *const c_char,
+    fingerprint: *const c_void,
+    fingerprint_len: usize,
+    op: backup_fenced_op_fn,
+    user_data: *mut c_void,
+    replayed_out: *mut bool,
+) -> i32 {
+    // SAFETY: replayed_out is NULL or writable.
+    let report = |replayed: bool| unsafe { write_optional(replayed_out, replayed) };
+    frame::booked(
+        || {
+            report(false);
+            // SAFETY: key NUL-terminated; fingerprint valid for fingerprint_len bytes.
+            unsafe {
+                Ok((
+                    key_arg(key)?,
+                    c_slice(fingerprint as *const u8, fingerprint_len, "fingerprint")?,
+                    required(op, "op")?,
+                ))
+            }
+        },
+        |plugin, (key, fingerprint, op)| {
+            let replayed = plugin.execute_idempotent_fenced(key, fingerprint, |token| {
+                // SAFETY: the host's function with the host's pointer, as the contract says.
+                match unsafe { op(user_data, token) } {
+                    0 => Ok(()),
+                    code => Err(crate::error::Failure::Host(code)),
+                }
+            })?;
+            report(replayed);
+            done(Ok(()))
+        },
+    )
+}
+
+/// Whether the claim `fencing_token` may still commit the effect of `key`'s operation
+/// (docs/C_API.md §8.1); an `op` calls it before committing. BACKUP_SUCCESS while that claim
+/// holds the key and its lease is sure to last at least one renewal period more (judged
+/// on a monotonic clock from when the last renewal the store acknowledged was sent);
+/// BACKUP_ERROR_LEASE_LOST when the lease may have lapsed (renewals failed, the owner
+/// stalled) or another claim took over; BACKUP_ERROR_IDEMPOTENCY_CONFLICT when another claim
+/// completed the key. A key completed by this very claim answers BACKUP_SUCCESS. Token 0,
+/// or a key not of 1 to 255 bytes: BACKUP_ERROR_INVALID_PARAM. Needs an initialized plugin.
+#[no_mangle]
+pub extern "C" fn backup_idempotency_check_claim(key: *const c_char, fencing_token: u64) -> i32 {
+    frame::unbooked(
+        // SAFETY: key NUL-terminated.
+        || unsafe { key_arg(key) },
+        |plugin, key| done(plugin.check_claim(key, fencing_token)),
     )
 }
 

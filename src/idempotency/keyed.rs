@@ -3,7 +3,8 @@
 
 use super::lease::LeaseKeeper;
 use super::{
-    display_key, Claim, Completion, Fingerprint, Forgotten, IdempotencyStore, MAX_KEY_BYTES,
+    display_key, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
+    KeyState, MAX_KEY_BYTES,
 };
 use crate::clock::Clock;
 use crate::error::Failure;
@@ -21,6 +22,7 @@ pub struct KeyedMetrics {
     pub conflicts: AtomicU64,
     pub in_progress: AtomicU64,
     pub takeovers: AtomicU64,
+    pub leases_lost: AtomicU64,
 }
 
 impl KeyedMetrics {
@@ -29,7 +31,7 @@ impl KeyedMetrics {
     }
 
     /// (family name, help, value) of each counter, in a fixed order.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 6] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
@@ -57,8 +59,20 @@ impl KeyedMetrics {
                 "Claims taken over from an owner whose lease ran out.",
                 get(&self.takeovers),
             ),
+            (
+                "backup_idempotency_leases_lost_total",
+                "Fenced operations that succeeded after their claim stopped being held.",
+                get(&self.leases_lost),
+            ),
         ]
     }
+}
+
+/// Whether the operation fences its effect with the claim's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fencing {
+    Fenced,
+    Unfenced,
 }
 
 /// The outcome of one keyed call.
@@ -93,6 +107,16 @@ impl Keyed {
         clock: Arc<dyn Clock>,
         lease: Duration,
     ) -> Result<Self, Failure> {
+        let estimate = store.maintenance_estimate();
+        if lease / 3 < estimate {
+            tracing::warn!(
+                lease_ms = lease.as_millis() as u64,
+                compaction_ms = estimate.as_millis() as u64,
+                "idempotency_lease is shorter than three compactions of this store could take: \
+                 renewals run on a thread of their own and never wait for one, but a host this \
+                 loaded may stall them too; consider a longer lease"
+            );
+        }
         let keeper = LeaseKeeper::start(Arc::downgrade(&store), clock, lease)?;
         Ok(Keyed {
             store,
@@ -141,6 +165,33 @@ impl Keyed {
         retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
         run: impl FnOnce() -> Execution,
     ) -> KeyedExecution {
+        self.run_claimed(clock, key, fingerprint, retry, Fencing::Unfenced, |_| run())
+    }
+
+    /// [`Self::execute_retrying_claim`] for an operation that fences its effect
+    /// (docs/C_API.md §8.1): `run` gets the claim's token, and a success that comes after
+    /// the claim stopped being held (its renewals failed, the process stalled, another
+    /// claim took the key) is BACKUP_ERROR_LEASE_LOST.
+    pub fn execute_fenced(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+        run: impl FnOnce(ClaimToken) -> Execution,
+    ) -> KeyedExecution {
+        self.run_claimed(clock, key, fingerprint, retry, Fencing::Fenced, run)
+    }
+
+    fn run_claimed(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        retry: impl FnOnce(&mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution,
+        fencing: Fencing,
+        run: impl FnOnce(ClaimToken) -> Execution,
+    ) -> KeyedExecution {
         // The journal's format holds keys of this size only.
         if let Err(failure) = check_key(key) {
             return KeyedExecution {
@@ -148,19 +199,23 @@ impl Keyed {
                 retries: 0,
             };
         }
+        // One identity for every attempt of this call: a claim whose answer was lost is
+        // found again as this call's own.
+        let id = ClaimId::new();
         let (claimed, claim_retries) = retry_store_access(retry, "no claim was made", || {
+            let sent_ms = clock.monotonic_ms();
             let now = clock.unix_ms();
             let claim = self
                 .store
-                .claim(key, fingerprint, now)
+                .claim_as(key, fingerprint, now, id)
                 .map_err(store_failed)?;
-            Ok((claim, now))
+            Ok((claim, sent_ms))
         });
         let refused = |failure| KeyedExecution {
             result: Err(failure),
             retries: claim_retries,
         };
-        let (claim, now) = match claimed {
+        let (claim, sent_ms) = match claimed {
             Ok(claimed) => claimed,
             Err(failure) => return refused(failure),
         };
@@ -196,8 +251,10 @@ impl Keyed {
                 token
             }
         };
-        let held = self.keeper.hold(key, token, now);
-        let execution = run();
+        let held = self.keeper.hold(key, token, sent_ms);
+        let execution = run(token);
+        // Judged when the operation returned, before the claim is let go.
+        let still_held = held.is_held();
         drop(held);
         let result = match execution.result {
             // The operation ran and succeeded: that stands, whoever holds the key now.
@@ -205,6 +262,20 @@ impl Keyed {
                 .store
                 .complete(key, token, fingerprint, 0, clock.unix_ms())
             {
+                Ok(completion) if fencing == Fencing::Fenced && !still_held => {
+                    KeyedMetrics::bump(&self.metrics.leases_lost);
+                    let recorded = match completion {
+                        Completion::Recorded => "its completion is recorded",
+                        Completion::Superseded => "another claim has the key now",
+                    };
+                    Err(Failure::LeaseLost(format!(
+                        "the operation of key {shown} succeeded after its claim (token {}) \
+                         stopped being held (lease renewals failed or the process stalled; \
+                         {recorded}): its effect may have been applied late and must be fenced \
+                         downstream by the token",
+                        token.0
+                    )))
+                }
                 Ok(Completion::Recorded) => Ok(false),
                 Ok(Completion::Superseded) => {
                     tracing::warn!(key = %shown, "idempotent operation succeeded after its lease ran out and another caller took the key: its completion is not recorded over that caller's");
@@ -236,6 +307,63 @@ impl Keyed {
         }
     }
 
+    /// Whether the claim `token` may still commit the effect of `key`'s operation
+    /// (docs/C_API.md §8.1): Ok while that claim holds the key and its lease is sure to
+    /// last one more renewal period; LEASE_LOST when it may have lapsed or another claim
+    /// took over; IDEMPOTENCY_CONFLICT when another claim completed the key.
+    pub fn check_claim(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        token: ClaimToken,
+    ) -> Result<(), Failure> {
+        check_key(key)?;
+        let shown = display_key(key);
+        let lost = |why: &str| {
+            Err(Failure::LeaseLost(format!(
+                "the claim of key {shown} with token {} {why}",
+                token.0
+            )))
+        };
+        // This process's own claim: its lease as seen on the monotonic clock.
+        let view = self.keeper.view(token);
+        let now = clock.unix_ms();
+        let record = match self.store.get(key, now).map_err(store_failed) {
+            Ok(record) => record,
+            // Lost whatever the store would say; one that does not answer says nothing.
+            Err(_) if view == Some(false) => None,
+            Err(failure) => return Err(failure),
+        };
+        let state = record.map(|r| r.state);
+        if view == Some(false)
+            && !matches!(state, Some(KeyState::Completed { token: done, .. }) if done != token)
+        {
+            return lost("may have lapsed: no renewal was acknowledged in time");
+        }
+        match state {
+            Some(KeyState::Claimed {
+                token: current,
+                lease_until_ms,
+            }) if current == token => {
+                // Another process's claim: judged by the lease the store recorded.
+                let margin = self.keeper.renewal_period().as_millis() as u64;
+                if view.is_some() || lease_until_ms.saturating_sub(now) > margin {
+                    Ok(())
+                } else {
+                    lost("may lapse before its next renewal")
+                }
+            }
+            Some(KeyState::Claimed { .. }) => lost("was taken over by a newer claim"),
+            // Nothing newer can exist while this claim's completion stands.
+            Some(KeyState::Completed { token: done, .. }) if done == token => Ok(()),
+            Some(KeyState::Completed { .. }) => Err(Failure::Conflict(format!(
+                "key {shown} was completed by another claim than token {}",
+                token.0
+            ))),
+            None => lost("no longer holds the key (released, expired or forgotten)"),
+        }
+    }
+
     /// Drops a completed key so that its operation may run again.
     pub fn forget(&self, clock: &dyn Clock, key: &[u8]) -> Result<(), Failure> {
         check_key(key)?;
@@ -259,7 +387,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::error::ErrorCode;
     use crate::idempotency::file_store::{FileStore, FileStoreSettings};
-    use crate::idempotency::{fingerprint, ClaimToken, KeyRecord};
+    use crate::idempotency::{fingerprint, KeyRecord};
     use std::cell::Cell;
 
     const LEASE: Duration = Duration::from_secs(90);
@@ -274,7 +402,13 @@ mod tests {
     }
 
     impl IdempotencyStore for Flaky {
-        fn claim(&self, key: &[u8], fp: &Fingerprint, now: u64) -> Result<Claim, Failure> {
+        fn claim_as(
+            &self,
+            key: &[u8],
+            fp: &Fingerprint,
+            now: u64,
+            id: ClaimId,
+        ) -> Result<Claim, Failure> {
             let unreachable = self.unreachable_claims.load(Ordering::SeqCst);
             if unreachable > 0 {
                 self.unreachable_claims
@@ -286,10 +420,14 @@ mod tests {
             }
             match self.fail_claim {
                 Some(code) => Err(Failure::Host(code.raw())),
-                None => self.inner.claim(key, fp, now),
+                None => self.inner.claim_as(key, fp, now, id),
             }
         }
-        fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<(), Failure> {
+        fn renew(
+            &self,
+            claims: &[(Vec<u8>, ClaimToken)],
+            now: u64,
+        ) -> Result<Vec<ClaimToken>, Failure> {
             self.inner.renew(claims, now)
         }
         fn complete(
@@ -374,8 +512,8 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::IdempotencyConflict.raw());
         assert!(err.detail().contains("\"k\""), "{}", err.detail());
         assert_eq!(runs.get(), 1);
-        // claims, replays, conflicts, in_progress, takeovers
-        assert_eq!(counters(&s.keyed), [1, 1, 1, 0, 0]);
+        // claims, replays, conflicts, in_progress, takeovers, leases lost
+        assert_eq!(counters(&s.keyed), [1, 1, 1, 0, 0, 0]);
     }
 
     #[test]
@@ -479,7 +617,7 @@ mod tests {
         let taken = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
         assert_eq!(taken.result.unwrap_err().code(), ErrorCode::FileIo.raw());
         assert_eq!(runs.get(), 2);
-        assert_eq!(counters(&s.keyed), [2, 0, 0, 1, 1]);
+        assert_eq!(counters(&s.keyed), [2, 0, 0, 1, 1, 0]);
     }
 
     #[test]
@@ -612,6 +750,199 @@ mod tests {
         let again = s.keyed.execute(&s.clock, b"k", &fp, succeed(&runs));
         assert!(again.result.unwrap(), "the taker's completion stands");
         assert_eq!(runs.get(), 1);
+    }
+
+    fn ok() -> Execution {
+        Execution {
+            result: Ok(()),
+            retries: 0,
+            last_failure: None,
+        }
+    }
+
+    fn fenced(
+        keyed: &Keyed,
+        clock: &ManualClock,
+        key: &[u8],
+        run: impl FnOnce(ClaimToken) -> Execution,
+    ) -> KeyedExecution {
+        keyed.execute_fenced(
+            clock,
+            key,
+            &fingerprint(b"p"),
+            |claim| Execution::once(claim(0)),
+            run,
+        )
+    }
+
+    #[test]
+    fn every_claim_of_a_key_gets_a_greater_token_whatever_happened_between() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let tokens = std::cell::RefCell::new(Vec::new());
+        let note = |t: ClaimToken| tokens.borrow_mut().push(t.0);
+        // A failure (released), a success, forget, another handle (process), a takeover.
+        fenced(&s.keyed, &s.clock, b"k", |t| {
+            note(t);
+            fail_with(ErrorCode::Network)()
+        });
+        fenced(&s.keyed, &s.clock, b"k", |t| {
+            note(t);
+            ok()
+        });
+        s.keyed.forget(&s.clock, b"k").unwrap();
+        fenced(&b, &s.clock, b"k", |t| {
+            note(t);
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            // Taken over from the stalled first handle's claim.
+            fenced(&s.keyed, &s.clock, b"k", |t| {
+                note(t);
+                ok()
+            });
+            ok()
+        });
+        // The clock stepped back; a reopened store (a restart) continues above.
+        s.clock.set_unix_ms(1);
+        s.keyed.forget(&s.clock, b"k").unwrap();
+        let reopened = rival(&s, s._dir.path());
+        fenced(&reopened, &s.clock, b"k", |t| {
+            note(t);
+            ok()
+        });
+        let tokens = tokens.into_inner();
+        assert_eq!(tokens.len(), 5);
+        assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+        assert!(tokens[0] > 0);
+    }
+
+    #[test]
+    fn a_fenced_success_after_the_claim_stopped_being_held_is_lease_lost() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let runs = Cell::new(0);
+        let out = fenced(&s.keyed, &s.clock, b"k", |mine| {
+            assert_eq!(s.keyed.check_claim(&s.clock, b"k", mine), Ok(()));
+            // Stalled past its lease; B takes over and completes.
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            let lost = s.keyed.check_claim(&s.clock, b"k", mine).unwrap_err();
+            assert_eq!(lost.code(), ErrorCode::LeaseLost.raw());
+            let taken = fenced(&b, &s.clock, b"k", |theirs| {
+                assert!(theirs > mine);
+                assert_eq!(b.check_claim(&s.clock, b"k", theirs), Ok(()));
+                runs.set(runs.get() + 1);
+                ok()
+            });
+            assert!(!taken.result.unwrap());
+            let err = s.keyed.check_claim(&s.clock, b"k", mine).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::IdempotencyConflict.raw());
+            ok()
+        });
+        let err = out.result.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::LeaseLost.raw());
+        assert!(err.detail().contains("must be fenced"), "{}", err.detail());
+        assert_eq!(runs.get(), 1);
+        assert_eq!(counters(&s.keyed)[5], 1, "counted");
+        // The unfenced call keeps its answer (§8): the stalled owner's success.
+        let unfenced = s.keyed.execute(&s.clock, b"u", &fingerprint(b"p"), || {
+            s.clock.advance(LEASE + Duration::from_secs(1));
+            ok()
+        });
+        assert!(!unfenced.result.unwrap());
+    }
+
+    /// A store whose renewals never reach it (cut off from etcd, say).
+    struct Unrenewable(FileStore);
+
+    impl IdempotencyStore for Unrenewable {
+        fn claim_as(
+            &self,
+            key: &[u8],
+            fp: &Fingerprint,
+            now: u64,
+            id: ClaimId,
+        ) -> Result<Claim, Failure> {
+            self.0.claim_as(key, fp, now, id)
+        }
+        fn renew(&self, _: &[(Vec<u8>, ClaimToken)], _: u64) -> Result<Vec<ClaimToken>, Failure> {
+            Err(Failure::Etcd {
+                kind: ErrorCode::ConnectionLost,
+                detail: "cut off".into(),
+            })
+        }
+        fn complete(
+            &self,
+            key: &[u8],
+            token: ClaimToken,
+            fp: &Fingerprint,
+            result: i32,
+            now: u64,
+        ) -> Result<Completion, Failure> {
+            self.0.complete(key, token, fp, result, now)
+        }
+        fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+            self.0.release(key, token)
+        }
+        fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
+            self.0.get(key, now)
+        }
+        fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Failure> {
+            self.0.forget(key, now)
+        }
+    }
+
+    #[test]
+    fn failed_renewals_make_the_claim_lost_before_the_store_could_expire_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
+        let store = Arc::new(Unrenewable(FileStore::open(dir.path(), settings).unwrap()));
+        let clock = ManualClock::new(1_000_000);
+        let keyed = Keyed::new(store.clone(), Arc::new(clock.clone()), LEASE).unwrap();
+        let out = fenced(&keyed, &clock, b"k", |mine| {
+            for _ in 0..2 {
+                clock.advance(LEASE / 3);
+                keyed.keeper().tick(keyed.store(), clock.unix_ms());
+            }
+            // Two thirds of the lease without an acknowledged renewal: no longer sure.
+            let err = keyed.check_claim(&clock, b"k", mine).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::LeaseLost.raw());
+            // The store itself still holds it for a third of the lease: no one took over.
+            assert!(store.get(b"k", clock.unix_ms()).unwrap().is_some());
+            ok()
+        });
+        assert_eq!(out.result.unwrap_err().code(), ErrorCode::LeaseLost.raw());
+        // The effect ran and nobody else claimed: its completion is recorded and replays.
+        let again = keyed.execute(&clock, b"k", &fingerprint(b"p"), ok);
+        assert!(again.result.unwrap(), "replayed");
+    }
+
+    #[test]
+    fn check_claim_answers_for_claims_of_other_processes_and_finished_claims() {
+        let s = setup(None, None);
+        let b = rival(&s, s._dir.path());
+        let token = Cell::new(ClaimToken(0));
+        fenced(&b, &s.clock, b"k", |theirs| {
+            token.set(theirs);
+            // Another process's live claim: judged by the lease its store recorded.
+            assert_eq!(s.keyed.check_claim(&s.clock, b"k", theirs), Ok(()));
+            let wrong = s
+                .keyed
+                .check_claim(&s.clock, b"k", ClaimToken(theirs.0 - 1));
+            assert_eq!(wrong.unwrap_err().code(), ErrorCode::LeaseLost.raw());
+            s.clock.advance(LEASE - LEASE / 3);
+            let lapsing = s.keyed.check_claim(&s.clock, b"k", theirs).unwrap_err();
+            assert_eq!(lapsing.code(), ErrorCode::LeaseLost.raw());
+            ok()
+        });
+        // Completed by this very claim: nothing newer can exist while that stands.
+        assert_eq!(s.keyed.check_claim(&s.clock, b"k", token.get()), Ok(()));
+        s.keyed.forget(&s.clock, b"k").unwrap();
+        let gone = s
+            .keyed
+            .check_claim(&s.clock, b"k", token.get())
+            .unwrap_err();
+        assert_eq!(gone.code(), ErrorCode::LeaseLost.raw());
+        let bad = s.keyed.check_claim(&s.clock, b"", token.get()).unwrap_err();
+        assert_eq!(bad.code(), ErrorCode::InvalidParam.raw());
     }
 
     #[test]

@@ -25,20 +25,31 @@ pub fn fingerprint(payload: &[u8]) -> Fingerprint {
     Sha256::digest(payload).into()
 }
 
-/// The identity of one claim: a fencing token, unique per claim (never 0). Renewing,
-/// completing and releasing act only on the claim whose token they carry, so a caller that
-/// stalled past its lease can never touch the claim of the caller that took the key over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A claim's fencing token: strictly greater than the token of every earlier claim of the
+/// same key, whatever happened between (takeover, release, expiry, forget, restart,
+/// compaction, another process or host), and never 0. On the file store it comes from a
+/// store-wide counter durable with the claim (see `file_store/tokens.rs`); on etcd it is the
+/// claim's revision. Renewing, completing and releasing act only on the claim whose token
+/// they carry, so a caller that stalled past its lease can never touch the claim of the
+/// caller that took the key over; and the place where the operation's effect lands can
+/// refuse the stale owner's late writes by comparing tokens (docs/C_API.md §8.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClaimToken(pub u64);
 
-impl ClaimToken {
-    /// A fresh random token.
+/// The identity of one call's claim, the same across the retries of that call: a claim
+/// whose answer was lost (a timeout after sending) is recognised as the caller's own when
+/// it is read back, never taken for another caller's claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimId(pub u64);
+
+impl ClaimId {
+    /// A fresh random identity (never 0).
     pub fn new() -> Self {
-        ClaimToken(fastrand::u64(1..))
+        ClaimId(fastrand::u64(1..))
     }
 }
 
-impl Default for ClaimToken {
+impl Default for ClaimId {
     fn default() -> Self {
         Self::new()
     }
@@ -52,8 +63,13 @@ pub enum KeyState {
         token: ClaimToken,
         lease_until_ms: u64,
     },
-    /// The operation succeeded with `result`; replayed until `expires_at_ms`.
-    Completed { result: i32, expires_at_ms: u64 },
+    /// The claim `token` ran the operation, which succeeded with `result`; replayed until
+    /// `expires_at_ms`. (`token` 0: recorded by an earlier build, which kept no token.)
+    Completed {
+        token: ClaimToken,
+        result: i32,
+        expires_at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,14 +172,33 @@ pub enum Forgotten {
 /// `Ok` after writing has made the write durable.
 pub trait IdempotencyStore: Send + Sync {
     /// Decides on `key` as [`decide`] does and, when acquired, records a claim with a
-    /// fresh [`ClaimToken`] and a lease until `now_ms + lease`. Durable before it returns,
-    /// and it reserves the room the key's completion needs: a claim that cannot be
-    /// recorded is an error, and the operation must not run.
-    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure>;
+    /// fresh [`ClaimToken`] (greater than every earlier claim's of the key) and a lease
+    /// until `now_ms + lease`. Durable before it returns, and it reserves the room the
+    /// key's completion needs: a claim that cannot be recorded is an error, and the
+    /// operation must not run. `id` is the claim's identity across the retries of one
+    /// call: a claim of `id` found already recorded (an earlier attempt whose answer was
+    /// lost) is acquired as it stands, with its token.
+    fn claim_as(
+        &self,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        now_ms: u64,
+        id: ClaimId,
+    ) -> Result<Claim, Failure>;
+
+    /// [`Self::claim_as`] with an identity of its own (a call that is not retried).
+    fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
+        self.claim_as(key, fingerprint, now_ms, ClaimId::new())
+    }
 
     /// Extends to `now_ms + lease` the leases of those claims that are still current
-    /// (the key still holds that token); the others are skipped.
-    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<(), Failure>;
+    /// (the key still holds that token); returns the tokens of the others, which were
+    /// not renewed (taken over, released, or their lease ran out).
+    fn renew(
+        &self,
+        claims: &[(Vec<u8>, ClaimToken)],
+        now_ms: u64,
+    ) -> Result<Vec<ClaimToken>, Failure>;
 
     /// Records the success of the claim `token` with `fingerprint` (the claim's own),
     /// replayed until `now_ms + ttl`, when [`completion_allowed`] says so; otherwise
@@ -196,6 +231,12 @@ pub trait IdempotencyStore: Send + Sync {
     /// Whether housekeeping should run now rather than at its next regular time.
     fn maintenance_due(&self) -> bool {
         false
+    }
+
+    /// About how long one round of housekeeping could take now (a compaction of every live
+    /// key): a lease shorter than this is warned about at start-up.
+    fn maintenance_estimate(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }
 
@@ -237,6 +278,7 @@ mod tests {
         KeyRecord {
             fingerprint: fp,
             state: KeyState::Completed {
+                token: ClaimToken(3),
                 result: 0,
                 expires_at_ms,
             },

@@ -2,21 +2,25 @@
 //!
 //! `kind | key length | fields | key | crc32 of all before it`, little-endian; kind 0xC1:
 //! claimed by the claim `token` (u64) until `time` (u64, its lease), then the fingerprint
-//! (32 bytes); 0xD1: completed with `result` (i32), replayed until `time` (u64), then the
-//! fingerprint; 0xE1: the key is gone (released or forgotten), no fields. The kind bytes are
-//! rare in text and counts, which lets a reader find the next record after a bad one. A
-//! completed 32-byte key takes 82 bytes (the text lines of earlier versions took about 180).
+//! (32 bytes); 0xD2: completed by the claim `token` (u64) with `result` (i32), replayed
+//! until `time` (u64), then the fingerprint; 0xD1 (written by earlier builds, still read):
+//! the same without the token; 0xE1: the key is gone (released or forgotten), no fields.
+//! The kind bytes are rare in text and counts, which lets a reader find the next record
+//! after a bad one. A completed 32-byte key takes 90 bytes (the text lines of earlier
+//! versions took about 180).
 
 use super::{ClaimToken, Fingerprint, KeyRecord, KeyState, MAX_KEY_BYTES};
 
 const CLAIMED: u8 = 0xC1;
-const COMPLETED: u8 = 0xD1;
+/// A completion of an earlier build: no token.
+const COMPLETED_V1: u8 = 0xD1;
+const COMPLETED: u8 = 0xD2;
 const GONE: u8 = 0xE1;
 const HEAD: usize = 2;
 const CRC: usize = 4;
 
-/// The longest record: reserved for each claim's completion.
-pub(crate) const MAX_RECORD_BYTES: usize = HEAD + 8 + 8 + 32 + MAX_KEY_BYTES + CRC;
+/// The longest record (a completion): reserved for each claim's completion.
+pub(crate) const MAX_RECORD_BYTES: usize = HEAD + 8 + 4 + 8 + 32 + MAX_KEY_BYTES + CRC;
 
 /// A journal entry: a key and its state after the entry (`None`: the key is gone).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +32,8 @@ pub struct Entry {
 fn fields_len(kind: u8) -> Option<usize> {
     match kind {
         CLAIMED => Some(8 + 8 + 32),
-        COMPLETED => Some(4 + 8 + 32),
+        COMPLETED => Some(8 + 4 + 8 + 32),
+        COMPLETED_V1 => Some(4 + 8 + 32),
         GONE => Some(0),
         _ => None,
     }
@@ -54,9 +59,11 @@ pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
                 out.extend_from_slice(&lease_until_ms.to_le_bytes());
             }
             KeyState::Completed {
+                token,
                 result,
                 expires_at_ms,
             } => {
+                out.extend_from_slice(&token.0.to_le_bytes());
                 out.extend_from_slice(&result.to_le_bytes());
                 out.extend_from_slice(&expires_at_ms.to_le_bytes());
             }
@@ -68,7 +75,8 @@ pub fn encode(out: &mut Vec<u8>, key: &[u8], state: Option<&KeyRecord>) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
-/// The length of the record of a `key_len`-byte key, a claim or a completion.
+/// The length of the record of a `key_len`-byte key, a claim or a completion (at most: a
+/// completion of an earlier build is shorter, and its head says so).
 pub fn len_of(claim: bool, key_len: usize) -> usize {
     let kind = if claim { CLAIMED } else { COMPLETED };
     HEAD + fields_len(kind).unwrap_or(0) + key_len + CRC
@@ -110,6 +118,15 @@ pub fn decode(bytes: &[u8]) -> Option<(Entry, usize)> {
         }),
         COMPLETED => Some(KeyRecord {
             state: KeyState::Completed {
+                token: ClaimToken(u64_at(0)),
+                result: i32::from_le_bytes(fields[8..12].try_into().unwrap()),
+                expires_at_ms: u64_at(12),
+            },
+            fingerprint: fp(20),
+        }),
+        COMPLETED_V1 => Some(KeyRecord {
+            state: KeyState::Completed {
+                token: ClaimToken(0),
                 result: i32::from_le_bytes(fields[..4].try_into().unwrap()),
                 expires_at_ms: u64_at(4),
             },
@@ -161,6 +178,7 @@ mod tests {
             Some(KeyRecord {
                 fingerprint: fp,
                 state: KeyState::Completed {
+                    token: ClaimToken(u64::MAX),
                     result: i32::MIN,
                     expires_at_ms: u64::MAX,
                 },
@@ -169,17 +187,48 @@ mod tests {
     }
 
     #[test]
-    fn a_completed_32_byte_key_takes_82_bytes() {
+    fn a_completed_32_byte_key_takes_90_bytes() {
         let mut bytes = Vec::new();
         let done = KeyRecord {
             fingerprint: [1; 32],
             state: KeyState::Completed {
+                token: ClaimToken(7),
                 result: 0,
                 expires_at_ms: 1,
             },
         };
         encode(&mut bytes, &[b'k'; 32], Some(&done));
-        assert_eq!(bytes.len(), 82);
+        assert_eq!(bytes.len(), 90);
+        assert_eq!(len_of(false, 32), 90);
+    }
+
+    #[test]
+    fn a_completion_of_an_earlier_build_is_read_with_no_token() {
+        // 0xD1: result, expiry, fingerprint, key, as earlier builds wrote it.
+        let mut old = vec![COMPLETED_V1, 1];
+        old.extend_from_slice(&(-6i32).to_le_bytes());
+        old.extend_from_slice(&99u64.to_le_bytes());
+        old.extend_from_slice(&[4; 32]);
+        old.push(b'k');
+        let crc = crc32fast::hash(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(old.len(), 82 - 31);
+        // Read from a buffer as long as a new completion, as the journal reads it.
+        let mut buf = old.clone();
+        buf.resize(len_of(false, 1), 0);
+        let (entry, len) = decode(&buf).expect("decodes");
+        assert_eq!(len, old.len());
+        assert_eq!(
+            entry.state,
+            Some(KeyRecord {
+                fingerprint: [4; 32],
+                state: KeyState::Completed {
+                    token: ClaimToken(0),
+                    result: -6,
+                    expires_at_ms: 99
+                }
+            })
+        );
     }
 
     #[test]

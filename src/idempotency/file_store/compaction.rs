@@ -309,6 +309,9 @@ impl FileStore {
             reserve(&rw.file, new_len, needed - new_len).map_err(side)?;
         }
         rw.file.sync_data().map_err(side)?;
+        // The records dropped, and those the image covers, are never read again: their
+        // tokens must stay below the durable floor.
+        self.tokens.raise_floor()?;
         // An image, if any, must not describe the old journal once the new one is in place.
         let image = if imaged {
             fs::rename(&self.image_tmp_path, &self.image_path)
@@ -459,6 +462,9 @@ impl FileStore {
             image.push(&piece, covered, tmp)?;
         }
         image.finish(covers, tmp)?;
+        // A restart does not read the records the image covers: their tokens stay below
+        // the durable floor.
+        self.tokens.raise_floor()?;
         // Closed after the lock, so that the rename does not free the old image under it.
         let replaced_image = open_replaced(&self.image_path);
         {

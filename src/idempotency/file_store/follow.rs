@@ -149,7 +149,7 @@ mod tests {
         let claimed = KeyRecord {
             fingerprint: FP,
             state: KeyState::Claimed {
-                token: ClaimToken::new(),
+                token: ClaimToken(fastrand::u64(1..)),
                 lease_until_ms: 1_000_000,
             },
         };

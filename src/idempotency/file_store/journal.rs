@@ -138,6 +138,7 @@ impl FileStore {
             len,
             |at, len, entry| {
                 apply(&mut inner.index, &journal, &self.journal_path, &entry, at)?;
+                self.tokens.note(&entry);
                 inner.end = at + len as u64;
                 Ok::<(), Failure>(())
             },

@@ -316,3 +316,251 @@ fn the_store_keeps_the_section_8_invariants_under_random_interleavings() {
         run_seed(seed, dir.path());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The owners' side (docs/C_API.md §8.1): each handle's lease keeper, with renewals that
+// fail (a handle cut off), maintenance that takes longer than a lease while renewals go
+// on beside it, completions and releases whose answers are lost and retried, stalls.
+// Invariants after every step: a claim is never taken over while its owner's keeper says
+// it is held; the tokens of a key's claims strictly increase; a claim held in the view is
+// the key's claim in the store.
+
+use backup_coordinator::clock::{Clock, ManualClock};
+use backup_coordinator::error::{ErrorCode, Failure};
+use backup_coordinator::idempotency::lease::LeaseKeeper;
+use backup_coordinator::idempotency::{ClaimId, Forgotten};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+/// A handle whose renewals can be cut off, and whose answers can be lost after the store
+/// applied the request.
+struct Faulty {
+    store: FileStore,
+    cut_off: AtomicBool,
+    lose_next_answer: AtomicBool,
+}
+
+impl Faulty {
+    fn answer<T>(&self, applied: Result<T, Failure>) -> Result<T, Failure> {
+        let value = applied?;
+        match self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            true => Err(Failure::etcd(ErrorCode::Timeout, "answer lost")),
+            false => Ok(value),
+        }
+    }
+}
+
+impl IdempotencyStore for Faulty {
+    fn claim_as(
+        &self,
+        key: &[u8],
+        fp: &Fingerprint,
+        now: u64,
+        id: ClaimId,
+    ) -> Result<Claim, Failure> {
+        self.store.claim_as(key, fp, now, id)
+    }
+    fn renew(
+        &self,
+        claims: &[(Vec<u8>, ClaimToken)],
+        now: u64,
+    ) -> Result<Vec<ClaimToken>, Failure> {
+        if self.cut_off.load(Ordering::SeqCst) {
+            return Err(Failure::etcd(ErrorCode::ConnectionLost, "cut off"));
+        }
+        self.store.renew(claims, now)
+    }
+    fn complete(
+        &self,
+        key: &[u8],
+        token: ClaimToken,
+        fp: &Fingerprint,
+        result: i32,
+        now: u64,
+    ) -> Result<Completion, Failure> {
+        self.answer(self.store.complete(key, token, fp, result, now))
+    }
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+        self.answer(self.store.release(key, token))
+    }
+    fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
+        self.store.get(key, now)
+    }
+    fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Failure> {
+        self.store.forget(key, now)
+    }
+    fn maintain(&self, now: u64) -> Result<(), Failure> {
+        self.store.maintain(now)
+    }
+}
+
+struct Owner {
+    handle: usize,
+    /// The key and claim it runs, if any.
+    running: Option<(usize, ClaimToken)>,
+}
+
+fn run_owner_seed(seed: u64, dir: &Path) {
+    let settings = FileStoreSettings {
+        lease: Duration::from_millis(LEASE_MS),
+        ttl: Duration::from_millis(TTL_MS),
+        compaction_slack_bytes: 4096,
+    };
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let clock = ManualClock::new(1_000_000);
+    let handles: Vec<Faulty> = (0..rng.usize(1..=3))
+        .map(|_| Faulty {
+            store: FileStore::open(dir, settings).expect("open"),
+            cut_off: AtomicBool::new(false),
+            lose_next_answer: AtomicBool::new(false),
+        })
+        .collect();
+    // The keepers' threads find no store and end: the steps below are their work.
+    let keepers: Vec<LeaseKeeper> = handles
+        .iter()
+        .map(|_| {
+            let none: Weak<dyn IdempotencyStore> = Weak::<FileStore>::new();
+            LeaseKeeper::start(none, Arc::new(clock.clone()), settings.lease).expect("keeper")
+        })
+        .collect();
+    let mut owners: Vec<Owner> = (0..rng.usize(2..=5))
+        .map(|_| Owner {
+            handle: rng.usize(0..handles.len()),
+            running: None,
+        })
+        .collect();
+    let mut last_token = [0u64; 2];
+    let mut log: Vec<String> = Vec::new();
+    let fail = |log: &[String], why: String| -> ! {
+        let tail: Vec<_> = log.iter().rev().take(25).rev().cloned().collect();
+        panic!(
+            "seed {seed}: {why}\nreplay with SIM_SEED={seed}\nlast steps:\n  {}",
+            tail.join("\n  ")
+        );
+    };
+    for step in 0..200 {
+        let now = clock.unix_ms();
+        let o = rng.usize(0..owners.len());
+        let h = owners[o].handle;
+        let (store, keeper) = (&handles[h], &keepers[h]);
+        match rng.u32(0..100) {
+            // Time passes: a little, or past a lease (every process stalls alike).
+            0..=14 => {
+                let by = match rng.u32(0..5) {
+                    0 => rng.u64(LEASE_MS..3 * LEASE_MS),
+                    _ => rng.u64(0..LEASE_MS / 3),
+                };
+                clock.advance(Duration::from_millis(by));
+                log.push(format!("{step}: time +{by}"));
+            }
+            // A handle is cut off from the store, or comes back.
+            15..=19 => {
+                let cut = !store.cut_off.load(Ordering::SeqCst);
+                store.cut_off.store(cut, Ordering::SeqCst);
+                log.push(format!("{step}: handle {h} cut off: {cut}"));
+            }
+            // The renewer's tick.
+            20..=44 => {
+                keeper.renew_now(store, now);
+                log.push(format!("{step}: handle {h} renews"));
+            }
+            // Maintenance that takes longer than a lease; the renewer ticks beside it.
+            45..=49 => {
+                store.maintain(now).expect("maintain");
+                for _ in 0..rng.u32(3..9) {
+                    clock.advance(Duration::from_millis(LEASE_MS / 3));
+                    keeper.renew_now(store, clock.unix_ms());
+                }
+                log.push(format!(
+                    "{step}: handle {h} maintains for long, renewing beside it"
+                ));
+            }
+            roll => match owners[o].running {
+                None => {
+                    let key = rng.usize(0..2);
+                    let sent = clock.monotonic_ms();
+                    let claim = store.claim_as(KEYS[key], &FINGERPRINTS[0], now, ClaimId::new());
+                    log.push(format!(
+                        "{step}: owner {o} (handle {h}) claims key {key}: {claim:?}"
+                    ));
+                    if let Claim::Acquired { token, .. } = claim.expect("claim") {
+                        for (other, owner) in owners.iter().enumerate() {
+                            let Some((k, t)) = owner.running else {
+                                continue;
+                            };
+                            if k == key && keepers[owner.handle].view(t) == Some(true) {
+                                fail(&log, format!("owner {o} took key {key} while owner {other}'s keeper holds it (token {t:?})"));
+                            }
+                        }
+                        if token.0 <= last_token[key] {
+                            fail(
+                                &log,
+                                format!(
+                                    "token {token:?} of key {key} not above {}",
+                                    last_token[key]
+                                ),
+                            );
+                        }
+                        last_token[key] = token.0;
+                        // Held until the owner ends (the guard's drop is the call's end).
+                        std::mem::forget(keeper.hold(KEYS[key], token, sent));
+                        owners[o].running = Some((key, token));
+                    }
+                }
+                Some((key, token)) => {
+                    // The answer of what follows may be lost; it is then retried once.
+                    store.lose_next_answer.store(rng.bool(), Ordering::SeqCst);
+                    let done = if roll < 80 {
+                        let first = store.complete(KEYS[key], token, &FINGERPRINTS[0], 0, now);
+                        let retried = first.is_err();
+                        let done = first.or_else(|_| {
+                            store.complete(KEYS[key], token, &FINGERPRINTS[0], 0, now)
+                        });
+                        format!("completes (retried: {retried}): {done:?}")
+                    } else {
+                        let first = store.release(KEYS[key], token);
+                        let retried = first.is_err();
+                        let done = first.or_else(|_| store.release(KEYS[key], token));
+                        format!("releases (retried: {retried}): {done:?}")
+                    };
+                    log.push(format!("{step}: owner {o} {done}"));
+                    if done.contains("Err") {
+                        fail(&log, format!("owner {o}'s retried call failed: {done}"));
+                    }
+                    owners[o].running = None;
+                }
+            },
+        }
+        // A claim its owner's keeper holds is the key's claim in the store.
+        let now = clock.unix_ms();
+        for (i, owner) in owners.iter().enumerate() {
+            let Some((key, token)) = owner.running else {
+                continue;
+            };
+            if keepers[owner.handle].view(token) == Some(true) {
+                let record = handles[0].get(KEYS[key], now).expect("get");
+                let current = matches!(record.map(|r| r.state), Some(KeyState::Claimed { token: t, .. }) if t == token);
+                if !current {
+                    fail(&log, format!("owner {i}'s keeper holds key {key} (token {token:?}) but the store has {record:?}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn owners_views_hold_under_renewal_failures_long_maintenance_and_lost_answers() {
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        let dir = sim_dir();
+        run_owner_seed(seed.parse().expect("SIM_SEED is a number"), dir.path());
+        return;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    for seed in 0x0e_0000u64..0x0e_0000 + seeds {
+        let dir = sim_dir();
+        run_owner_seed(seed, dir.path());
+    }
+}

@@ -143,12 +143,17 @@ pub enum Completion {
 }
 
 /// Whether [`IdempotencyStore::complete`] may write over `existing` for the claim `token`:
-/// its own claim (lapsed or not), or a free key, take the completion; another caller's
-/// live claim or completion is never overwritten.
+/// its own claim (lapsed or not), its own completion (a completion retried after its
+/// answer was lost), or a free key, take the completion; another caller's live claim or
+/// completion is never overwritten.
 pub fn completion_allowed(existing: Option<&KeyRecord>, token: ClaimToken, now_ms: u64) -> bool {
     match existing {
         None => true,
         Some(record) if is_claim(Some(record), token) => true,
+        Some(KeyRecord {
+            state: KeyState::Completed { token: done, .. },
+            ..
+        }) if *done == token && token.0 != 0 => true,
         Some(record) => !record.is_live(now_ms),
     }
 }
@@ -325,6 +330,12 @@ mod tests {
         // Another caller's live claim or completion.
         assert!(!completion_allowed(Some(&claimed(A, 101)), T, 100));
         assert!(!completion_allowed(Some(&completed(A, 101)), mine, 100));
+        // Its own completion, retried after a lost answer.
+        assert!(completion_allowed(
+            Some(&completed(A, 101)),
+            ClaimToken(3),
+            100
+        ));
         assert!(is_claim(Some(&claimed(A, 1)), mine));
         assert!(!is_claim(Some(&claimed(A, 1)), T));
         assert!(!is_claim(Some(&completed(A, 1)), mine));

@@ -227,12 +227,6 @@ pub fn write_fenced(target: &Path, data: &[u8], token: u64) -> Result<(), Failur
     Ok(())
 }
 
-/// Whether a directory entry name is a fence sidecar (so that a listing can tell them
-/// from content).
-pub fn is_fence_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(FENCE_SUFFIX) && name.len() > 1 + FENCE_SUFFIX.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,8 +414,6 @@ mod tests {
         fs::write(dir.path().join(".f.99999999.3.tmp"), b"torn").unwrap();
         write_atomic(&target, b"y").unwrap();
         assert_eq!(names(dir.path()), vec![".f.fence", "f"]);
-        assert!(is_fence_name(".f.fence"));
-        assert!(!is_fence_name(".fence") && !is_fence_name("f.fence"));
     }
 
     #[test]

@@ -567,6 +567,18 @@ void backup_plugin_record_error(int32_t code, const char *message);
 int32_t backup_plugin_write_file_with_retry(const char *path, const void *data, size_t size);
 
 /*
+ `backup_plugin_write_file_with_retry`, made only if no write of `file_path` with a
+ higher `fencing_token` was made. The token of the last write is kept beside the file
+ (`.<name>.fence`, surviving crashes and restarts); the check and the replacement are
+ atomic against every other fenced writer of the file, on this host or on a shared file
+ system that honours POSIX locks. A lower token: BACKUP_ERROR_FENCED, the file untouched,
+ not retried. An equal token rewrites (a retry of the same claim). A token of 0, a NULL
+ or empty `file_path`, or one that names no file: BACKUP_ERROR_INVALID_PARAM.
+ A fence file that cannot be read as a token: BACKUP_ERROR_DATA_CORRUPTION.
+ */
+int32_t backup_plugin_write_file_fenced(const char *file_path, const void *data, size_t data_len, uint64_t fencing_token);
+
+/*
  Runs `op(user_data)` under the configured retry policy (`error_retry_*` keys).
  */
 int32_t backup_plugin_execute_with_retry(BackupOperationFn op, void *user_data);

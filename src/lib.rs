@@ -16,6 +16,7 @@ pub mod durable;
 pub mod error;
 pub mod error_log;
 pub mod etcd;
+pub mod fenced_write;
 mod hex;
 pub mod idempotency;
 pub mod log_backup;

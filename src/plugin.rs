@@ -16,6 +16,7 @@ use crate::durable;
 use crate::error::{ErrorCode, Failure};
 use crate::error_log::{ErrorLog, LogSettings};
 use crate::etcd::EtcdBackend;
+use crate::fenced_write;
 use crate::idempotency::file_store::{FileStore, FileStoreSettings};
 use crate::idempotency::keyed::Keyed;
 use crate::idempotency::{self as idem, IdempotencyStore};
@@ -245,6 +246,14 @@ impl Plugin {
     /// Durable, atomic replacement of `path`, retried under the configured policy.
     pub fn write_file(&self, path: &Path, data: &[u8]) -> Result<(), Failure> {
         self.execute(|_| durable::write_atomic(path, data).map_err(Failure::from))
+    }
+
+    /// [`Plugin::write_file`], made only if no write of `path` with a higher fencing token
+    /// was made (`crate::fenced_write`). The whole check and write is one attempt under the
+    /// configured policy: FILE_IO is retried, FENCED (permanent), DISK_FULL,
+    /// PERMISSION_DENIED, DATA_CORRUPTION and INVALID_PARAM end the call at once.
+    pub fn write_file_fenced(&self, path: &Path, data: &[u8], token: u64) -> Result<(), Failure> {
+        self.execute(|_| fenced_write::write_fenced(path, data, token))
     }
 
     fn log_records(&self) -> Result<&dyn LogRecordStore, Failure> {

@@ -61,6 +61,7 @@ struct Fx {
     _dir: tempfile::TempDir,
     file: CString,
     bad_file: CString,
+    fenced_file: CString,
     state_dir: String,
     c: *mut SBackupCoordinator,
     ctx: *mut SRetryContext,
@@ -86,6 +87,7 @@ impl Fx {
         Fx {
             file: path("file.dat"),
             bad_file: path("no-such-dir/"),
+            fenced_file: path("fenced.dat"),
             state_dir: dir.path().join("state").to_str().unwrap().to_string(),
             _dir: dir,
             c,
@@ -141,6 +143,13 @@ unsafe extern "C" fn exec_ok(_: *mut c_void, _: ELogSubCommand) -> i32 {
 }
 
 const DATA: &[u8] = b"x";
+
+/// A fencing token above every one used before (starting above the `failing` call's 1).
+fn next_token() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(2);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 const TASK: &CStr = c"task-1";
 const KEY: &CStr = c"key-1";
 
@@ -547,6 +556,64 @@ fn table() -> Vec<Row> {
                         f.file.as_ptr(),
                         null(),
                         3,
+                    ))
+                }),
+            ],
+        },
+        Row {
+            name: "backup_plugin_write_file_fenced",
+            kind: Booked,
+            // Each valid call raises the token, so no call of the rules is refused for one
+            // made before it.
+            valid: |f| {
+                Code(backup_plugin_write_file_fenced(
+                    f.fenced_file.as_ptr(),
+                    DATA.as_ptr().cast(),
+                    DATA.len(),
+                    next_token(),
+                ))
+            },
+            // A token below the one stored: refused, permanent, one error (the write that
+            // raises the fence first succeeds and books nothing).
+            failing: Some(|f| {
+                let raised = backup_plugin_write_file_fenced(
+                    f.fenced_file.as_ptr(),
+                    DATA.as_ptr().cast(),
+                    DATA.len(),
+                    next_token(),
+                );
+                assert_eq!(raised, BACKUP_SUCCESS);
+                Code(backup_plugin_write_file_fenced(
+                    f.fenced_file.as_ptr(),
+                    DATA.as_ptr().cast(),
+                    DATA.len(),
+                    1,
+                ))
+            }),
+            nulls: &[
+                ("file_path", |_| {
+                    Code(backup_plugin_write_file_fenced(
+                        null(),
+                        DATA.as_ptr().cast(),
+                        1,
+                        next_token(),
+                    ))
+                }),
+                ("data", |f| {
+                    Code(backup_plugin_write_file_fenced(
+                        f.fenced_file.as_ptr(),
+                        null(),
+                        3,
+                        next_token(),
+                    ))
+                }),
+                // Not a pointer, but rejected like one: before init, and naming itself.
+                ("fencing_token", |f| {
+                    Code(backup_plugin_write_file_fenced(
+                        f.fenced_file.as_ptr(),
+                        DATA.as_ptr().cast(),
+                        DATA.len(),
+                        0,
                     ))
                 }),
             ],

@@ -191,10 +191,10 @@ fn finish<R: CReturn>(result: Result<R, Failure>, book: impl FnOnce(&Failure)) -
 }
 
 /// A plugin-level operation (ABI §4): `backup_plugin_write_file_with_retry`,
-/// `backup_plugin_execute_with_retry`, `backup_log_run_command`,
-/// `backup_execute_idempotent`. Its failure, whatever it is (argument, no state store,
-/// the operation's own), is one error booked into `error_count` with that code, once an
-/// instance exists.
+/// `backup_plugin_write_file_fenced`, `backup_plugin_execute_with_retry`,
+/// `backup_log_run_command`, `backup_execute_idempotent`. Its failure, whatever it is
+/// (argument, no state store, the operation's own), is one error booked into `error_count`
+/// with that code, once an instance exists.
 pub fn booked<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
     op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,

@@ -135,6 +135,38 @@ pub extern "C" fn backup_plugin_write_file_with_retry(
     )
 }
 
+/// `backup_plugin_write_file_with_retry`, made only if no write of `file_path` with a
+/// higher `fencing_token` was made. The token of the last write is kept beside the file
+/// (`.<name>.fence`, surviving crashes and restarts); the check and the replacement are
+/// atomic against every other fenced writer of the file, on this host or on a shared file
+/// system that honours POSIX locks. A lower token: BACKUP_ERROR_FENCED, the file untouched,
+/// not retried. An equal token rewrites (a retry of the same claim). A token of 0, a NULL
+/// or empty `file_path`, or one that names no file: BACKUP_ERROR_INVALID_PARAM.
+/// A fence file that cannot be read as a token: BACKUP_ERROR_DATA_CORRUPTION.
+#[no_mangle]
+pub extern "C" fn backup_plugin_write_file_fenced(
+    file_path: *const c_char,
+    data: *const c_void,
+    data_len: usize,
+    fencing_token: u64,
+) -> i32 {
+    frame::booked(
+        // SAFETY: file_path NUL-terminated; data valid for data_len bytes.
+        || unsafe {
+            let path = c_file_path(file_path, "file_path")?;
+            let bytes = c_slice(data as *const u8, data_len, "data")?;
+            if fencing_token == 0 {
+                return Err(ArgError::Invalid {
+                    name: "fencing_token",
+                    problem: "is 0; tokens start at 1".to_string(),
+                });
+            }
+            Ok((path, bytes))
+        },
+        |plugin, (path, bytes)| done(plugin.write_file_fenced(path, bytes, fencing_token)),
+    )
+}
+
 /// Runs `op(user_data)` under the configured retry policy (`error_retry_*` keys).
 #[no_mangle]
 pub extern "C" fn backup_plugin_execute_with_retry(

@@ -1,5 +1,7 @@
 //! "Exactly once for real", proven through the C ABI by breaking things: an owner process
-//! SIGSTOPped past its lease while another takes its key over; cleanup landing while 24
+//! SIGSTOPped past its lease while another takes its key over (unfenced, its success
+//! stands; fenced, its late write is refused by the destination and its call says
+//! LEASE_LOST, docs/C_API.md §8.1); cleanup landing while 24
 //! threads hold claims; a reset and a second run of a log-backup command while the first
 //! waits (in this process and from another one); paths that name no file.
 //!
@@ -7,14 +9,16 @@
 //! (`serial`). Child processes are this test binary run again with `EO_ROLE` set.
 
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
+use backup_coordinator::ffi::idempotency::{
+    backup_execute_idempotent, backup_execute_idempotent_fenced, backup_idempotency_check_claim,
+};
 use backup_coordinator::ffi::log_backup::{
     backup_log_get_retry_records, backup_log_reset_retry_records, backup_log_run_command,
     SLogBackupRetryPolicy,
 };
 use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_get_error_stats, backup_plugin_get_last_error,
-    backup_plugin_init, backup_plugin_write_file_with_retry,
+    backup_plugin_init, backup_plugin_write_file_fenced, backup_plugin_write_file_with_retry,
 };
 use parking_lot::Mutex;
 use std::ffi::{c_void, CStr, CString};
@@ -169,6 +173,13 @@ fn eo_child() {
             );
             println!("RESULT {rc}");
         }
+        // Claims `block` (fenced), is stopped inside its operation past its lease, then
+        // writes its block with its token: after checking its claim ("checks"), or not.
+        "fenced-checks" | "fenced-blind" => {
+            let checks = role == "fenced-checks";
+            let rc = execute_fenced("block", &dir, if checks { 1 } else { 0 }, stalled_writer);
+            println!("RESULT {rc} {}", last_error());
+        }
         other => panic!("unknown role {other}"),
     }
     std::io::stdout().flush().unwrap();
@@ -235,6 +246,210 @@ fn a_stalled_owner_never_poisons_its_key() {
         calls_before,
         "no replay ran the op"
     );
+    backup_plugin_cleanup();
+}
+
+/// What a fenced operation of this file gets: where its block goes, and what it does.
+struct Block {
+    dest: CString,
+    content: &'static str,
+    /// Calls `backup_idempotency_check_claim` before writing, as the contract advises.
+    checks: bool,
+    /// A test's hooks: between getting the token and writing; after writing.
+    before_write: fn(u64),
+    after_write: fn(),
+}
+
+static FENCED_TOKENS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn fenced_block(data: *mut c_void, token: u64) -> i32 {
+    // SAFETY: `data` is the &Block that execute_fenced passed.
+    let block = unsafe { &*(data as *const Block) };
+    FENCED_TOKENS.lock().push(token);
+    (block.before_write)(token);
+    let key = CString::new("block").unwrap();
+    let check = match block.checks {
+        true => backup_idempotency_check_claim(key.as_ptr(), token),
+        false => SUCCESS,
+    };
+    let wrote = backup_plugin_write_file_fenced(
+        block.dest.as_ptr(),
+        block.content.as_ptr() as *const c_void,
+        block.content.len(),
+        token,
+    );
+    println!("WROTE {wrote} CHECK {check}");
+    std::io::stdout().flush().unwrap();
+    (block.after_write)();
+    // A failed check stops the operation whatever the write did (it was tried here only to
+    // show that the destination refuses it too).
+    if check != SUCCESS {
+        check
+    } else {
+        wrote
+    }
+}
+
+/// Runs the fenced `key` whose operation writes `content` to `<dir>/dest` with its token.
+fn execute_fenced_block(
+    dir: &Path,
+    checks: bool,
+    content: &'static str,
+    before_write: fn(u64),
+    after_write: fn(),
+) -> i32 {
+    let block = Block {
+        dest: CString::new(dir.join("dest").to_str().unwrap()).unwrap(),
+        content,
+        checks,
+        before_write,
+        after_write,
+    };
+    let key = CString::new("block").unwrap();
+    let mut replayed = false;
+    backup_execute_idempotent_fenced(
+        key.as_ptr(),
+        b"payload".as_ptr() as *const c_void,
+        7,
+        Some(fenced_block),
+        &block as *const Block as *mut c_void,
+        &mut replayed,
+    )
+}
+
+fn execute_fenced(_key: &str, dir: &Path, checks: u32, hook: fn(u64)) -> i32 {
+    execute_fenced_block(dir, checks == 1, "from the stalled owner", hook, || {})
+}
+
+/// The child's hook: says its token, then takes 600 ms (the parent stops it meanwhile).
+fn stalled_writer(token: u64) {
+    println!("RUNNING {token}");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+}
+
+static TAKER_MAY_WRITE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TAKER_WROTE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TAKER_MAY_FINISH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[test]
+fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    init(&state_config(dir.path(), ""));
+    let dest = dir.path().join("dest");
+    let taker_content = "from the taker";
+
+    // 1. The owner checks its claim before writing, as the contract advises, while the
+    // taker (which wrote with its higher token) still runs: the check says LEASE_LOST, the
+    // write it tries anyway is refused, and its call returns the check's LEASE_LOST.
+    let (mut a, mut a_out) = spawn_child("fenced-checks", dir.path());
+    let a_token: u64 = wait_for(&mut a_out, "RUNNING")[8..].parse().unwrap();
+    signal(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500));
+    TAKER_MAY_FINISH.store(false, Ordering::SeqCst);
+    TAKER_WROTE.store(false, Ordering::SeqCst);
+    let taker_dir = dir.path().to_path_buf();
+    let taker = std::thread::spawn(move || {
+        execute_fenced_block(
+            &taker_dir,
+            true,
+            taker_content,
+            |_| {},
+            || {
+                TAKER_WROTE.store(true, Ordering::SeqCst);
+                while !TAKER_MAY_FINISH.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+        )
+    });
+    while !TAKER_WROTE.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let b_token = *FENCED_TOKENS.lock().last().unwrap();
+    assert!(b_token > a_token, "tokens {a_token} then {b_token}");
+    signal(&a, libc::SIGCONT);
+    let wrote = wait_for(&mut a_out, "WROTE");
+    let result = wait_for(&mut a_out, "RESULT");
+    assert!(a.wait().unwrap().success());
+    assert_eq!(
+        wrote,
+        format!(
+            "WROTE {} CHECK {}",
+            ErrorCode::Fenced as i32,
+            ErrorCode::LeaseLost as i32
+        )
+    );
+    assert!(
+        result.starts_with(&format!("RESULT {}", ErrorCode::LeaseLost as i32)),
+        "{result}"
+    );
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), taker_content);
+    TAKER_MAY_FINISH.store(true, Ordering::SeqCst);
+    assert_eq!(taker.join().unwrap(), SUCCESS, "{}", last_error());
+    // Completed by the taker: the stalled owner's token is another claim's now.
+    let key = CString::new("block").unwrap();
+    assert_eq!(
+        backup_idempotency_check_claim(key.as_ptr(), a_token),
+        ErrorCode::IdempotencyConflict as i32
+    );
+    assert_eq!(
+        backup_idempotency_check_claim(key.as_ptr(), b_token),
+        SUCCESS
+    );
+
+    // 2. The owner writes without checking, before the taker writes: its write is
+    // accepted (no higher token has written yet), but its call says LEASE_LOST, and the
+    // taker's write with the higher token replaces it.
+    forget("block");
+    let (mut a, mut a_out) = spawn_child("fenced-blind", dir.path());
+    let a_token: u64 = wait_for(&mut a_out, "RUNNING")[8..].parse().unwrap();
+    signal(&a, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1_500));
+    TAKER_MAY_WRITE.store(false, Ordering::SeqCst);
+    let taker_dir = dir.path().to_path_buf();
+    let taker = std::thread::spawn(move || {
+        execute_fenced_block(
+            &taker_dir,
+            false,
+            taker_content,
+            |_| {
+                while !TAKER_MAY_WRITE.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+            || {},
+        )
+    });
+    // The taker holds its claim (and its token) now.
+    while FENCED_TOKENS.lock().last().is_none_or(|t| *t <= a_token) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&a, libc::SIGCONT);
+    assert_eq!(
+        wait_for(&mut a_out, "WROTE"),
+        format!("WROTE {SUCCESS} CHECK {SUCCESS}")
+    );
+    let result = wait_for(&mut a_out, "RESULT");
+    assert!(a.wait().unwrap().success());
+    assert!(
+        result.starts_with(&format!("RESULT {}", ErrorCode::LeaseLost as i32))
+            && result.contains("must be fenced"),
+        "the owner's success came after its claim stopped being held: {result}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dest).unwrap(),
+        "from the stalled owner"
+    );
+    TAKER_MAY_WRITE.store(true, Ordering::SeqCst);
+    assert_eq!(
+        taker.join().unwrap(),
+        SUCCESS,
+        "the taker: {}",
+        last_error()
+    );
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), taker_content);
     backup_plugin_cleanup();
 }
 

@@ -1,5 +1,7 @@
 /* Idempotency keys through the C ABI: run once, replay, conflict, in progress, release on
- * failure, forget, bad arguments, and 8 threads racing over the same 1000 keys. */
+ * failure, forget, bad arguments, 8 threads racing over the same 1000 keys, and fenced
+ * operations (docs/C_API.md §8.1): tokens that grow per key, the same token on every
+ * attempt, check_claim, a destination that refuses a stale token. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -194,6 +196,79 @@ static void test_threads_race_over_the_same_keys(void) {
     PASS("8 threads x 1000 keys: every operation ran exactly once");
 }
 
+typedef struct {
+    uint64_t tokens[8];
+    int calls;
+    int fail_times;
+    const char* key;
+    const char* dest;
+    int32_t check; /* what backup_idempotency_check_claim said inside the op */
+} Fenced;
+
+static int32_t fenced_op(void* user_data, uint64_t token) {
+    Fenced* f = (Fenced*)user_data;
+    if (f->calls < 8) f->tokens[f->calls] = token;
+    f->calls++;
+    f->check = backup_idempotency_check_claim(f->key, token);
+    if (f->calls <= f->fail_times) return BACKUP_ERROR_NETWORK;
+    if (!f->dest) return BACKUP_SUCCESS;
+    return backup_plugin_write_file_fenced(f->dest, "block", 5, token);
+}
+
+static void test_fenced(const char* dir) {
+    char dest[512];
+    snprintf(dest, sizeof dest, "%s/fenced.dat", dir);
+    /* Bad arguments. */
+    Fenced f = {.key = "fenced"};
+    CHECK_EQ_INT(backup_execute_idempotent_fenced(NULL, NULL, 0, fenced_op, &f, NULL), BACKUP_ERROR_INVALID_PARAM);
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", NULL, 0, NULL, &f, NULL), BACKUP_ERROR_INVALID_PARAM);
+    CHECK_EQ_INT(backup_idempotency_check_claim(NULL, 1), BACKUP_ERROR_INVALID_PARAM);
+    CHECK_EQ_INT(backup_idempotency_check_claim("fenced", 0), BACKUP_ERROR_INVALID_PARAM);
+    CHECK_STR_CONTAINS(backup_plugin_get_last_error(), "fencing_token");
+    CHECK_EQ_INT(f.calls, 0);
+
+    /* The same token on every attempt of the policy; the claim checks as held inside op. */
+    Fenced a = {.key = "fenced", .dest = dest, .fail_times = 2};
+    bool replayed = true;
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", "p", 1, fenced_op, &a, &replayed), BACKUP_SUCCESS);
+    CHECK(!replayed);
+    CHECK_EQ_INT(a.calls, 3);
+    CHECK(a.tokens[0] != 0);
+    CHECK(a.tokens[0] == a.tokens[1] && a.tokens[1] == a.tokens[2]);
+    CHECK_EQ_INT(a.check, BACKUP_SUCCESS);
+    /* Replayed: op not called. Completed by this claim: its token still checks. */
+    Fenced r = {.key = "fenced"};
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", "p", 1, fenced_op, &r, &replayed), BACKUP_SUCCESS);
+    CHECK(replayed);
+    CHECK_EQ_INT(r.calls, 0);
+    CHECK_EQ_INT(backup_idempotency_check_claim("fenced", a.tokens[0]), BACKUP_SUCCESS);
+    CHECK_EQ_INT(backup_idempotency_check_claim("fenced", a.tokens[0] - 1), BACKUP_ERROR_IDEMPOTENCY_CONFLICT);
+    CHECK_EQ_INT(backup_idempotency_check_claim("never-claimed", a.tokens[0]), BACKUP_ERROR_LEASE_LOST);
+
+    /* Forgotten and run again: a greater token, and the destination takes it. */
+    CHECK_EQ_INT(backup_idempotency_forget("fenced"), BACKUP_SUCCESS);
+    Fenced b = {.key = "fenced", .dest = dest};
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", "p", 1, fenced_op, &b, &replayed), BACKUP_SUCCESS);
+    CHECK(b.tokens[0] > a.tokens[0]);
+    /* A stale owner's late write is refused and leaves the file as it is. */
+    CHECK_EQ_INT(backup_plugin_write_file_fenced(dest, "stale", 5, a.tokens[0]), BACKUP_ERROR_FENCED);
+    CHECK_STR_CONTAINS(backup_plugin_get_last_error(), "fenced.dat");
+    FILE* file = fopen(dest, "rb");
+    CHECK(file != NULL);
+    char got[16] = {0};
+    CHECK_EQ_INT((int)fread(got, 1, sizeof got - 1, file), 5);
+    fclose(file);
+    CHECK_STR_CONTAINS(got, "block");
+    /* A failed op releases its claim; the next claim's token is greater still. */
+    CHECK_EQ_INT(backup_idempotency_forget("fenced"), BACKUP_SUCCESS);
+    Fenced c = {.key = "fenced", .fail_times = 100};
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", "p", 1, fenced_op, &c, NULL), BACKUP_ERROR_RETRY_EXHAUSTED);
+    Fenced d = {.key = "fenced"};
+    CHECK_EQ_INT(backup_execute_idempotent_fenced("fenced", "p", 1, fenced_op, &d, NULL), BACKUP_SUCCESS);
+    CHECK(c.tokens[0] > b.tokens[0] && d.tokens[0] > c.tokens[0]);
+    PASS("fenced operations: tokens grow per key, one token per call, check_claim, stale writes refused");
+}
+
 static void test_metrics(void) {
     char text[16384];
     size_t len = 0;
@@ -212,6 +287,7 @@ int main(void) {
     Op o = {0};
     CHECK_EQ_INT(backup_execute_idempotent("k", NULL, 0, op, &o, NULL), BACKUP_ERROR_NOT_INITIALIZED);
     CHECK_EQ_INT(backup_idempotency_forget("k"), BACKUP_ERROR_NOT_INITIALIZED);
+    CHECK_EQ_INT(backup_idempotency_check_claim("k", 1), BACKUP_ERROR_NOT_INITIALIZED);
     CHECK_EQ_INT(backup_plugin_init("", 0), BACKUP_SUCCESS);
     CHECK_EQ_INT(backup_execute_idempotent("k", NULL, 0, op, &o, NULL), BACKUP_ERROR_INVALID_PARAM);
     CHECK_STR_CONTAINS(backup_plugin_get_last_error(), "state_dir");
@@ -229,6 +305,7 @@ int main(void) {
     test_in_progress();
     test_threads_race_over_the_same_keys();
     test_metrics();
+    test_fenced(dir);
     backup_plugin_cleanup();
 
     /* After a restart the completed keys still replay. */

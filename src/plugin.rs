@@ -169,6 +169,10 @@ impl Plugin {
             })),
             _ => None,
         };
+        if let (None, Some(dir)) = (&etcd, config.state_dir.as_deref()) {
+            let estimate = FileStore::maintenance_estimate_at(dir);
+            crate::idempotency::keyed::warn_if_lease_is_short(config.idempotency_lease, estimate);
+        }
         let log_records = match (&etcd, config.state_dir.as_deref()) {
             (Some(etcd), _) => Some(etcd.log_records()),
             (None, Some(dir)) => Some(Box::new(RecordStore::new(dir)) as Box<dyn LogRecordStore>),

@@ -95,6 +95,23 @@ pub fn check_key(key: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Warns (in the diagnostics log) when a lease is shorter than three rounds of the store's
+/// housekeeping could take (`estimate`). Renewals run on a thread of their own and never
+/// wait for housekeeping, but a host loaded enough to take that long may stall them too.
+pub fn warn_if_lease_is_short(lease: Duration, estimate: Duration) -> bool {
+    let short = lease / 3 < estimate;
+    if short {
+        tracing::warn!(
+            lease_ms = lease.as_millis() as u64,
+            compaction_ms = estimate.as_millis() as u64,
+            "idempotency_lease is shorter than three compactions of the idempotency store could \
+             take: renewals never wait for one, but a host that loaded may stall them too; \
+             consider a longer lease"
+        );
+    }
+    short
+}
+
 pub struct Keyed {
     store: Arc<dyn IdempotencyStore>,
     keeper: LeaseKeeper,
@@ -107,16 +124,7 @@ impl Keyed {
         clock: Arc<dyn Clock>,
         lease: Duration,
     ) -> Result<Self, Failure> {
-        let estimate = store.maintenance_estimate();
-        if lease / 3 < estimate {
-            tracing::warn!(
-                lease_ms = lease.as_millis() as u64,
-                compaction_ms = estimate.as_millis() as u64,
-                "idempotency_lease is shorter than three compactions of this store could take: \
-                 renewals run on a thread of their own and never wait for one, but a host this \
-                 loaded may stall them too; consider a longer lease"
-            );
-        }
+        warn_if_lease_is_short(lease, store.maintenance_estimate());
         let keeper = LeaseKeeper::start(Arc::downgrade(&store), clock, lease)?;
         Ok(Keyed {
             store,
@@ -943,6 +951,26 @@ mod tests {
         assert_eq!(gone.code(), ErrorCode::LeaseLost.raw());
         let bad = s.keyed.check_claim(&s.clock, b"", token.get()).unwrap_err();
         assert_eq!(bad.code(), ErrorCode::InvalidParam.raw());
+    }
+
+    #[test]
+    fn a_lease_shorter_than_three_compactions_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("idempotency").join("journal");
+        std::fs::create_dir_all(journal.parent().unwrap()).unwrap();
+        // A journal of about a million keys (sparse: its size is what counts).
+        std::fs::File::create(&journal)
+            .unwrap()
+            .set_len(90_000_000)
+            .unwrap();
+        let estimate = FileStore::maintenance_estimate_at(dir.path());
+        assert_eq!(estimate, Duration::from_secs(1));
+        assert!(warn_if_lease_is_short(Duration::from_secs(2), estimate));
+        assert!(!warn_if_lease_is_short(Duration::from_secs(3), estimate));
+        assert_eq!(
+            FileStore::maintenance_estimate_at(&dir.path().join("none")),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -339,6 +339,15 @@ impl FileStore {
         Ok(store)
     }
 
+    /// About how long a compaction of the store under `state_dir` could take, judged from
+    /// its journal's size without opening it (at init; the store opens at its first use).
+    pub fn maintenance_estimate_at(state_dir: &Path) -> Duration {
+        let journal = state_dir.join("idempotency").join("journal");
+        let bytes = std::fs::metadata(journal).map_or(0, |meta| meta.len());
+        // About 1 s per million live keys, whose records take about 90 bytes each.
+        Duration::from_micros(bytes / 90)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

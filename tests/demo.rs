@@ -1,5 +1,8 @@
 //! The demo tells the truth: two runs with different DEMO_DIRs each write and verify their
 //! own files; files missing after a pass fail it; bad arguments are refused with the usage.
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,15 @@ const SIZE: usize = 4096;
 /// `make demo` builds the host in one place: runs take turns.
 static MAKE: Mutex<()> = Mutex::new(());
 
+/// make and gcc build the host; `script` (bsdutils) gives it a terminal.
+fn ensure_tools() {
+    tools::ensure_tool("make", &["make"]);
+    tools::ensure_tool("cc", &["gcc", "libc6-dev"]);
+    tools::ensure_tool("script", &["bsdutils"]);
+}
+
 fn make_demo(dir: &Path) -> Output {
+    ensure_tools();
     Command::new("make")
         .args(["-C", PLUGIN_DIR, "demo", "PROFILE=debug"])
         .arg(format!("DEMO_DIR={}", dir.display()))
@@ -145,6 +156,7 @@ fn missing_files_fail_verification_and_the_exit_code() {
 #[test]
 fn arguments_are_checked_and_help_exits_0() {
     let _turn = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_tools();
     let out = Command::new("make")
         .args(["-C", PLUGIN_DIR, "build/taosx_host", "PROFILE=debug"])
         .output()
@@ -192,7 +204,7 @@ fn the_progress_bar_is_drawn_on_a_terminal_only() {
     let out = make_demo(&dir);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("\r  ["), "bar drawn into a pipe");
-    // The same host under a pseudo-terminal (`script` from util-linux) draws it.
+    // The same host under a pseudo-terminal (`script` from bsdutils) draws it.
     let again = tmp.path().join("tty2");
     let command = format!(
         "'{}' --config demo/taosx.toml --plugin-dir '{}' --work-dir '{}' --files 8 --size 512",
@@ -204,7 +216,7 @@ fn the_progress_bar_is_drawn_on_a_terminal_only() {
         .args(["-qec", &command, "/dev/null"])
         .current_dir(PLUGIN_DIR)
         .output()
-        .expect("script (util-linux) runs");
+        .expect("script (bsdutils) runs");
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(

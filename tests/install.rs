@@ -3,6 +3,9 @@
 //! built with `pkg-config --cflags --libs backup_coordinator` that runs against it, DESTDIR
 //! staging, and a Makefile that follows CARGO_TARGET_DIR. The debug build is installed here
 //! (it is the one `cargo test` has built, and carries the most debug info to strip).
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::ffi::CStr;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,7 +35,18 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// make and gcc; pkg-config; readelf, objcopy and strip (binutils) for the install and its checks.
+fn ensure_tools() {
+    tools::ensure_tool("make", &["make"]);
+    tools::ensure_tool("cc", &["gcc", "libc6-dev"]);
+    tools::ensure_tool("pkg-config", &["pkg-config"]);
+    for tool in ["readelf", "objcopy", "strip"] {
+        tools::ensure_tool(tool, &["binutils"]);
+    }
+}
+
 fn make_install(prefix: &Path, destdir: Option<&Path>) {
+    ensure_tools();
     let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("make");
     cmd.args(["-C", PLUGIN_DIR, "install", "PROFILE=debug"])
@@ -174,6 +188,7 @@ fn the_makefile_uses_the_library_cargo_built_in_cargo_target_dir() {
     let target = target_dir();
     let elsewhere = tmp.path().join("elsewhere");
     std::os::unix::fs::symlink(&target, &elsewhere).unwrap();
+    ensure_tools();
     let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
     let out = run(Command::new("make")
         .args(["-C", PLUGIN_DIR, "test_retry_mechanism", "PROFILE=debug"])

@@ -1,8 +1,9 @@
 //! `make install` as an integrator uses it: the installed tree (library with its SONAME and
 //! links, no debug info; header with its version macros; pkg-config file), a C program
-//! built with `pkg-config --cflags --libs backup_coordinator` that runs against it, DESTDIR
-//! staging, and a Makefile that follows CARGO_TARGET_DIR. The debug build is installed here
-//! (it is the one `cargo test` has built, and carries the most debug info to strip).
+//! built with `pkg-config --cflags --libs backup_coordinator` that runs against it with no
+//! LD_LIBRARY_PATH (the .pc file's rpath), DESTDIR staging, and a Makefile that follows
+//! CARGO_TARGET_DIR. The debug build is installed here (it is the one `cargo test` has
+//! built, and carries the most debug info to strip).
 #[path = "common/tools.rs"]
 mod tools;
 
@@ -150,8 +151,15 @@ int main(void) {
         source.display()
     ));
     run(cc.env("PKG_CONFIG_PATH", &pc_path));
-    assert!(readelf(&["-d"], &program).contains(&format!("Shared library: [{soname}]")));
-    let out = run(Command::new(&program).env("LD_LIBRARY_PATH", &lib));
+    let dynamic = readelf(&["-d"], &program);
+    assert!(dynamic.contains(&format!("Shared library: [{soname}]")));
+    // The .pc file's rpath: the program finds the library under the prefix by itself.
+    assert!(
+        dynamic.contains(&format!("path: [{}]", lib.display())),
+        "no rpath to {}:\n{dynamic}",
+        lib.display()
+    );
+    let out = run(Command::new(&program).env_remove("LD_LIBRARY_PATH"));
     let minor = VERSION.split('.').nth(1).unwrap();
     let patch = VERSION.split('.').nth(2).unwrap();
     assert_eq!(

@@ -90,6 +90,14 @@ fn two_runs_in_different_dirs_each_write_and_verify_their_own_files() {
         for sub in ["state", "errors", "logs", "plugins"] {
             assert!(dir.join(sub).is_dir(), "{sub} not under {}", dir.display());
         }
+        // The plugin dir holds a link to the library cargo built, not a copy of its own.
+        let plugin = dir.join("plugins/libbackup_coordinator.so");
+        let target = fs::read_link(&plugin).unwrap_or_else(|e| panic!("{}: {e}", plugin.display()));
+        assert!(
+            target.ends_with("debug/libbackup_coordinator.so") && target.is_file(),
+            "{}",
+            target.display()
+        );
         // The dlopen'ed library wrote its own diagnostics there: one file, 0640, whose lines
         // tell of both inits and the retries of the injected failures.
         let logs: Vec<PathBuf> = fs::read_dir(dir.join("logs"))

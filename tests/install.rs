@@ -1,9 +1,10 @@
 //! `make install` as an integrator uses it: the installed tree (library with its SONAME and
 //! links, no debug info; header with its version macros; pkg-config file), a C program
 //! built with `pkg-config --cflags --libs backup_coordinator` that runs against it with no
-//! LD_LIBRARY_PATH (the .pc file's rpath), DESTDIR staging, and a Makefile that follows
-//! CARGO_TARGET_DIR. The debug build is installed here (it is the one `cargo test` has
-//! built, and carries the most debug info to strip).
+//! LD_LIBRARY_PATH (the .pc file's rpath), DESTDIR staging, a Makefile that follows
+//! CARGO_TARGET_DIR, and the size of the release library the Makefile builds. The debug
+//! build is installed here (it is the one `cargo test` has built, and carries the most
+//! debug info to strip).
 #[path = "common/tools.rs"]
 mod tools;
 
@@ -209,4 +210,23 @@ fn the_makefile_uses_the_library_cargo_built_in_cargo_target_dir() {
     );
     // Back to the default, so that later runs do not point into a removed directory.
     run(Command::new("make").args(["-C", PLUGIN_DIR, "links", "PROFILE=debug"]));
+}
+
+/// What `make demo` and `make install` ship: the release library as the Makefile builds it
+/// (`[profile.release]` of Cargo.toml: no debug info) is at most 8 MB. It was 44 MB with
+/// `debug = 1`.
+#[test]
+fn the_release_library_the_makefile_builds_is_at_most_8_mb() {
+    ensure_tools();
+    let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    run(Command::new("make").args(["-C", PLUGIN_DIR, "lib", "PROFILE=release"]));
+    let lib = target_dir().join("release/libbackup_coordinator.so");
+    let size = fs::metadata(&lib).unwrap().len();
+    assert!(
+        size <= 8_000_000,
+        "{} is {size} bytes, more than 8 MB",
+        lib.display()
+    );
+    let sections = readelf(&["-S", "-W"], &lib);
+    assert!(!sections.contains(".debug_info"), "{sections}");
 }

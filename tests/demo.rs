@@ -1,5 +1,8 @@
 //! The demo tells the truth: two runs with different DEMO_DIRs each write and verify their
 //! own files; files missing after a pass fail it; bad arguments are refused with the usage.
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,15 @@ const SIZE: usize = 4096;
 /// `make demo` builds the host in one place: runs take turns.
 static MAKE: Mutex<()> = Mutex::new(());
 
+/// make and gcc build the host; `script` (bsdutils) gives it a terminal.
+fn ensure_tools() {
+    tools::ensure_tool("make", &["make"]);
+    tools::ensure_tool("cc", &["gcc", "libc6-dev"]);
+    tools::ensure_tool("script", &["bsdutils"]);
+}
+
 fn make_demo(dir: &Path) -> Output {
+    ensure_tools();
     Command::new("make")
         .args(["-C", PLUGIN_DIR, "demo", "PROFILE=debug"])
         .arg(format!("DEMO_DIR={}", dir.display()))
@@ -79,6 +90,14 @@ fn two_runs_in_different_dirs_each_write_and_verify_their_own_files() {
         for sub in ["state", "errors", "logs", "plugins"] {
             assert!(dir.join(sub).is_dir(), "{sub} not under {}", dir.display());
         }
+        // The plugin dir holds a link to the library cargo built, not a copy of its own.
+        let plugin = dir.join("plugins/libbackup_coordinator.so");
+        let target = fs::read_link(&plugin).unwrap_or_else(|e| panic!("{}: {e}", plugin.display()));
+        assert!(
+            target.ends_with("debug/libbackup_coordinator.so") && target.is_file(),
+            "{}",
+            target.display()
+        );
         // The dlopen'ed library wrote its own diagnostics there: one file, 0640, whose lines
         // tell of both inits and the retries of the injected failures.
         let logs: Vec<PathBuf> = fs::read_dir(dir.join("logs"))
@@ -145,6 +164,7 @@ fn missing_files_fail_verification_and_the_exit_code() {
 #[test]
 fn arguments_are_checked_and_help_exits_0() {
     let _turn = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    ensure_tools();
     let out = Command::new("make")
         .args(["-C", PLUGIN_DIR, "build/taosx_host", "PROFILE=debug"])
         .output()
@@ -192,7 +212,7 @@ fn the_progress_bar_is_drawn_on_a_terminal_only() {
     let out = make_demo(&dir);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("\r  ["), "bar drawn into a pipe");
-    // The same host under a pseudo-terminal (`script` from util-linux) draws it.
+    // The same host under a pseudo-terminal (`script` from bsdutils) draws it.
     let again = tmp.path().join("tty2");
     let command = format!(
         "'{}' --config demo/taosx.toml --plugin-dir '{}' --work-dir '{}' --files 8 --size 512",
@@ -204,7 +224,7 @@ fn the_progress_bar_is_drawn_on_a_terminal_only() {
         .args(["-qec", &command, "/dev/null"])
         .current_dir(PLUGIN_DIR)
         .output()
-        .expect("script (util-linux) runs");
+        .expect("script (bsdutils) runs");
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(

@@ -6,6 +6,8 @@
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
 
+use etcd_cluster::tools;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -28,6 +30,10 @@ fn block_name(i: usize) -> String {
 #[test]
 fn each_block_is_written_once_across_three_hosts_while_the_leader_dies() {
     etcd_cluster::ensure_etcd_installed();
+    // The script picks free ports with python3; make and gcc build the host.
+    tools::ensure_tool("python3", &["python3"]);
+    tools::ensure_tool("make", &["make"]);
+    tools::ensure_tool("cc", &["gcc", "libc6-dev"]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
     let out = Command::new("make")

@@ -1,8 +1,13 @@
 //! `make install` as an integrator uses it: the installed tree (library with its SONAME and
 //! links, no debug info; header with its version macros; pkg-config file), a C program
-//! built with `pkg-config --cflags --libs backup_coordinator` that runs against it, DESTDIR
-//! staging, and a Makefile that follows CARGO_TARGET_DIR. The debug build is installed here
-//! (it is the one `cargo test` has built, and carries the most debug info to strip).
+//! built with `pkg-config --cflags --libs backup_coordinator` that runs against it with no
+//! LD_LIBRARY_PATH (the .pc file's rpath), DESTDIR staging, a Makefile that follows
+//! CARGO_TARGET_DIR, and the size of the release library the Makefile builds. The debug
+//! build is installed here (it is the one `cargo test` has built, and carries the most
+//! debug info to strip).
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::ffi::CStr;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,7 +37,18 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// make and gcc; pkg-config; readelf, objcopy and strip (binutils) for the install and its checks.
+fn ensure_tools() {
+    tools::ensure_tool("make", &["make"]);
+    tools::ensure_tool("cc", &["gcc", "libc6-dev"]);
+    tools::ensure_tool("pkg-config", &["pkg-config"]);
+    for tool in ["readelf", "objcopy", "strip"] {
+        tools::ensure_tool(tool, &["binutils"]);
+    }
+}
+
 fn make_install(prefix: &Path, destdir: Option<&Path>) {
+    ensure_tools();
     let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("make");
     cmd.args(["-C", PLUGIN_DIR, "install", "PROFILE=debug"])
@@ -136,8 +152,15 @@ int main(void) {
         source.display()
     ));
     run(cc.env("PKG_CONFIG_PATH", &pc_path));
-    assert!(readelf(&["-d"], &program).contains(&format!("Shared library: [{soname}]")));
-    let out = run(Command::new(&program).env("LD_LIBRARY_PATH", &lib));
+    let dynamic = readelf(&["-d"], &program);
+    assert!(dynamic.contains(&format!("Shared library: [{soname}]")));
+    // The .pc file's rpath: the program finds the library under the prefix by itself.
+    assert!(
+        dynamic.contains(&format!("path: [{}]", lib.display())),
+        "no rpath to {}:\n{dynamic}",
+        lib.display()
+    );
+    let out = run(Command::new(&program).env_remove("LD_LIBRARY_PATH"));
     let minor = VERSION.split('.').nth(1).unwrap();
     let patch = VERSION.split('.').nth(2).unwrap();
     assert_eq!(
@@ -174,6 +197,7 @@ fn the_makefile_uses_the_library_cargo_built_in_cargo_target_dir() {
     let target = target_dir();
     let elsewhere = tmp.path().join("elsewhere");
     std::os::unix::fs::symlink(&target, &elsewhere).unwrap();
+    ensure_tools();
     let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
     let out = run(Command::new("make")
         .args(["-C", PLUGIN_DIR, "test_retry_mechanism", "PROFILE=debug"])
@@ -186,4 +210,23 @@ fn the_makefile_uses_the_library_cargo_built_in_cargo_target_dir() {
     );
     // Back to the default, so that later runs do not point into a removed directory.
     run(Command::new("make").args(["-C", PLUGIN_DIR, "links", "PROFILE=debug"]));
+}
+
+/// What `make demo` and `make install` ship: the release library as the Makefile builds it
+/// (`[profile.release]` of Cargo.toml: no debug info) is at most 8 MB. It was 44 MB with
+/// `debug = 1`.
+#[test]
+fn the_release_library_the_makefile_builds_is_at_most_8_mb() {
+    ensure_tools();
+    let _make = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    run(Command::new("make").args(["-C", PLUGIN_DIR, "lib", "PROFILE=release"]));
+    let lib = target_dir().join("release/libbackup_coordinator.so");
+    let size = fs::metadata(&lib).unwrap().len();
+    assert!(
+        size <= 8_000_000,
+        "{} is {size} bytes, more than 8 MB",
+        lib.display()
+    );
+    let sections = readelf(&["-S", "-W"], &lib);
+    assert!(!sections.contains(".debug_info"), "{sections}");
 }

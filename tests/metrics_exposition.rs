@@ -1,11 +1,14 @@
 //! `backup_plugin_get_metrics` read as a scraper reads it: after activity that moves every
 //! family, the text goes through two real parsers, Prometheus's own `promtool check metrics`
-//! and the Python `prometheus_client` parser (both from Debian, installed by `.ci/run`), and
-//! each family must come out with its type and all its samples.
+//! and the Python `prometheus_client` parser (Debian's `prometheus` and
+//! `python3-prometheus-client`, which the test installs itself when missing, see
+//! common/tools.rs), and each family must come out with its type and all its samples.
 //!
 //! The plugin is one per process: the tests of this file take turns through `PLUGIN`.
 //! The idempotency take-over needs an owner that died: a child process (this test binary run
 //! again with `METRICS_ROLE` set) claims a key and is killed with SIGKILL.
+
+mod common;
 
 use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
 use backup_coordinator::ffi::log_backup::{backup_log_run_command, SLogBackupRetryPolicy};
@@ -284,13 +287,15 @@ fn touch_every_family(dir: &Path) {
 
 /// `promtool check metrics`: Prometheus's own parser and linter; any finding fails.
 fn promtool_check(text: &str) {
+    // Only promtool is wanted from `prometheus`; its server is kept from starting.
+    common::ensure_tool("promtool", &["prometheus"]);
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool is installed (Debian package prometheus, see .ci/run)");
+        .expect("promtool was just ensured");
     child
         .stdin
         .take()
@@ -327,13 +332,17 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 
 /// Every sample through the Python `prometheus_client` parser, as a scraper reads it.
 fn python_parse(text: &str) -> Vec<Parsed> {
+    common::ensure_python_module(
+        "prometheus_client",
+        &["python3", "python3-prometheus-client"],
+    );
     let mut child = Command::new("/usr/bin/python3")
         .args(["-c", PY_PARSER])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("Debian's python3 is installed");
+        .expect("Debian's python3 was just ensured");
     child
         .stdin
         .take()

@@ -1,14 +1,17 @@
 //! A real etcd cluster on loopback for the tests: free ports, a temporary data dir per
 //! member, short elections, every member stopped by its pid when the cluster is dropped
-//! (also when a test fails). Needs Debian's `etcd-server` and `etcd-client` (etcdctl),
-//! which `.ci/run` installs; a test run as root installs them itself when missing.
+//! (also when a test fails). Needs Debian's `etcd-server` and `etcd-client` (etcdctl) and
+//! openssl, which a test run as root installs itself when missing (tools.rs).
 #![allow(dead_code)]
+
+#[path = "tools.rs"]
+pub mod tools;
 
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -46,25 +49,12 @@ pub struct Tls {
     pub client_key: PathBuf,
 }
 
-/// Installs etcd and etcdctl when missing and we are root (a fresh Debian machine).
+/// Installs etcd, etcdctl and openssl when missing and we are root (a fresh Debian machine);
+/// fails loudly otherwise (tools.rs).
 pub fn ensure_etcd_installed() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let have = |bin: &str| Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-        if have("etcd") && have("etcdctl") && have("openssl") {
-            return;
-        }
-        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        assert!(root, "etcd, etcdctl or openssl is missing: install Debian's etcd-server, etcd-client and openssl (.ci/run does)");
-        let status = Command::new("sh")
-            // policy-rc.d keeps the package's own etcd service from being started.
-            .args(["-c", "made=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\\nexit 101\\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }; \
-                apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server etcd-client openssl >/dev/null; rc=$?; \
-                [ -z \"$made\" ] || rm -f /usr/sbin/policy-rc.d; exit $rc"])
-            .status()
-            .expect("apt-get");
-        assert!(status.success(), "installing etcd-server, etcd-client and openssl failed");
-    });
+    tools::ensure_tool("etcd", &["etcd-server"]);
+    tools::ensure_tool("etcdctl", &["etcd-client"]);
+    tools::ensure_tool("openssl", &["openssl"]);
 }
 
 fn free_port() -> u16 {
@@ -338,9 +328,8 @@ impl Drop for Cluster {
         for m in &mut self.members {
             if let Some(mut child) = m.child.take() {
                 // SIGCONT first: a SIGSTOPped member would not die until continued.
-                let _ = Command::new("kill")
-                    .args(["-CONT", &child.id().to_string()])
-                    .status();
+                // SAFETY: a signal to our own child, which has not been reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGCONT) };
                 let _ = child.kill();
                 let _ = child.wait();
             }

@@ -1,4 +1,10 @@
-//! Helpers shared by the integration tests that break things.
+//! Helpers shared by the integration tests that break things, and (tools.rs) the packages a
+//! test installs for itself when missing. Each test binary uses some of them.
+#![allow(dead_code)]
+
+pub mod tools;
+#[allow(unused_imports)]
+pub use tools::{ensure_python_module, ensure_tool};
 
 use std::fs;
 use std::path::PathBuf;
@@ -12,6 +18,7 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(args: &[&str]) -> Mount {
+        ensure_tool("mount", &["mount"]);
         let parent = tempfile::tempdir().unwrap();
         let path = parent.path().join("mnt");
         fs::create_dir(&path).unwrap();

@@ -28,7 +28,8 @@ trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 rm -rf "$dir" && mkdir -p "$dir/plugins" "$dir/etcd"
-cp "$lib" "$dir/plugins/"
+# A link to the library cargo built, not a copy (the hosts dlopen it from this plugin dir).
+ln -s "$(realpath "$lib")" "$dir/plugins/libbackup_coordinator.so"
 
 # Six free loopback ports: a client and a peer port per member.
 read -r -a ports <<<"$(python3 -c '

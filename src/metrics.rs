@@ -186,6 +186,17 @@ pub fn store() -> &'static StoreMetrics {
     &STORE
 }
 
+/// Whether `failure` is a retry policy giving up: its attempts exhausted (RETRY_EXHAUSTED)
+/// or its budget spent (TIMEOUT), as the retry core and the log-backup runner say it. A
+/// state store's failure passed on after its retries (`Failure::store_gave_up`) is not
+/// one: its access was counted where the policy gave up.
+pub fn gave_up(failure: &Failure) -> bool {
+    matches!(
+        failure,
+        Failure::RetryExhausted { .. } | Failure::Timeout { .. }
+    )
+}
+
 /// Codes always shown for the store errors: what a file or etcd store can fail with.
 const STORE_CODES: [ErrorCode; 7] = [
     ErrorCode::FileIo,
@@ -347,6 +358,8 @@ fn escape_label(value: &str) -> String {
 pub struct PluginCounters<'a> {
     pub errors: u64,
     pub retries: u64,
+    /// Retried work whose policy gave up (see [`gave_up`]).
+    pub retries_exhausted: u64,
     pub error_log_write_failures: u64,
     pub log: &'a LogMetrics,
     /// The idempotency store's counters, once it was opened.
@@ -376,6 +389,11 @@ pub fn render(c: &PluginCounters) -> String {
         "backup_retries_total",
         "Retries made by plugin-level operations since init.",
         &[Sample::plain(c.retries)],
+    );
+    x.counter(
+        "backup_retries_exhausted_total",
+        "Retried work that gave up since init: retry attempts exhausted or the retry budget spent (operations, state-store accesses, log-backup commands).",
+        &[Sample::plain(c.retries_exhausted)],
     );
     x.counter(
         "backup_error_log_write_failures_total",
@@ -537,6 +555,7 @@ mod tests {
         let text = render(&PluginCounters {
             errors: 3,
             retries: 2,
+            retries_exhausted: 4,
             error_log_write_failures: 1,
             log: &log,
             keyed: Some(&keyed),
@@ -551,6 +570,7 @@ mod tests {
         for plain in [
             "backup_errors_total",
             "backup_retries_total",
+            "backup_retries_exhausted_total",
             "backup_error_log_write_failures_total",
             "backup_idempotency_claims_total",
             "backup_idempotency_replays_total",
@@ -584,8 +604,9 @@ mod tests {
             &[&["command", "le"], &["command"]],
         );
         expect("backup_state_store_errors_total", "counter", &[&["code"]]);
-        assert_eq!(found.len(), 16, "no family more or less: {text}");
+        assert_eq!(found.len(), 17, "no family more or less: {text}");
         assert!(text.contains("backup_errors_total 3\n"));
+        assert!(text.contains("backup_retries_exhausted_total 4\n"));
         assert!(
             text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")
         );
@@ -659,5 +680,23 @@ mod tests {
             x.finish(),
             "# HELP backup_test_total a \\\\ help\\nline\n# TYPE backup_test_total counter\nbackup_test_total{v=\"a\\\"b\\\\c\\nd\"} 1\n"
         );
+    }
+
+    #[test]
+    fn only_a_policy_giving_up_counts_as_retries_exhausted() {
+        let last = || Box::new(Failure::Host(-6));
+        let exhausted = Failure::RetryExhausted {
+            context: "3 retries failed".into(),
+            last: last(),
+        };
+        let budget = Failure::Timeout {
+            context: "budget".into(),
+            last: last(),
+        };
+        assert!(gave_up(&exhausted) && gave_up(&budget));
+        // A store's own failure after its retries, an operation's own timeout, a cleanup.
+        assert!(!gave_up(&exhausted.store_gave_up("nothing was read")));
+        assert!(!gave_up(&Failure::Host(-7)));
+        assert!(!gave_up(&Failure::Cancelled("cleanup".into())));
     }
 }

@@ -22,6 +22,7 @@ use crate::idempotency::{self as idem, IdempotencyStore};
 use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
+use crate::metrics::Counter;
 use crate::retry::{self, CancellableSleeper, RetryProgress};
 use crate::tracker::ErrorTracker;
 use parking_lot::{Mutex, RwLock};
@@ -43,6 +44,8 @@ pub struct Plugin {
     etcd: Option<EtcdBackend>,
     /// The idempotency store, opened on first use (an open that fails is tried again).
     keyed: Mutex<Option<Arc<Keyed>>>,
+    /// Retried work whose policy gave up (`backup_retries_exhausted_total`).
+    retries_exhausted: Counter,
 }
 
 static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
@@ -184,6 +187,7 @@ impl Plugin {
             log_metrics: LogMetrics::default(),
             etcd,
             keyed: Mutex::new(None),
+            retries_exhausted: Counter::new(),
             cancel: cancel::token(),
             config,
             clock,
@@ -217,19 +221,28 @@ impl Plugin {
         self.tracker.add_retries(retries as u64);
     }
 
-    /// Runs `op` under the configured policy, unbooked.
+    /// Runs `op` under the configured policy, unbooked; a policy that gives up is counted.
     fn run_configured<F>(&self, op: F) -> retry::Execution
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let mut progress = RetryProgress::default();
-        retry::run_until_cancelled(
+        let execution = retry::run_until_cancelled(
             &self.config.retry_policy(),
             &mut progress,
             retry::no_progress,
             self.cancel,
             op,
-        )
+        );
+        self.count_give_up(&execution.result);
+        execution
+    }
+
+    /// Counts `result` in `backup_retries_exhausted_total` when it is a policy giving up.
+    fn count_give_up<T>(&self, result: &Result<T, Failure>) {
+        if result.as_ref().is_err_and(crate::metrics::gave_up) {
+            self.retries_exhausted.inc();
+        }
     }
 
     /// Runs `op` under the configured policy, counting its retries.
@@ -273,6 +286,8 @@ impl Plugin {
             self.run_configured(start)
         });
         self.count_retries(outcome.retries);
+        // The runner's own policy giving up (a store's that gave up was counted above).
+        self.count_give_up(&outcome.result);
         outcome.result
     }
 
@@ -359,6 +374,7 @@ impl Plugin {
         crate::metrics::render(&crate::metrics::PluginCounters {
             errors,
             retries,
+            retries_exhausted: self.retries_exhausted.get(),
             error_log_write_failures: self.tracker.log().map_or(0, |log| log.write_failures()),
             log: &self.log_metrics,
             keyed: keyed.as_ref().map(|k| &k.metrics),

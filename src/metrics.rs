@@ -14,6 +14,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub mod textfile;
+
 /// A monotonic counter; relaxed atomics, since a scrape needs no ordering between counters.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -361,6 +363,8 @@ pub struct PluginCounters<'a> {
     /// Retried work whose policy gave up (see [`gave_up`]).
     pub retries_exhausted: u64,
     pub error_log_write_failures: u64,
+    /// Failed rewrites of `metrics_textfile`; `None` (no family) when it is not set.
+    pub textfile_write_failures: Option<u64>,
     pub log: &'a LogMetrics,
     /// The idempotency store's counters, once it was opened.
     pub keyed: Option<&'a KeyedMetrics>,
@@ -400,6 +404,13 @@ pub fn render(c: &PluginCounters) -> String {
         "Error log lines that could not be written.",
         &[Sample::plain(c.error_log_write_failures)],
     );
+    if let Some(failures) = c.textfile_write_failures {
+        x.counter(
+            "backup_metrics_textfile_write_failures_total",
+            "Rewrites of metrics_textfile that failed (the file kept its previous exposition).",
+            &[Sample::plain(failures)],
+        );
+    }
 
     let log = c.log;
     let mut retries = Vec::new();
@@ -557,6 +568,7 @@ mod tests {
             retries: 2,
             retries_exhausted: 4,
             error_log_write_failures: 1,
+            textfile_write_failures: Some(5),
             log: &log,
             keyed: Some(&keyed),
         });
@@ -572,6 +584,7 @@ mod tests {
             "backup_retries_total",
             "backup_retries_exhausted_total",
             "backup_error_log_write_failures_total",
+            "backup_metrics_textfile_write_failures_total",
             "backup_idempotency_claims_total",
             "backup_idempotency_replays_total",
             "backup_idempotency_conflicts_total",
@@ -604,9 +617,10 @@ mod tests {
             &[&["command", "le"], &["command"]],
         );
         expect("backup_state_store_errors_total", "counter", &[&["code"]]);
-        assert_eq!(found.len(), 17, "no family more or less: {text}");
+        assert_eq!(found.len(), 18, "no family more or less: {text}");
         assert!(text.contains("backup_errors_total 3\n"));
         assert!(text.contains("backup_retries_exhausted_total 4\n"));
+        assert!(text.contains("backup_metrics_textfile_write_failures_total 5\n"));
         assert!(
             text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")
         );
@@ -680,6 +694,23 @@ mod tests {
             x.finish(),
             "# HELP backup_test_total a \\\\ help\\nline\n# TYPE backup_test_total counter\nbackup_test_total{v=\"a\\\"b\\\\c\\nd\"} 1\n"
         );
+    }
+
+    #[test]
+    fn the_textfile_family_is_there_only_with_a_textfile() {
+        let log = LogMetrics::default();
+        let counters = |textfile_write_failures| PluginCounters {
+            errors: 0,
+            retries: 0,
+            retries_exhausted: 0,
+            error_log_write_failures: 0,
+            textfile_write_failures,
+            log: &log,
+            keyed: None,
+        };
+        assert!(!render(&counters(None)).contains("backup_metrics_textfile"));
+        assert!(render(&counters(Some(0)))
+            .contains("\nbackup_metrics_textfile_write_failures_total 0\n"));
     }
 
     #[test]

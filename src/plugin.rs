@@ -22,6 +22,7 @@ use crate::idempotency::{self as idem, IdempotencyStore};
 use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
+use crate::metrics::textfile::{Textfile, FINAL_WRITE_PATIENCE};
 use crate::metrics::Counter;
 use crate::retry::{self, CancellableSleeper, RetryProgress};
 use crate::tracker::ErrorTracker;
@@ -46,6 +47,9 @@ pub struct Plugin {
     keyed: Mutex<Option<Arc<Keyed>>>,
     /// Retried work whose policy gave up (`backup_retries_exhausted_total`).
     retries_exhausted: Counter,
+    /// The thread rewriting `metrics_textfile` (ABI §5), when the key is set.
+    textfile: Mutex<Option<Textfile>>,
+    textfile_failures: Arc<Counter>,
 }
 
 static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
@@ -85,6 +89,12 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
             return Err(failure);
         }
     };
+    let plugin = Arc::new(plugin);
+    if let Err(failure) = plugin.start_textfile() {
+        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+        tracing::error!(reason = %failure.detail(), "plugin init failed");
+        return Err(failure);
+    }
     *INIT_FAILURE.lock() = None;
     tracing::info!(
         enable = plugin.config.enable,
@@ -93,7 +103,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
         error_log = ?plugin.config.error_store_path,
         "plugin initialized"
     );
-    *slot = Some(Arc::new(plugin));
+    *slot = Some(plugin);
     Ok(())
 }
 
@@ -116,6 +126,8 @@ pub fn cleanup() {
     };
     *INIT_FAILURE.lock() = None;
     if let Some(plugin) = previous {
+        // The final exposition, while the diagnostics log still carries a failure's warning.
+        plugin.stop_textfile();
         if let Some(log) = plugin.tracker.log() {
             log.flush();
         }
@@ -188,6 +200,8 @@ impl Plugin {
             etcd,
             keyed: Mutex::new(None),
             retries_exhausted: Counter::new(),
+            textfile: Mutex::new(None),
+            textfile_failures: Arc::new(Counter::new()),
             cancel: cancel::token(),
             config,
             clock,
@@ -376,6 +390,11 @@ impl Plugin {
             retries,
             retries_exhausted: self.retries_exhausted.get(),
             error_log_write_failures: self.tracker.log().map_or(0, |log| log.write_failures()),
+            textfile_write_failures: self
+                .config
+                .metrics_textfile
+                .as_ref()
+                .map(|_| self.textfile_failures.get()),
             log: &self.log_metrics,
             keyed: keyed.as_ref().map(|k| &k.metrics),
         })
@@ -383,5 +402,32 @@ impl Plugin {
 
     pub fn error_log_path(&self) -> Option<PathBuf> {
         self.tracker.log().and_then(|log| log.current_path())
+    }
+
+    /// Starts the thread rewriting `metrics_textfile` (ABI §5), when it is set. The thread
+    /// holds the instance weakly: it renders while the instance lives, and cleanup, which
+    /// holds it during the final write, ends it.
+    fn start_textfile(self: &Arc<Self>) -> Result<(), Failure> {
+        let Some(path) = self.config.metrics_textfile.clone() else {
+            return Ok(());
+        };
+        let instance = Arc::downgrade(self);
+        let textfile = Textfile::start(
+            path,
+            self.config.metrics_interval,
+            self.textfile_failures.clone(),
+            move || instance.upgrade().map(|plugin| plugin.metrics_text()),
+        )?;
+        *self.textfile.lock() = Some(textfile);
+        Ok(())
+    }
+
+    /// The final write of `metrics_textfile` and the end of its thread (waits at most
+    /// [`FINAL_WRITE_PATIENCE`]).
+    fn stop_textfile(&self) {
+        let textfile = self.textfile.lock().take();
+        if let Some(textfile) = textfile {
+            textfile.stop(FINAL_WRITE_PATIENCE);
+        }
     }
 }

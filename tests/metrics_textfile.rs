@@ -258,6 +258,52 @@ fn failed_rewrites_are_counted_and_logged_and_never_fatal() {
 }
 
 #[test]
+fn a_full_disk_is_counted_every_tick_and_logged_once() {
+    let _turn = turn();
+    let mount = common::Mount::new(&["-t", "tmpfs", "-o", "size=64k", "tmpfs"]);
+    let file = mount.path.join("backup_coordinator.prom");
+    let logs = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}log_path = \"{}\"\nlog_level = \"warn\"\n",
+        textfile_config(&file, "1s"),
+        logs.path().display()
+    );
+    assert_eq!(init(&config), 0, "{}", last_error());
+    wait_until("the first write", || file.exists());
+    // Fill the file system: each rewrite's temp file then fails with ENOSPC, under another
+    // name each time.
+    let filler = mount.path.join("filler");
+    let mut fill = fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while fill.write_all(&chunk).is_ok() {}
+    drop(fill);
+    wait_until("three failed rewrites are counted", || {
+        sample(&metrics(), "backup_metrics_textfile_write_failures_total").is_some_and(|n| n >= 3)
+    });
+    fs::remove_file(&filler).unwrap();
+    wait_until("a rewrite succeeds again and shows the failures", || {
+        sample(&read(&file), "backup_metrics_textfile_write_failures_total").is_some_and(|n| n >= 3)
+    });
+    backup_plugin_cleanup();
+    thread_gone();
+    assert_eq!(
+        names(&mount.path),
+        vec!["backup_coordinator.prom"],
+        "no temp left"
+    );
+    let log: String = names(logs.path())
+        .iter()
+        .map(|n| read(&logs.path().join(n)))
+        .collect();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("metrics_textfile not rewritten"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("No space left on device"), "{log}");
+}
+
+#[test]
 fn without_the_key_no_thread_runs_and_no_file_is_written() {
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();

@@ -38,35 +38,45 @@ const MODE: u32 = 0o640;
 /// [`durable::write_atomic`] gives its temp file the mode of the file it replaces (by
 /// fchmod, which the umask does not touch), so the target is made 0640 first: created
 /// empty and chmodded when missing (an empty file is a valid, empty exposition), chmodded
-/// when it has another mode. Every version the collector can read is thus 0640.
+/// when it has another mode. A symlink in its place is replaced by the file, as the rename
+/// would replace it, but not with the mode of what it points to. Every version the
+/// collector can read is thus 0640.
 pub fn write(target: &Path, text: &str) -> Result<(), FileError> {
     match fs::symlink_metadata(target) {
-        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o7777 != MODE => {
-            fs::set_permissions(target, fs::Permissions::from_mode(MODE))
-                .map_err(|e| FileError::new("chmod", target, e))?
-        }
-        // Already 0640; or not a regular file (a directory, a symlink), which is left as it
-        // is for the rename to replace or refuse.
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(MODE)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(target)
-            {
-                // The umask may have taken bits off the mode.
-                Ok(file) => file
-                    .set_permissions(fs::Permissions::from_mode(MODE))
-                    .map_err(|e| FileError::new("chmod", target, e))?,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(FileError::new("create", target, e)),
+        Ok(meta) if meta.is_file() => {
+            if meta.permissions().mode() & 0o7777 != MODE {
+                fs::set_permissions(target, fs::Permissions::from_mode(MODE))
+                    .map_err(|e| FileError::new("chmod", target, e))?
             }
         }
+        Ok(meta) if meta.file_type().is_symlink() => {
+            fs::remove_file(target).map_err(|e| FileError::new("remove symlink", target, e))?;
+            create_0640(target)?
+        }
+        // A directory or another kind of file: left as it is, for the rename to refuse.
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_0640(target)?,
         Err(e) => return Err(FileError::new("stat", target, e)),
     }
     durable::write_atomic(target, text.as_bytes())
+}
+
+/// Creates `target` empty and 0640, unless something was created there meanwhile.
+fn create_0640(target: &Path) -> Result<(), FileError> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(MODE)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(target)
+    {
+        // The umask may have taken bits off the mode.
+        Ok(file) => file
+            .set_permissions(fs::Permissions::from_mode(MODE))
+            .map_err(|e| FileError::new("chmod", target, e)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(FileError::new("create", target, e)),
+    }
 }
 
 /// The running thread; [`Textfile::stop`] makes its final write and ends it.
@@ -172,7 +182,8 @@ impl Shared {
         failures: &Counter,
         exposition: impl Fn() -> Option<String>,
     ) {
-        // The reason of the failing streak, if the last write failed: logged once per reason.
+        // What the failing streak fails on, if the last write failed: the operation and the
+        // OS error (not the temp file's name, which changes every time); logged once each.
         let mut failing: Option<String> = None;
         loop {
             // Read before rendering: a stop that comes during this write gets one more.
@@ -186,17 +197,17 @@ impl Shared {
                 }
                 Err(err) => {
                     failures.inc();
-                    let reason = err.to_string();
-                    if failing.as_deref() != Some(reason.as_str()) {
+                    let cause = format!("{}: {}", err.op, err.source);
+                    if failing.as_deref() != Some(cause.as_str()) {
                         tracing::warn!(
                             path = %path.display(),
                             code = err.code().raw(),
-                            reason = %reason,
+                            reason = %err,
                             failures = failures.get(),
                             "metrics_textfile not rewritten; it keeps its previous exposition, the next tick tries again"
                         );
                     }
-                    failing = Some(reason);
+                    failing = Some(cause);
                 }
             }
             if stopping {
@@ -242,6 +253,21 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["b.prom"]);
+    }
+
+    #[test]
+    fn a_symlink_in_the_way_is_replaced_by_a_0640_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "other\n").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o644)).unwrap();
+        let target = dir.path().join("b.prom");
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+        write(&target, "a 1\n").unwrap();
+        let meta = fs::symlink_metadata(&target).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o7777, MODE);
+        assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "other\n");
     }
 
     #[test]

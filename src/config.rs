@@ -48,6 +48,11 @@ pub struct PluginConfig {
     pub state_backend: StateBackend,
     /// The etcd connection; used when `state_backend` is `Etcd` (then `endpoints` is not empty).
     pub etcd: EtcdSettings,
+    /// The file the metrics exposition is rewritten to, for node_exporter's textfile
+    /// collector (ABI §5); `None`: no file, no thread.
+    pub metrics_textfile: Option<PathBuf>,
+    /// How often `metrics_textfile` is rewritten; at least [`MIN_METRICS_INTERVAL`].
+    pub metrics_interval: Duration,
 }
 
 /// The coordinator settings of the original C plugin, accepted under their struct names.
@@ -173,6 +178,8 @@ impl Default for PluginConfig {
             log_level: "info".to_string(),
             state_backend: StateBackend::File,
             etcd: EtcdSettings::default(),
+            metrics_textfile: None,
+            metrics_interval: Duration::from_secs(15),
         }
     }
 }
@@ -185,6 +192,9 @@ const MAX_PATH_BYTES: usize = 4096;
 const SECRET_KEYS: [&str; 2] = ["encryption_key", "etcd_password"];
 /// Levels `log_level` takes alone; anything else must be a `target=level` filter.
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+/// The shortest `metrics_interval` (ABI §5): a rewrite per second is already more than any
+/// scrape needs.
+pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid config: {0}")]
@@ -231,7 +241,8 @@ impl PluginConfig {
 
     /// Parses, then checks what init can check at once (ABI §5): the directories of
     /// `error_store_path`, `state_dir` and `log_path` are created 0750 when missing and must
-    /// be writable directories.
+    /// be writable directories; the directory of `metrics_textfile` must exist and be
+    /// writable (it is not created: node_exporter reads one directory, a typo must show).
     pub fn load(bytes: &[u8]) -> Result<Self, ConfigError> {
         let config = Self::parse(bytes)?;
         config.prepare_directories()?;
@@ -257,6 +268,16 @@ impl PluginConfig {
                     ConfigError(format!("key `{key}`: directory {}: {e}", dir.display()))
                 })?;
             }
+        }
+        if let Some(file) = &self.metrics_textfile {
+            let dir = crate::durable::parent_dir(file);
+            writable_existing_dir(dir).map_err(|e| {
+                ConfigError(format!(
+                    "key `metrics_textfile`: directory {} of {}: {e}",
+                    dir.display(),
+                    file.display()
+                ))
+            })?;
         }
         if self.state_backend == StateBackend::Etcd {
             let files = [
@@ -366,6 +387,20 @@ impl PluginConfig {
             "etcd_ca_file" => self.etcd.ca_file = Some(v.path()?),
             "etcd_cert_file" => self.etcd.cert_file = Some(v.path()?),
             "etcd_key_file" => self.etcd.key_file = Some(v.path()?),
+            "metrics_textfile" => {
+                let path = v.path()?;
+                if crate::durable::target_file_name(&path).is_err() {
+                    return Err(v.bad("the path of a file, such as \"/var/lib/node_exporter/textfile_collector/backup_coordinator.prom\""));
+                }
+                self.metrics_textfile = Some(path);
+            }
+            "metrics_interval" => {
+                let interval = v.duration()?;
+                if interval < MIN_METRICS_INTERVAL {
+                    return Err(v.bad("a duration of at least \"1s\""));
+                }
+                self.metrics_interval = interval;
+            }
             _ => return Err(ConfigError(format!("unknown key `{}`", entry.written_as))),
         }
         Ok(())
@@ -466,6 +501,7 @@ fn canonical(key: &str) -> String {
         ("error.retry.", "error_retry_"),
         ("log.", "log_"),
         ("etcd.", "etcd_"),
+        ("metrics.", "metrics_"),
     ] {
         if let Some(rest) = key.strip_prefix(dotted) {
             return format!("{flat}{}", rest.replace('.', "_"));
@@ -809,6 +845,15 @@ fn ensure_writable_dir(dir: &Path) -> io::Result<()> {
             crate::durable::create_private_dir(dir).map_err(|e| e.source)?
         }
         Err(err) => return Err(err),
+    }
+    writable_existing_dir(dir)
+}
+
+/// Checks that `dir` exists and is a directory this process may write and enter (nothing
+/// is created).
+fn writable_existing_dir(dir: &Path) -> io::Result<()> {
+    if !std::fs::metadata(dir)?.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
     }
     let c_path = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -1187,6 +1232,75 @@ mod tests {
         assert!(
             err.contains("state_dir") && err.contains("Not a directory"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn metrics_textfile_and_interval() {
+        let d = PluginConfig::default();
+        assert_eq!(
+            (d.metrics_textfile.as_deref(), d.metrics_interval),
+            (None, Duration::from_secs(15))
+        );
+        let c = parse("metrics_textfile = \"/t/backup.prom\"\nmetrics_interval = \"1s\"").unwrap();
+        assert_eq!(
+            c.metrics_textfile.as_deref(),
+            Some(Path::new("/t/backup.prom"))
+        );
+        assert_eq!(c.metrics_interval, Duration::from_secs(1));
+        let c = parse("[metrics]\ntextfile = \"b.prom\"\ninterval = 60").unwrap();
+        assert_eq!(c.metrics_textfile.as_deref(), Some(Path::new("b.prom")));
+        assert_eq!(c.metrics_interval, Duration::from_secs(60));
+        for (text, written) in [
+            ("metrics_interval = \"0s\"", "\"0s\""),
+            ("metrics_interval = \"500ms\"", "\"500ms\""),
+            ("metrics_interval = 0", "0"),
+            ("metrics.interval = \"soon\"", "\"soon\""),
+            ("metrics_textfile = \"\"", "\"\""),
+            ("metrics_textfile = \"/t/\"", "\"/t/\""),
+            ("metrics_textfile = \"/t/..\"", "\"/t/..\""),
+            ("metrics_textfile = 3", "3"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            let key = text.split(" = ").next().unwrap();
+            assert!(
+                err.contains(&format!("key `{key}`")) && err.contains(written),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_metrics_textfile_directory_must_exist_and_is_not_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("nowhere/backup.prom");
+        let err =
+            PluginConfig::load(format!("metrics_textfile = \"{}\"", missing.display()).as_bytes())
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("key `metrics_textfile`") && err.contains("No such file or directory"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("nowhere").exists());
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = PluginConfig::load(
+            format!("metrics_textfile = \"{}/b.prom\"", file.display()).as_bytes(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("key `metrics_textfile`") && err.contains("Not a directory"),
+            "{err}"
+        );
+        let ok = tmp.path().join("backup.prom");
+        let c = PluginConfig::load(format!("metrics_textfile = \"{}\"", ok.display()).as_bytes())
+            .unwrap();
+        assert_eq!(c.metrics_textfile, Some(ok.clone()));
+        assert!(
+            !ok.exists(),
+            "init checks the directory; the thread writes the file"
         );
     }
 }

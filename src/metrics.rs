@@ -14,6 +14,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub mod textfile;
+
 /// A monotonic counter; relaxed atomics, since a scrape needs no ordering between counters.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -186,6 +188,17 @@ pub fn store() -> &'static StoreMetrics {
     &STORE
 }
 
+/// Whether `failure` is a retry policy giving up: its attempts exhausted (RETRY_EXHAUSTED)
+/// or its budget spent (TIMEOUT), as the retry core and the log-backup runner say it. A
+/// state store's failure passed on after its retries (`Failure::store_gave_up`) is not
+/// one: its access was counted where the policy gave up.
+pub fn gave_up(failure: &Failure) -> bool {
+    matches!(
+        failure,
+        Failure::RetryExhausted { .. } | Failure::Timeout { .. }
+    )
+}
+
 /// Codes always shown for the store errors: what a file or etcd store can fail with.
 const STORE_CODES: [ErrorCode; 7] = [
     ErrorCode::FileIo,
@@ -347,7 +360,11 @@ fn escape_label(value: &str) -> String {
 pub struct PluginCounters<'a> {
     pub errors: u64,
     pub retries: u64,
+    /// Retried work whose policy gave up (see [`gave_up`]).
+    pub retries_exhausted: u64,
     pub error_log_write_failures: u64,
+    /// Failed rewrites of `metrics_textfile`; `None` (no family) when it is not set.
+    pub textfile_write_failures: Option<u64>,
     pub log: &'a LogMetrics,
     /// The idempotency store's counters, once it was opened.
     pub keyed: Option<&'a KeyedMetrics>,
@@ -378,10 +395,22 @@ pub fn render(c: &PluginCounters) -> String {
         &[Sample::plain(c.retries)],
     );
     x.counter(
+        "backup_retries_exhausted_total",
+        "Retried work that gave up since init: retry attempts exhausted or the retry budget spent (operations, state-store accesses, log-backup commands).",
+        &[Sample::plain(c.retries_exhausted)],
+    );
+    x.counter(
         "backup_error_log_write_failures_total",
         "Error log lines that could not be written.",
         &[Sample::plain(c.error_log_write_failures)],
     );
+    if let Some(failures) = c.textfile_write_failures {
+        x.counter(
+            "backup_metrics_textfile_write_failures_total",
+            "Rewrites of metrics_textfile that failed (the file kept its previous exposition).",
+            &[Sample::plain(failures)],
+        );
+    }
 
     let log = c.log;
     let mut retries = Vec::new();
@@ -537,7 +566,9 @@ mod tests {
         let text = render(&PluginCounters {
             errors: 3,
             retries: 2,
+            retries_exhausted: 4,
             error_log_write_failures: 1,
+            textfile_write_failures: Some(5),
             log: &log,
             keyed: Some(&keyed),
         });
@@ -551,7 +582,9 @@ mod tests {
         for plain in [
             "backup_errors_total",
             "backup_retries_total",
+            "backup_retries_exhausted_total",
             "backup_error_log_write_failures_total",
+            "backup_metrics_textfile_write_failures_total",
             "backup_idempotency_claims_total",
             "backup_idempotency_replays_total",
             "backup_idempotency_conflicts_total",
@@ -585,8 +618,10 @@ mod tests {
             &[&["command", "le"], &["command"]],
         );
         expect("backup_state_store_errors_total", "counter", &[&["code"]]);
-        assert_eq!(found.len(), 17, "no family more or less: {text}");
+        assert_eq!(found.len(), 19, "no family more or less: {text}");
         assert!(text.contains("backup_errors_total 3\n"));
+        assert!(text.contains("backup_retries_exhausted_total 4\n"));
+        assert!(text.contains("backup_metrics_textfile_write_failures_total 5\n"));
         assert!(
             text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")
         );
@@ -660,5 +695,40 @@ mod tests {
             x.finish(),
             "# HELP backup_test_total a \\\\ help\\nline\n# TYPE backup_test_total counter\nbackup_test_total{v=\"a\\\"b\\\\c\\nd\"} 1\n"
         );
+    }
+
+    #[test]
+    fn the_textfile_family_is_there_only_with_a_textfile() {
+        let log = LogMetrics::default();
+        let counters = |textfile_write_failures| PluginCounters {
+            errors: 0,
+            retries: 0,
+            retries_exhausted: 0,
+            error_log_write_failures: 0,
+            textfile_write_failures,
+            log: &log,
+            keyed: None,
+        };
+        assert!(!render(&counters(None)).contains("backup_metrics_textfile"));
+        assert!(render(&counters(Some(0)))
+            .contains("\nbackup_metrics_textfile_write_failures_total 0\n"));
+    }
+
+    #[test]
+    fn only_a_policy_giving_up_counts_as_retries_exhausted() {
+        let last = || Box::new(Failure::Host(-6));
+        let exhausted = Failure::RetryExhausted {
+            context: "3 retries failed".into(),
+            last: last(),
+        };
+        let budget = Failure::Timeout {
+            context: "budget".into(),
+            last: last(),
+        };
+        assert!(gave_up(&exhausted) && gave_up(&budget));
+        // A store's own failure after its retries, an operation's own timeout, a cleanup.
+        assert!(!gave_up(&exhausted.store_gave_up("nothing was read")));
+        assert!(!gave_up(&Failure::Host(-7)));
+        assert!(!gave_up(&Failure::Cancelled("cleanup".into())));
     }
 }

@@ -23,6 +23,8 @@ use crate::idempotency::{self as idem, IdempotencyStore};
 use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
+use crate::metrics::textfile::{Textfile, FINAL_WRITE_PATIENCE};
+use crate::metrics::Counter;
 use crate::retry::{self, CancellableSleeper, RetryProgress};
 use crate::tracker::ErrorTracker;
 use parking_lot::{Mutex, RwLock};
@@ -44,6 +46,11 @@ pub struct Plugin {
     etcd: Option<EtcdBackend>,
     /// The idempotency store, opened on first use (an open that fails is tried again).
     keyed: Mutex<Option<Arc<Keyed>>>,
+    /// Retried work whose policy gave up (`backup_retries_exhausted_total`).
+    retries_exhausted: Counter,
+    /// The thread rewriting `metrics_textfile` (ABI §5), when the key is set.
+    textfile: Mutex<Option<Textfile>>,
+    textfile_failures: Arc<Counter>,
 }
 
 static INSTANCE: RwLock<Option<Arc<Plugin>>> = RwLock::new(None);
@@ -83,6 +90,12 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
             return Err(failure);
         }
     };
+    let plugin = Arc::new(plugin);
+    if let Err(failure) = plugin.start_textfile() {
+        *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
+        tracing::error!(reason = %failure.detail(), "plugin init failed");
+        return Err(failure);
+    }
     *INIT_FAILURE.lock() = None;
     tracing::info!(
         enable = plugin.config.enable,
@@ -91,7 +104,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<(),
         error_log = ?plugin.config.error_store_path,
         "plugin initialized"
     );
-    *slot = Some(Arc::new(plugin));
+    *slot = Some(plugin);
     Ok(())
 }
 
@@ -114,6 +127,8 @@ pub fn cleanup() {
     };
     *INIT_FAILURE.lock() = None;
     if let Some(plugin) = previous {
+        // The final exposition, while the diagnostics log still carries a failure's warning.
+        plugin.stop_textfile();
         if let Some(log) = plugin.tracker.log() {
             log.flush();
         }
@@ -189,6 +204,9 @@ impl Plugin {
             log_metrics: LogMetrics::default(),
             etcd,
             keyed: Mutex::new(None),
+            retries_exhausted: Counter::new(),
+            textfile: Mutex::new(None),
+            textfile_failures: Arc::new(Counter::new()),
             cancel: cancel::token(),
             config,
             clock,
@@ -222,19 +240,28 @@ impl Plugin {
         self.tracker.add_retries(retries as u64);
     }
 
-    /// Runs `op` under the configured policy, unbooked.
+    /// Runs `op` under the configured policy, unbooked; a policy that gives up is counted.
     fn run_configured<F>(&self, op: F) -> retry::Execution
     where
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let mut progress = RetryProgress::default();
-        retry::run_until_cancelled(
+        let execution = retry::run_until_cancelled(
             &self.config.retry_policy(),
             &mut progress,
             retry::no_progress,
             self.cancel,
             op,
-        )
+        );
+        self.count_give_up(&execution.result);
+        execution
+    }
+
+    /// Counts `result` in `backup_retries_exhausted_total` when it is a policy giving up.
+    fn count_give_up<T>(&self, result: &Result<T, Failure>) {
+        if result.as_ref().is_err_and(crate::metrics::gave_up) {
+            self.retries_exhausted.inc();
+        }
     }
 
     /// Runs `op` under the configured policy, counting its retries.
@@ -286,6 +313,8 @@ impl Plugin {
             self.run_configured(start)
         });
         self.count_retries(outcome.retries);
+        // The runner's own policy giving up (a store's that gave up was counted above).
+        self.count_give_up(&outcome.result);
         outcome.result
     }
 
@@ -407,7 +436,13 @@ impl Plugin {
         crate::metrics::render(&crate::metrics::PluginCounters {
             errors,
             retries,
+            retries_exhausted: self.retries_exhausted.get(),
             error_log_write_failures: self.tracker.log().map_or(0, |log| log.write_failures()),
+            textfile_write_failures: self
+                .config
+                .metrics_textfile
+                .as_ref()
+                .map(|_| self.textfile_failures.get()),
             log: &self.log_metrics,
             keyed: keyed.as_ref().map(|k| &k.metrics),
         })
@@ -415,5 +450,32 @@ impl Plugin {
 
     pub fn error_log_path(&self) -> Option<PathBuf> {
         self.tracker.log().and_then(|log| log.current_path())
+    }
+
+    /// Starts the thread rewriting `metrics_textfile` (ABI §5), when it is set. The thread
+    /// holds the instance weakly: it renders while the instance lives, and cleanup, which
+    /// holds it during the final write, ends it.
+    fn start_textfile(self: &Arc<Self>) -> Result<(), Failure> {
+        let Some(path) = self.config.metrics_textfile.clone() else {
+            return Ok(());
+        };
+        let instance = Arc::downgrade(self);
+        let textfile = Textfile::start(
+            path,
+            self.config.metrics_interval,
+            self.textfile_failures.clone(),
+            move || instance.upgrade().map(|plugin| plugin.metrics_text()),
+        )?;
+        *self.textfile.lock() = Some(textfile);
+        Ok(())
+    }
+
+    /// The final write of `metrics_textfile` and the end of its thread (waits at most
+    /// [`FINAL_WRITE_PATIENCE`]).
+    fn stop_textfile(&self) {
+        let textfile = self.textfile.lock().take();
+        if let Some(textfile) = textfile {
+            textfile.stop(FINAL_WRITE_PATIENCE);
+        }
     }
 }

@@ -132,6 +132,11 @@ unsafe extern "C" fn flaky_op(user: *mut c_void) -> i32 {
     }
 }
 
+/// Always fails with NETWORK: its retries run out.
+unsafe extern "C" fn down_op(_: *mut c_void) -> i32 {
+    -6
+}
+
 unsafe extern "C" fn ok_op(_: *mut c_void) -> i32 {
     0
 }
@@ -244,9 +249,14 @@ fn touch_every_family(dir: &Path) {
         backup_plugin_execute_with_retry(Some(flaky_op), &calls as *const _ as *mut c_void),
         0
     );
+    // backup_retries_exhausted_total: an operation whose retries run out.
+    assert_eq!(
+        backup_plugin_execute_with_retry(Some(down_op), std::ptr::null_mut()),
+        -12
+    );
 
     // Log-backup commands: a skip, a state sync (START on PAUSED), a retry then a recovery,
-    // an exhaustion (retries with reason -11, a duration observed).
+    // an exhaustion (retries with reason -11, a duration observed; backup_retries_exhausted_total).
     assert_eq!(run("t-skip", START, &FAST, &Task::new(RUNNING, 0, 0)), 0);
     assert_eq!(run("t-sync", START, &FAST, &Task::new(PAUSED, 0, 0)), 0);
     assert_eq!(run("t-retry", STOP, &FAST, &Task::new(RUNNING, -6, 1)), 0);
@@ -413,6 +423,7 @@ fn after_activity_in_every_family_real_parsers_read_the_metrics_as_written() {
     let expected: BTreeMap<String, String> = [
         ("backup_errors", "counter"),
         ("backup_retries", "counter"),
+        ("backup_retries_exhausted", "counter"),
         ("backup_error_log_write_failures", "counter"),
         ("backup_log_command_retries", "counter"),
         ("backup_log_command_recoveries", "counter"),
@@ -437,6 +448,8 @@ fn after_activity_in_every_family_real_parsers_read_the_metrics_as_written() {
     let (errors, retries) = stats();
     assert_eq!(value(&samples, "backup_errors_total", &[]), errors as f64);
     assert_eq!(value(&samples, "backup_retries_total", &[]), retries as f64);
+    // What gave up: the operation that always failed, and PAUSE of "t-gone".
+    assert_eq!(value(&samples, "backup_retries_exhausted_total", &[]), 2.0);
     assert_eq!(
         value(&samples, "backup_error_log_write_failures_total", &[]),
         errors as f64,

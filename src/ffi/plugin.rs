@@ -231,10 +231,11 @@ pub(crate) fn done(result: Result<(), Failure>) -> Result<i32, Failure> {
 }
 
 /// The plugin's counters as Prometheus text, each family one group (HELP, TYPE, samples):
-/// errors, retries, error-log write failures; by log-backup command: retries (by reason),
-/// recoveries, skips, state syncs (by observed state), the retry-duration histogram; of
-/// idempotency keys: claims, replays, conflicts, in-progress rejections, take-overs; of the
-/// state store: errors by code, failovers, unknown outcomes (README "Metrics"). `*len_out`
+/// errors, retries, retried work that gave up, error-log write failures; by log-backup
+/// command: retries (by reason), recoveries, skips, state syncs (by observed state), the
+/// retry-duration histogram; of idempotency keys: claims, replays, conflicts, in-progress
+/// rejections, take-overs; of the state store: errors by code, failovers, unknown outcomes;
+/// with `metrics_textfile` set, its failed rewrites (README "Metrics"). `*len_out`
 /// receives the text's length (NUL excluded); the text and a NUL are copied when
 /// `capacity` is larger than that, else BACKUP_ERROR_INVALID_PARAM (call again with a
 /// buffer of `*len_out + 1`).

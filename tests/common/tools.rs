@@ -97,3 +97,16 @@ pub fn ensure_c_toolchain() {
         &["libasan8", "libubsan1"],
     );
 }
+
+/// The path of `tool`, after installing the Debian `package` that ships it if it is not on
+/// the PATH (`ensure_tool`). Panics, saying why, when it cannot be had.
+pub fn require(tool: &str, package: &str) -> std::path::PathBuf {
+    ensure_tool(tool, &[package]);
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(tool))
+                .find(|path| path.is_file())
+        })
+        .unwrap_or_else(|| panic!("{tool} is on no directory of PATH"))
+}

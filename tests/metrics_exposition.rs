@@ -435,6 +435,7 @@ fn after_activity_in_every_family_real_parsers_read_the_metrics_as_written() {
         ("backup_idempotency_conflicts", "counter"),
         ("backup_idempotency_in_progress", "counter"),
         ("backup_idempotency_takeovers", "counter"),
+        ("backup_idempotency_leases_lost", "counter"),
         ("backup_state_store_errors", "counter"),
         ("backup_state_store_failovers", "counter"),
         ("backup_state_store_unknown_outcomes", "counter"),

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests that break things.
 
+pub mod proxy;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;

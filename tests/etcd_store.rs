@@ -11,7 +11,7 @@ use backup_coordinator::error::ErrorCode;
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
 use backup_coordinator::idempotency::{
-    fingerprint, Claim, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyState,
+    fingerprint, Claim, ClaimId, ClaimToken, Completion, Forgotten, IdempotencyStore, KeyState,
 };
 use etcd_cluster::Cluster;
 use std::sync::Arc;
@@ -582,4 +582,189 @@ fn etcd_database_space_exceeded_is_disk_full() {
         .complete(b"before", token, &fp, 0, unix_ms_now())
         .unwrap_err();
     assert_eq!(failure.code(), ErrorCode::DiskFull.raw(), "{failure:?}");
+}
+
+/// A store ("host") that talks to one member only.
+fn host_on(cluster: &Cluster, member: usize, lease: Duration) -> EtcdIdempotencyStore {
+    let mut s = settings(cluster);
+    s.endpoints = vec![cluster.members[member].client_url.clone()];
+    host(&s, lease, Duration::from_secs(3600))
+}
+
+fn wait_acquired(store: &EtcdIdempotencyStore, key: &[u8], within: Duration) -> ClaimToken {
+    let fp = fingerprint(b"fenced");
+    let start = Instant::now();
+    loop {
+        match store.claim(key, &fp, unix_ms_now()).unwrap() {
+            Claim::Acquired { token, .. } => return token,
+            Claim::InProgress if start.elapsed() < within => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("{other:?} after {:?}", start.elapsed()),
+        }
+    }
+}
+
+/// docs/C_API.md §8.1: every claim of a key gets a token greater than every earlier
+/// claim's, whatever happened between and whichever member it went through.
+#[test]
+fn etcd_tokens_of_successive_claims_strictly_increase() {
+    let cluster = Cluster::start(3);
+    let hosts: Vec<_> = (0..3)
+        .map(|m| host_on(&cluster, m, Duration::from_secs(2)))
+        .collect();
+    let fp = fingerprint(b"fenced");
+    let key = b"fenced/1";
+    let mut tokens = Vec::new();
+    let now = unix_ms_now;
+    // Through m0, released.
+    let t = wait_acquired(&hosts[0], key, Duration::ZERO);
+    tokens.push(t);
+    hosts[0].release(key, t).unwrap();
+    // Through m1, completed, forgotten through m2.
+    let t = wait_acquired(&hosts[1], key, Duration::ZERO);
+    tokens.push(t);
+    assert_eq!(
+        hosts[1].complete(key, t, &fp, 0, now()).unwrap(),
+        Completion::Recorded
+    );
+    match hosts[2].get(key, now()).unwrap().unwrap().state {
+        KeyState::Completed { token, .. } => assert_eq!(token, t, "the completing claim's"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(hosts[2].forget(key, now()).unwrap(), Forgotten::Removed);
+    // Through m2, never renewed: taken over through m0 once its lease ran out.
+    let t = wait_acquired(&hosts[2], key, Duration::ZERO);
+    tokens.push(t);
+    let t = wait_acquired(&hosts[0], key, Duration::from_secs(10));
+    tokens.push(t);
+    // Read back through every member: the token is the claim's revision.
+    for h in &hosts {
+        match h.get(key, now()).unwrap().unwrap().state {
+            KeyState::Claimed { token, .. } => assert_eq!(token, t),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Renewals keep it (and its token).
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(hosts[0].renew(&[(key.to_vec(), t)], now()).unwrap(), []);
+    }
+    hosts[0].release(key, t).unwrap();
+    // A handle opened afterwards (a restart) continues above.
+    let fresh = host_on(&cluster, 1, Duration::from_secs(2));
+    tokens.push(wait_acquired(&fresh, key, Duration::ZERO));
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]) && tokens[0].0 > 0,
+        "{tokens:?}"
+    );
+}
+
+/// Two hosts race for one key, round after round: one claim at a time wins, and each
+/// winner's token is greater than the last.
+#[test]
+fn etcd_two_hosts_racing_on_one_key() {
+    let cluster = Cluster::start(3);
+    let a = Arc::new(host_on(&cluster, 0, Duration::from_secs(5)));
+    let b = Arc::new(host_on(&cluster, 2, Duration::from_secs(5)));
+    let fp = fingerprint(b"race");
+    let mut last = ClaimToken(0);
+    for round in 0..20 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let race = |store: Arc<EtcdIdempotencyStore>, barrier: Arc<std::sync::Barrier>| {
+            std::thread::spawn(move || {
+                barrier.wait();
+                store.claim(b"race", &fp, unix_ms_now()).unwrap()
+            })
+        };
+        let (ta, tb) = (race(a.clone(), barrier.clone()), race(b.clone(), barrier));
+        let (ca, cb) = (ta.join().unwrap(), tb.join().unwrap());
+        let (winner, token) = match (ca, cb) {
+            (Claim::Acquired { token, .. }, Claim::InProgress) => (&a, token),
+            (Claim::InProgress, Claim::Acquired { token, .. }) => (&b, token),
+            other => panic!("round {round}: {other:?}"),
+        };
+        assert!(token > last, "round {round}: {token:?} after {last:?}");
+        last = token;
+        winner.release(b"race", token).unwrap();
+    }
+}
+
+/// renew answers the claims that are no longer current: released, lapsed, or another
+/// handle's; the live one is renewed.
+#[test]
+fn etcd_renew_returns_the_lapsed_tokens() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    // Whole seconds: etcd reports a lease's time to live in seconds.
+    let a = host(&s, Duration::from_secs(2), Duration::from_secs(3600));
+    let b = host(&s, Duration::from_secs(2), Duration::from_secs(3600));
+    let fp = fingerprint(b"renew");
+    let now = unix_ms_now;
+    let live = acquired(a.claim(b"live", &fp, now()).unwrap());
+    let released = acquired(a.claim(b"released", &fp, now()).unwrap());
+    let lapsing = acquired(a.claim(b"lapsing", &fp, now()).unwrap());
+    a.release(b"released", released).unwrap();
+    let claims = |lapsing_too: bool| {
+        let mut c = vec![(b"live".to_vec(), live), (b"released".to_vec(), released)];
+        if lapsing_too {
+            c.push((b"lapsing".to_vec(), lapsing));
+        }
+        c
+    };
+    assert_eq!(a.renew(&claims(true), now()).unwrap(), [released]);
+    // Only "live" is renewed for 2 leases: "lapsing" runs out, and B takes it.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(a.renew(&claims(false), now()).unwrap(), [released]);
+    }
+    let taker = acquired(b.claim(b"lapsing", &fp, now()).unwrap());
+    assert!(taker > lapsing);
+    assert_eq!(a.renew(&claims(true), now()).unwrap(), [released, lapsing]);
+    // B's claim is not A's to renew.
+    assert_eq!(
+        a.renew(&[(b"lapsing".to_vec(), taker)], now()).unwrap(),
+        [taker]
+    );
+    assert_eq!(b.renew(&[(b"lapsing".to_vec(), taker)], now()).unwrap(), []);
+    assert!(matches!(
+        b.get(b"live", now()).unwrap().unwrap().state,
+        KeyState::Claimed { token, .. } if token == live
+    ));
+}
+
+/// A retry of one call (the same ClaimId) finds the claim its earlier attempt wrote and
+/// acquires it with the same token: no second lease, no IN_PROGRESS for itself.
+#[test]
+fn etcd_a_retry_of_the_same_call_acquires_its_own_claim() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let a = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let b = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let fp = fingerprint(b"retried");
+    let id = ClaimId::new();
+    let unknown = || backup_coordinator::metrics::store().unknown_outcomes.get();
+    let before = unknown();
+    let first = acquired(a.claim_as(b"retried", &fp, unix_ms_now(), id).unwrap());
+    let again = acquired(a.claim_as(b"retried", &fp, unix_ms_now(), id).unwrap());
+    assert_eq!(first, again);
+    assert!(unknown() > before);
+    // Another call (another identity), on this host or another, waits.
+    assert_eq!(
+        a.claim(b"retried", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        b.claim(b"retried", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        a.complete(b"retried", first, &fp, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        b.claim(b"retried", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
 }

@@ -269,10 +269,12 @@ fn base64url(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// What a conditional transaction found: its compare held and its writes applied, or the
-/// key as it is (the "else" branch reads it), or a lease of its writes is gone.
+/// What a conditional transaction found: its compare held and its writes applied (at
+/// `revision`, the cluster's revision after the transaction: the `mod_revision` of every
+/// key it wrote), or the key as it is (the "else" branch reads it), or a lease of its
+/// writes is gone.
 pub enum TxnOutcome {
-    Applied,
+    Applied { revision: i64 },
     Found(Option<KeyValue>),
     LeaseGone,
 }
@@ -294,7 +296,9 @@ impl Conn {
             let txn = txn.clone();
             async move {
                 match client.txn(txn).await {
-                    Ok(response) if response.succeeded() => Ok(TxnOutcome::Applied),
+                    Ok(response) if response.succeeded() => Ok(TxnOutcome::Applied {
+                        revision: response.header().map_or(0, |h| h.revision()),
+                    }),
                     Ok(response) => Ok(TxnOutcome::Found(
                         response.op_responses().into_iter().find_map(|op| match op {
                             TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),

@@ -1,29 +1,41 @@
 //! Idempotency keys (ABI §8) on etcd (§9).
 //!
 //! A key lives at `<prefix>i/<base64url of the key>`. A claim is one transaction, compared
-//! on the key's revision, that puts a claim record (token, fingerprint, lease until) bound to
-//! a fresh etcd lease of `idempotency_lease`; the lease ID is the claim's token. The owner's lease
-//! keeper renews it while the operation runs, so a dead or stalled host's claim vanishes
-//! when its lease expires. Completion is compared on the key's lease (still our claim) or
-//! on its revision (the key free), and puts a completion record (token, fingerprint, result,
-//! expiry) bound to a shared lease of `idempotency_ttl` plus a little: etcd deletes completions
-//! soon after they expire, so its space stays bounded by the live keys. Release revokes
-//! the claim's lease, which deletes the key only while the claim is still ours.
+//! on the key's revision, that puts a claim record (the call's [`ClaimId`], fingerprint,
+//! lease until) bound to an etcd lease of `idempotency_lease`. The claim's fencing token is
+//! the revision of that put (docs/C_API.md §8.1): etcd's revision is cluster-wide and only
+//! grows, so every later claim of the key, through any member and from any host, has a
+//! greater one; keep-alives do not change it, and read back it is the key's `mod_revision`.
+//! The value holds the call's identity rather than the token (the revision is not known
+//! before the put): a retry of the same call whose earlier answer was lost finds its own
+//! claim and acquires it with that claim's token. The retries of one call reuse one lease,
+//! so a lost answer leaves no second lease and no orphaned claim behind.
+//!
+//! The owner's lease keeper renews the lease while the operation runs, so a dead or
+//! stalled host's claim vanishes when its lease expires. Completion is compared on the
+//! key's `mod_revision` being the claim's token (still our claim) or on the key being free
+//! or expired, and puts a completion record (token, fingerprint, result, expiry) bound to a
+//! shared lease of `idempotency_ttl` plus a little: etcd deletes completions soon after
+//! they expire, so its space stays bounded by the live keys. Release is one
+//! compare-and-delete on the token, then the claim's lease is revoked.
 //!
 //! Records are fixed-size binary (49 bytes a claim, 53 a completion; text took about 95):
-//! the keys live by the million, and etcd's space is the cluster's quota.
+//! the keys live by the million, and etcd's space is the cluster's quota. The first byte
+//! names the layout; the layout of earlier builds, whose token field held a lease ID, is
+//! still read (such a claim is never ours; its token is its `mod_revision` all the same).
 
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::{
-    display_key, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
-    KeyRecord, KeyState,
+    decide, display_key, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten,
+    IdempotencyStore, KeyRecord, KeyState,
 };
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, TxnOp};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Rounds of "the key changed under us, look again" before giving up; each round is a
 /// real change of the key by another caller.
@@ -34,6 +46,7 @@ pub struct EtcdIdempotencyStore {
     lease: Duration,
     ttl: Duration,
     completions: Arc<Mutex<Option<CompletionLease>>>,
+    leases: Arc<Mutex<ClaimLeases>>,
 }
 
 /// The lease completions are bound to, shared while it outlives a completion's TTL.
@@ -44,6 +57,32 @@ struct CompletionLease {
     usable_until_ms: u64,
 }
 
+/// The etcd leases of this handle's claims.
+#[derive(Default)]
+struct ClaimLeases {
+    /// The lease of each call still claiming (its attempts so far unanswered, or not yet
+    /// returned), by the call's identity: its retries reuse it. With when it was granted.
+    claiming: HashMap<ClaimId, (i64, Instant)>,
+    /// The lease of each acquired claim, by token: what renew, complete and release act on.
+    /// With when it was last known alive.
+    held: HashMap<ClaimToken, (i64, Instant)>,
+}
+
+impl ClaimLeases {
+    /// Forgets leases that ran out long ago: a call that gave up and was never retried, a
+    /// claim whose completion failed and was never renewed again.
+    fn prune(&mut self, lease: Duration) {
+        let now = Instant::now();
+        let old = |since: &Instant| now.saturating_duration_since(*since) > lease * 2;
+        self.claiming.retain(|_, (_, since)| !old(since));
+        self.held.retain(|_, (_, since)| !old(since));
+    }
+
+    fn take_held(&mut self, token: ClaimToken) -> Option<i64> {
+        self.held.remove(&token).map(|(lease, _)| lease)
+    }
+}
+
 impl EtcdIdempotencyStore {
     /// `lease`: `idempotency_lease`; `ttl`: `idempotency_ttl`.
     pub fn new(etcd: Arc<EtcdClient>, lease: Duration, ttl: Duration) -> Self {
@@ -52,74 +91,90 @@ impl EtcdIdempotencyStore {
             lease,
             ttl,
             completions: Arc::new(Mutex::new(None)),
+            leases: Arc::new(Mutex::new(ClaimLeases::default())),
         }
     }
 }
 
-/// A stored record, with the token of the claim that wrote it.
+/// A stored record as read back: for a claim, the call that wrote it (`None`: written by
+/// an earlier build, never ours) and its token, the key's `mod_revision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stored {
-    token: ClaimToken,
+    owner: Option<ClaimId>,
     record: KeyRecord,
 }
 
-/// A record's first byte: its kind and the format's version.
-const CLAIMED: u8 = b'C';
-const COMPLETED: u8 = b'D';
-/// Kind, token, fingerprint, then lease-until (claim) or result and expiry (completion);
-/// integers big-endian.
+/// A record's first byte: its kind and the layout's version.
+const CLAIMED: u8 = b'c';
+const COMPLETED: u8 = b'd';
+/// The layout of earlier builds: the same fields, the token field holding the claim's
+/// lease ID (not a fencing token).
+const CLAIMED_BY_LEASE: u8 = b'C';
+const COMPLETED_BY_LEASE: u8 = b'D';
+/// Kind, claim id (claim) or token (completion), fingerprint, then lease-until (claim) or
+/// result and expiry (completion); integers big-endian.
 const CLAIM_LEN: usize = 1 + 8 + 32 + 8;
 const COMPLETION_LEN: usize = 1 + 8 + 32 + 4 + 8;
 
-fn encode(stored: &Stored) -> Vec<u8> {
-    let Stored { token, record } = stored;
+/// The value of a claim by the call `id`.
+fn encode_claim(id: ClaimId, fingerprint: &Fingerprint, lease_until_ms: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(CLAIM_LEN);
+    value.push(CLAIMED);
+    value.extend_from_slice(&id.0.to_be_bytes());
+    value.extend_from_slice(fingerprint);
+    value.extend_from_slice(&lease_until_ms.to_be_bytes());
+    value
+}
+
+/// The value of a completion by the claim `token` (its revision).
+fn encode_completion(
+    token: ClaimToken,
+    fingerprint: &Fingerprint,
+    result: i32,
+    expires_at_ms: u64,
+) -> Vec<u8> {
     let mut value = Vec::with_capacity(COMPLETION_LEN);
-    let kind = match record.state {
-        KeyState::Claimed { .. } => CLAIMED,
-        KeyState::Completed { .. } => COMPLETED,
-    };
-    value.push(kind);
+    value.push(COMPLETED);
     value.extend_from_slice(&token.0.to_be_bytes());
-    value.extend_from_slice(&record.fingerprint);
-    match record.state {
-        KeyState::Claimed { lease_until_ms, .. } => {
-            value.extend_from_slice(&lease_until_ms.to_be_bytes())
-        }
-        KeyState::Completed {
-            result,
-            expires_at_ms,
-            ..
-        } => {
-            value.extend_from_slice(&result.to_be_bytes());
-            value.extend_from_slice(&expires_at_ms.to_be_bytes());
-        }
-    }
+    value.extend_from_slice(fingerprint);
+    value.extend_from_slice(&result.to_be_bytes());
+    value.extend_from_slice(&expires_at_ms.to_be_bytes());
     value
 }
 
 fn decode(kv: &KeyValue) -> Result<Stored, Failure> {
-    decode_value(kv.key(), kv.value())
+    decode_value(kv.key(), kv.value(), kv.mod_revision())
 }
 
-fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
+/// `mod_revision`: the key's, the token of the claim it holds.
+fn decode_value(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Stored, Failure> {
     let parse = || -> Option<Stored> {
         let u64_at = |at: usize| Some(u64::from_be_bytes(value.get(at..at + 8)?.try_into().ok()?));
-        let token = ClaimToken(u64_at(1)?);
+        let field = u64_at(1)?;
         let fingerprint: Fingerprint = value.get(9..41)?.try_into().ok()?;
-        let state = match (value.first()?, value.len()) {
-            (&CLAIMED, CLAIM_LEN) => KeyState::Claimed {
-                token,
-                lease_until_ms: u64_at(41)?,
-            },
-            (&COMPLETED, COMPLETION_LEN) => KeyState::Completed {
-                token,
-                result: i32::from_be_bytes(value.get(41..45)?.try_into().ok()?),
-                expires_at_ms: u64_at(45)?,
-            },
+        let claim_token = ClaimToken(u64::try_from(mod_revision).ok()?);
+        let (owner, state) = match (value.first()?, value.len()) {
+            (&(CLAIMED | CLAIMED_BY_LEASE), CLAIM_LEN) => (
+                // A lease ID in the field: an identity that is never a call's.
+                (value[0] == CLAIMED).then_some(ClaimId(field)),
+                KeyState::Claimed {
+                    token: claim_token,
+                    lease_until_ms: u64_at(41)?,
+                },
+            ),
+            (&(COMPLETED | COMPLETED_BY_LEASE), COMPLETION_LEN) => (
+                None,
+                KeyState::Completed {
+                    // A lease ID is no fencing token: 0, "kept no token".
+                    token: ClaimToken(if value[0] == COMPLETED { field } else { 0 }),
+                    result: i32::from_be_bytes(value.get(41..45)?.try_into().ok()?),
+                    expires_at_ms: u64_at(45)?,
+                },
+            ),
             _ => return None,
         };
         Some(Stored {
-            token,
+            owner,
             record: KeyRecord { fingerprint, state },
         })
     };
@@ -129,6 +184,17 @@ fn decode_value(key: &[u8], value: &[u8]) -> Result<Stored, Failure> {
             String::from_utf8_lossy(key)
         ))
     })
+}
+
+/// The record as the decision table of ABI §8 must see it: etcd keeps a claim only while
+/// its lease lives, so a claim found is live whatever lease-until its value says (the
+/// value is not rewritten by renewals).
+fn as_found(stored: &Stored) -> KeyRecord {
+    let mut record = stored.record;
+    if let KeyState::Claimed { lease_until_ms, .. } = &mut record.state {
+        *lease_until_ms = u64::MAX;
+    }
+    record
 }
 
 fn lease_ms(d: Duration) -> u64 {
@@ -142,38 +208,104 @@ fn gave_up(key: &[u8]) -> Failure {
     ))
 }
 
+/// The token of a claim applied at `revision` (never 0: etcd's revisions start at 1).
+fn token_of(revision: i64) -> Result<ClaimToken, Failure> {
+    match u64::try_from(revision) {
+        Ok(revision) if revision > 0 => Ok(ClaimToken(revision)),
+        _ => Err(Failure::etcd(
+            ErrorCode::Unknown,
+            format!("etcd applied a claim but answered no revision ({revision})"),
+        )),
+    }
+}
+
+/// Revokes `lease` in the background: nothing waits for it, and a lease left alive ends
+/// with its TTL anyway.
+fn revoke_later(conn: &Arc<Conn>, what: &'static str, lease: i64) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let _ = conn.revoke(what, lease).await;
+    });
+}
+
 impl IdempotencyStore for EtcdIdempotencyStore {
     fn claim_as(
         &self,
         key: &[u8],
         fingerprint: &Fingerprint,
         now_ms: u64,
-        _id: ClaimId,
+        id: ClaimId,
     ) -> Result<Claim, Failure> {
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
+        let leases = self.leases.clone();
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
-            let mut token = match conn.grant("grant a claim lease", lease).await {
-                Ok(token) => token,
-                Err(failure) => {
-                    return answer_without_writing(&conn, &key, &fingerprint, now_ms, failure)
-                        .await
-                        .map_err(|f| with_key(f, &raw_key))
+            // The lease of this call's earlier attempts, if any: a claim they wrote
+            // unacknowledged is bound to it, and is found below as ours.
+            let reused = {
+                let mut leases = leases.lock();
+                leases.prune(lease);
+                leases.claiming.get(&id).map(|(l, _)| *l)
+            };
+            let mut granted = match reused {
+                Some(granted) => granted,
+                None => {
+                    let since = Instant::now();
+                    match conn.grant("grant a claim lease", lease).await {
+                        Ok(granted) => {
+                            leases.lock().claiming.insert(id, (granted, since));
+                            granted
+                        }
+                        Err(failure) => {
+                            return answer_without_writing(
+                                &conn,
+                                &key,
+                                &fingerprint,
+                                now_ms,
+                                failure,
+                            )
+                            .await
+                            .map_err(|f| with_key(f, &raw_key))
+                        }
+                    }
                 }
             };
-            let outcome = match claim(&conn, &key, &mut token, &fingerprint, now_ms, lease).await {
+            let claimed = claim(
+                &conn,
+                &key,
+                id,
+                &mut granted,
+                &fingerprint,
+                now_ms,
+                lease,
+                &leases,
+            )
+            .await;
+            let outcome = match claimed {
+                Ok((claim @ Claim::Acquired { token, .. }, bound)) => {
+                    let mut held = leases.lock();
+                    held.claiming.remove(&id);
+                    held.held.insert(token, (bound, Instant::now()));
+                    drop(held);
+                    if bound != granted {
+                        // Found bound to a lease granted before this handle forgot it.
+                        revoke_later(&conn, "revoke an unused claim lease", granted);
+                    }
+                    return Ok(claim);
+                }
+                Ok((answer, _)) => {
+                    // Nothing of this call is on the key: its lease is not needed.
+                    leases.lock().claiming.remove(&id);
+                    revoke_later(&conn, "revoke an unused claim lease", granted);
+                    Ok(answer)
+                }
+                // Kept for the call's retry (an attempt may have applied unacknowledged);
+                // a call that is not retried leaves a lease that nobody renews, and
+                // whatever it may have written ends with it.
                 Err(failure) => {
                     answer_without_writing(&conn, &key, &fingerprint, now_ms, failure).await
                 }
-                claimed => claimed,
             };
-            if !matches!(outcome, Ok(Claim::Acquired { .. })) {
-                // Whatever an unacknowledged attempt may still write dies with its lease.
-                let conn = conn.clone();
-                tokio::spawn(async move {
-                    let _ = conn.revoke("revoke an unused claim lease", token).await;
-                });
-            }
             outcome.map_err(|f| with_key(f, &raw_key))
         })
     }
@@ -184,14 +316,25 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         _now_ms: u64,
     ) -> Result<Vec<ClaimToken>, Failure> {
         let tokens: Vec<ClaimToken> = claims.iter().map(|(_, token)| *token).collect();
+        let leases = self.leases.clone();
         self.etcd.run(move |conn| async move {
             let mut lapsed = Vec::new();
             for token in tokens {
-                // A lease that is gone is a claim that is no longer ours.
-                if !conn
-                    .keep_alive("renew a claim lease", token.0 as i64)
-                    .await?
-                {
+                let found = leases.lock().held.get(&token).map(|(l, _)| *l);
+                let Some(lease) = found else {
+                    // Completed, released, or never this handle's: not held here.
+                    lapsed.push(token);
+                    continue;
+                };
+                let since = Instant::now();
+                // A lease that is gone is a claim that is no longer ours: its key went
+                // with it, and nothing else deletes a live claim (release is the owner's).
+                if conn.keep_alive("renew a claim lease", lease).await? {
+                    if let Some(entry) = leases.lock().held.get_mut(&token) {
+                        entry.1 = since;
+                    }
+                } else {
+                    leases.lock().take_held(token);
                     lapsed.push(token);
                 }
             }
@@ -209,28 +352,21 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     ) -> Result<Completion, Failure> {
         let (ttl, raw_key, fingerprint) = (self.ttl, key.to_vec(), *fingerprint);
         let completions = self.completions.clone();
+        let leases = self.leases.clone();
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
-            let stored = Stored {
+            let value = encode_completion(
                 token,
-                record: KeyRecord {
-                    fingerprint,
-                    state: KeyState::Completed {
-                        token,
-                        result,
-                        expires_at_ms: now_ms.saturating_add(lease_ms(ttl)),
-                    },
-                },
-            };
-            let outcome = complete(&conn, &completions, &key, &stored, now_ms, ttl).await;
+                &fingerprint,
+                result,
+                now_ms.saturating_add(lease_ms(ttl)),
+            );
+            let outcome = complete(&conn, &completions, &key, token, value, now_ms, ttl).await;
             if outcome.is_ok() {
                 // The key is bound to the completion lease now (or was never ours).
-                let conn = conn.clone();
-                tokio::spawn(async move {
-                    let _ = conn
-                        .revoke("revoke a completed claim's lease", token.0 as i64)
-                        .await;
-                });
+                if let Some(lease) = leases.lock().take_held(token) {
+                    revoke_later(&conn, "revoke a completed claim's lease", lease);
+                }
             }
             outcome.map_err(|f| with_key(f, &raw_key))
         })
@@ -238,12 +374,25 @@ impl IdempotencyStore for EtcdIdempotencyStore {
 
     fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         let raw_key = key.to_vec();
-        // Revoking the claim's lease deletes the key only while it is bound to that lease,
-        // i.e. while the claim is still ours: a taker's claim has its own lease.
+        let leases = self.leases.clone();
         self.etcd.run(move |conn| async move {
-            conn.revoke("release a claim", token.0 as i64)
-                .await
-                .map_err(|f| with_key(f, &raw_key))
+            let key = conn.key64("i", &raw_key);
+            // Deleted only while the key holds this claim: a taker's claim has its own
+            // revision.
+            let when = Compare::mod_revision(key.clone(), CompareOp::Equal, token.0 as i64);
+            let deleted = conn
+                .txn_or_get(
+                    "release a claim",
+                    &key,
+                    when,
+                    vec![TxnOp::delete(key.clone(), None)],
+                )
+                .await;
+            // The lease holds nothing of this claim any more (or the claim ends with it).
+            if let Some(lease) = leases.lock().take_held(token) {
+                revoke_later(&conn, "revoke a released claim's lease", lease);
+            }
+            deleted.map(|_| ()).map_err(|f| with_key(f, &raw_key))
         })
     }
 
@@ -300,7 +449,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                     )
                     .await?
                 {
-                    TxnOutcome::Applied => {
+                    TxnOutcome::Applied { .. } => {
                         return Ok(if live {
                             Forgotten::Removed
                         } else {
@@ -322,7 +471,8 @@ fn with_key(failure: Failure, key: &[u8]) -> Failure {
 
 /// A full cluster (its NOSPACE alarm raised) refuses every write, lease grants included,
 /// but a key completed or claimed by another caller needs none: it still replays, conflicts
-/// or is in progress. Otherwise, and for any other failure, the claim fails as it did.
+/// or is in progress (ABI §8's table, [`decide`]). Otherwise, and for any other failure,
+/// the claim fails as it did.
 async fn answer_without_writing(
     conn: &Conn,
     key: &[u8],
@@ -336,66 +486,57 @@ async fn answer_without_writing(
     let Ok(Some(kv)) = conn.get("read an idempotency key", key).await else {
         return Err(failure);
     };
-    let stored = decode(&kv)?;
-    let same = stored.record.fingerprint == *fingerprint;
-    match stored.record.state {
-        KeyState::Claimed { .. } if same => Ok(Claim::InProgress),
-        KeyState::Claimed { .. } => Ok(Claim::Conflict),
-        KeyState::Completed {
-            result,
-            expires_at_ms,
-            ..
-        } if now_ms < expires_at_ms => Ok(if same {
-            Claim::Replay { result }
-        } else {
-            Claim::Conflict
-        }),
-        KeyState::Completed { .. } => Err(failure),
+    let found = as_found(&decode(&kv)?);
+    match decide(Some(&found), fingerprint, now_ms, ClaimToken(0)) {
+        // Acquiring it would need a write.
+        Claim::Acquired { .. } => Err(failure),
+        answer => Ok(answer),
     }
 }
 
-/// The claim's transaction, repeated while the key changes under us. `token` is the lease
-/// the claim is bound to; replaced if it expired before the claim was written.
+/// The claim's transaction, repeated while the key changes under us: the answer, and the
+/// lease the claim is bound to when acquired. `lease` is the lease the claim is put with;
+/// replaced (and noted as the call's) if it expired before the claim was written.
+#[allow(clippy::too_many_arguments)]
 async fn claim(
     conn: &Conn,
     key: &[u8],
-    token: &mut i64,
+    id: ClaimId,
+    lease: &mut i64,
     fingerprint: &Fingerprint,
     now_ms: u64,
-    lease: Duration,
-) -> Result<Claim, Failure> {
+    ttl: Duration,
+    leases: &Mutex<ClaimLeases>,
+) -> Result<(Claim, i64), Failure> {
+    let value = encode_claim(id, fingerprint, now_ms.saturating_add(lease_ms(ttl)));
     // Absent is revision 0: a fresh key is claimed in one round trip.
     let mut expected_revision = 0;
     for _ in 0..MAX_ROUNDS {
-        let ours = ClaimToken(*token as u64);
-        let value = encode(&Stored {
-            token: ours,
-            record: KeyRecord {
-                fingerprint: *fingerprint,
-                state: KeyState::Claimed {
-                    token: ours,
-                    lease_until_ms: now_ms.saturating_add(lease_ms(lease)),
-                },
-            },
-        });
         let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
         let put = TxnOp::put(
             key.to_vec(),
-            value,
-            Some(PutOptions::new().with_lease(*token)),
+            value.clone(),
+            Some(PutOptions::new().with_lease(*lease)),
         );
         let kv = match conn
             .txn_or_get("claim an idempotency key", key, when, vec![put])
             .await?
         {
-            TxnOutcome::Applied => {
-                return Ok(Claim::Acquired {
-                    token: ours,
-                    taken_over: false,
-                })
+            // docs/C_API.md §8.1: the token is the claim's revision.
+            TxnOutcome::Applied { revision } => {
+                let token = token_of(revision)?;
+                return Ok((
+                    Claim::Acquired {
+                        token,
+                        taken_over: false,
+                    },
+                    *lease,
+                ));
             }
             TxnOutcome::LeaseGone => {
-                *token = conn.grant("grant a claim lease", lease).await?;
+                let since = Instant::now();
+                *lease = conn.grant("grant a claim lease", ttl).await?;
+                leases.lock().claiming.insert(id, (*lease, since));
                 continue;
             }
             TxnOutcome::Found(None) => {
@@ -405,33 +546,25 @@ async fn claim(
             TxnOutcome::Found(Some(kv)) => kv,
         };
         let stored = decode(&kv)?;
-        if stored.token == ours {
-            // An earlier attempt whose answer was lost did apply.
-            crate::metrics::store().unknown_outcomes.inc();
-            return Ok(Claim::Acquired {
-                token: ours,
-                taken_over: false,
-            });
-        }
-        let same = stored.record.fingerprint == *fingerprint;
-        match stored.record.state {
-            // A claim exists only while its owner's lease lives. A mismatch is reported
-            // before "in progress".
-            KeyState::Claimed { .. } if same => return Ok(Claim::InProgress),
-            KeyState::Claimed { .. } => return Ok(Claim::Conflict),
-            KeyState::Completed {
-                result,
-                expires_at_ms,
-                ..
-            } if now_ms < expires_at_ms => {
-                return Ok(if same {
-                    Claim::Replay { result }
-                } else {
-                    Claim::Conflict
-                })
+        if let (Some(owner), KeyState::Claimed { token, .. }) = (stored.owner, stored.record.state)
+        {
+            if owner == id {
+                // An earlier attempt of this call whose answer was lost did apply.
+                crate::metrics::store().unknown_outcomes.inc();
+                return Ok((
+                    Claim::Acquired {
+                        token,
+                        taken_over: false,
+                    },
+                    kv.lease(),
+                ));
             }
-            // Expired, not yet deleted by its lease: claimed over, compared on its revision.
-            KeyState::Completed { .. } => expected_revision = kv.mod_revision(),
+        }
+        match decide(Some(&as_found(&stored)), fingerprint, now_ms, ClaimToken(0)) {
+            // An expired completion, not yet deleted by its lease: claimed over, compared
+            // on its revision.
+            Claim::Acquired { .. } => expected_revision = kv.mod_revision(),
+            answer => return Ok((answer, *lease)),
         }
     }
     Err(gave_up(key))
@@ -441,14 +574,13 @@ async fn complete(
     conn: &Conn,
     completions: &Mutex<Option<CompletionLease>>,
     key: &[u8],
-    stored: &Stored,
+    token: ClaimToken,
+    value: Vec<u8>,
     now_ms: u64,
     ttl: Duration,
 ) -> Result<Completion, Failure> {
-    let value = encode(stored);
-    let token = stored.token;
-    // First: our claim is still the key's (its lease is ours).
-    let mut when = Compare::lease(key.to_vec(), CompareOp::Equal, token.0 as i64);
+    // First: our claim is still the key's (its revision is the token).
+    let mut when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, token.0 as i64);
     for _ in 0..MAX_ROUNDS {
         let lease = completion_lease(conn, completions, now_ms, ttl).await?;
         let put = TxnOp::put(
@@ -460,7 +592,7 @@ async fn complete(
             .txn_or_get("record a completion", key, when.clone(), vec![put])
             .await?
         {
-            TxnOutcome::Applied => return Ok(Completion::Recorded),
+            TxnOutcome::Applied { .. } => return Ok(Completion::Recorded),
             TxnOutcome::LeaseGone => {
                 let mut cached = completions.lock();
                 if cached.is_some_and(|c| c.id == lease) {
@@ -475,21 +607,18 @@ async fn complete(
             }
             TxnOutcome::Found(Some(kv)) => kv,
         };
-        let found = decode(&kv)?;
-        match found.record.state {
+        match decode(&kv)?.record.state {
             // An earlier attempt whose answer was lost did apply.
-            KeyState::Completed { .. } if found.token == token => {
+            KeyState::Completed { token: done, .. } if done == token => {
                 crate::metrics::store().unknown_outcomes.inc();
                 return Ok(Completion::Recorded);
             }
             KeyState::Completed { expires_at_ms, .. } if now_ms >= expires_at_ms => {
                 when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, kv.mod_revision());
             }
-            // Another caller's live claim (etcd keeps claims only while their lease lives)
-            // or live completion: never overwritten.
-            _ if found.token != token => return Ok(Completion::Superseded),
-            // Our claim, moved to a new lease between the compare and the read: again.
-            _ => when = Compare::lease(key.to_vec(), CompareOp::Equal, kv.lease()),
+            // Another caller's live claim (etcd keeps claims only while their lease lives;
+            // ours would have matched the compare) or live completion: never overwritten.
+            _ => return Ok(Completion::Superseded),
         }
     }
     Err(gave_up(key))
@@ -524,48 +653,107 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
 
+    const FP: Fingerprint = [0xab; 32];
+
+    fn bad(value: &[u8]) {
+        let err = decode_value(b"k", value, 7).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
+    }
+
     #[test]
-    fn records_round_trip() {
-        let claimed = Stored {
-            token: ClaimToken(0x7a3f_0000_0001),
-            record: KeyRecord {
-                fingerprint: [0xab; 32],
+    fn a_claim_holds_its_calls_identity_and_its_token_is_the_keys_revision() {
+        let id = ClaimId(0x1234_5678_9abc_def0);
+        let value = encode_claim(id, &FP, 1_700_000_090_000);
+        assert_eq!(value.len(), CLAIM_LEN);
+        assert_eq!(value[0], CLAIMED);
+        let stored = decode_value(b"k", &value, 42).unwrap();
+        assert_eq!(stored.owner, Some(id));
+        assert_eq!(
+            stored.record,
+            KeyRecord {
+                fingerprint: FP,
                 state: KeyState::Claimed {
-                    token: ClaimToken(0x7a3f_0000_0001),
+                    token: ClaimToken(42),
                     lease_until_ms: 1_700_000_090_000,
                 },
-            },
-        };
-        let done = Stored {
-            token: ClaimToken(5),
-            record: KeyRecord {
-                fingerprint: [1; 32],
-                state: KeyState::Completed {
-                    token: ClaimToken(5),
-                    result: -6,
-                    expires_at_ms: 99,
-                },
-            },
-        };
-        for stored in [claimed, done] {
-            let value = encode(&stored);
-            let len = match stored.record.state {
-                KeyState::Claimed { .. } => CLAIM_LEN,
-                KeyState::Completed { .. } => COMPLETION_LEN,
-            };
-            assert_eq!(value.len(), len);
-            assert_eq!(decode_value(b"k", &value).unwrap(), stored);
-            // Cut short or too long: not a record.
-            for bad in [
-                &value[..value.len() - 1],
-                &[value.clone(), vec![0]].concat(),
-            ] {
-                let err = decode_value(b"k", bad).unwrap_err();
-                assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
             }
+        );
+        // Renewals change no revision; a new claim (a new put) has a greater one.
+        let later = decode_value(b"k", &value, 43).unwrap();
+        assert!(
+            matches!(later.record.state, KeyState::Claimed { token, .. } if token == ClaimToken(43))
+        );
+    }
+
+    #[test]
+    fn a_completion_holds_the_token_of_the_claim_that_completed_it() {
+        let value = encode_completion(ClaimToken(42), &FP, -6, 99);
+        assert_eq!(value.len(), COMPLETION_LEN);
+        let stored = decode_value(b"k", &value, 57).unwrap();
+        assert_eq!(stored.owner, None);
+        assert_eq!(
+            stored.record.state,
+            KeyState::Completed {
+                token: ClaimToken(42),
+                result: -6,
+                expires_at_ms: 99,
+            }
+        );
+    }
+
+    #[test]
+    fn records_of_the_earlier_layout_are_read_and_never_taken_for_ours() {
+        // What earlier builds wrote: the claim's lease ID where the identity is now.
+        let lease_id: u64 = 0x7a3f_0000_0001;
+        let mut claim = encode_claim(ClaimId(lease_id), &FP, 5);
+        claim[0] = CLAIMED_BY_LEASE;
+        let stored = decode_value(b"k", &claim, 9).unwrap();
+        assert_eq!(stored.owner, None, "an ID that is never a call's");
+        assert!(
+            matches!(stored.record.state, KeyState::Claimed { token, .. } if token == ClaimToken(9))
+        );
+        let mut done = encode_completion(ClaimToken(lease_id), &FP, 0, 99);
+        done[0] = COMPLETED_BY_LEASE;
+        let stored = decode_value(b"k", &done, 9).unwrap();
+        assert!(
+            matches!(stored.record.state, KeyState::Completed { token, .. } if token == ClaimToken(0)),
+            "a lease ID is no fencing token"
+        );
+    }
+
+    #[test]
+    fn malformed_records_are_corruption() {
+        for value in [
+            encode_claim(ClaimId(1), &FP, 5),
+            encode_completion(ClaimToken(3), &FP, 0, 9),
+        ] {
+            // Cut short or too long: not a record.
+            bad(&value[..value.len() - 1]);
+            bad(&[value.clone(), vec![0]].concat());
         }
         // The text form of earlier builds (another key space) is not taken for a record.
-        let err = decode_value(b"k", b"c 5 ab 99").unwrap_err();
-        assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
+        bad(b"c 5 ab 99");
+        bad(b"");
+    }
+
+    #[test]
+    fn a_claim_found_is_live_whatever_its_value_says() {
+        // The value's lease-until is the claim's first; renewals do not rewrite it.
+        let stored = decode_value(b"k", &encode_claim(ClaimId(1), &FP, 5), 8).unwrap();
+        let now = 1_000;
+        assert_eq!(
+            decide(Some(&as_found(&stored)), &FP, now, ClaimToken(0)),
+            Claim::InProgress
+        );
+        assert_eq!(
+            decide(Some(&as_found(&stored)), &[0; 32], now, ClaimToken(0)),
+            Claim::Conflict
+        );
+        // An expired completion not yet deleted is claimed over.
+        let done = decode_value(b"k", &encode_completion(ClaimToken(8), &FP, 0, 999), 9).unwrap();
+        assert!(matches!(
+            decide(Some(&as_found(&done)), &FP, now, ClaimToken(0)),
+            Claim::Acquired { .. }
+        ));
     }
 }

@@ -102,7 +102,7 @@ impl LogRecordStore for EtcdLogRecords {
                 let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
                 let put = TxnOp::put(k.run.clone(), value.clone(), Some(PutOptions::new().with_lease(token)));
                 match conn.txn_or_get("claim a log-backup run", &k.run, when, vec![put]).await? {
-                    TxnOutcome::Applied => return Ok(token),
+                    TxnOutcome::Applied { .. } => return Ok(token),
                     // An earlier attempt whose answer was lost did apply.
                     TxnOutcome::Found(Some(kv)) if kv.value() == value.as_bytes() => return Ok(token),
                     TxnOutcome::Found(Some(_)) => {
@@ -171,7 +171,7 @@ impl LogRecordStore for EtcdLogRecords {
                     .txn_or_get("reset log-backup retry records", &k.run, when, vec![delete])
                     .await?
                 {
-                    TxnOutcome::Applied => return Ok(()),
+                    TxnOutcome::Applied { .. } => return Ok(()),
                     TxnOutcome::Found(Some(_)) => {
                         return Err(in_progress(
                             &task,
@@ -211,7 +211,7 @@ impl EtcdRun<'_> {
                 .txn_or_get(what, &k.run, when, vec![op(k.records.clone(), value)])
                 .await?
             {
-                TxnOutcome::Applied => Ok(()),
+                TxnOutcome::Applied { .. } => Ok(()),
                 _ => Err(in_progress(
                     &task,
                     command,

@@ -6,6 +6,8 @@ pub mod tools;
 #[allow(unused_imports)]
 pub use tools::{ensure_python_module, ensure_tool};
 
+pub mod proxy;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;

@@ -27,7 +27,7 @@ use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_get_last_error, backup_plugin_init,
     backup_plugin_write_file_fenced,
 };
-use common::proxy::{Mode, Proxy};
+use common::proxy::{HostProxies, Mode};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_void, CStr, CString};
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +43,9 @@ const THREADS: usize = 3;
 const LEASE_MS: u64 = 2_000;
 const ETCD_TIMEOUT_MS: u64 = 2_000;
 const BLOCK: usize = 512;
+/// How long an `op` takes to ship its block before it writes: so that faults land while
+/// operations are in flight.
+const OP_MS: u64 = 60;
 const SUCCESS: i32 = 0;
 const IN_PROGRESS: i32 = -14;
 const LEASE_LOST: i32 = -17;
@@ -104,6 +107,7 @@ struct Ship<'a> {
 unsafe extern "C" fn ship(data: *mut c_void, token: u64) -> i32 {
     // SAFETY: `data` is the &Ship that ship_key passed.
     let ship = unsafe { &*(data as *const Ship) };
+    std::thread::sleep(Duration::from_millis(OP_MS));
     let bytes = block(ship.key, token);
     let start = mono_ns();
     let rc = backup_plugin_write_file_fenced(
@@ -119,7 +123,7 @@ unsafe extern "C" fn ship(data: *mut c_void, token: u64) -> i32 {
 
 fn ship_key(key: usize, dir: &Path, out: &Mutex<std::io::Stdout>) {
     let name = CString::new(key_name(key)).unwrap();
-    let ship = Ship {
+    let job = Ship {
         key,
         dest: CString::new(dir.join(format!("{}.dat", key_name(key))).to_str().unwrap()).unwrap(),
         out,
@@ -134,13 +138,17 @@ fn ship_key(key: usize, dir: &Path, out: &Mutex<std::io::Stdout>) {
             fingerprint.as_ptr() as *const c_void,
             fingerprint.len(),
             Some(ship),
-            &ship as *const Ship as *mut c_void,
+            &job as *const Ship as *mut c_void,
             &mut replayed,
         );
         let now = mono_ns();
         {
             let mut out = out.lock().unwrap();
-            let _ = writeln!(out, "CALL {key} {rc} {} {call_started} {now}", replayed as u8);
+            let _ = writeln!(
+                out,
+                "CALL {key} {rc} {} {call_started} {now}",
+                replayed as u8
+            );
         }
         // Another host runs it, or the store is cut off: wait for its outcome. A lost
         // claim's late effect is fenced: the key is someone else's now; ask again.
@@ -161,7 +169,10 @@ fn jepsen_host() {
     let host: usize = host.parse().unwrap();
     let dir = PathBuf::from(std::env::var("JEPSEN_DIR").unwrap());
     let config = std::env::var("JEPSEN_CONFIG").unwrap();
-    let seed: u64 = std::env::var("JEPSEN_SEED_OF_RUN").unwrap().parse().unwrap();
+    let seed: u64 = std::env::var("JEPSEN_SEED_OF_RUN")
+        .unwrap()
+        .parse()
+        .unwrap();
     let rc = backup_plugin_init(config.as_ptr() as *const _, config.len() as u32);
     assert_eq!(rc, 0, "init: {:?}", unsafe {
         // SAFETY: the plugin's last error is NUL-terminated.
@@ -267,7 +278,11 @@ struct Figures {
     secs: f64,
 }
 
-fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Result<Figures, String> {
+fn run_seed(
+    seed: u64,
+    cluster: &mut etcd_cluster::Cluster,
+    root: &Path,
+) -> Result<Figures, String> {
     let started = Instant::now();
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = root.join(format!("seed-{seed}"));
@@ -275,12 +290,14 @@ fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Resu
     std::fs::create_dir_all(&shared).unwrap();
     let members = cluster.endpoints();
     // One proxy per member per host.
-    let proxies: Vec<Vec<Proxy>> = (0..HOSTS)
-        .map(|_| members.iter().map(|m| Proxy::start(m)).collect())
-        .collect();
+    let proxies: Vec<HostProxies> = (0..HOSTS).map(|_| HostProxies::start(&members)).collect();
     let mut hosts: Vec<Host> = (0..HOSTS)
         .map(|h| {
-            let endpoints: Vec<String> = proxies[h].iter().map(|p| format!("\"{}\"", p.url())).collect();
+            let endpoints: Vec<String> = proxies[h]
+                .endpoints()
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect();
             let config = format!(
                 "state_backend = \"etcd\"\netcd_endpoints = [{}]\netcd_prefix = \"/jepsen/{seed}/\"\n\
                  etcd_timeout = \"{ETCD_TIMEOUT_MS}ms\"\nidempotency_lease = \"{LEASE_MS}ms\"\n\
@@ -314,25 +331,31 @@ fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Resu
         .collect();
     let pids: Vec<u32> = hosts.iter().map(|h| h.child.id()).collect();
     // Faults, one after another, while the hosts run.
-    let faults: Vec<Fault> = (0..rng.usize(2..=4)).map(|_| Fault::draw(&mut rng)).collect();
-    let running = |hosts: &mut Vec<Host>| hosts.iter_mut().any(|h| h.child.try_wait().unwrap().is_none());
+    let faults: Vec<Fault> = (0..rng.usize(2..=4))
+        .map(|_| Fault::draw(&mut rng))
+        .collect();
+    let running = |hosts: &mut Vec<Host>| {
+        hosts
+            .iter_mut()
+            .any(|h| h.child.try_wait().unwrap().is_none())
+    };
     for fault in &faults {
-        std::thread::sleep(Duration::from_millis(rng.u64(100..600)));
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
         if !running(&mut hosts) {
             break;
         }
         let hold = Duration::from_millis(fault.ms());
         match *fault {
             Fault::Partition { host, .. } => {
-                proxies[host].iter().for_each(|p| p.set(Mode::Blackhole));
+                proxies[host].set_mode(Mode::Blackhole);
                 std::thread::sleep(hold);
-                proxies[host].iter().for_each(|p| p.set(Mode::Pass));
+                proxies[host].set_mode(Mode::Pass);
             }
             Fault::PartitionFromLeader { host, .. } => {
                 let leader = cluster.leader();
-                proxies[host][leader].set(Mode::Blackhole);
+                proxies[host].proxies[leader].set_mode(Mode::Blackhole);
                 std::thread::sleep(hold);
-                proxies[host][leader].set(Mode::Pass);
+                proxies[host].proxies[leader].set_mode(Mode::Pass);
             }
             Fault::Stall { host, .. } => {
                 signal(pids[host], libc::SIGSTOP);
@@ -346,9 +369,9 @@ fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Resu
                 cluster.restart(leader);
             }
             Fault::DropAnswers { host, .. } => {
-                proxies[host].iter().for_each(|p| p.set(Mode::DropAnswers));
+                proxies[host].set_mode(Mode::DropAnswers);
                 std::thread::sleep(hold);
-                proxies[host].iter().for_each(|p| p.set(Mode::Pass));
+                proxies[host].set_mode(Mode::Pass);
             }
         }
     }
@@ -359,7 +382,9 @@ fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Resu
             for h in &mut hosts {
                 let _ = h.child.kill();
             }
-            return Err(format!("seed {seed}: hosts still running after 120 s (faults {faults:?})"));
+            return Err(format!(
+                "seed {seed}: hosts still running after 120 s (faults {faults:?})"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -369,13 +394,23 @@ fn run_seed(seed: u64, cluster: &mut etcd_cluster::Cluster, root: &Path) -> Resu
         h.reader.take().unwrap().join().unwrap();
         let lines = std::mem::take(&mut *h.lines.lock().unwrap());
         if !status.success() || !lines.iter().any(|l| l.starts_with("DONE")) {
-            return Err(format!("seed {seed}: host {i} ended with {status}; last lines {:?}", &lines[lines.len().saturating_sub(5)..]));
+            return Err(format!(
+                "seed {seed}: host {i} ended with {status}; last lines {:?}",
+                &lines[lines.len().saturating_sub(5)..]
+            ));
         }
         histories.push(lines);
     }
     drop(proxies);
     let faults_ms: u64 = faults.iter().map(Fault::ms).sum();
-    let figures = check(seed, &shared, &histories, faults_ms, faults.clone(), started)?;
+    let figures = check(
+        seed,
+        &shared,
+        &histories,
+        faults_ms,
+        faults.clone(),
+        started,
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(figures)
 }
@@ -420,7 +455,7 @@ fn check(
         writes_refused: 0,
         lease_lost: 0,
         longest_in_progress_ms: 0,
-        faults,
+        faults: faults.clone(),
         secs: 0.0,
     };
     for key in 0..KEYS {
@@ -447,7 +482,9 @@ fn check(
         match read_block(&path) {
             Some((k, token)) if k == key && token == highest => {}
             found => {
-                return fail(format!("key {key}: the file holds {found:?}, the highest accepted token is {highest}"))
+                return fail(format!(
+                    "key {key}: the file holds {found:?}, the highest accepted token is {highest}"
+                ))
             }
         }
         for host in 0..HOSTS {

@@ -1,7 +1,6 @@
 //! The TCP fault proxy of the etcd tests (tests/common/proxy.rs), against a tiny echo
 //! server: each mode does what it says, and dropping the proxy ends its threads.
 
-#[allow(dead_code)]
 mod common;
 
 use common::proxy::{Mode, Proxy};

@@ -17,7 +17,8 @@
 //! A failing seed is printed and replays with `JEPSEN_SEED=<seed>`; `JEPSEN_SEEDS=<n>` runs
 //! more seeds (the default keeps the run within CI's time).
 
-mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
@@ -27,7 +28,7 @@ use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_get_last_error, backup_plugin_init,
     backup_plugin_write_file_fenced,
 };
-use common::proxy::{HostProxies, Mode};
+use proxy::{HostProxies, Mode};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_void, CStr, CString};
 use std::io::{BufRead, BufReader, Write};
@@ -415,6 +416,11 @@ fn run_seed(
     Ok(figures)
 }
 
+/// A write a host tried: (start, end, host, token, code).
+type Tried = (u64, u64, usize, u64, i32);
+/// A call's outcome: (code, start, end).
+type Call = (i32, u64, u64);
+
 /// Reads the histories and the shared directory; the first broken rule is the error.
 fn check(
     seed: u64,
@@ -426,8 +432,8 @@ fn check(
 ) -> Result<Figures, String> {
     let fail = |why: String| Err(format!("seed {seed} (faults {faults:?}): {why}"));
     // (start, end, host, token, code) of each write tried, per key; each host's calls per key.
-    let mut writes: BTreeMap<usize, Vec<(u64, u64, usize, u64, i32)>> = BTreeMap::new();
-    let mut calls: HashMap<(usize, usize), Vec<(i32, u64, u64)>> = HashMap::new();
+    let mut writes: BTreeMap<usize, Vec<Tried>> = BTreeMap::new();
+    let mut calls: HashMap<(usize, usize), Vec<Call>> = HashMap::new();
     for (host, lines) in histories.iter().enumerate() {
         for line in lines {
             let words: Vec<&str> = line.split(' ').collect();

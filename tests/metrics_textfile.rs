@@ -7,8 +7,7 @@
 //!
 //! One plugin per process, and the umask is process-wide: the tests take turns.
 mod common;
-#[path = "common/tools.rs"]
-mod tools;
+use common::tools;
 
 use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_get_last_error, backup_plugin_get_metrics,

@@ -1,5 +1,7 @@
 //! The demo tells the truth: two runs with different DEMO_DIRs each write and verify their
-//! own files; files missing after a pass fail it; bad arguments are refused with the usage.
+//! own files, each through the fenced write (a fence sidecar per block); files missing after
+//! a pass fail it; --shared-dir puts the set there and verification reads it there; bad
+//! arguments are refused with the usage.
 #[path = "common/tools.rs"]
 mod tools;
 
@@ -47,13 +49,32 @@ fn host() -> PathBuf {
     Path::new(PLUGIN_DIR).join("build/taosx_host")
 }
 
+/// The blocks of a backup set (`vg*.dat`), without the fence sidecars (`.<name>.fence`).
 fn block_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir.join("backup_set"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .collect();
     files.sort();
     files
+}
+
+/// Every entry of a backup set: each block and its fence sidecar, nothing else.
+fn assert_blocks_and_fences(dir: &Path, count: usize) {
+    let mut names: Vec<String> = fs::read_dir(dir.join("backup_set"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..count)
+        .flat_map(|i| {
+            let name = format!("vg{:02}_block_{:05}.dat", i % 4, i);
+            [format!(".{name}.fence"), name]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected);
 }
 
 #[test]
@@ -78,12 +99,34 @@ fn two_runs_in_different_dirs_each_write_and_verify_their_own_files() {
             "{said}"
         );
         // The first pass of each run really shipped every block: none was a replay from
-        // another run's state.
-        let first_pass = said.split("second pass").next().unwrap();
+        // another run's state, each write was accepted by the fence, none refused, no
+        // claim lapsed; the second pass wrote nothing.
+        let (first_pass, second_pass) = said.split_once("second pass").unwrap();
         assert!(first_pass.contains("replayed          0 "), "{first_pass}");
+        assert!(
+            first_pass.contains(&format!(
+                "written by op     {FILES} (writes the fence accepted)"
+            )),
+            "{first_pass}"
+        );
+        for pass in [first_pass, second_pass] {
+            assert!(pass.contains("refused by fence  0 "), "{pass}");
+            assert!(pass.contains("lease lost        0 "), "{pass}");
+        }
+        assert!(
+            second_pass.contains("written by op     0 "),
+            "{second_pass}"
+        );
+        assert!(
+            said.contains("backup_plugin_write_file_fenced into"),
+            "{said}"
+        );
+        // Alone, with no shared dir, the host logs no fence lines.
+        assert!(!said.contains("fence-log"), "{said}");
         // Its files are where it says, whole, and so is everything the plugin wrote.
         let files = block_files(&dir);
         assert_eq!(files.len(), FILES, "{said}");
+        assert_blocks_and_fences(&dir, FILES);
         for file in &files {
             assert_eq!(fs::metadata(file).unwrap().len(), SIZE as u64);
         }
@@ -182,6 +225,10 @@ fn arguments_are_checked_and_help_exits_0() {
         &["--failure-rate", "nan"],
         &["--threads", "0"],
         &["--size", "0"],
+        &["--op-delay-ms", "-1"],
+        &["--op-delay-ms", "60001"],
+        &["--op-delay-ms", "5ms"],
+        &["--shared-dir", "/tmp/it's"],
         &["--bogus", "1"],
         &["--files"],
         &[],
@@ -229,6 +276,74 @@ fn the_progress_bar_is_drawn_on_a_terminal_only() {
     assert!(out.status.success(), "{said}");
     assert!(
         said.contains("\r  [") && said.contains("8/8 files"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_shared_dir_receives_the_set_and_is_what_is_verified() {
+    let _turn = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = make_demo(&dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let host_run = |work: &Path, shared: &Path| {
+        Command::new(host())
+            .args(["--config", "demo/taosx.toml", "--plugin-dir"])
+            .arg(dir.join("plugins"))
+            .arg("--work-dir")
+            .arg(work)
+            .arg("--shared-dir")
+            .arg(shared)
+            .args(["--files", "8", "--size", "512", "--op-delay-ms", "5"])
+            .current_dir(PLUGIN_DIR)
+            .output()
+            .unwrap()
+    };
+    let (work, shared) = (tmp.path().join("work"), tmp.path().join("shared"));
+    let out = host_run(&work, &shared);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("PASS: 8 of 8 files on disk and intact"),
+        "{said}"
+    );
+    assert!(said.contains("each block's transfer takes 5 ms"), "{said}");
+    // The set is in the shared dir, not in the work dir (which has the plugin's state).
+    assert_blocks_and_fences(&shared, 8);
+    assert!(!work.join("backup_set").exists());
+    assert!(work.join("state").is_dir());
+    // One transfer, write and accepted line per block, each with its claim's token, in order
+    // on CLOCK_MONOTONIC.
+    for kind in ["transfer", "write", "accepted"] {
+        let n = said
+            .lines()
+            .filter(|l| l.starts_with(&format!("fence-log {kind} /backup_set/vg")))
+            .count();
+        assert_eq!(n, 8, "{kind}: {said}");
+    }
+    for line in said
+        .lines()
+        .filter(|l| l.starts_with("fence-log accepted "))
+    {
+        let num = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(num("token=") > 0, "{line}");
+        assert!(num("t1=") >= num("t0="), "{line}");
+        assert!(line.ends_with(" rc=0"), "{line}");
+    }
+    // A block gone from the shared dir is missed there, whatever the work dir holds.
+    fs::remove_file(shared.join("backup_set/vg01_block_00005.dat")).unwrap();
+    let out = host_run(&work, &shared);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("7 of 8 files read back intact, 1 missing, 0 wrong"),
         "{said}"
     );
 }

@@ -47,6 +47,9 @@ typedef struct {
     int32_t (*execute_idempotent)(const char*, const void*, size_t, backup_idempotent_op_fn, void*, bool*);
     int32_t (*idempotency_forget)(const char*);
     int32_t (*get_metrics)(char*, size_t, size_t*);
+    int32_t (*execute_idempotent_fenced)(const char*, const void*, size_t, backup_fenced_op_fn, void*, bool*);
+    int32_t (*idempotency_check_claim)(const char*, uint64_t);
+    int32_t (*write_file_fenced)(const char*, const void*, size_t, uint64_t);
 } BackupPlugin;
 
 /* Resolves one symbol; a missing entry point is an error that names it. */
@@ -99,6 +102,9 @@ static inline int backup_plugin_load(BackupPlugin* p, const char* plugin_dir) {
     LOAD_SYM(p, execute_idempotent, "backup_execute_idempotent");
     LOAD_SYM(p, idempotency_forget, "backup_idempotency_forget");
     LOAD_SYM(p, get_metrics, "backup_plugin_get_metrics");
+    LOAD_SYM(p, execute_idempotent_fenced, "backup_execute_idempotent_fenced");
+    LOAD_SYM(p, idempotency_check_claim, "backup_idempotency_check_claim");
+    LOAD_SYM(p, write_file_fenced, "backup_plugin_write_file_fenced");
     return 0;
 }
 

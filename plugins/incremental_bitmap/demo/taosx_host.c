@@ -2,13 +2,20 @@
  * (dlopen, dlsym of each entry point, its TOML section passed length-delimited), then writes
  * a backup set of many files through it while transient failures are injected, reads every
  * file back to verify it, and prints a summary. Each file is shipped under an idempotency
- * key; after a restart of the plugin the whole batch is submitted again, as a restarted
- * pipeline would, and nothing is written twice.
+ * key with backup_execute_idempotent_fenced: the operation gets the claim's fencing token
+ * and writes with backup_plugin_write_file_fenced, which refuses a write with a lower token
+ * than one already made (a host that stalled past its lease and woke up late). After a
+ * restart of the plugin the whole batch is submitted again, as a restarted pipeline would,
+ * and nothing is written twice.
  *
- * Every path the demo uses lives under --work-dir: the backup set, and the plugin's
- * state_dir, error_store_path and log_path, which replace those of the config's section
- * (the config file itself keeps the layout of a real taosX installation). The exit code
- * says whether every file is on disk with the right content. */
+ * Every path the demo uses lives under --work-dir: the backup set (unless --shared-dir puts
+ * it elsewhere), and the plugin's state_dir, error_store_path and log_path, which replace
+ * those of the config's section (the config file itself keeps the layout of a real taosX
+ * installation). The exit code says whether every file is on disk with the right content.
+ *
+ * With --shared-dir, every transfer, write and outcome is printed as a `fence-log` line
+ * with CLOCK_MONOTONIC nanoseconds (shared by the processes of one machine), so that the
+ * cluster demo can check the fence's order over all its hosts. */
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -27,31 +34,73 @@ typedef struct {
     double failure_rate;
     long threads;
     const char* peers; /* NULL, or other hosts' work dirs (':'-separated) sharing the keys */
+    const char* shared_dir; /* NULL, or where the backup set goes (hosts sharing one destination) */
+    long op_delay_ms;       /* each op's transfer time, between its token and its write */
 } Options;
 
 static BackupPlugin g_plugin;
 static Options g_opt;
-/* Counters of one pass; run_pass resets them. */
-static atomic_int g_next_file, g_done, g_failed, g_injected, g_writes, g_replayed;
+/* Counters of one pass; run_pass resets them. g_writes: writes the fence accepted;
+ * g_refused: writes it refused (FENCED); g_lease_lost: calls answering LEASE_LOST;
+ * g_failed: calls that gave up otherwise (with hosts sharing the keys, FENCED and
+ * LEASE_LOST are a stalled host's expected outcomes; alone, they are failures too). */
+static atomic_int g_next_file, g_done, g_failed, g_injected, g_writes, g_replayed, g_refused, g_lease_lost;
+
+/* Whether other hosts ship the same blocks under the same keys. */
+static bool shared(void) { return g_opt.peers || g_opt.shared_dir; }
+
+/* Where the backup set goes: the shared destination, else the work dir. */
+static const char* blocks_dir(void) { return g_opt.shared_dir ? g_opt.shared_dir : g_opt.work_dir; }
+
+static unsigned long long mono_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ull + (unsigned long long)t.tv_nsec;
+}
 
 typedef struct {
+    const char* key;
     const char* path;
     const unsigned char* data;
     size_t size;
     unsigned int* seed;
+    uint64_t token; /* the token the last attempt got */
 } WriteJob;
 
-/* One attempt of shipping a block: the network may drop (injected), else a durable write. */
-static int32_t ship_block(void* user_data) {
+/* One attempt of shipping a block under the claim `token`: the network may drop
+ * (injected), else the block's transfer (--op-delay-ms) and its fenced durable write. */
+static int32_t ship_block(void* user_data, uint64_t token) {
     WriteJob* job = (WriteJob*)user_data;
+    job->token = token;
     if ((double)rand_r(job->seed) / RAND_MAX < g_opt.failure_rate) {
         atomic_fetch_add(&g_injected, 1);
         static const int32_t transient[] = {BACKUP_ERROR_NETWORK, BACKUP_ERROR_CONNECTION_LOST,
                                             BACKUP_ERROR_TIMEOUT, BACKUP_ERROR_FILE_IO};
         return transient[rand_r(job->seed) % 4];
     }
-    atomic_fetch_add(&g_writes, 1);
-    return g_plugin.write_file_with_retry(job->path, job->data, job->size);
+    bool log = g_opt.shared_dir != NULL;
+    if (log) printf("fence-log transfer %s token=%llu t=%llu\n", job->key, (unsigned long long)token, mono_ns());
+    if (g_opt.op_delay_ms > 0) {
+        struct timespec left = {g_opt.op_delay_ms / 1000, (g_opt.op_delay_ms % 1000) * 1000000L};
+        while (nanosleep(&left, &left) != 0 && errno == EINTR) {
+        }
+    }
+    unsigned long long t0 = mono_ns();
+    if (log) printf("fence-log write %s token=%llu t=%llu\n", job->key, (unsigned long long)token, t0);
+    int32_t rc = g_plugin.write_file_fenced(job->path, job->data, job->size, token);
+    unsigned long long t1 = mono_ns();
+    const char* outcome = "failed";
+    if (rc == BACKUP_SUCCESS) {
+        atomic_fetch_add(&g_writes, 1);
+        outcome = "accepted";
+    } else if (rc == BACKUP_ERROR_FENCED) {
+        atomic_fetch_add(&g_refused, 1);
+        outcome = "refused";
+    }
+    if (log)
+        printf("fence-log %s %s token=%llu t0=%llu t1=%llu rc=%d\n", outcome, job->key, (unsigned long long)token,
+               t0, t1, rc);
+    return rc;
 }
 
 static void fill(unsigned char* buf, size_t size, long file) {
@@ -65,7 +114,7 @@ static void fill(unsigned char* buf, size_t size, long file) {
 }
 
 static void block_path(char* out, size_t cap, long i) {
-    snprintf(out, cap, "%s/backup_set/vg%02ld_block_%05ld.dat", g_opt.work_dir, i % 4, i);
+    snprintf(out, cap, "%s/backup_set/vg%02ld_block_%05ld.dat", blocks_dir(), i % 4, i);
 }
 
 static void* worker(void* arg) {
@@ -77,17 +126,28 @@ static void* worker(void* arg) {
         if (i >= g_opt.files) break;
         block_path(path, sizeof path, i);
         fill(data, (size_t)g_opt.file_size, i);
-        WriteJob job = {path, data, (size_t)g_opt.file_size, &seed};
-        /* The key names the block (relative to the work dir); the content is the fingerprint. */
+        /* The key names the block (relative to where the set goes); the content is the
+         * fingerprint. */
+        const char* key = path + strlen(blocks_dir());
+        WriteJob job = {key, path, data, (size_t)g_opt.file_size, &seed, 0};
         bool replayed = false;
         int32_t rc;
         /* With --peers, another host may be running the same key: wait for its outcome (a
-         * replay, or a takeover once a dead host's lease ran out). */
-        while ((rc = g_plugin.execute_idempotent(path + strlen(g_opt.work_dir), data, (size_t)g_opt.file_size,
-                                                 ship_block, &job, &replayed)) == BACKUP_ERROR_IN_PROGRESS &&
+         * replay, or a takeover once a dead or stalled host's lease ran out). */
+        while ((rc = g_plugin.execute_idempotent_fenced(key, data, (size_t)g_opt.file_size, ship_block, &job,
+                                                        &replayed)) == BACKUP_ERROR_IN_PROGRESS &&
                g_opt.peers)
             usleep(20 * 1000);
-        if (rc != BACKUP_SUCCESS) atomic_fetch_add(&g_failed, 1);
+        /* FENCED: this host's write came after a newer claim's (it stalled past its lease),
+         * the block is that claim's. LEASE_LOST: the write was accepted, late; a newer claim's
+         * write, if any, replaces it in token order. */
+        if (rc == BACKUP_ERROR_LEASE_LOST) {
+            atomic_fetch_add(&g_lease_lost, 1);
+            if (g_opt.shared_dir)
+                printf("fence-log lease-lost %s token=%llu t=%llu\n", key, (unsigned long long)job.token, mono_ns());
+        }
+        bool expected = shared() && (rc == BACKUP_ERROR_FENCED || rc == BACKUP_ERROR_LEASE_LOST);
+        if (rc != BACKUP_SUCCESS && !expected) atomic_fetch_add(&g_failed, 1);
         if (replayed) atomic_fetch_add(&g_replayed, 1);
         atomic_fetch_add(&g_done, 1);
     }
@@ -120,16 +180,17 @@ static int check_copy(const char* dir, long i, const unsigned char* expect, unsi
     return 1;
 }
 
-/* Reads every file of the set back: a file that is absent or differs from what was sent
- * is counted, never skipped. With --peers, a block lives in exactly one of the hosts' work
- * dirs: a second copy is counted wrong. */
+/* Reads every file of the set back (from --shared-dir when given, else the work dir): a
+ * file that is absent or differs from what was sent (fill(i)) is counted, never skipped.
+ * With --peers, a block lives in exactly one of the hosts' dirs: a second copy is counted
+ * wrong. */
 static Verification verify(void) {
     Verification v = {0, 0, 0};
     unsigned char* expect = (unsigned char*)malloc((size_t)g_opt.file_size);
     unsigned char* got = (unsigned char*)malloc((size_t)g_opt.file_size + 1);
     for (long i = 0; i < g_opt.files; i++) {
         fill(expect, (size_t)g_opt.file_size, i);
-        int wrong = 0, copies = check_copy(g_opt.work_dir, i, expect, got, &wrong);
+        int wrong = 0, copies = check_copy(blocks_dir(), i, expect, got, &wrong);
         for (const char* p = g_opt.peers; p && *p;) {
             const char* end = strchr(p, ':');
             size_t len = end ? (size_t)(end - p) : strlen(p);
@@ -159,6 +220,8 @@ static double run_pass(void) {
     atomic_store(&g_injected, 0);
     atomic_store(&g_writes, 0);
     atomic_store(&g_replayed, 0);
+    atomic_store(&g_refused, 0);
+    atomic_store(&g_lease_lost, 0);
     bool bar = isatty(STDERR_FILENO);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -183,7 +246,8 @@ static double run_pass(void) {
 static void usage(FILE* out, const char* argv0) {
     fprintf(out,
             "usage: %s --config FILE --work-dir DIR [--plugin-dir DIR] [--files N] [--size BYTES]\n"
-            "          [--failure-rate RATE] [--threads N] [--peers DIR:DIR...]\n"
+            "          [--failure-rate RATE] [--threads N] [--peers DIR:DIR...] [--shared-dir DIR]\n"
+            "          [--op-delay-ms N]\n"
             "  --config FILE         a taosX config with a [plugins.incremental_bitmap] section\n"
             "  --work-dir DIR        every file the demo writes goes under DIR: backup_set/, and the\n"
             "                        plugin's state/, errors/ and logs/ (replacing the config's paths)\n"
@@ -195,6 +259,12 @@ static void usage(FILE* out, const char* argv0) {
             "  --threads N           writer threads, 1 to 64 (default 4)\n"
             "  --peers DIRS          other hosts' work dirs (':'-separated) sharing the same keys (a\n"
             "                        shared etcd state store): each block must be in exactly one dir\n"
+            "  --shared-dir DIR      write the backup set under DIR/backup_set, a destination shared\n"
+            "                        with other hosts, and log each transfer, write and outcome as a\n"
+            "                        'fence-log' line (CLOCK_MONOTONIC ns); a late write refused by\n"
+            "                        the fence (FENCED) and LEASE_LOST are then expected, not failures\n"
+            "  --op-delay-ms N       each block's transfer: its op sleeps N ms between getting its\n"
+            "                        fencing token and writing, 0 to 60000 (default 0)\n"
             "  --help                this text\n"
             "Exit code: 0 when every file was written and read back intact, 1 otherwise,\n"
             "2 for bad arguments.\n",
@@ -243,6 +313,8 @@ static int parse_args(int argc, char** argv) {
         else if (!strcmp(arg, "--failure-rate")) ok = parse_rate(value, &g_opt.failure_rate);
         else if (!strcmp(arg, "--threads")) ok = parse_long(value, 1, 64, &g_opt.threads);
         else if (!strcmp(arg, "--peers")) g_opt.peers = value;
+        else if (!strcmp(arg, "--shared-dir")) g_opt.shared_dir = value;
+        else if (!strcmp(arg, "--op-delay-ms")) ok = parse_long(value, 0, 60000, &g_opt.op_delay_ms);
         else {
             fprintf(stderr, "%s: unknown option %s\n", argv[0], arg);
             usage(stderr, argv[0]);
@@ -261,6 +333,11 @@ static int parse_args(int argc, char** argv) {
     }
     if (strpbrk(g_opt.work_dir, "'\n") || strlen(g_opt.work_dir) > 3000) {
         fprintf(stderr, "%s: --work-dir must not contain ' or a newline, nor exceed 3000 bytes\n", argv[0]);
+        return 2;
+    }
+    if (g_opt.shared_dir && (strpbrk(g_opt.shared_dir, "'\n") || strlen(g_opt.shared_dir) > 3000)) {
+        fprintf(stderr, "%s: --shared-dir must not contain ' or a newline, nor exceed 3000 bytes\n", argv[0]);
+        usage(stderr, argv[0]);
         return 2;
     }
     return -1;
@@ -340,10 +417,17 @@ static void print_metrics(const char* const* prefixes, size_t count) {
 static void print_pass(const char* title, Verification v, double elapsed) {
     uint64_t errors = 0, retries = 0;
     g_plugin.get_error_stats(&errors, &retries);
+    int failed = atomic_load(&g_failed), refused = atomic_load(&g_refused);
     printf("\n%s\n", title);
-    printf("  files shipped     %ld (%d gave up after retries)\n", g_opt.files - atomic_load(&g_failed),
-           atomic_load(&g_failed));
-    printf("  written by op     %d\n", atomic_load(&g_writes));
+    if (shared())
+        printf("  files shipped     %ld (%d gave up after retries, %d left to a newer claim)\n",
+               g_opt.files - failed - refused, failed, refused);
+    else
+        printf("  files shipped     %ld (%d gave up after retries)\n", g_opt.files - failed, failed);
+    printf("  written by op     %d (writes the fence accepted)\n", atomic_load(&g_writes));
+    printf("  refused by fence  %d (late writes: a newer claim of the block had written it)\n", refused);
+    printf("  lease lost        %d (calls answering LEASE_LOST: op succeeded after its claim lapsed)\n",
+           atomic_load(&g_lease_lost));
     printf("  replayed          %d (their operation not called)\n", atomic_load(&g_replayed));
     printf("  failures injected %d\n", atomic_load(&g_injected));
     printf("  verified          %d of %ld files read back intact, %d missing, %d wrong\n", v.verified,
@@ -389,10 +473,18 @@ int main(int argc, char** argv) {
            g_opt.config_path, config_len, g_opt.work_dir);
 
     char dir[4096];
-    snprintf(dir, sizeof dir, "mkdir -p '%s/backup_set'", g_opt.work_dir);
+    snprintf(dir, sizeof dir, "mkdir -p '%s/backup_set'", blocks_dir());
     if (system(dir) != 0) return 1;
     printf("writing %ld files of %ld bytes with %ld threads, injecting transient failures at %.0f%%\n",
            g_opt.files, g_opt.file_size, g_opt.threads, g_opt.failure_rate * 100);
+    printf("each block shipped under a fencing token (backup_execute_idempotent_fenced), written with\n"
+           "backup_plugin_write_file_fenced into %s/backup_set\n",
+           blocks_dir());
+    if (g_opt.op_delay_ms) printf("each block's transfer takes %ld ms between its token and its write\n", g_opt.op_delay_ms);
+    if (g_opt.shared_dir)
+        printf("a destination shared with other hosts: fence-log lines give each transfer, write and\n"
+               "outcome with CLOCK_MONOTONIC ns (pid %d)\n",
+               (int)getpid());
 
     double elapsed = run_pass();
     Verification first = verify();
@@ -405,7 +497,9 @@ int main(int argc, char** argv) {
     static const char* const store_metrics[] = {"backup_idempotency_", "backup_state_store_"};
     if (g_opt.peers) print_metrics(store_metrics, 2);
     /* Every file the pass did not give up on must be on disk, intact (with peers, a block
-     * this host gave up on may have been shipped by another host). */
+     * this host gave up on may have been shipped by another host). A block whose late write
+     * was refused was written by the newer claim; one answered LEASE_LOST was written by
+     * this host, late, in token order. */
     bool ok = first.wrong == 0 && (g_opt.peers ? first.missing <= gave_up : first.missing == gave_up);
 
     /* taosX restarts and resubmits the same batch, as a pipeline does after a crash: every

@@ -104,7 +104,8 @@ fn stall_line(said: &str, verb: &str) -> (usize, u32, u64) {
 #[test]
 fn every_block_is_intact_in_the_shared_dir_and_a_stalled_hosts_late_writes_are_refused() {
     etcd_cluster::ensure_etcd_installed();
-    // The script picks free ports with python3; make and gcc build the host.
+    // The script picks free ports and reads the shared dir with python3; make and gcc
+    // build the host.
     tools::ensure_tool("python3", &["python3"]);
     tools::ensure_tool("make", &["make"]);
     tools::ensure_tool("cc", &["gcc", "libc6-dev"]);

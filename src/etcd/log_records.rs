@@ -6,11 +6,16 @@
 //! and `<prefix>log-run/<task>/<command>` is the run's claim, created only when absent and
 //! bound to a lease that a task on the runtime keeps alive while the runner's guard lives.
 //! Every save and removal is compared on that lease: a runner whose claim ended (its host
-//! stalled past the lease) writes nothing.
+//! stalled past the lease) writes nothing. The claim's value is the run id of the call,
+//! the same across its retries: a claim whose answer was lost is found as the call's own.
+//! A failed begin_run deletes what it may have written (compared on that value) and
+//! revokes its lease; the keep-alive retries at once after a failure, so an outage shorter
+//! than the lease's remainder never lets the claim lapse under a running command.
 
 use super::client::{Conn, TxnOutcome};
 use super::EtcdClient;
 use crate::error::Failure;
+use crate::idempotency::ClaimId;
 use crate::log_backup::records::{LogRecordStore, RetryRecord, RunClaim, Sequence};
 use crate::log_backup::SubCommand;
 use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
@@ -87,48 +92,154 @@ pub fn decode(value: &[u8]) -> Option<Sequence> {
     })
 }
 
+/// The value of a run claim: the identity of the call that claims it (the same across its
+/// retries). Earlier builds wrote `r <lease>`: never taken for a call's.
+fn run_value(run: ClaimId) -> String {
+    format!("run {:016x}", run.0)
+}
+
+enum RunFailure {
+    Store(Failure),
+    /// Another runner holds it.
+    Held,
+    /// It kept changing hands.
+    Churn,
+}
+
+/// The run's claim: created while absent, bound to `lease` (replaced if it ran out first).
+/// The lease it is bound to: `lease`, or an earlier attempt's of this call when its claim
+/// (its value ours) is found.
+async fn claim_run(
+    conn: &Conn,
+    k: &Keys,
+    value: &str,
+    lease: &mut i64,
+    ttl: Duration,
+) -> Result<i64, RunFailure> {
+    for _ in 0..MAX_ROUNDS {
+        let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
+        let put = TxnOp::put(
+            k.run.clone(),
+            value,
+            Some(PutOptions::new().with_lease(*lease)),
+        );
+        match conn
+            .txn_or_get("claim a log-backup run", &k.run, when, vec![put])
+            .await
+            .map_err(RunFailure::Store)?
+        {
+            TxnOutcome::Applied { .. } => return Ok(*lease),
+            // An earlier attempt of this call whose answer was lost did apply.
+            TxnOutcome::Found(Some(kv)) if kv.value() == value.as_bytes() => {
+                crate::metrics::store().unknown_outcomes.inc();
+                return Ok(kv.lease());
+            }
+            TxnOutcome::Found(Some(_)) => return Err(RunFailure::Held),
+            TxnOutcome::Found(None) => continue,
+            TxnOutcome::LeaseGone => {
+                *lease = conn
+                    .grant("grant a run lease", ttl)
+                    .await
+                    .map_err(RunFailure::Store)?
+            }
+        }
+    }
+    Err(RunFailure::Churn)
+}
+
+/// Keeps the run's lease alive while its guard lives: every `lease`/3, and after a failed
+/// renewal at once again (after a short pause) rather than a whole period later, so that an
+/// outage shorter than the lease's remainder never lets the claim lapse under a running
+/// command. Each renewal is cut off after a period: one that hangs never eats the lease.
+async fn keep_run_alive(
+    conn: Arc<Conn>,
+    lease: i64,
+    ttl: Duration,
+    task: String,
+    command: &'static str,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(200));
+    let pause = (period / 8).max(Duration::from_millis(20));
+    let mut next = tokio::time::Instant::now() + period;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let sent = tokio::time::Instant::now();
+        let renewed =
+            tokio::time::timeout(period, conn.keep_alive("renew a run lease", lease)).await;
+        match renewed {
+            Ok(Ok(true)) => next = sent + period,
+            Ok(Ok(false)) => {
+                tracing::warn!(task = %task, command, "log-backup run claim lost: its lease expired; its saves are refused");
+                return;
+            }
+            Ok(Err(failure)) => {
+                tracing::warn!(task = %task, command, reason = %failure.detail(), "log-backup run lease not renewed; retrying");
+                next = tokio::time::Instant::now() + pause;
+            }
+            Err(_) => {
+                tracing::warn!(task = %task, command, "log-backup run lease not renewed within a renewal period; retrying");
+                next = tokio::time::Instant::now() + pause;
+            }
+        }
+    }
+}
+
 impl LogRecordStore for EtcdLogRecords {
     fn begin_run(
         &self,
         task: &str,
         command: SubCommand,
     ) -> Result<Box<dyn RunClaim + '_>, Failure> {
+        self.begin_run_as(task, command, ClaimId::new())
+    }
+
+    fn begin_run_as(
+        &self,
+        task: &str,
+        command: SubCommand,
+        run: ClaimId,
+    ) -> Result<Box<dyn RunClaim + '_>, Failure> {
         let (lease, owned_task) = (self.lease, task.to_string());
         let token = self.etcd.run(move |conn| async move {
             let k = keys(&conn, &owned_task, command);
+            let value = run_value(run);
             let mut token = conn.grant("grant a run lease", lease).await?;
-            for _ in 0..MAX_ROUNDS {
-                let value = format!("r {token:x}");
-                let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
-                let put = TxnOp::put(k.run.clone(), value.clone(), Some(PutOptions::new().with_lease(token)));
-                match conn.txn_or_get("claim a log-backup run", &k.run, when, vec![put]).await? {
-                    TxnOutcome::Applied { .. } => return Ok(token),
-                    // An earlier attempt whose answer was lost did apply.
-                    TxnOutcome::Found(Some(kv)) if kv.value() == value.as_bytes() => return Ok(token),
-                    TxnOutcome::Found(Some(_)) => {
+            let claimed = claim_run(&conn, &k, &value, &mut token, lease).await;
+            match claimed {
+                // Bound to `token`, or (found as ours) to the lease an earlier attempt of
+                // this call granted: the one granted here is not needed then.
+                Ok(bound) => {
+                    if bound != token {
                         let _ = conn.revoke("revoke an unused run lease", token).await;
-                        return Err(in_progress(&owned_task, command, "is being run by another runner (a dead runner's claim ends with its lease)"));
                     }
-                    TxnOutcome::Found(None) => continue,
-                    TxnOutcome::LeaseGone => token = conn.grant("grant a run lease", lease).await?,
+                    Ok(bound)
+                }
+                Err(failure) => {
+                    // Nothing of this attempt may stay behind to block the next runner
+                    // (an attempt applied unacknowledged): its claim is deleted while it is
+                    // still this call's, and its lease revoked. If these fail too, a retry
+                    // of this call finds the claim as its own; otherwise it ends with its
+                    // lease.
+                    let when = Compare::value(k.run.clone(), CompareOp::Equal, value.clone());
+                    let delete = TxnOp::delete(k.run.clone(), None);
+                    let _ = conn
+                        .txn_or_get("drop an unfinished run claim", &k.run, when, vec![delete])
+                        .await;
+                    let _ = conn.revoke("revoke an unused run lease", token).await;
+                    Err(match failure {
+                        RunFailure::Store(failure) => failure,
+                        RunFailure::Held => in_progress(
+                            &owned_task,
+                            command,
+                            "is being run by another runner (a dead runner's claim ends with its lease)",
+                        ),
+                        RunFailure::Churn => in_progress(&owned_task, command, "kept changing hands"),
+                    })
                 }
             }
-            Err(in_progress(&owned_task, command, "kept changing hands"))
         })?;
-        let period = (lease / 3).max(Duration::from_millis(200));
-        let (task_name, command_name) = (task.to_string(), command.name());
-        let keeper = self.etcd.spawn(move |conn| async move {
-            loop {
-                tokio::time::sleep(period).await;
-                match conn.keep_alive("renew a run lease", token).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(task = %task_name, command = command_name, "log-backup run claim lost: its lease expired; its saves are refused");
-                        return;
-                    }
-                    Err(failure) => tracing::warn!(task = %task_name, command = command_name, reason = %failure.detail(), "log-backup run lease not renewed; retrying"),
-                }
-            }
+        let keeper = self.etcd.spawn(move |conn| {
+            keep_run_alive(conn, token, lease, task.to_string(), command.name())
         });
         Ok(Box::new(EtcdRun {
             store: self,

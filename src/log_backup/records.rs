@@ -70,6 +70,20 @@ pub trait LogRecordStore: Send + Sync {
     fn begin_run(&self, task: &str, command: SubCommand)
         -> Result<Box<dyn RunClaim + '_>, Failure>;
 
+    /// [`Self::begin_run`] as the attempt of one call whose identity `run` is the same on
+    /// every retry of that call: a claim an earlier attempt made whose answer was lost is
+    /// found again as this call's own, not as another runner's (BACKUP_ERROR_IN_PROGRESS).
+    /// A store whose claims cannot be left behind by a lost answer ignores `run`.
+    fn begin_run_as(
+        &self,
+        task: &str,
+        command: SubCommand,
+        run: crate::idempotency::ClaimId,
+    ) -> Result<Box<dyn RunClaim + '_>, Failure> {
+        let _ = run;
+        self.begin_run(task, command)
+    }
+
     /// The records of (task, command), if any.
     fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>, Failure>;
 

@@ -7,6 +7,7 @@ use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Seq
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, Failure};
+use crate::idempotency::ClaimId;
 use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
 use crate::retry::{retry_store_access, Execution, RetryPolicy, Sleeper};
 use std::time::Duration;
@@ -182,9 +183,12 @@ impl Runner<'_> {
             skipped: false,
         };
         let store = self.store;
+        // One identity for every attempt of this call: a run claim whose answer was lost
+        // is found again as this call's own.
+        let run_id = ClaimId::new();
         let (started, retries) = retry_store_access(retry_store, "nothing was run", || {
             // One runner per (task, command), across threads, processes and hosts.
-            let run = store.begin_run(task, command)?;
+            let run = store.begin_run_as(task, command, run_id)?;
             let loaded = store.load(task, command).map_err(store_failed)?;
             Ok((run, loaded))
         });
@@ -604,9 +608,20 @@ mod tests {
         store: &'a RecordStore,
         failures: std::sync::atomic::AtomicU32,
         code: ErrorCode,
+        /// The identity of each start attempt.
+        runs: parking_lot::Mutex<Vec<ClaimId>>,
     }
 
     impl LogRecordStore for Unanswering<'_> {
+        fn begin_run_as(
+            &self,
+            task: &str,
+            command: SubCommand,
+            run: ClaimId,
+        ) -> Result<Box<dyn crate::log_backup::records::RunClaim + '_>, Failure> {
+            self.runs.lock().push(run);
+            self.begin_run(task, command)
+        }
         fn begin_run(
             &self,
             task: &str,
@@ -635,6 +650,7 @@ mod tests {
                 store: &f.store,
                 failures: failures.into(),
                 code,
+                runs: Default::default(),
             };
             let mut sleeper = FakeSleeper {
                 clock: f.clock.clone(),
@@ -647,13 +663,18 @@ mod tests {
                 sleeper: &mut sleeper,
                 metrics: &f.metrics,
             };
-            runner.run_retrying_store(
+            let outcome = runner.run_retrying_store(
                 "task-1",
                 SubCommand::Start,
                 &LogRetryPolicy::default(),
                 task,
                 crate::retry::retrying_on(&f.clock, 3),
-            )
+            );
+            // Every attempt of the call claims the run as one identity.
+            let runs = store.runs.lock();
+            assert_eq!(runs.len() as u32, outcome.retries + 1);
+            assert!(runs.windows(2).all(|w| w[0] == w[1]), "{runs:?}");
+            outcome
         };
 
         // Two starts unanswered, then the store answers: the command runs once.

@@ -49,6 +49,17 @@ struct Shared {
     /// Answer bytes discarded in DropAnswers.
     dropped: AtomicUsize,
     accepted: AtomicUsize,
+    trigger: Mutex<Option<Trigger>>,
+}
+
+/// What to do when a request holding `pattern` goes through (once).
+struct Trigger {
+    pattern: Vec<u8>,
+    action: Arc<dyn Fn(&Shared) + Send + Sync>,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 struct State {
@@ -110,6 +121,35 @@ impl Shared {
         }
     }
 
+    fn set_mode(&self, mode: Mode) {
+        let mut state = self.lock();
+        let old = std::mem::replace(&mut state.mode, mode);
+        for conn in &state.conns {
+            let lost_answers = old == Mode::DropAnswers
+                && mode != Mode::DropAnswers
+                && conn.tainted.load(Ordering::SeqCst);
+            if mode == Mode::Reset || lost_answers {
+                conn.close();
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Fires the trigger if `chunk` (going to etcd) holds its pattern.
+    fn check_trigger(&self, chunk: &[u8]) {
+        let fired = {
+            let mut trigger = self.trigger.lock().unwrap_or_else(|e| e.into_inner());
+            match trigger.as_ref() {
+                Some(t) if contains(chunk, &t.pattern) => trigger.take(),
+                _ => None,
+            }
+        };
+        if let Some(t) = fired {
+            (t.action)(self);
+        }
+    }
+
     /// Sleeps until `due`; false when the proxy stops meanwhile.
     fn sleep_until(&self, due: Instant) -> bool {
         let mut state = self.lock();
@@ -152,6 +192,7 @@ impl Proxy {
             changed: Condvar::new(),
             dropped: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
+            trigger: Mutex::new(None),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -173,18 +214,7 @@ impl Proxy {
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        let mut state = self.shared.lock();
-        let old = std::mem::replace(&mut state.mode, mode);
-        for conn in &state.conns {
-            let lost_answers = old == Mode::DropAnswers
-                && mode != Mode::DropAnswers
-                && conn.tainted.load(Ordering::SeqCst);
-            if mode == Mode::Reset || lost_answers {
-                conn.close();
-            }
-        }
-        drop(state);
-        self.shared.changed.notify_all();
+        self.shared.set_mode(mode);
     }
 
     /// Answer bytes discarded so far in DropAnswers.
@@ -291,6 +321,9 @@ fn read_side(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if direction == Direction::Up {
+            shared.check_trigger(&buf[..n]);
+        }
         // Held while the mode is Blackhole.
         let Some(mode) = shared.wait_open(conn) else {
             conn.close();
@@ -363,5 +396,43 @@ impl HostProxies {
 
     pub fn dropped_bytes(&self) -> usize {
         self.proxies.iter().map(Proxy::dropped_bytes).sum()
+    }
+
+    /// The first request holding `pattern` (through any member's proxy) reaches etcd, is
+    /// applied, and its answer is lost: that proxy drops answers at once (the others reset),
+    /// and `hold` later every proxy of this host resets, and stays so until the test sets
+    /// another mode. The
+    /// request's own retries, and whatever the client sends to clean up, get nowhere.
+    /// Returns whether it fired so far.
+    pub fn lose_the_answer_to(&self, pattern: &[u8], hold: Duration) -> Arc<AtomicBool> {
+        let fired = Arc::new(AtomicBool::new(false));
+        let all: Vec<Arc<Shared>> = self.proxies.iter().map(|p| p.shared.clone()).collect();
+        let once = fired.clone();
+        let action: Arc<dyn Fn(&Shared) + Send + Sync> = Arc::new(move |hit: &Shared| {
+            if once.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            hit.set_mode(Mode::DropAnswers);
+            // The other members at once: the request's retries get nowhere either.
+            for shared in &all {
+                if !std::ptr::eq(Arc::as_ptr(shared), hit) {
+                    shared.set_mode(Mode::Reset);
+                }
+            }
+            let all = all.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(hold);
+                for shared in &all {
+                    shared.set_mode(Mode::Reset);
+                }
+            });
+        });
+        for proxy in &self.proxies {
+            *proxy.shared.trigger.lock().unwrap() = Some(Trigger {
+                pattern: pattern.to_vec(),
+                action: action.clone(),
+            });
+        }
+        fired
     }
 }

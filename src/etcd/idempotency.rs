@@ -372,6 +372,22 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         })
     }
 
+    /// Revokes the lease of the call's attempts: a claim one of them wrote unacknowledged
+    /// is bound to it and goes with it, instead of keeping the key IN_PROGRESS for a lease.
+    fn abandon(&self, key: &[u8], id: ClaimId) {
+        let Some((lease, _)) = self.leases.lock().claiming.remove(&id) else {
+            return;
+        };
+        let raw_key = key.to_vec();
+        let revoked = self.etcd.run(move |conn| async move {
+            conn.revoke("revoke an abandoned claim's lease", lease)
+                .await
+        });
+        if let Err(failure) = revoked {
+            tracing::warn!(key = %display_key(&raw_key), reason = %failure.detail(), "abandoned claim's lease not revoked; it ends with its lease");
+        }
+    }
+
     fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         let raw_key = key.to_vec();
         let leases = self.leases.clone();

@@ -225,7 +225,10 @@ impl Keyed {
         };
         let (claim, sent_ms) = match claimed {
             Ok(claimed) => claimed,
-            Err(failure) => return refused(failure),
+            Err(failure) => {
+                self.store.abandon(key, id);
+                return refused(failure);
+            }
         };
         let shown = display_key(key);
         let token = match claim {
@@ -296,7 +299,18 @@ impl Keyed {
                         source: Box::new(failure),
                     };
                     tracing::error!(reason = %failure, "idempotent completion lost");
-                    Err(failure)
+                    if fencing == Fencing::Fenced && !still_held {
+                        // What the caller must act on first: the claim was lost.
+                        KeyedMetrics::bump(&self.metrics.leases_lost);
+                        Err(Failure::LeaseLost(format!(
+                            "the operation of key {shown} succeeded after its claim (token {}) \
+                             stopped being held: its effect may have been applied late and must \
+                             be fenced downstream by the token; {failure}",
+                            token.0
+                        )))
+                    } else {
+                        Err(failure)
+                    }
                 }
             },
             Err(failure) => {
@@ -407,6 +421,9 @@ mod tests {
         fail_complete: Option<ErrorCode>,
         /// Claims that fail as an unreachable etcd cluster does, before they succeed.
         unreachable_claims: AtomicU64,
+        /// The identity of each claim attempt, and of each call that gave up.
+        attempts: parking_lot::Mutex<Vec<ClaimId>>,
+        abandoned: parking_lot::Mutex<Vec<ClaimId>>,
     }
 
     impl IdempotencyStore for Flaky {
@@ -417,6 +434,7 @@ mod tests {
             now: u64,
             id: ClaimId,
         ) -> Result<Claim, Failure> {
+            self.attempts.lock().push(id);
             let unreachable = self.unreachable_claims.load(Ordering::SeqCst);
             if unreachable > 0 {
                 self.unreachable_claims
@@ -460,6 +478,9 @@ mod tests {
         fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Failure> {
             self.inner.forget(key, now)
         }
+        fn abandon(&self, _key: &[u8], id: ClaimId) {
+            self.abandoned.lock().push(id);
+        }
     }
 
     struct Setup {
@@ -477,6 +498,8 @@ mod tests {
             fail_claim,
             fail_complete,
             unreachable_claims: AtomicU64::new(0),
+            attempts: Default::default(),
+            abandoned: Default::default(),
         });
         let clock = ManualClock::new(1_000_000);
         let keyed = Keyed::new(store.clone(), Arc::new(clock.clone()), LEASE).unwrap();
@@ -590,6 +613,12 @@ mod tests {
             err.detail()
         );
         assert_eq!(runs.get(), 1, "nothing ran without a claim");
+        // One identity for every attempt of a call, and a call that gave up lets it go.
+        let attempts = s.store.attempts.lock().clone();
+        let (first, second) = attempts.split_at(3);
+        assert!(first.iter().all(|id| *id == first[0]), "{attempts:?}");
+        assert!(second.iter().all(|id| *id == second[0]) && second[0] != first[0]);
+        assert_eq!(*s.store.abandoned.lock(), [second[0]]);
 
         // A permanent store failure is not retried.
         let out = call(&setup(Some(ErrorCode::DiskFull), None), b"k");

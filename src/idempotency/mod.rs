@@ -191,6 +191,12 @@ pub trait IdempotencyStore: Send + Sync {
         id: ClaimId,
     ) -> Result<Claim, Failure>;
 
+    /// The call `id` gave up claiming `key` (its attempts failed): whatever an attempt may
+    /// have written unacknowledged is let go now rather than when its lease runs out, so that
+    /// it does not keep the key IN_PROGRESS for others. Best effort; nothing to do for a
+    /// store whose claims are acknowledged or fail as a whole.
+    fn abandon(&self, _key: &[u8], _id: ClaimId) {}
+
     /// [`Self::claim_as`] with an identity of its own (a call that is not retried).
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim, Failure> {
         self.claim_as(key, fingerprint, now_ms, ClaimId::new())

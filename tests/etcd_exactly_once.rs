@@ -3,10 +3,10 @@
 //! on retry (docs/C_API.md §8.1), a host cut off loses its claim before another takes it
 //! over, and a log-backup run claim survives an outage shorter than its lease.
 
-#[allow(dead_code)]
-mod common;
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use backup_coordinator::clock::{unix_ms_now, SystemClock};
 use backup_coordinator::error::{ErrorCode, Failure};
@@ -20,8 +20,8 @@ use backup_coordinator::idempotency::{
 use backup_coordinator::log_backup::records::{LogRecordStore, Sequence};
 use backup_coordinator::log_backup::SubCommand;
 use backup_coordinator::retry::Execution;
-use common::proxy::{HostProxies, Mode};
 use etcd_cluster::Cluster;
+use proxy::{HostProxies, Mode};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -364,6 +364,7 @@ fn a_killed_owners_claim_is_released_only_with_its_token_and_fenced() {
         &backup_coordinator::diagnostics::utc_date_now(),
     ))
     .unwrap_or_default();
+    eprintln!("diagnostics log:\n{log}");
     assert!(log.contains("pid 4242 is gone"), "diagnostics log:\n{log}");
     // The next claim's token is higher: the killed owner's fenced writes are refused.
     init(dir.path());
@@ -480,11 +481,15 @@ fn the_store_is_counted_compacted_and_verified() {
     assert!(after < before / 4, "{before} -> {after}");
     let stats = json(&config, &["store", "stats"], 0);
     assert_eq!(stats["keys"], 10);
+    let text = ok(&config, &["store", "stats"]);
+    assert!(text.contains("10 live (0 claimed, 10 completed)"), "{text}");
     // The plugin goes on with the compacted journal.
     assert_eq!(execute("k-45", "p", 0), SUCCESS);
     assert_eq!(execute("k-1", "p", 0), SUCCESS);
     backup_plugin_cleanup();
 
+    let text = ok(&config, &["store", "verify"]);
+    assert!(text.ends_with("OK\n"), "{text}");
     let verified = json(&config, &["store", "verify"], 0);
     assert_eq!(verified["ok"], true);
     // The 10 kept, and k-1's new claim and completion (k-45 replayed: no record).

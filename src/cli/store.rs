@@ -1,6 +1,5 @@
 //! `store stats | verify | compact` (docs/C_API.md §11): the embedded file store.
 
-use super::fmt::span;
 use super::{Backend, CliError, Ctx, Done, StoreCommand};
 use crate::idempotency::file_store::{self, FileStore, Verified};
 use crate::idempotency::KeyState;
@@ -201,9 +200,9 @@ fn compact(ctx: &Ctx, dir: &Path, reason: &str) -> Result<Done, CliError> {
     store.compact_now(ctx.now_ms)?;
     let after = store.journal_len();
     let what = format!(
-        "compacted {}: {before} -> {after} bytes in {}",
+        "compacted {}: {before} -> {after} bytes in {:.3} s",
         journal.display(),
-        span(started.elapsed().as_millis() as u64)
+        started.elapsed().as_secs_f64()
     );
     super::note_change(ctx, &what, reason);
     let json = json!({

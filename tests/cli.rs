@@ -428,7 +428,10 @@ fn log_backup_records_are_listed_shown_and_reset() {
     assert_eq!(listed["count"], 1);
     assert_eq!(listed["records"][0]["task"], "task-7");
     assert_eq!(listed["records"][0]["command"], "start");
-    assert!(listed["records"][0]["records"].as_array().unwrap().len() >= 1);
+    assert!(!listed["records"][0]["records"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     let shown = ok(&config, &["records", "show", "task-7"]);
     assert!(shown.contains("task-7 start:"), "{shown}");
     let shown = json(&config, &["records", "show", "task-7", "start"], 0);

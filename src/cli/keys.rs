@@ -44,10 +44,24 @@ impl Keys {
         })
     }
 
-    fn list(&self, now_ms: u64) -> Result<Vec<(Vec<u8>, KeyRecord)>, CliError> {
+    /// The live keys that `keep` keeps, sorted by key (only those are held in memory).
+    fn list(
+        &self,
+        now_ms: u64,
+        keep: impl Fn(&[u8], &KeyRecord) -> bool,
+    ) -> Result<Vec<(Vec<u8>, KeyRecord)>, CliError> {
         match self {
             Keys::File(None) => Ok(Vec::new()),
-            Keys::File(Some(store)) => Ok(store.live_records(now_ms)?.collect()),
+            Keys::File(Some(store)) => {
+                let mut kept = Vec::new();
+                store.each_record(|key, record| {
+                    if record.is_live(now_ms) && keep(key, record) {
+                        kept.push((key.to_vec(), *record));
+                    }
+                })?;
+                kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                Ok(kept)
+            }
             Keys::Etcd(_) => Err(CliError(
                 "keys list is not available on etcd yet (keys show, why, release and forget are)"
                     .to_string(),
@@ -94,20 +108,16 @@ fn list(
     older_than: Option<u64>,
     prefix: Option<&str>,
 ) -> Result<Done, CliError> {
-    let listed: Vec<(Vec<u8>, KeyRecord)> = keys
-        .list(ctx.now_ms)?
-        .into_iter()
-        .filter(|(key, _)| prefix.map_or(true, |p| key.starts_with(p.as_bytes())))
-        .filter(|(_, record)| {
-            matches!(
+    let listed = keys.list(ctx.now_ms, |key, record| {
+        prefix.map_or(true, |p| key.starts_with(p.as_bytes()))
+            && matches!(
                 (state, record.state),
                 (None, _)
                     | (Some(StateFilter::Claimed), KeyState::Claimed { .. })
                     | (Some(StateFilter::Completed), KeyState::Completed { .. })
             )
-        })
-        .filter(|(_, record)| older_than.map_or(true, |min| age_ms(ctx, record) > min))
-        .collect();
+            && older_than.map_or(true, |min| age_ms(ctx, record) > min)
+    })?;
     let rows: Vec<[String; 5]> = listed
         .iter()
         .map(|(key, record)| {

@@ -32,13 +32,13 @@ fn stats(ctx: &Ctx, dir: &Path) -> Result<Done, CliError> {
     let idem = dir.join("idempotency");
     let (mut claimed, mut completed, mut expired) = (0u64, 0u64, 0u64);
     if let Some(store) = ctx.file_store(dir)? {
-        for record in store.all_records()?.values() {
-            match (record.is_live(ctx.now_ms), record.state) {
+        store.each_record(
+            |_, record| match (record.is_live(ctx.now_ms), record.state) {
                 (false, _) => expired += 1,
                 (true, KeyState::Claimed { .. }) => claimed += 1,
                 (true, KeyState::Completed { .. }) => completed += 1,
-            }
-        }
+            },
+        )?;
     }
     let keys = claimed + completed;
     let journal_bytes = file_len(&idem.join("journal"));

@@ -5,6 +5,9 @@
 //! The plugin is one instance per process, so the tests of this file take turns. Child
 //! processes are this test binary run again with `CLI_ROLE` set.
 
+#[path = "common/etcd.rs"]
+mod etcd_cluster;
+
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::ffi::idempotency::{
     backup_execute_idempotent, backup_execute_idempotent_fenced,
@@ -57,9 +60,13 @@ fn config_text(dir: &Path) -> String {
 
 /// Writes the config file the program reads and inits the plugin with the same text.
 fn init(dir: &Path) -> PathBuf {
-    let text = config_text(dir);
+    init_with(dir, &config_text(dir))
+}
+
+/// The same with `text`: `<dir>/plugin.toml`, which a child process inits with too.
+fn init_with(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("plugin.toml");
-    std::fs::write(&path, &text).unwrap();
+    std::fs::write(&path, text).unwrap();
     let rc = backup_plugin_init(text.as_ptr() as *const _, text.len() as u32);
     assert_eq!(rc, SUCCESS, "init: {}", last_error());
     path
@@ -99,6 +106,34 @@ unsafe extern "C" fn hang(_: *mut c_void, token: u64) -> i32 {
     0
 }
 
+/// A child process (inited with `<dir>/plugin.toml`) claims `stuck` and is SIGKILLed inside
+/// its operation: its claim stays until its lease runs out. The claim's token.
+fn claim_stuck_and_die(dir: &Path) -> u64 {
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "cli_child", "--nocapture", "--test-threads=1"])
+            .env("CLI_ROLE", "owner")
+            .env("CLI_DIR", dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    let token: u64 = loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the child ended");
+        // libtest may have printed "test cli_child ... " on the same line.
+        if let Some(token) = line.split("RUNNING ").nth(1) {
+            break token.trim().parse().unwrap();
+        }
+    };
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    token
+}
+
 /// A child process killed however the test ends.
 struct KillOnDrop(std::process::Child);
 
@@ -133,7 +168,8 @@ fn cli_child() {
         return;
     };
     let dir = PathBuf::from(std::env::var("CLI_DIR").unwrap());
-    init(&dir);
+    let text = std::fs::read_to_string(dir.join("plugin.toml")).unwrap();
+    init_with(&dir, &text);
     match role.as_str() {
         // Claims `stuck` and hangs inside its operation (the parent kills it there).
         "owner" => {
@@ -292,29 +328,7 @@ fn a_killed_owners_claim_is_released_only_with_its_token_and_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let config = init(dir.path());
     backup_plugin_cleanup();
-    let mut child = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "cli_child", "--nocapture", "--test-threads=1"])
-            .env("CLI_ROLE", "owner")
-            .env("CLI_DIR", dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut line = String::new();
-    let token: u64 = loop {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the child ended");
-        // libtest may have printed "test cli_child ... " on the same line.
-        if let Some(token) = line.split("RUNNING ").nth(1) {
-            break token.trim().parse().unwrap();
-        }
-    };
-    // Killed inside its operation: its claim stays until its lease runs out.
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    let token = claim_stuck_and_die(dir.path());
 
     let shown = json(&config, &["keys", "show", "stuck"], 0);
     assert_eq!(shown["state"], "claimed");
@@ -568,4 +582,96 @@ fn usage_errors_exit_2() {
     // A config that cannot be read: refused, not usage.
     let out = run(config, &["keys", "list"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn keys_on_etcd_are_listed_shown_and_released() {
+    let _turn = turn();
+    let cluster = etcd_cluster::Cluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("/taosx/cli-test-{}-{nanos}/", std::process::id());
+    let endpoints = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "state_backend = \"etcd\"\netcd_endpoints = [{endpoints}]\netcd_prefix = \"{prefix}\"\n\
+         idempotency_lease = \"30s\"\nerror_retry_max = 0\nlog_path = \"{}\"\n",
+        dir.path().join("log").display()
+    );
+    let config = init_with(dir.path(), &text);
+    assert_eq!(execute("e-1", "payload-1", 0), SUCCESS, "{}", last_error());
+    assert_eq!(execute("e/2 with space", "payload-2", 0), SUCCESS);
+    backup_plugin_cleanup();
+    let token = claim_stuck_and_die(dir.path());
+
+    let listed = json(&config, &["keys", "list"], 0);
+    assert_eq!(listed["count"], 3, "{listed}");
+    let keys: Vec<&str> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["e-1", "e/2 with space", "stuck"]);
+    assert_eq!(
+        listed["keys"][0]["fingerprint"],
+        hex(&fingerprint(b"payload-1"))
+    );
+    assert_eq!(listed["keys"][2]["state"], "claimed");
+    assert_eq!(listed["keys"][2]["token"], token);
+    let claimed = json(&config, &["keys", "list", "--state", "claimed"], 0);
+    assert_eq!(claimed["count"], 1);
+    let text = ok(&config, &["keys", "list", "--prefix", "e"]);
+    assert!(text.contains("2 keys"), "{text}");
+
+    let shown = json(&config, &["keys", "show", "stuck"], 0);
+    assert_eq!(shown["token"], token);
+    assert!(shown["lease_left_ms"].as_u64().unwrap() > 10_000, "{shown}");
+    let why = ok(&config, &["keys", "why", "stuck"]);
+    assert!(why.contains(&format!("claimed by token {token}")), "{why}");
+
+    let wrong = (token ^ 1).to_string();
+    let refused = run(&config, &["keys", "release", "stuck", "--if-token", &wrong]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains(&format!("the key's claim has token {token}")),
+        "{}",
+        stderr(&refused)
+    );
+    let released = json(
+        &config,
+        &[
+            "keys",
+            "release",
+            "stuck",
+            "--if-token",
+            &token.to_string(),
+            "--reason",
+            "host down",
+        ],
+        0,
+    );
+    assert_eq!(released["released"], true);
+    assert_eq!(
+        json(&config, &["keys", "show", "stuck"], 0)["state"],
+        "absent"
+    );
+    // The key runs again at once, as a new claim.
+    init_with(dir.path(), &std::fs::read_to_string(&config).unwrap());
+    assert_eq!(
+        execute_fenced("stuck", "payload-stuck", note_token),
+        SUCCESS,
+        "{}",
+        last_error()
+    );
+    assert_ne!(*LAST_TOKEN.lock().unwrap(), token);
+    backup_plugin_cleanup();
+    drop(cluster);
 }

@@ -2,6 +2,7 @@
 
 use super::fmt::{key_json, key_text, left_text, span, state_name, token_of, utc};
 use super::{Backend, CliError, Ctx, Done, KeysCommand, StateFilter};
+use crate::etcd::EtcdBackend;
 use crate::hex::hex;
 use crate::idempotency::file_store::FileStore;
 use crate::idempotency::{ClaimToken, Forgotten, IdempotencyStore, KeyRecord, KeyState};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 enum Keys {
     /// `None`: no store under `state_dir` yet (nothing was ever claimed).
     File(Option<Box<FileStore>>),
-    Etcd(Arc<dyn IdempotencyStore>),
+    Etcd(Arc<dyn IdempotencyStore>, EtcdBackend),
 }
 
 /// Neither store records who owns a claim (no pid, no host): said so.
@@ -23,14 +24,14 @@ impl Keys {
     fn open(ctx: &Ctx) -> Result<Keys, CliError> {
         Ok(match ctx.backend()? {
             Backend::File(dir) => Keys::File(ctx.file_store(&dir)?.map(Box::new)),
-            Backend::Etcd(etcd) => Keys::Etcd(etcd.idempotency_store()),
+            Backend::Etcd(etcd) => Keys::Etcd(etcd.idempotency_store(), etcd),
         })
     }
 
     fn store(&self) -> Option<&dyn IdempotencyStore> {
         match self {
             Keys::File(store) => store.as_deref().map(|s| s as &dyn IdempotencyStore),
-            Keys::Etcd(store) => Some(store.as_ref()),
+            Keys::Etcd(store, _) => Some(store.as_ref()),
         }
     }
 
@@ -40,7 +41,7 @@ impl Keys {
         Ok(match self {
             Keys::File(None) => None,
             Keys::File(Some(store)) => store.record_of(key)?,
-            Keys::Etcd(store) => store.get(key, now_ms)?,
+            Keys::Etcd(store, _) => store.get(key, now_ms)?,
         })
     }
 
@@ -48,7 +49,7 @@ impl Keys {
     fn list(
         &self,
         now_ms: u64,
-        keep: impl Fn(&[u8], &KeyRecord) -> bool,
+        keep: impl Fn(&[u8], &KeyRecord) -> bool + Send + 'static,
     ) -> Result<Vec<(Vec<u8>, KeyRecord)>, CliError> {
         match self {
             Keys::File(None) => Ok(Vec::new()),
@@ -62,10 +63,11 @@ impl Keys {
                 kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 Ok(kept)
             }
-            Keys::Etcd(_) => Err(CliError(
-                "keys list is not available on etcd yet (keys show, why, release and forget are)"
-                    .to_string(),
-            )),
+            Keys::Etcd(_, etcd) => {
+                let mut kept = super::etcd_keys::list(etcd, now_ms, keep)?;
+                kept.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                Ok(kept)
+            }
         }
     }
 }
@@ -93,12 +95,12 @@ pub fn run(ctx: &Ctx, command: &KeysCommand) -> Result<Done, CliError> {
 
 /// How long ago the record was claimed (last renewed) or completed, from the configured
 /// lease and TTL.
-fn age_ms(ctx: &Ctx, record: &KeyRecord) -> u64 {
+fn age_ms(now_ms: u64, lease_ms: u64, ttl_ms: u64, record: &KeyRecord) -> u64 {
     let since = match record.state {
-        KeyState::Claimed { lease_until_ms, .. } => lease_until_ms.saturating_sub(ctx.lease_ms()),
-        KeyState::Completed { expires_at_ms, .. } => expires_at_ms.saturating_sub(ctx.ttl_ms()),
+        KeyState::Claimed { lease_until_ms, .. } => lease_until_ms.saturating_sub(lease_ms),
+        KeyState::Completed { expires_at_ms, .. } => expires_at_ms.saturating_sub(ttl_ms),
     };
-    ctx.now_ms.saturating_sub(since)
+    now_ms.saturating_sub(since)
 }
 
 fn list(
@@ -108,15 +110,17 @@ fn list(
     older_than: Option<u64>,
     prefix: Option<&str>,
 ) -> Result<Done, CliError> {
-    let listed = keys.list(ctx.now_ms, |key, record| {
-        prefix.map_or(true, |p| key.starts_with(p.as_bytes()))
+    let prefix = prefix.map(|p| p.as_bytes().to_vec());
+    let (now_ms, lease_ms, ttl_ms) = (ctx.now_ms, ctx.lease_ms(), ctx.ttl_ms());
+    let listed = keys.list(ctx.now_ms, move |key, record| {
+        prefix.as_ref().map_or(true, |p| key.starts_with(p))
             && matches!(
                 (state, record.state),
                 (None, _)
                     | (Some(StateFilter::Claimed), KeyState::Claimed { .. })
                     | (Some(StateFilter::Completed), KeyState::Completed { .. })
             )
-            && older_than.map_or(true, |min| age_ms(ctx, record) > min)
+            && older_than.map_or(true, |min| age_ms(now_ms, lease_ms, ttl_ms, record) > min)
     })?;
     let rows: Vec<[String; 5]> = listed
         .iter()
@@ -493,9 +497,7 @@ mod tests {
 
     #[test]
     fn older_than_counts_from_the_claim_or_the_completion() {
-        let mut ctx = ctx(10_000_000);
-        ctx.config.idempotency_lease = std::time::Duration::from_secs(90);
-        // Lease until now + 30 s: renewed 60 s ago.
-        assert_eq!(age_ms(&ctx, &claimed(10_030_000)), 60_000);
+        // Lease until now + 30 s of a 90 s lease: renewed 60 s ago.
+        assert_eq!(age_ms(10_000_000, 90_000, 0, &claimed(10_030_000)), 60_000);
     }
 }

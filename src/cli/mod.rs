@@ -12,6 +12,7 @@
 //! 2 bad usage (clap's own usage errors).
 
 mod check;
+mod etcd_keys;
 mod fmt;
 mod keys;
 mod records;

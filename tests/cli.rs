@@ -608,6 +608,17 @@ fn keys_on_etcd_are_listed_shown_and_released() {
     let config = init_with(dir.path(), &text);
     assert_eq!(execute("e-1", "payload-1", 0), SUCCESS, "{}", last_error());
     assert_eq!(execute("e/2 with space", "payload-2", 0), SUCCESS);
+    let task = CString::new("etcd-task").unwrap();
+    let policy = quick_policy();
+    let rc = backup_log_run_command(
+        task.as_ptr(),
+        0,
+        &policy,
+        Some(state_not_exist),
+        Some(network_fails),
+        std::ptr::null_mut(),
+    );
+    assert_ne!(rc, SUCCESS);
     backup_plugin_cleanup();
     let token = claim_stuck_and_die(dir.path());
 
@@ -630,6 +641,15 @@ fn keys_on_etcd_are_listed_shown_and_released() {
     assert_eq!(claimed["count"], 1);
     let text = ok(&config, &["keys", "list", "--prefix", "e"]);
     assert!(text.contains("2 keys"), "{text}");
+
+    let records = json(&config, &["records", "list"], 0);
+    assert_eq!(records["count"], 1, "{records}");
+    assert_eq!(records["records"][0]["task"], "etcd-task");
+    let shown = json(&config, &["records", "show", "etcd-task"], 0);
+    assert_eq!(
+        shown["records"][0]["command"],
+        records["records"][0]["command"]
+    );
 
     let shown = json(&config, &["keys", "show", "stuck"], 0);
     assert_eq!(shown["token"], token);

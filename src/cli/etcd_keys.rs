@@ -1,10 +1,12 @@
-//! `keys list` on etcd (docs/C_API.md §11, §9): a paged range read of `<prefix>i/`, each
-//! key decoded back from base64url, each claim's lease left asked of etcd.
+//! `keys list` and `records list` on etcd (docs/C_API.md §11, §9): paged range reads of
+//! `<prefix>i/` (each key decoded back from base64url, each claim's lease left asked of
+//! etcd) and of `<prefix>log/` (`<hex task>/<hex command>`, as the records store names them).
 
 use crate::error::Failure;
 use crate::etcd::EtcdBackend;
 use crate::idempotency::{KeyRecord, KeyState};
-use etcd_client::GetOptions;
+use crate::log_backup::records::Sequence;
+use etcd_client::{GetOptions, KeyValue};
 
 /// Keys read per request.
 const PAGE: i64 = 1000;
@@ -64,6 +66,78 @@ pub fn list(
                 }
                 _ => break,
             }
+        }
+        Ok(listed)
+    })
+}
+
+/// Every key-value under `<prefix><space>/`, read `PAGE` at a time.
+async fn range(
+    conn: &crate::etcd::client::Conn,
+    space: &str,
+) -> Result<(usize, Vec<KeyValue>), Failure> {
+    let prefix = conn.key(space, &[]);
+    let mut start = prefix.clone();
+    start.push(b'/');
+    // The end of the range: the prefix then '0', which follows '/'.
+    let mut end = prefix;
+    end.push(b'0');
+    let skip = start.len();
+    let mut from = start;
+    let mut all = Vec::new();
+    loop {
+        let page = conn
+            .request("list the store", |mut client| {
+                let (from, end) = (from.clone(), end.clone());
+                async move {
+                    let options = GetOptions::new().with_range(end).with_limit(PAGE);
+                    Ok(client.get(from, Some(options)).await?.take_kvs())
+                }
+            })
+            .await?;
+        let more = page.len() as i64 == PAGE;
+        if let (true, Some(last)) = (more, page.last()) {
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        all.extend(page);
+        if !more {
+            return Ok((skip, all));
+        }
+    }
+}
+
+/// One (task, command) with retry records on etcd, or why its value does not parse.
+pub type EtcdRecords = (String, String, Result<Sequence, String>);
+
+/// Every (task, command) with retry records, by etcd key.
+pub fn list_records(etcd: &EtcdBackend) -> Result<Vec<EtcdRecords>, Failure> {
+    etcd.client().run(move |conn| async move {
+        let (skip, kvs) = range(&conn, "log").await?;
+        let mut listed = Vec::new();
+        for kv in &kvs {
+            let name = &kv.key()[skip..];
+            let mut parts = name.split(|&b| b == b'/');
+            let (Some(task), Some(command), None) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let unhex = |part: &[u8]| {
+                std::str::from_utf8(part)
+                    .ok()
+                    .and_then(crate::hex::unhex)
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            };
+            let (Some(task), Some(command)) = (unhex(task), unhex(command)) else {
+                continue;
+            };
+            let sequence = crate::etcd::log_records::decode(kv.value()).ok_or_else(|| {
+                format!(
+                    "etcd key {}: the retry records do not parse",
+                    String::from_utf8_lossy(kv.key())
+                )
+            });
+            listed.push((task, command, sequence));
         }
         Ok(listed)
     })

@@ -4,10 +4,11 @@
 use super::fmt::{span, utc};
 use super::keys::table;
 use super::{Backend, CliError, Ctx, Done, RecordsCommand};
-use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
+use crate::log_backup::records::{ListedRecords, LogRecordStore, RecordStore, Sequence};
 use crate::log_backup::SubCommand;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 pub fn run(ctx: &Ctx, command: &RecordsCommand) -> Result<Done, CliError> {
     let backend = ctx.backend()?;
@@ -16,15 +17,23 @@ pub fn run(ctx: &Ctx, command: &RecordsCommand) -> Result<Done, CliError> {
         Backend::Etcd(etcd) => (None, etcd.log_records()),
     };
     match command {
-        RecordsCommand::List => {
-            let Some(files) = files else {
-                return Err(CliError(
-                    "records list is not available on etcd yet (records show and reset are)"
-                        .to_string(),
-                ));
-            };
-            list(ctx, &files)
-        }
+        RecordsCommand::List => match (&files, &backend) {
+            (Some(files), _) => list(ctx, &files.list()?),
+            (None, Backend::Etcd(etcd)) => {
+                let listed = super::etcd_keys::list_records(etcd)?
+                    .into_iter()
+                    .map(|(task, command, sequence)| {
+                        let place = format!("etcd {task}/{command}");
+                        let content = sequence
+                            .map(|s| (task.into_bytes(), command, s))
+                            .map_err(crate::error::Failure::Corruption);
+                        (PathBuf::from(place), content)
+                    })
+                    .collect::<Vec<_>>();
+                list(ctx, &listed)
+            }
+            (None, Backend::File(_)) => unreachable!("a file backend has its record store"),
+        },
         RecordsCommand::Show { task, command } => show(ctx, store.as_ref(), task, *command),
         RecordsCommand::Reset {
             task,
@@ -60,12 +69,11 @@ fn sequence_json(task: &str, command: &str, sequence: &Sequence) -> Value {
     })
 }
 
-fn list(ctx: &Ctx, files: &RecordStore) -> Result<Done, CliError> {
-    let listed = files.list()?;
+fn list(ctx: &Ctx, listed: &[ListedRecords]) -> Result<Done, CliError> {
     let mut rows = Vec::new();
     let mut entries = Vec::new();
     let mut corrupt = Vec::new();
-    for (path, content) in &listed {
+    for (path, content) in listed {
         match content {
             Ok((task, command, sequence)) => {
                 let task = String::from_utf8_lossy(task);

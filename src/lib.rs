@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cancel;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod coordinator;

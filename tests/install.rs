@@ -183,6 +183,8 @@ fn destdir_stages_the_tree_for_its_prefix() {
         .join(format!("lib/libbackup_coordinator.so.{VERSION}"))
         .is_file());
     assert!(root.join("include/backup_coordinator.h").is_file());
+    // The operator's command line (docs/C_API.md §11).
+    assert!(root.join("bin/backup-coordinator").is_file());
     let pc = fs::read_to_string(root.join("lib/pkgconfig/backup_coordinator.pc")).unwrap();
     // The .pc names where the files will be, not the staging area.
     assert!(pc.contains("prefix=/opt/taosx\n"), "{pc}");

@@ -142,6 +142,13 @@ fn encode_completion(
     value
 }
 
+/// The record a key-value of `<prefix>i/` holds, as a range read returns it (for the
+/// operator's command line, docs/C_API.md §11). A claim's `lease_until_ms` is as stored:
+/// what is left of it is its etcd lease's time to live.
+pub fn record_of(kv: &KeyValue) -> Result<KeyRecord, Failure> {
+    decode(kv).map(|stored| stored.record)
+}
+
 fn decode(kv: &KeyValue) -> Result<Stored, Failure> {
     decode_value(kv.key(), kv.value(), kv.mod_revision())
 }

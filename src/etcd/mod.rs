@@ -62,6 +62,11 @@ impl EtcdBackend {
         Box::new(EtcdLogRecords::new(self.client.clone(), self.lease))
     }
 
+    /// The client both stores use (for the operator's command line, docs/C_API.md §11).
+    pub fn client(&self) -> Arc<EtcdClient> {
+        self.client.clone()
+    }
+
     /// Requests moved to another endpoint since the start (for the metrics).
     pub fn failovers(&self) -> u64 {
         self.client.failovers()

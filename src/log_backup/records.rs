@@ -376,6 +376,40 @@ impl RunClaim for FileRun<'_> {
     }
 }
 
+/// One record file, as `records list` shows it (docs/C_API.md §11): the task and command
+/// written inside and their records, or why the file does not parse.
+pub type ListedRecords = (PathBuf, Result<(Vec<u8>, String, Sequence), Failure>);
+
+impl RecordStore {
+    /// Every record file of the store, sorted by name (for the operator's command line;
+    /// never on a runner's path). A file being taken (empty) is left out.
+    pub fn list(&self) -> Result<Vec<ListedRecords>, Failure> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(FileError::new("list", &self.dir, e).into()),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "rec"))
+            .collect();
+        paths.sort();
+        let mut listed = Vec::new();
+        for path in paths {
+            match Self::read_slot(&path)? {
+                Slot::Holds {
+                    task,
+                    command,
+                    sequence,
+                } => listed.push((path, Ok((task, command, sequence)))),
+                Slot::Corrupt(failure) => listed.push((path, Err(failure))),
+                Slot::Free | Slot::Taken => {}
+            }
+        }
+        Ok(listed)
+    }
+}
+
 impl LogRecordStore for RecordStore {
     fn begin_run(
         &self,

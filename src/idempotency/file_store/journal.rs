@@ -264,7 +264,12 @@ pub(super) fn for_each_record<E: From<Failure>>(
 
 /// Whether a whole, good record follows the bad bytes at `offset`: then they are
 /// corruption, not a torn end.
-fn good_record_after(file: &File, path: &Path, offset: u64, end: u64) -> Result<bool, Failure> {
+pub(super) fn good_record_after(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    end: u64,
+) -> Result<bool, Failure> {
     let mut buf = Vec::new();
     let mut pos = offset + 1;
     while pos < end {

@@ -32,6 +32,7 @@ mod image;
 mod index;
 mod journal;
 mod read_ahead;
+mod scan;
 #[cfg(test)]
 mod test_support;
 mod tokens;
@@ -48,6 +49,7 @@ use index::Index;
 use journal::apply;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use read_ahead::ReadAhead;
+pub use scan::{verify, Verified};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

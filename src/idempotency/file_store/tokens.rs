@@ -94,6 +94,12 @@ impl Tokens {
         Ok(())
     }
 
+    /// Both counters, (last issued, durable floor), each checked (for `store verify`,
+    /// docs/C_API.md §11).
+    pub(super) fn counters(&self) -> Result<(u64, u64), Failure> {
+        Ok((self.read(ISSUED_AT)?, self.read(FLOOR_AT)?))
+    }
+
     /// The counter in the slot at `at`; 0 when the slot was never written.
     fn read(&self, at: u64) -> Result<u64, Failure> {
         let mut slot = [0u8; SLOT];

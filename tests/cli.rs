@@ -691,7 +691,9 @@ fn keys_on_etcd_are_listed_shown_and_released() {
         "{}",
         last_error()
     );
-    assert_ne!(*LAST_TOKEN.lock().unwrap(), token);
+    // Its token (the new claim's revision) is higher: the released owner is fenced.
+    let next = *LAST_TOKEN.lock().unwrap();
+    assert!(next > token, "next claim's token {next} <= released {token}");
     backup_plugin_cleanup();
     drop(cluster);
 }

@@ -386,8 +386,6 @@ typedef struct {
 
 
 
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

@@ -6,58 +6,99 @@
 
 use crate::config::ConfigError;
 use crate::durable::FileError;
+use std::ffi::CStr;
 use std::sync::Arc;
 
-/// Every code of the contract. Values are fixed: hosts compile against them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(i32)]
-pub enum ErrorCode {
-    Success = 0,
-    InvalidParam = -1,
-    InitFailed = -2,
-    NotInitialized = -3,
-    MemoryAlloc = -4,
-    FileIo = -5,
-    Network = -6,
-    Timeout = -7,
-    DataCorruption = -8,
-    PermissionDenied = -9,
-    DiskFull = -10,
-    ConnectionLost = -11,
-    RetryExhausted = -12,
-    InvalidState = -13,
-    InProgress = -14,
-    IdempotencyConflict = -15,
-    Cancelled = -16,
-    LeaseLost = -17,
-    Fenced = -18,
-    Unknown = -99,
+/// Defines [`ErrorCode`] and everything said about a code from one table (docs/C_API.md
+/// §1): the enum, [`ErrorCode::ALL`], the C name, the message (as `&str` and as the static
+/// C string `backup_error_string` hands out) and whether the code is retried.
+///
+/// The C header's `BACKUP_ERROR_*` constants are `pub const` items in `ffi/types.rs`,
+/// written out there because cbindgen reads the source and does not expand macros; a unit
+/// test there checks them against this table, and one here checks the docs' table.
+macro_rules! error_codes {
+    ($(($variant:ident, $c_name:ident, $value:literal, $message:literal, $retryable:literal),)*) => {
+        /// Every code of the contract. Values are fixed: hosts compile against them.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(i32)]
+        pub enum ErrorCode {
+            $($variant = $value,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the order of the table.
+            pub const ALL: [ErrorCode; [$($value),*].len()] = [$(ErrorCode::$variant),*];
+
+            /// The name of the code in the C header (`BACKUP_ERROR_FENCED`).
+            pub fn c_name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => stringify!($c_name),)*
+                }
+            }
+
+            /// The fixed message of the code (C_API §1).
+            pub fn message(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $message,)*
+                }
+            }
+
+            /// The fixed message as the static C string `backup_error_string` returns
+            /// (C_API §1): the same text, NUL-terminated at compile time.
+            pub fn c_message(self) -> &'static CStr {
+                match self {
+                    $(ErrorCode::$variant => {
+                        const TEXT: &CStr = c_str(concat!($message, "\0"));
+                        TEXT
+                    })*
+                }
+            }
+
+            /// Transient failures that a later attempt may not meet again.
+            pub fn is_retryable(self) -> bool {
+                match self {
+                    $(ErrorCode::$variant => $retryable,)*
+                }
+            }
+        }
+    };
+}
+
+/// A NUL-terminated literal as a `CStr`, checked at compile time (a message with an inner
+/// NUL fails the build).
+const fn c_str(text: &'static str) -> &'static CStr {
+    match CStr::from_bytes_with_nul(text.as_bytes()) {
+        Ok(text) => text,
+        Err(_) => panic!("an error message must not contain NUL"),
+    }
+}
+
+// (variant, C name, value, message, retried): the table of docs/C_API.md §1.
+error_codes! {
+    (Success, BACKUP_SUCCESS, 0, "Success", false),
+    (InvalidParam, BACKUP_ERROR_INVALID_PARAM, -1, "Invalid parameter", false),
+    (InitFailed, BACKUP_ERROR_INIT_FAILED, -2, "Initialization failed", false),
+    (NotInitialized, BACKUP_ERROR_NOT_INITIALIZED, -3, "Not initialized", false),
+    (MemoryAlloc, BACKUP_ERROR_MEMORY_ALLOC, -4, "Memory allocation failed", false),
+    (FileIo, BACKUP_ERROR_FILE_IO, -5, "File I/O error", true),
+    (Network, BACKUP_ERROR_NETWORK, -6, "Network error", true),
+    (Timeout, BACKUP_ERROR_TIMEOUT, -7, "Operation timeout", true),
+    (DataCorruption, BACKUP_ERROR_DATA_CORRUPTION, -8, "Data corruption detected", false),
+    (PermissionDenied, BACKUP_ERROR_PERMISSION_DENIED, -9, "Permission denied", false),
+    (DiskFull, BACKUP_ERROR_DISK_FULL, -10, "Disk full", false),
+    (ConnectionLost, BACKUP_ERROR_CONNECTION_LOST, -11, "Connection lost", true),
+    (RetryExhausted, BACKUP_ERROR_RETRY_EXHAUSTED, -12, "Retry attempts exhausted", false),
+    (InvalidState, BACKUP_ERROR_INVALID_STATE, -13, "Invalid state for command", false),
+    (InProgress, BACKUP_ERROR_IN_PROGRESS, -14, "Operation already in progress", false),
+    (IdempotencyConflict, BACKUP_ERROR_IDEMPOTENCY_CONFLICT, -15,
+        "Idempotency key reused with different payload", false),
+    (Cancelled, BACKUP_ERROR_CANCELLED, -16, "Operation cancelled", false),
+    (LeaseLost, BACKUP_ERROR_LEASE_LOST, -17, "Claim lease lost", false),
+    (Fenced, BACKUP_ERROR_FENCED, -18, "Fenced by a newer claim", false),
+    (Unknown, BACKUP_ERROR_UNKNOWN, -99, "Unknown error", false),
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
-        ErrorCode::Success,
-        ErrorCode::InvalidParam,
-        ErrorCode::InitFailed,
-        ErrorCode::NotInitialized,
-        ErrorCode::MemoryAlloc,
-        ErrorCode::FileIo,
-        ErrorCode::Network,
-        ErrorCode::Timeout,
-        ErrorCode::DataCorruption,
-        ErrorCode::PermissionDenied,
-        ErrorCode::DiskFull,
-        ErrorCode::ConnectionLost,
-        ErrorCode::RetryExhausted,
-        ErrorCode::InvalidState,
-        ErrorCode::InProgress,
-        ErrorCode::IdempotencyConflict,
-        ErrorCode::Cancelled,
-        ErrorCode::LeaseLost,
-        ErrorCode::Fenced,
-        ErrorCode::Unknown,
-    ];
-
     /// The code for a raw value, or `None` for a value outside the table.
     pub fn from_raw(raw: i32) -> Option<Self> {
         Self::ALL.into_iter().find(|code| *code as i32 == raw)
@@ -65,40 +106,6 @@ impl ErrorCode {
 
     pub fn raw(self) -> i32 {
         self as i32
-    }
-
-    /// The fixed message of the code (ABI §1).
-    pub fn message(self) -> &'static str {
-        match self {
-            ErrorCode::Success => "Success",
-            ErrorCode::InvalidParam => "Invalid parameter",
-            ErrorCode::InitFailed => "Initialization failed",
-            ErrorCode::NotInitialized => "Not initialized",
-            ErrorCode::MemoryAlloc => "Memory allocation failed",
-            ErrorCode::FileIo => "File I/O error",
-            ErrorCode::Network => "Network error",
-            ErrorCode::Timeout => "Operation timeout",
-            ErrorCode::DataCorruption => "Data corruption detected",
-            ErrorCode::PermissionDenied => "Permission denied",
-            ErrorCode::DiskFull => "Disk full",
-            ErrorCode::ConnectionLost => "Connection lost",
-            ErrorCode::RetryExhausted => "Retry attempts exhausted",
-            ErrorCode::InvalidState => "Invalid state for command",
-            ErrorCode::InProgress => "Operation already in progress",
-            ErrorCode::IdempotencyConflict => "Idempotency key reused with different payload",
-            ErrorCode::Cancelled => "Operation cancelled",
-            ErrorCode::LeaseLost => "Claim lease lost",
-            ErrorCode::Fenced => "Fenced by a newer claim",
-            ErrorCode::Unknown => "Unknown error",
-        }
-    }
-
-    /// Transient failures that a later attempt may not meet again.
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::FileIo | ErrorCode::Network | ErrorCode::Timeout | ErrorCode::ConnectionLost
-        )
     }
 }
 
@@ -342,5 +349,45 @@ mod tests {
             assert_eq!(ErrorCode::from_raw(code.raw()), Some(code));
         }
         assert_eq!(ErrorCode::from_raw(-19), None);
+    }
+
+    #[test]
+    fn the_c_messages_are_the_messages() {
+        for code in ErrorCode::ALL {
+            assert_eq!(code.c_message().to_str(), Ok(code.message()));
+        }
+    }
+
+    /// The table of docs/C_API.md §1 says what the table of this file says, row by row.
+    #[test]
+    fn the_docs_table_is_this_table() {
+        let docs = include_str!("../docs/C_API.md");
+        let section = docs
+            .split("## §1 Error codes")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/C_API.md has a §1");
+        let rows: Vec<String> = section
+            .lines()
+            .filter(|line| line.starts_with("| `BACKUP_"))
+            .map(str::to_owned)
+            .collect();
+        let expected: Vec<String> = ErrorCode::ALL
+            .into_iter()
+            .map(|code| {
+                let retried = match code {
+                    ErrorCode::Success => " ",
+                    _ if code.is_retryable() => " yes ",
+                    _ => " no ",
+                };
+                format!(
+                    "| `{}` | {} |{retried}| \"{}\" |",
+                    code.c_name(),
+                    code.raw(),
+                    code.message()
+                )
+            })
+            .collect();
+        assert_eq!(rows, expected);
     }
 }

@@ -16,15 +16,15 @@ use backup_coordinator::ffi::plugin::{backup_plugin_init, backup_plugin_record_e
 use backup_coordinator::ffi::types::{
     SBackupCoordinator, SBackupCoordinatorConfig, SBackupErrorRecord,
 };
+use common::child::Child;
 use common::Mount;
 use std::collections::HashSet;
 use std::ffi::{c_char, CStr, CString};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 // ---------------------------------------------------------------------------------------
@@ -155,63 +155,15 @@ fn parse_record(line: &str) -> (u64, i32, &str) {
     (ms, code, message)
 }
 
-/// A child process of this binary, killed and reaped whatever happens to the test.
-struct ChildGuard {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl ChildGuard {
-    fn spawn(role: &str, dir: &Path, env: &[(&str, &str)]) -> ChildGuard {
-        let mut command = Command::new(std::env::current_exe().unwrap());
-        command
-            .args([
-                "--exact",
-                "log_child_role",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("LOG_ROLE", role)
-            .env("LOG_DIR", dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        ChildGuard { child, stdout }
-    }
-
-    /// Waits until the child says it has written all its lines (it then stays alive, its
-    /// log file open, until its stdin closes).
-    fn wait_done(&mut self) {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).unwrap();
-            assert!(n > 0, "the child ended before saying DONE");
-            // The harness prints "test log_child_role ... " before it, on the same line.
-            if line.trim_end().ends_with("DONE") {
-                return;
-            }
-        }
-    }
-
-    /// Closes the child's stdin and waits for a clean exit.
-    fn finish(mut self) {
-        drop(self.child.stdin.take());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "child failed: {status}");
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A child process of this binary in role `role`. Once it says DONE it stays alive, its log
+/// file open, until its stdin closes ([`Child::finish`]).
+fn spawn_child(role: &str, dir: &Path, env: &[(&str, &str)]) -> Child {
+    Child::command("log_child_role")
+        .env("LOG_ROLE", role)
+        .env("LOG_DIR", dir)
+        .envs(env.iter().copied())
+        .stdin_piped()
+        .spawn()
 }
 
 fn init_plugin(dir: &Path, rotation_size: &str, rotation_count: u32) {
@@ -544,8 +496,8 @@ fn has_line(dir: &Path, message: &str) -> bool {
     all_lines(dir).iter().any(|l| parse_record(l).2 == message)
 }
 
-fn writer(dir: &Path, name: &str, lines: usize, size: &str, count: u32) -> ChildGuard {
-    ChildGuard::spawn(
+fn writer(dir: &Path, name: &str, lines: usize, size: &str, count: u32) -> Child {
+    spawn_child(
         "plugin-writer",
         dir,
         &[
@@ -564,17 +516,17 @@ fn processes_sharing_a_directory_never_prune_a_live_writers_file() {
 
     // A writes a few lines and stays alive; B, with other settings, rolls and prunes a lot.
     let mut a = writer(&dir, "A", 5, "1KB", 2);
-    a.wait_done();
+    a.wait_for("DONE");
     let mut b = writer(&dir, "B", 400, "2KB", 3);
-    b.wait_done();
+    b.wait_for("DONE");
     assert!(has_line(&dir, "A line 00004"), "A's newest line was pruned");
     assert!(has_line(&dir, "B line 00399"));
 
     // Two more writing at the same time, each pruning the other's files.
     let mut c = writer(&dir, "C", 300, "1KB", 2);
     let mut d = writer(&dir, "D", 300, "1KB", 2);
-    c.wait_done();
-    d.wait_done();
+    c.wait_for("DONE");
+    d.wait_for("DONE");
     for newest in [
         "A line 00004",
         "B line 00399",
@@ -589,7 +541,7 @@ fn processes_sharing_a_directory_never_prune_a_live_writers_file() {
 
     // The files of writers that have exited age out by the count.
     let mut e = writer(&dir, "E", 200, "1KB", 2);
-    e.wait_done();
+    e.wait_for("DONE");
     assert!(has_line(&dir, "E line 00199"));
     assert_eq!(log_files(&dir).unwrap().len(), 2);
     e.finish();
@@ -599,8 +551,8 @@ fn processes_sharing_a_directory_never_prune_a_live_writers_file() {
 fn the_plugin_never_prunes_a_coordinators_file_in_the_same_process() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("errors");
-    let mut child = ChildGuard::spawn("plugin-and-coordinator", &dir, &[]);
-    child.wait_done();
+    let mut child = spawn_child("plugin-and-coordinator", &dir, &[]);
+    child.wait_for("DONE");
     assert!(
         has_line(&dir, "coordinator newest line"),
         "the coordinator's newest line was pruned"
@@ -617,10 +569,7 @@ fn the_plugin_never_prunes_a_coordinators_file_in_the_same_process() {
 #[test]
 fn log_directories_are_0750_under_umask_077() {
     let root = tempfile::tempdir().unwrap();
-    let mut child = ChildGuard::spawn("umask-077", root.path(), &[]);
-    drop(child.child.stdin.take());
-    let status = child.child.wait().unwrap();
-    assert!(status.success(), "child failed: {status}");
+    spawn_child("umask-077", root.path(), &[]).finish();
     for made in [
         "coordinator",
         "coordinator/nested",

@@ -8,6 +8,9 @@
 //! The plugin is one instance per process, so the tests of this file take turns
 //! (`serial`). Child processes are this test binary run again with `EO_ROLE` set.
 
+#[path = "common/child.rs"]
+mod child;
+
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::ffi::idempotency::{
     backup_execute_idempotent, backup_execute_idempotent_fenced, backup_idempotency_check_claim,
@@ -20,11 +23,11 @@ use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_get_error_stats, backup_plugin_get_last_error,
     backup_plugin_init, backup_plugin_write_file_fenced, backup_plugin_write_file_with_retry,
 };
+use child::Child;
 use parking_lot::Mutex;
 use std::ffi::{c_void, CStr, CString};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -102,38 +105,11 @@ unsafe extern "C" fn slow_success(data: *mut c_void) -> i32 {
     0
 }
 
-fn spawn_child(role: &str, dir: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "eo_child", "--nocapture", "--test-threads=1"])
+fn spawn_child(role: &str, dir: &Path) -> Child {
+    Child::command("eo_child")
         .env("EO_ROLE", role)
         .env("EO_DIR", dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    (child, out)
-}
-
-/// Reads the child's lines until one starts with `prefix`; returns it.
-fn wait_for(out: &mut BufReader<std::process::ChildStdout>, prefix: &str) -> String {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "child ended before {prefix}"
-        );
-        // libtest may have written "test eo_child ... " before it on the same line.
-        if let Some(at) = line.find(prefix) {
-            return line[at..].trim().to_string();
-        }
-    }
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
 fn state_config(dir: &Path, extra: &str) -> String {
@@ -192,7 +168,7 @@ fn a_stalled_owner_never_poisons_its_key() {
     init(&state_config(dir.path(), ""));
 
     // Story 1: A stalls past its lease; B takes over, fails and releases; A resumes.
-    let (mut a, mut a_out) = stalled_owner(dir.path());
+    let mut a = stalled_owner(dir.path());
     let (rc, _) = execute(
         "stalled",
         "payload-b",
@@ -205,9 +181,9 @@ fn a_stalled_owner_never_poisons_its_key() {
         "B took over and failed: {}",
         last_error()
     );
-    signal(&a, libc::SIGCONT);
-    let result = wait_for(&mut a_out, "RESULT");
-    assert!(a.wait().unwrap().success());
+    a.signal(libc::SIGCONT);
+    let result = a.wait_for("RESULT");
+    assert!(a.wait().success());
     assert!(
         result.starts_with("RESULT 0 false"),
         "A's success stands: {result}"
@@ -222,15 +198,15 @@ fn a_stalled_owner_never_poisons_its_key() {
     // and a third caller meanwhile is refused.
     // A fresh key for this story: the child always uses `stalled`, so forget it first.
     forget("stalled");
-    let (mut a, mut a_out) = stalled_owner(dir.path());
+    let mut a = stalled_owner(dir.path());
     let calls_before = OP_CALLS.load(Ordering::SeqCst);
     let b = std::thread::spawn(|| execute("stalled", "payload-a", b_waits_for_a, 0));
     while !B_RUNNING.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    signal(&a, libc::SIGCONT);
-    let result = wait_for(&mut a_out, "RESULT");
-    assert!(a.wait().unwrap().success());
+    a.signal(libc::SIGCONT);
+    let result = a.wait_for("RESULT");
+    assert!(a.wait().success());
     assert!(
         result.starts_with("RESULT 0 false"),
         "not IN_PROGRESS: {result}"
@@ -343,9 +319,9 @@ fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
     // 1. The owner checks its claim before writing, as the contract advises, while the
     // taker (which wrote with its higher token) still runs: the check says LEASE_LOST, the
     // write it tries anyway is refused, and its call returns the check's LEASE_LOST.
-    let (mut a, mut a_out) = spawn_child("fenced-checks", dir.path());
-    let a_token: u64 = wait_for(&mut a_out, "RUNNING")[8..].parse().unwrap();
-    signal(&a, libc::SIGSTOP);
+    let mut a = spawn_child("fenced-checks", dir.path());
+    let a_token: u64 = a.wait_for("RUNNING")[8..].parse().unwrap();
+    a.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1_500));
     TAKER_MAY_FINISH.store(false, Ordering::SeqCst);
     TAKER_WROTE.store(false, Ordering::SeqCst);
@@ -369,10 +345,10 @@ fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
     }
     let b_token = *FENCED_TOKENS.lock().last().unwrap();
     assert!(b_token > a_token, "tokens {a_token} then {b_token}");
-    signal(&a, libc::SIGCONT);
-    let wrote = wait_for(&mut a_out, "WROTE");
-    let result = wait_for(&mut a_out, "RESULT");
-    assert!(a.wait().unwrap().success());
+    a.signal(libc::SIGCONT);
+    let wrote = a.wait_for("WROTE");
+    let result = a.wait_for("RESULT");
+    assert!(a.wait().success());
     assert_eq!(
         wrote,
         format!(
@@ -403,9 +379,9 @@ fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
     // accepted (no higher token has written yet), but its call says LEASE_LOST, and the
     // taker's write with the higher token replaces it.
     forget("block");
-    let (mut a, mut a_out) = spawn_child("fenced-blind", dir.path());
-    let a_token: u64 = wait_for(&mut a_out, "RUNNING")[8..].parse().unwrap();
-    signal(&a, libc::SIGSTOP);
+    let mut a = spawn_child("fenced-blind", dir.path());
+    let a_token: u64 = a.wait_for("RUNNING")[8..].parse().unwrap();
+    a.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1_500));
     TAKER_MAY_WRITE.store(false, Ordering::SeqCst);
     let taker_dir = dir.path().to_path_buf();
@@ -426,13 +402,13 @@ fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
     while FENCED_TOKENS.lock().last().is_none_or(|t| *t <= a_token) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    signal(&a, libc::SIGCONT);
+    a.signal(libc::SIGCONT);
     assert_eq!(
-        wait_for(&mut a_out, "WROTE"),
+        a.wait_for("WROTE"),
         format!("WROTE {SUCCESS} CHECK {SUCCESS}")
     );
-    let result = wait_for(&mut a_out, "RESULT");
-    assert!(a.wait().unwrap().success());
+    let result = a.wait_for("RESULT");
+    assert!(a.wait().success());
     assert!(
         result.starts_with(&format!("RESULT {}", ErrorCode::LeaseLost as i32))
             && result.contains("must be fenced"),
@@ -454,12 +430,12 @@ fn a_stalled_owners_late_write_is_refused_and_its_call_says_lease_lost() {
 }
 
 /// A child that claimed `stalled` and is stopped inside its operation, past its lease.
-fn stalled_owner(dir: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
-    let (a, mut a_out) = spawn_child("owner", dir);
-    wait_for(&mut a_out, "RUNNING");
-    signal(&a, libc::SIGSTOP);
+fn stalled_owner(dir: &Path) -> Child {
+    let mut a = spawn_child("owner", dir);
+    a.wait_for("RUNNING");
+    a.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1_500));
-    (a, a_out)
+    a
 }
 
 fn forget(key: &str) {
@@ -619,8 +595,8 @@ fn a_running_log_command_is_neither_reset_nor_run_twice() {
     );
     assert_eq!(records(&task), 0);
     // From another process: its run holds (task, command) until it dies.
-    let (mut runner, mut out) = spawn_child("runner", dir.path());
-    wait_for(&mut out, "RUNNING");
+    let mut runner = spawn_child("runner", dir.path());
+    runner.wait_for("RUNNING");
     let deadline = Instant::now() + Duration::from_secs(10);
     while records(&task) < 1 {
         assert!(
@@ -643,8 +619,7 @@ fn a_running_log_command_is_neither_reset_nor_run_twice() {
     );
     assert_eq!(rc, IN_PROGRESS);
     assert_eq!(records(&task), 1);
-    runner.kill().unwrap();
-    runner.wait().unwrap();
+    runner.kill();
     // The dead runner's claim went with it: reset works now.
     assert_eq!(
         backup_log_reset_retry_records(task.as_ptr(), 0),

@@ -11,6 +11,7 @@ use backup_coordinator::error_log::log_files;
 use backup_coordinator::ffi::log_backup::{backup_log_run_command, SLogBackupRetryPolicy};
 use backup_coordinator::ffi::plugin::{backup_plugin_init, backup_plugin_record_error};
 use backup_coordinator::retry::{RetryPolicy, RetryProgress};
+use common::child::{Child, Spawn};
 use common::Mount;
 use std::ffi::{c_void, CString};
 use std::io::Write as _;
@@ -19,21 +20,21 @@ use std::sync::atomic::{AtomicU32, Ordering};
 const LOG_SUBCOMMAND_START: i32 = 0;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const BIG: usize = 1 << 20;
 const SMALL: usize = 300_000;
 
-fn spawn_role(role: &str, dir: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+fn role(role: &str, dir: &Path) -> Spawn {
+    Child::command("child_role")
         .env("FAULT_ROLE", role)
         .env("FAULT_DIR", dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        .no_stderr()
+}
+
+fn spawn_role(role: &str, dir: &Path) -> Child {
+    self::role(role, dir).spawn()
 }
 
 /// The body of a child process; a no-op in the normal test run.
@@ -124,13 +125,9 @@ unsafe extern "C" fn execute_fails(_: *mut c_void, _command: i32) -> i32 {
 #[test]
 fn a_restart_continues_the_retry_count() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
-        .env("FAULT_ROLE", "log-command")
-        .env("FAULT_DIR", dir.path())
+    let first = role("log-command", dir.path())
         .env("FAULT_KILL", "1")
-        .output()
-        .unwrap();
+        .output();
     assert!(
         !first.status.success(),
         "the first process was meant to die by SIGKILL"
@@ -143,10 +140,7 @@ fn a_restart_continues_the_retry_count() {
     };
     assert_eq!(attempts(), 3);
 
-    let second = spawn_role("log-command", dir.path())
-        .wait_with_output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&second.stdout);
+    let (_, stdout) = spawn_role("log-command", dir.path()).wait_with_output();
     assert!(stdout.contains("RESULT -12"), "second process: {stdout}");
     assert_eq!(
         attempts(),
@@ -173,8 +167,7 @@ fn kill_9_during_rewrites_never_tears_the_file() {
     for _ in 0..25 {
         let mut child = spawn_role("rewrite-forever", dir.path());
         std::thread::sleep(Duration::from_millis(rng.u64(5..80)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.kill(); // SIGKILL
         if let Ok(content) = fs::read(&target) {
             let whole_a = content.len() == BIG && content.iter().all(|&c| c == b'a');
             let whole_b = content.len() == SMALL && content.iter().all(|&c| c == b'b');
@@ -205,7 +198,7 @@ fn a_line_recorded_before_kill_9_is_in_the_log() {
     for _ in 0..3 {
         let dir = tempfile::tempdir().unwrap();
         let mut child = spawn_role("record-then-die", dir.path());
-        let status = child.wait().unwrap();
+        let status = child.wait();
         assert!(!status.success(), "the child was meant to die by SIGKILL");
         let mut text = String::new();
         for (_, path) in log_files(dir.path()).unwrap() {

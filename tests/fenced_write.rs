@@ -14,13 +14,14 @@ use backup_coordinator::ffi::types::{
     BACKUP_ERROR_DISK_FULL, BACKUP_ERROR_FENCED, BACKUP_ERROR_RETRY_EXHAUSTED, BACKUP_SUCCESS,
 };
 use backup_coordinator::ErrorCode;
+use common::child::Child;
 use common::Mount;
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -79,16 +80,14 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn spawn_role(role: &str, dir: &Path, envs: &[(&str, String)]) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+fn spawn_role(role: &str, dir: &Path, envs: &[(&str, String)]) -> Child {
+    Child::command("child_role")
         .env("FENCE_ROLE", role)
         .env("FENCE_DIR", dir)
         .envs(envs.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .no_stdout()
+        .no_stderr()
         .spawn()
-        .unwrap()
 }
 
 const RACE_SIZE: usize = 8 << 10;
@@ -199,7 +198,7 @@ fn processes_racing_over_one_file_end_with_the_highest_token() {
         })
         .collect();
     for mut child in children {
-        assert!(child.wait().unwrap().success(), "a racing child failed");
+        assert!(child.wait().success(), "a racing child failed");
     }
     let calls: Vec<Call> = fs::read_to_string(dir.path().join("race.log"))
         .unwrap()
@@ -278,8 +277,7 @@ fn kill_9_during_fenced_writes_never_lowers_the_fence_nor_tears_the_file() {
         rounds += 1;
         let mut child = spawn_role("loop", dir.path(), &[("FENCE_BASE", base.to_string())]);
         std::thread::sleep(Duration::from_millis(rng.u64(20..120)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.kill(); // SIGKILL
         assert!(
             !dir.path().join("child_failed").exists(),
             "the child's write failed: {}",

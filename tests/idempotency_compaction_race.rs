@@ -6,12 +6,14 @@
 //!
 //! The second process is this test binary run again with `RACE_ROLE=child`.
 
+#[path = "common/child.rs"]
+mod child;
+
 use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
 use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
+use child::Child;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -110,30 +112,21 @@ fn compactions_in_two_processes_lose_no_key_and_run_none_twice() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "compactions_in_two_processes_lose_no_key_and_run_none_twice",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = Child::command("compactions_in_two_processes_lose_no_key_and_run_none_twice")
         .env("RACE_ROLE", "child")
         .env("RACE_DIR", dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn();
     let started = Instant::now();
     let (mut ran, own) = work(dir.path(), "parent");
     let mut child_own = 0;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
+    for line in child.lines() {
         if let Some(i) = line.strip_prefix("ran ") {
             ran.push(i.parse().unwrap());
         } else if let Some(n) = line.strip_prefix("own ") {
             child_own = n.parse().unwrap();
         }
     }
-    assert!(child.wait().unwrap().success(), "the child process failed");
+    assert!(child.wait().success(), "the child process failed");
     assert_eq!(child_own, THREADS * OWN, "the child finished its keys");
     // No contended key ran twice, in either process.
     let mut runs: HashMap<u64, u32> = HashMap::new();

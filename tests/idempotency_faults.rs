@@ -15,28 +15,25 @@ use backup_coordinator::idempotency::{
     fingerprint, Claim, ClaimToken, Completion, IdempotencyStore,
 };
 use backup_coordinator::retry::Execution;
+use common::child::Child;
 use common::Mount;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const IN_PROGRESS: i32 = ErrorCode::InProgress as i32;
 
 fn spawn_worker(dir: &Path, envs: &[(&str, String)]) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "idem_child", "--nocapture", "--test-threads=1"])
+    Child::command("idem_child")
         .env("IDEM_ROLE", "worker")
         .env("IDEM_DIR", dir)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
-        .unwrap()
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -195,8 +192,8 @@ fn four_processes_on_the_same_keys_run_each_operation_once() {
         })
         .collect();
     for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "a worker failed");
+        let (status, _) = child.wait_with_output();
+        assert!(status.success(), "a worker failed");
     }
     let events = events(dir.path());
     for k in 0..KEYS {
@@ -228,15 +225,11 @@ fn sigkill_while_claiming_and_completing_never_runs_a_completed_key_again() {
             ],
         );
         // The test harness prints its own lines first.
-        let ready = BufReader::new(child.stdout.take().unwrap())
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.ends_with("READY"));
+        let ready = child.lines().any(|line| line.ends_with("READY"));
         assert!(ready, "the worker died before it was ready");
         std::thread::sleep(Duration::from_micros(rng.u64(500..15_000)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        // The next process starts a little before where this one got to.
+        child.kill(); // SIGKILL
+                      // The next process starts a little before where this one got to.
         let last_done = events(dir.path())
             .iter()
             .filter(|(_, e)| e.iter().any(|e| matches!(e, Event::Done { .. })))
@@ -261,7 +254,7 @@ fn sigkill_while_claiming_and_completing_never_runs_a_completed_key_again() {
         ],
     );
     let finisher_pid = finisher.id();
-    assert!(finisher.wait_with_output().unwrap().status.success());
+    assert!(finisher.wait_with_output().0.success());
 
     let events = events(dir.path());
     let (mut taken_over, mut stranded, mut completed_unacknowledged) = (0, 0, 0);

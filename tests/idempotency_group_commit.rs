@@ -5,17 +5,20 @@
 //! missing afterwards. Child processes are this test binary run again with `GC_ROLE` set;
 //! they go through the C ABI as taosX does.
 
+#[path = "common/child.rs"]
+mod child;
+
 use backup_coordinator::clock::{Clock, SystemClock};
 use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
 use backup_coordinator::ffi::plugin::{backup_plugin_get_last_error, backup_plugin_init};
 use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
 use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
+use child::Child;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -88,33 +91,17 @@ fn gc_child() {
     });
 }
 
+/// A worker, killed (SIGKILL) and reaped when dropped, also when the test fails on the way.
 fn spawn_child(dir: &Path, tag: &str) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "gc_child", "--nocapture", "--test-threads=1"])
+    let mut child = Child::command("gc_child")
         .env("GC_ROLE", "worker")
         .env("GC_DIR", dir)
         .env("GC_TAG", tag)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+        .spawn();
     // The test harness prints its own lines first.
-    let ready = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .any(|line| line.ends_with("READY"));
+    let ready = child.lines().any(|line| line.ends_with("READY"));
     assert!(ready, "the child {tag} died before it was ready");
     child
-}
-
-/// Kills (SIGKILL) and reaps the child, also when the test fails on the way.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -123,8 +110,8 @@ fn sigkill_in_the_middle_of_batches_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = fastrand::Rng::with_seed(11);
     for round in 0..ROUNDS {
-        let first = Killed(spawn_child(dir.path(), &format!("r{round}a")));
-        let second = Killed(spawn_child(dir.path(), &format!("r{round}b")));
+        let first = spawn_child(dir.path(), &format!("r{round}a"));
+        let second = spawn_child(dir.path(), &format!("r{round}b"));
         // Both run a while, then die one after the other, mid-batch.
         std::thread::sleep(Duration::from_millis(rng.u64(30..120)));
         drop(first);

@@ -16,12 +16,13 @@ use backup_coordinator::ffi::plugin::{
     backup_plugin_cleanup, backup_plugin_execute_with_retry, backup_plugin_get_error_stats,
     backup_plugin_get_metrics, backup_plugin_init, backup_plugin_record_error,
 };
+use common::child::Child;
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CString};
 use std::fs;
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -202,35 +203,20 @@ fn child_role() {
     unreachable!("the op never returns");
 }
 
-/// A child process killed (and reaped) when dropped, whatever the test's outcome.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A key whose owner died: a child claims it and is killed; after its 1 s lease the next
 /// call takes the key over.
 fn take_over_a_dead_owners_key(dir: &Path) {
-    let mut child = ChildGuard(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_role", "--test-threads=1"])
-            .env("METRICS_DIR", dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Child::command("child_role")
+        .env("METRICS_DIR", dir)
+        .no_stdout()
+        .no_stderr()
+        .spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dir.join("claimed").exists() {
         assert!(Instant::now() < deadline, "the child never claimed its key");
         std::thread::sleep(Duration::from_millis(10));
     }
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill();
     std::thread::sleep(Duration::from_millis(1_500));
     assert_eq!(idempotent("orphan", b"p", ok_op, std::ptr::null_mut()), 0);
 }

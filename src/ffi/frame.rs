@@ -77,30 +77,12 @@ pub fn to_c(err: &Failure) -> (i32, String) {
     (err.code(), err.to_string())
 }
 
-/// The static message of a code, as `backup_error_string` hands it out (ABI §1).
+/// The static message of a code, as `backup_error_string` hands it out (C_API §1); any
+/// value outside the table reads "Unknown error".
 pub fn code_message(code: i32) -> &'static CStr {
-    match ErrorCode::from_raw(code).unwrap_or(ErrorCode::Unknown) {
-        ErrorCode::Success => c"Success",
-        ErrorCode::InvalidParam => c"Invalid parameter",
-        ErrorCode::InitFailed => c"Initialization failed",
-        ErrorCode::NotInitialized => c"Not initialized",
-        ErrorCode::MemoryAlloc => c"Memory allocation failed",
-        ErrorCode::FileIo => c"File I/O error",
-        ErrorCode::Network => c"Network error",
-        ErrorCode::Timeout => c"Operation timeout",
-        ErrorCode::DataCorruption => c"Data corruption detected",
-        ErrorCode::PermissionDenied => c"Permission denied",
-        ErrorCode::DiskFull => c"Disk full",
-        ErrorCode::ConnectionLost => c"Connection lost",
-        ErrorCode::RetryExhausted => c"Retry attempts exhausted",
-        ErrorCode::InvalidState => c"Invalid state for command",
-        ErrorCode::InProgress => c"Operation already in progress",
-        ErrorCode::IdempotencyConflict => c"Idempotency key reused with different payload",
-        ErrorCode::Cancelled => c"Operation cancelled",
-        ErrorCode::LeaseLost => c"Claim lease lost",
-        ErrorCode::Fenced => c"Fenced by a newer claim",
-        ErrorCode::Unknown => c"Unknown error",
-    }
+    ErrorCode::from_raw(code)
+        .unwrap_or(ErrorCode::Unknown)
+        .c_message()
 }
 
 /// A required function pointer argument.

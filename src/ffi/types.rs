@@ -5,6 +5,11 @@
 
 use std::ffi::c_char;
 
+// The codes of C_API §1, as the header's `#define`s. Their values and messages come from
+// the one table in `crate::error` (`error_codes!`); they are written out here because
+// cbindgen reads this source without expanding macros (and a build.rs generating them
+// would put generated Rust under src/). The test `every_code_constant_is_in_the_table`
+// below fails if a constant here and the table disagree, or one lacks the other.
 pub const BACKUP_SUCCESS: i32 = 0;
 pub const BACKUP_ERROR_INVALID_PARAM: i32 = -1;
 pub const BACKUP_ERROR_INIT_FAILED: i32 = -2;
@@ -160,4 +165,29 @@ pub struct SBackupErrorRecord {
     pub code: i32,
     /// NUL-terminated, truncated to fit.
     pub message: [c_char; BACKUP_ERROR_MESSAGE_MAX],
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::ErrorCode;
+
+    /// Every `pub const NAME: i32 = VALUE;` of this file is a code, and the codes here are
+    /// those of the table in `crate::error`, name for name and value for value.
+    #[test]
+    fn every_code_constant_is_in_the_table() {
+        let here: Vec<(String, i32)> = include_str!("types.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub const "))
+            .filter_map(|rest| rest.split_once(": i32 = "))
+            .map(|(name, value)| {
+                let value = value.trim_end_matches(';').parse().expect("an i32 literal");
+                (name.to_owned(), value)
+            })
+            .collect();
+        let table: Vec<(String, i32)> = ErrorCode::ALL
+            .into_iter()
+            .map(|code| (code.c_name().to_owned(), code.raw()))
+            .collect();
+        assert_eq!(here, table);
+    }
 }

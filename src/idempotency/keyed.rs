@@ -267,7 +267,42 @@ impl Keyed {
         // Judged when the operation returned, before the claim is let go.
         let still_held = held.is_held();
         drop(held);
-        let result = match execution.result {
+        let result = self.settle(
+            clock,
+            key,
+            fingerprint,
+            fencing,
+            token,
+            still_held,
+            &shown,
+            execution.result,
+        );
+        if self.store.maintenance_due() {
+            self.keeper.wake();
+        }
+        KeyedExecution {
+            result,
+            retries: claim_retries + execution.retries,
+        }
+    }
+
+    /// What the call returns once its operation returned `result` under the claim `token`
+    /// (`still_held`: whether the claim was held when it returned): a success is recorded as
+    /// the key's completion, and says LEASE_LOST when fenced and the claim was not held;
+    /// a failure lets the claim go.
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        clock: &dyn Clock,
+        key: &[u8],
+        fingerprint: &Fingerprint,
+        fencing: Fencing,
+        token: ClaimToken,
+        still_held: bool,
+        shown: &str,
+        result: Result<(), Failure>,
+    ) -> Result<bool, Failure> {
+        match result {
             // The operation ran and succeeded: that stands, whoever holds the key now.
             Ok(()) => match self
                 .store
@@ -319,13 +354,6 @@ impl Keyed {
                 }
                 Err(failure)
             }
-        };
-        if self.store.maintenance_due() {
-            self.keeper.wake();
-        }
-        KeyedExecution {
-            result,
-            retries: claim_retries + execution.retries,
         }
     }
 

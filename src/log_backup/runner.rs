@@ -143,6 +143,40 @@ enum Step {
     AfterInterruptedAttempt,
 }
 
+/// Where a call starts: an unfinished sequence of an earlier call is resumed (after its
+/// wait, or by looking at the state when its attempt was interrupted); a finished one is
+/// removed (it stays readable only until the next sequence starts) and a new one begins.
+fn resume_or_start(
+    run: &dyn RunClaim,
+    task: &str,
+    command: SubCommand,
+    loaded: Option<Sequence>,
+) -> Result<(Sequence, Step), Failure> {
+    match loaded {
+        Some(seq) if seq.outcome.is_none() && !seq.records.is_empty() => {
+            let interrupted = seq.records.last().is_some_and(|r| r.real_retry_at_ms != 0);
+            tracing::info!(
+                task,
+                command = command.name(),
+                retries = seq.records.len(),
+                "resuming an unfinished retry sequence"
+            );
+            let step = if interrupted {
+                Step::AfterInterruptedAttempt
+            } else {
+                Step::Wait
+            };
+            Ok((seq, step))
+        }
+        existing => {
+            if existing.is_some() {
+                run.remove().map_err(store_failed)?;
+            }
+            Ok((Sequence::default(), Step::Attempt))
+        }
+    }
+}
+
 pub struct Runner<'a> {
     pub store: &'a dyn LogRecordStore,
     pub clock: &'a dyn Clock,
@@ -201,82 +235,28 @@ impl Runner<'_> {
             }
         };
         let run = run.as_ref();
-        let (mut sequence, mut step) = match loaded {
-            Some(seq) if seq.outcome.is_none() && !seq.records.is_empty() => {
-                let interrupted = seq.records.last().is_some_and(|r| r.real_retry_at_ms != 0);
-                tracing::info!(
-                    task,
-                    command = command.name(),
-                    retries = seq.records.len(),
-                    "resuming an unfinished retry sequence"
-                );
-                (
-                    seq,
-                    if interrupted {
-                        Step::AfterInterruptedAttempt
-                    } else {
-                        Step::Wait
-                    },
-                )
-            }
-            existing => {
-                // A finished sequence stays readable until the next one starts: now.
-                if existing.is_some() {
-                    if let Err(failure) = run.remove() {
-                        outcome.result = Err(store_failed(failure));
-                        return outcome;
-                    }
-                }
-                (Sequence::default(), Step::Attempt)
+        let (mut sequence, mut step) = match resume_or_start(run, task, command, loaded) {
+            Ok(start) => start,
+            Err(failure) => {
+                outcome.result = Err(failure);
+                return outcome;
             }
         };
         loop {
             let attempt = match step {
                 Step::Wait => {
-                    let last = sequence.records.last().expect("a wait follows a record");
-                    // Never longer than the wait as scheduled, even if the wall clock
-                    // stepped back since (a resumed wait only waits its remainder).
-                    let nominal = last
-                        .expected_retry_at_ms
-                        .saturating_sub(last.detect_failed_at_ms);
-                    let remaining = last
-                        .expected_retry_at_ms
-                        .saturating_sub(self.clock.unix_ms())
-                        .min(nominal);
-                    if self
-                        .sleeper
-                        .sleep(Duration::from_millis(remaining))
-                        .is_err()
-                    {
-                        // CANCELLED leaves the sequence unfinished: a later call resumes it.
-                        tracing::warn!(
-                            task,
-                            command = command.name(),
-                            "log-backup retry wait cancelled"
-                        );
-                        outcome.result = Err(Failure::Cancelled(format!(
-                            "plugin cleanup during the retry wait of {} on task {task:?}",
-                            command.name()
-                        )));
-                        return outcome;
+                    match self.wait_then_attempt(run, task, command, driver, &mut sequence) {
+                        Ok(attempt) => {
+                            // Counted when made, by the process making it: a wait cancelled by
+                            // cleanup made no retry, and the process that resumes it makes it.
+                            outcome.retries += 1;
+                            attempt
+                        }
+                        Err(failure) => {
+                            outcome.result = Err(failure);
+                            return outcome;
+                        }
                     }
-                    let now = self.clock.unix_ms();
-                    sequence
-                        .records
-                        .last_mut()
-                        .expect("checked above")
-                        .real_retry_at_ms = now.max(1);
-                    // Persisted before the attempt: an attempt cut short by death counts as made.
-                    if let Err(failure) = run.save(&sequence) {
-                        outcome.result = Err(store_failed(failure));
-                        return outcome;
-                    }
-                    // Counted when made, by the process making it: a wait cancelled by
-                    // cleanup made no retry, and the process that resumes it makes it.
-                    outcome.retries += 1;
-                    let reason = sequence.records.last().map_or(0, |r| r.reason_code);
-                    self.metrics.retries[command as usize].inc(reason);
-                    self.attempt(command, driver)
                 }
                 Step::Attempt => self.attempt(command, driver),
                 // The interrupted attempt counts as made: look at the state as any attempt
@@ -294,30 +274,8 @@ impl Runner<'_> {
             };
             match attempt {
                 Attempt::Done { skipped, recovered } => {
-                    if recovered || !sequence.records.is_empty() {
-                        LogMetrics::bump(&self.metrics.recoveries, command);
-                        tracing::info!(
-                            task,
-                            command = command.name(),
-                            retries = sequence.records.len(),
-                            "log-backup command recovered"
-                        );
-                    }
-                    if skipped {
-                        LogMetrics::bump(&self.metrics.skips, command);
-                        tracing::debug!(
-                            task,
-                            command = command.name(),
-                            "log-backup command skipped: already done"
-                        );
-                    }
                     outcome.skipped = skipped;
-                    self.metrics
-                        .finished(command, &sequence, self.clock.unix_ms());
-                    // Records exist on disk only once a retry was scheduled.
-                    if !sequence.records.is_empty() {
-                        outcome.result = run.remove().map_err(store_failed);
-                    }
+                    outcome.result = self.done(run, task, command, &sequence, skipped, recovered);
                     return outcome;
                 }
                 Attempt::Permanent(failure) => {
@@ -334,6 +292,94 @@ impl Runner<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// [`Step::Wait`]: waits for the last record's retry time, notes when the retry was
+    /// made (persisted before the attempt), counts it in the metrics and makes it. Fails
+    /// with CANCELLED when cleanup cuts the wait short (the sequence stays unfinished: a
+    /// later call resumes it), or with the store's failure.
+    fn wait_then_attempt(
+        &mut self,
+        run: &dyn RunClaim,
+        task: &str,
+        command: SubCommand,
+        driver: &mut dyn TaskDriver,
+        sequence: &mut Sequence,
+    ) -> Result<Attempt, Failure> {
+        let last = sequence.records.last().expect("a wait follows a record");
+        // Never longer than the wait as scheduled, even if the wall clock
+        // stepped back since (a resumed wait only waits its remainder).
+        let nominal = last
+            .expected_retry_at_ms
+            .saturating_sub(last.detect_failed_at_ms);
+        let remaining = last
+            .expected_retry_at_ms
+            .saturating_sub(self.clock.unix_ms())
+            .min(nominal);
+        if self
+            .sleeper
+            .sleep(Duration::from_millis(remaining))
+            .is_err()
+        {
+            tracing::warn!(
+                task,
+                command = command.name(),
+                "log-backup retry wait cancelled"
+            );
+            return Err(Failure::Cancelled(format!(
+                "plugin cleanup during the retry wait of {} on task {task:?}",
+                command.name()
+            )));
+        }
+        let now = self.clock.unix_ms();
+        sequence
+            .records
+            .last_mut()
+            .expect("checked above")
+            .real_retry_at_ms = now.max(1);
+        // Persisted before the attempt: an attempt cut short by death counts as made.
+        run.save(sequence).map_err(store_failed)?;
+        let reason = sequence.records.last().map_or(0, |r| r.reason_code);
+        self.metrics.retries[command as usize].inc(reason);
+        Ok(self.attempt(command, driver))
+    }
+
+    /// The command is done (or was already): the recovery and the skip counted and logged,
+    /// the sequence's duration observed, its records removed.
+    fn done(
+        &self,
+        run: &dyn RunClaim,
+        task: &str,
+        command: SubCommand,
+        sequence: &Sequence,
+        skipped: bool,
+        recovered: bool,
+    ) -> Result<(), Failure> {
+        if recovered || !sequence.records.is_empty() {
+            LogMetrics::bump(&self.metrics.recoveries, command);
+            tracing::info!(
+                task,
+                command = command.name(),
+                retries = sequence.records.len(),
+                "log-backup command recovered"
+            );
+        }
+        if skipped {
+            LogMetrics::bump(&self.metrics.skips, command);
+            tracing::debug!(
+                task,
+                command = command.name(),
+                "log-backup command skipped: already done"
+            );
+        }
+        self.metrics
+            .finished(command, sequence, self.clock.unix_ms());
+        // Records exist on disk only once a retry was scheduled.
+        if sequence.records.is_empty() {
+            Ok(())
+        } else {
+            run.remove().map_err(store_failed)
         }
     }
 

@@ -8,6 +8,8 @@ pub use tools::{ensure_python_module, ensure_tool};
 
 pub mod proxy;
 
+pub mod child;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,6 +1,7 @@
 /* ABI.md read sentence by sentence: each check below is one promise of the page, written
  * from its wording alone, the way a host that knows only the page would check it. Every
- * failed promise is printed (not only the first), then the harness exits 1. */
+ * failed promise is printed (not only the first), then the harness exits 1: check.h's EXPECT
+ * family. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -13,51 +14,6 @@
 
 #include "backup_coordinator.h"
 #include "check.h"
-
-static int g_failed = 0;
-
-/* A promise that does not hold: reported, and the run goes on to the next one. */
-#define EXPECT(cond, what)                                                                 \
-    do {                                                                                   \
-        g_checks++;                                                                        \
-        if (!(cond)) {                                                                     \
-            g_failed++;                                                                    \
-            fprintf(stderr, "%s:%d: FAILED: %s (%s)\n", __FILE__, __LINE__, what, #cond);  \
-        }                                                                                  \
-    } while (0)
-
-#define EXPECT_INT(actual, expected, what)                                                 \
-    do {                                                                                   \
-        long long a_ = (long long)(actual), e_ = (long long)(expected);                    \
-        g_checks++;                                                                        \
-        if (a_ != e_) {                                                                    \
-            g_failed++;                                                                    \
-            fprintf(stderr, "%s:%d: FAILED: %s: %s == %lld, expected %lld\n", __FILE__,    \
-                    __LINE__, what, #actual, a_, e_);                                      \
-        }                                                                                  \
-    } while (0)
-
-#define EXPECT_STR(actual, expected, what)                                                 \
-    do {                                                                                   \
-        const char* a_ = (actual);                                                         \
-        g_checks++;                                                                        \
-        if (a_ == NULL || strcmp(a_, (expected)) != 0) {                                   \
-            g_failed++;                                                                    \
-            fprintf(stderr, "%s:%d: FAILED: %s: \"%s\", expected \"%s\"\n", __FILE__,      \
-                    __LINE__, what, a_ ? a_ : "(null)", (expected));                       \
-        }                                                                                  \
-    } while (0)
-
-#define EXPECT_HAS(actual, needle, what)                                                   \
-    do {                                                                                   \
-        const char* a_ = (actual);                                                         \
-        g_checks++;                                                                        \
-        if (a_ == NULL || strstr(a_, (needle)) == NULL) {                                  \
-            g_failed++;                                                                    \
-            fprintf(stderr, "%s:%d: FAILED: %s: \"%s\" lacks \"%s\"\n", __FILE__,          \
-                    __LINE__, what, a_ ? a_ : "(null)", (needle));                         \
-        }                                                                                  \
-    } while (0)
 
 static char g_dir[64];
 
@@ -133,11 +89,7 @@ static void section1(void) {
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         int32_t c = table[i].code;
         bool retryable = c == -5 || c == -6 || c == -7 || c == -11;
-        g_checks++;
-        if (backup_should_retry(&ctx, c) != retryable) {
-            g_failed++;
-            fprintf(stderr, "FAILED: §1 retryable column of %d\n", c);
-        }
+        EXPECTF(backup_should_retry(&ctx, c) == retryable, "§1 retryable column of %d", c);
     }
     EXPECT(!backup_should_retry(&ctx, 42), "§1 a code outside the table is not retryable");
     EXPECT(!backup_should_retry(&ctx, -19), "§1 a code outside the table is not retryable");
@@ -468,14 +420,11 @@ static void section3(void) {
         int32_t rc = backup_write_file_with_retry(c, bad[i], "x", 1);
         uint64_t e2, r2;
         backup_get_error_stats(c, &e2, &r2);
-        g_checks++;
-        if (rc != BACKUP_ERROR_INVALID_PARAM || r2 != retries || now_ms() - t0 > 500 ||
-            e2 != errors + 1) {
-            g_failed++;
-            fprintf(stderr, "FAILED: §3 path \"%s\": rc %d, retries %llu->%llu, errors %llu->%llu\n",
-                    bad[i], rc, (unsigned long long)retries, (unsigned long long)r2,
-                    (unsigned long long)errors, (unsigned long long)e2);
-        }
+        EXPECTF(rc == BACKUP_ERROR_INVALID_PARAM && r2 == retries && now_ms() - t0 <= 500 &&
+                    e2 == errors + 1,
+                "§3 path \"%s\": rc %d, retries %llu->%llu, errors %llu->%llu", bad[i], rc,
+                (unsigned long long)retries, (unsigned long long)r2, (unsigned long long)errors,
+                (unsigned long long)e2);
     }
     EXPECT_INT(backup_write_file_with_retry(c, NULL, "x", 1), BACKUP_ERROR_INVALID_PARAM,
                "§3 NULL path");
@@ -726,11 +675,8 @@ static void section4_lifecycle(void) {
     snprintf(msg4, sizeof msg4, "%s", backup_plugin_get_last_error());
     const char* msgs[5] = {msg0, msg1, msg2, msg3, msg4};
     for (int i = 0; i < 5; i++) {
-        g_checks++;
-        if (rcs[i] != BACKUP_ERROR_INVALID_PARAM || strstr(msgs[i], "state_dir") == NULL) {
-            g_failed++;
-            fprintf(stderr, "FAILED: §4 %s without state_dir: %d \"%s\"\n", names[i], rcs[i], msgs[i]);
-        }
+        EXPECTF(rcs[i] == BACKUP_ERROR_INVALID_PARAM && strstr(msgs[i], "state_dir") != NULL,
+                "§4 %s without state_dir: %d \"%s\"", names[i], rcs[i], msgs[i]);
     }
     backup_plugin_cleanup();
     PASS("§4 lifecycle");
@@ -766,13 +712,11 @@ static void expect_init(const char* text, int32_t expected, const char* needle, 
     int32_t rc = init_text(text);
     g_checks++;
     if (rc != expected) {
-        g_failed++;
-        fprintf(stderr, "FAILED: §5 %s: init returned %d, expected %d; last error \"%s\"\n",
-                what, rc, expected, backup_plugin_get_last_error());
+        FAILURE("§5 %s: init returned %d, expected %d; last error \"%s\"", what, rc, expected,
+                backup_plugin_get_last_error());
     } else if (needle != NULL && strstr(backup_plugin_get_last_error(), needle) == NULL) {
-        g_failed++;
-        fprintf(stderr, "FAILED: §5 %s: last error \"%s\" lacks \"%s\"\n", what,
-                backup_plugin_get_last_error(), needle);
+        FAILURE("§5 %s: last error \"%s\" lacks \"%s\"", what, backup_plugin_get_last_error(),
+                needle);
     }
     backup_plugin_cleanup();
 }
@@ -1087,13 +1031,10 @@ static void section7_table(void) {
                 bool skip = c.act == SKIP;
                 int32_t act = c.act >= 0 ? c.act : -1;
                 if (cmd == LOG_SUBCOMMAND_TRUNCATE && col == 1 && tr) { skip = true; act = -1; }
-                g_checks++;
-                if (rc != BACKUP_SUCCESS || d.should_skip != skip || d.need_sync != c.sync ||
-                    d.actual_command != act) {
-                    g_failed++;
-                    fprintf(stderr, "FAILED: §7 table cmd %d state %d truncated %d: rc %d skip %d sync %d act %d\n",
-                            cmd, cols[col], tr, rc, d.should_skip, d.need_sync, d.actual_command);
-                }
+                EXPECTF(rc == BACKUP_SUCCESS && d.should_skip == skip && d.need_sync == c.sync &&
+                            d.actual_command == act,
+                        "§7 table cmd %d state %d truncated %d: rc %d skip %d sync %d act %d", cmd,
+                        cols[col], tr, rc, d.should_skip, d.need_sync, d.actual_command);
             }
         }
     }
@@ -1300,11 +1241,8 @@ static void section8(void) {
     for (size_t i = 0; i < sizeof odd / sizeof odd[0]; i++) {
         o = (Op){0};
         int32_t rc = backup_execute_idempotent(odd[i], "f", 1, iop, &o, NULL);
-        g_checks++;
-        if (rc != BACKUP_SUCCESS || o.calls != 1) {
-            g_failed++;
-            fprintf(stderr, "FAILED: §8 key \"%s\": rc %d calls %d\n", odd[i], rc, o.calls);
-        }
+        EXPECTF(rc == BACKUP_SUCCESS && o.calls == 1, "§8 key \"%s\": rc %d calls %d", odd[i], rc,
+                o.calls);
     }
     char stray[256];
     snprintf(stray, sizeof stray, "%s/etc/passwd", g_dir);
@@ -1709,16 +1647,13 @@ static void deeper_restart(void) {
     const uint64_t waits[4] = {20, 40, 50, 50};
     for (uint32_t i = 0; i < count && i < 4; i++) {
         int64_t w = (int64_t)(rec[i].expected_retry_at_ms - rec[i].detect_failed_at_ms);
-        g_checks++;
-        if (w < (int64_t)waits[i] || w > (int64_t)waits[i] + 15 ||
-            rec[i].real_retry_at_ms < rec[i].expected_retry_at_ms ||
-            rec[i].reason_code != BACKUP_ERROR_NETWORK) {
-            g_failed++;
-            fprintf(stderr, "FAILED: §7 record %u: wait %lld (expected %llu), real %llu expected %llu, reason %d\n",
-                    i, (long long)w, (unsigned long long)waits[i],
-                    (unsigned long long)rec[i].real_retry_at_ms,
-                    (unsigned long long)rec[i].expected_retry_at_ms, rec[i].reason_code);
-        }
+        EXPECTF(w >= (int64_t)waits[i] && w <= (int64_t)waits[i] + 15 &&
+                    rec[i].real_retry_at_ms >= rec[i].expected_retry_at_ms &&
+                    rec[i].reason_code == BACKUP_ERROR_NETWORK,
+                "§7 record %u: wait %lld (expected %llu), real %llu expected %llu, reason %d", i,
+                (long long)w, (unsigned long long)waits[i],
+                (unsigned long long)rec[i].real_retry_at_ms,
+                (unsigned long long)rec[i].expected_retry_at_ms, rec[i].reason_code);
     }
     backup_plugin_cleanup();
     PASS("§7 restart and policy");
@@ -2079,10 +2014,5 @@ int main(void) {
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
     CHECK(system(cmd) == 0);
-    if (g_failed) {
-        fprintf(stderr, "test_abi_conformance: %d of %d checks FAILED\n", g_failed, g_checks);
-        return 1;
-    }
-    printf("test_abi_conformance: all %d checks passed\n", g_checks);
-    return 0;
+    return check_report("test_abi_conformance");
 }

@@ -227,70 +227,14 @@ impl FileStore {
         from: u64,
         generation: u64,
     ) -> Result<(), Stop> {
-        // 2. Without the lock: the live records that are their key's last.
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut bytes = Vec::new();
-        let bad = for_each_record(old, &self.journal_path, 0, from, |offset, _, entry| {
-            let Some(record) = entry.state.filter(|r| r.is_live(now_ms)) else {
-                return Ok(());
-            };
-            let start = bytes.len();
-            record::encode(&mut bytes, &entry.key, Some(&record));
-            batch.push(Candidate {
-                offset,
-                hash: hash_key(&entry.key),
-                claim: matches!(record.state, KeyState::Claimed { .. }),
-                start,
-                len: bytes.len() - start,
-            });
-            if batch.len() >= BATCH {
-                self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
-            }
-            Ok::<(), Stop>(())
-        })?;
-        if let Some(offset) = bad {
-            let why = format!("the record at byte {offset} does not check");
-            return Err(corruption(&self.journal_path, why).into());
-        }
-        self.keep_current(&mut rw, &mut batch, &mut bytes, generation)?;
-        // 3. Still without it: what callers appended meanwhile, in rounds.
-        let mut copied = from;
-        for _ in 0..16 {
-            let end = self.caught_up_end(generation)?;
-            if end - copied <= TAIL_UNDER_LOCK {
-                break;
-            }
-            rw.copy_tail(old, &self.journal_path, copied, end)?;
-            copied = end;
-        }
-        rw.flush()?;
+        self.copy_live(now_ms, &mut rw, old, from, generation)?;
+        let Unlocked {
+            copied,
+            covered,
+            imaged,
+            reserved_to,
+        } = self.catch_up_unlocked(&mut rw, old, from, generation)?;
         let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
-        rw.file.sync_data().map_err(side)?;
-        rw.paced = Paced::default();
-        // The image of the new journal's index, up to here.
-        let covered = rw.flushed;
-        // No image while the new index still grows (it was sized for the keys at the start).
-        let imaged = covered >= 4 && rw.index.slots().is_some();
-        if let (true, Some(slots)) = (imaged, rw.index.slots()) {
-            let mut image = ImageWriter::create(&self.image_tmp_path)?;
-            image.push(slots, covered, &self.image_tmp_path)?;
-            let covers = Covers::of(&rw.file, covered).map_err(side)?;
-            image.finish(covers, &self.image_tmp_path)?;
-        }
-        // Writing the image took a while: what was appended meanwhile, still unlocked.
-        let end = self.caught_up_end(generation)?;
-        rw.copy_tail(old, &self.journal_path, copied, end)?;
-        copied = end;
-        // Room for the tail still to come and for the completions of the claims, reserved
-        // and made durable now, so that the switch under the lock rarely allocates.
-        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
-        let reserved_to = match reserve(&rw.file, rw.flushed, ahead) {
-            Ok(true) => rw.flushed + ahead,
-            Ok(false) => u64::MAX,
-            // A nearly full disk: only what the switch needs, under the lock.
-            Err(_) => rw.flushed,
-        };
-        rw.file.sync_data().map_err(side)?;
         // The image replaced stays open until the lock is released: the rename then does
         // not free its blocks (tens of ms for a large file) under the lock.
         let replaced_image = open_replaced(&self.image_path);
@@ -357,6 +301,98 @@ impl FileStore {
             "idempotency journal compacted"
         );
         Ok(())
+    }
+
+    /// Step 2, without the lock: the live records of the old journal up to `from` that are
+    /// their key's last, written to the new one in batches.
+    fn copy_live(
+        &self,
+        now_ms: u64,
+        rw: &mut Rewrite<'_>,
+        old: &File,
+        from: u64,
+        generation: u64,
+    ) -> Result<(), Stop> {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut bytes = Vec::new();
+        let bad = for_each_record(old, &self.journal_path, 0, from, |offset, _, entry| {
+            let Some(record) = entry.state.filter(|r| r.is_live(now_ms)) else {
+                return Ok(());
+            };
+            let start = bytes.len();
+            record::encode(&mut bytes, &entry.key, Some(&record));
+            batch.push(Candidate {
+                offset,
+                hash: hash_key(&entry.key),
+                claim: matches!(record.state, KeyState::Claimed { .. }),
+                start,
+                len: bytes.len() - start,
+            });
+            if batch.len() >= BATCH {
+                self.keep_current(rw, &mut batch, &mut bytes, generation)?;
+            }
+            Ok::<(), Stop>(())
+        })?;
+        if let Some(offset) = bad {
+            let why = format!("the record at byte {offset} does not check");
+            return Err(corruption(&self.journal_path, why).into());
+        }
+        self.keep_current(rw, &mut batch, &mut bytes, generation)
+    }
+
+    /// Step 3, still without the lock: what callers appended meanwhile, in rounds; the
+    /// image of the new index; room reserved for the switch. Returns how far the old
+    /// journal is copied and what the image covers.
+    fn catch_up_unlocked(
+        &self,
+        rw: &mut Rewrite<'_>,
+        old: &File,
+        from: u64,
+        generation: u64,
+    ) -> Result<Unlocked, Stop> {
+        let mut copied = from;
+        for _ in 0..16 {
+            let end = self.caught_up_end(generation)?;
+            if end - copied <= TAIL_UNDER_LOCK {
+                break;
+            }
+            rw.copy_tail(old, &self.journal_path, copied, end)?;
+            copied = end;
+        }
+        rw.flush()?;
+        let side = |e| Failure::from(FileError::new("write", &self.compact_path, e));
+        rw.file.sync_data().map_err(side)?;
+        rw.paced = Paced::default();
+        // The image of the new journal's index, up to here.
+        let covered = rw.flushed;
+        // No image while the new index still grows (it was sized for the keys at the start).
+        let imaged = covered >= 4 && rw.index.slots().is_some();
+        if let (true, Some(slots)) = (imaged, rw.index.slots()) {
+            let mut image = ImageWriter::create(&self.image_tmp_path)?;
+            image.push(slots, covered, &self.image_tmp_path)?;
+            let covers = Covers::of(&rw.file, covered).map_err(side)?;
+            image.finish(covers, &self.image_tmp_path)?;
+        }
+        // Writing the image took a while: what was appended meanwhile, still unlocked.
+        let end = self.caught_up_end(generation)?;
+        rw.copy_tail(old, &self.journal_path, copied, end)?;
+        copied = end;
+        // Room for the tail still to come and for the completions of the claims, reserved
+        // and made durable now, so that the switch under the lock rarely allocates.
+        let ahead = 4 * TAIL_UNDER_LOCK + room_for(rw.index.claims()) + RESERVE_CHUNK;
+        let reserved_to = match reserve(&rw.file, rw.flushed, ahead) {
+            Ok(true) => rw.flushed + ahead,
+            Ok(false) => u64::MAX,
+            // A nearly full disk: only what the switch needs, under the lock.
+            Err(_) => rw.flushed,
+        };
+        rw.file.sync_data().map_err(side)?;
+        Ok(Unlocked {
+            copied,
+            covered,
+            imaged,
+            reserved_to,
+        })
     }
 
     /// Writes the candidates that are still their key's last record to the new journal.
@@ -483,6 +519,18 @@ impl FileStore {
         tracing::debug!(covered, "idempotency index image written");
         Ok(())
     }
+}
+
+/// Where step 3 of a compaction left the new journal (see `catch_up_unlocked`).
+struct Unlocked {
+    /// The old journal is copied up to here.
+    copied: u64,
+    /// The new journal's bytes the image covers.
+    covered: u64,
+    /// Whether an image was written.
+    imaged: bool,
+    /// The new journal has room reserved up to here (`u64::MAX`: without limit).
+    reserved_to: u64,
 }
 
 #[cfg(test)]

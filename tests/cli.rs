@@ -693,7 +693,10 @@ fn keys_on_etcd_are_listed_shown_and_released() {
     );
     // Its token (the new claim's revision) is higher: the released owner is fenced.
     let next = *LAST_TOKEN.lock().unwrap();
-    assert!(next > token, "next claim's token {next} <= released {token}");
+    assert!(
+        next > token,
+        "next claim's token {next} <= released {token}"
+    );
     backup_plugin_cleanup();
     drop(cluster);
 }

@@ -495,7 +495,7 @@ int32_t backup_log_check_idempotency(ELogSubCommand command, ELogBackupKernelSta
 /*
  Queries the task, decides, skips or runs the right command, and retries failures with
  `policy` (NULL: defaults), persisting the retry records under `state_dir` before each wait.
- Needs an initialized plugin with a `state_dir`. See ABI §7 for every outcome.
+ Needs an initialized plugin with a `state_dir`. See C_API §7 for every outcome.
  */
 int32_t backup_log_run_command(const char *task, ELogSubCommand command, const SLogBackupRetryPolicy *policy, backup_log_query_state_fn query, backup_log_execute_fn execute, void *user_data);
 
@@ -560,7 +560,7 @@ void backup_plugin_clear_error(void);
 void backup_plugin_record_error(int32_t code, const char *message);
 
 /*
- `backup_write_file_with_retry` of ABI §3 under the configured policy.
+ `backup_write_file_with_retry` of C_API §3 under the configured policy.
  */
 int32_t backup_plugin_write_file_with_retry(const char *path, const void *data, size_t size);
 

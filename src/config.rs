@@ -1,4 +1,4 @@
-//! Plugin configuration (ABI §5): TOML text, keys at top level, under
+//! Plugin configuration (C_API §5): TOML text, keys at top level, under
 //! `[plugins.incremental_bitmap]`, or as taosX dotted keys (`error.retry.max`, `log.path`,
 //! `etcd.endpoints`). Durations are integer seconds or strings ("250ms", "5s", "30m", "24h");
 //! sizes are integer bytes or strings ("512KB", "64MB", "1GB", powers of 1024). Every error
@@ -40,7 +40,7 @@ pub struct PluginConfig {
     pub idempotency_compaction_slack: u64,
     /// The original plugin's coordinator settings (`SBackupCoordinatorConfig` names).
     pub coordinator: CoordinatorKeys,
-    /// Directory of the diagnostics log (ABI §10); `None`: no diagnostics file.
+    /// Directory of the diagnostics log (C_API §10); `None`: no diagnostics file.
     pub log_path: Option<PathBuf>,
     /// A level ("info") or a target filter ("backup_coordinator=debug,warn").
     pub log_level: String,
@@ -49,7 +49,7 @@ pub struct PluginConfig {
     /// The etcd connection; used when `state_backend` is `Etcd` (then `endpoints` is not empty).
     pub etcd: EtcdSettings,
     /// The file the metrics exposition is rewritten to, for node_exporter's textfile
-    /// collector (ABI §5); `None`: no file, no thread.
+    /// collector (C_API §5); `None`: no file, no thread.
     pub metrics_textfile: Option<PathBuf>,
     /// How often `metrics_textfile` is rewritten; at least [`MIN_METRICS_INTERVAL`].
     pub metrics_interval: Duration,
@@ -91,7 +91,7 @@ pub enum StateBackend {
     /// Files under `state_dir` (the default).
     #[default]
     File,
-    /// An etcd v3 cluster (ABI §9).
+    /// An etcd v3 cluster (C_API §9).
     Etcd,
 }
 
@@ -192,7 +192,7 @@ const MAX_PATH_BYTES: usize = 4096;
 const SECRET_KEYS: [&str; 2] = ["encryption_key", "etcd_password"];
 /// Levels `log_level` takes alone; anything else must be a `target=level` filter.
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-/// The shortest `metrics_interval` (ABI §5): a rewrite per second is already more than any
+/// The shortest `metrics_interval` (C_API §5): a rewrite per second is already more than any
 /// scrape needs.
 pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -239,7 +239,7 @@ impl PluginConfig {
         Ok(config)
     }
 
-    /// Parses, then checks what init can check at once (ABI §5): the directories of
+    /// Parses, then checks what init can check at once (C_API §5): the directories of
     /// `error_store_path`, `state_dir` and `log_path` are created 0750 when missing and must
     /// be writable directories; the directory of `metrics_textfile` must exist and be
     /// writable (it is not created: node_exporter reads one directory, a typo must show).
@@ -448,7 +448,7 @@ fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
                     "TOML syntax error at line {line}, column {column}, in the value of a secret key (not shown)"
                 ));
             }
-            // An invalid config names its key (ABI §4), also when the parser refused the
+            // An invalid config names its key (C_API §4), also when the parser refused the
             // line (a duplicate key, an integer beyond 64 bits).
             let key = key_of_line(line_text)
                 .map(|key| format!(" (key `{key}`)"))

@@ -1,4 +1,4 @@
-//! A backup coordinator's error handling (ABI §3), in plain Rust: its own error tracker and
+//! A backup coordinator's error handling (C_API §3), in plain Rust: its own error tracker and
 //! log, and durable writes retried under the policy of its retry context.
 
 use crate::clock::SystemClock;

@@ -1,4 +1,4 @@
-//! The plugin's own diagnostics log (ABI §10).
+//! The plugin's own diagnostics log (C_API §10).
 //!
 //! A dlopen'ed cdylib carries its own copy of `tracing`, whose dispatcher a host's subscriber
 //! never reaches: without this module the plugin's events (retries, give-ups, store warnings,

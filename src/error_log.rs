@@ -1,4 +1,4 @@
-//! The file-based error log of ABI §6.
+//! The file-based error log of C_API §6.
 //!
 //! Each recorded error appends `[<unix ms>] Error <code>: <message>\n` to
 //! `<dir>/backup_error_<unix ms at creation>.log`. A line goes to the kernel in one

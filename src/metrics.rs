@@ -235,7 +235,7 @@ const STATES: [KernelState; 4] = [
     KernelState::Paused,
 ];
 
-/// Whether a state can ever disagree with a command (the ABI §7 table): only those pairs
+/// Whether a state can ever disagree with a command (the C_API §7 table): only those pairs
 /// are shown as state-sync series.
 fn can_need_sync(command: SubCommand, state: KernelState) -> bool {
     [false, true]

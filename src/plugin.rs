@@ -1,4 +1,4 @@
-//! The process-wide plugin instance taosX drives (ABI §4), in plain Rust.
+//! The process-wide plugin instance taosX drives (C_API §4), in plain Rust.
 //!
 //! One instance at a time: `init` parses the config and installs it, `cleanup` removes it,
 //! cancels every wait in progress and flushes the error log. Calls in flight hold their own
@@ -42,13 +42,13 @@ pub struct Plugin {
     /// Log-backup retry records, when a state store is configured.
     log_records: Option<Box<dyn LogRecordStore>>,
     log_metrics: LogMetrics,
-    /// The shared state store on etcd (ABI §9), when `state_backend = "etcd"`.
+    /// The shared state store on etcd (C_API §9), when `state_backend = "etcd"`.
     etcd: Option<EtcdBackend>,
     /// The idempotency store, opened on first use (an open that fails is tried again).
     keyed: Mutex<Option<Arc<Keyed>>>,
     /// Retried work whose policy gave up (`backup_retries_exhausted_total`).
     retries_exhausted: Counter,
-    /// The thread rewriting `metrics_textfile` (ABI §5), when the key is set.
+    /// The thread rewriting `metrics_textfile` (C_API §5), when the key is set.
     textfile: Mutex<Option<Textfile>>,
     textfile_failures: Arc<Counter>,
 }
@@ -308,7 +308,7 @@ impl Plugin {
             metrics: &self.log_metrics,
         };
         // A record store that does not answer is retried through the configured policy
-        // (ABI §9), before anything is queried or executed.
+        // (C_API §9), before anything is queried or executed.
         let outcome = runner.run_retrying_store(task, command, policy, driver, |start| {
             self.run_configured(start)
         });
@@ -319,7 +319,7 @@ impl Plugin {
     }
 
     /// A call's access to the state store, retried through the configured policy like the
-    /// operations (ABI §9: an etcd cluster that does not answer, an I/O error), its retries
+    /// operations (C_API §9: an etcd cluster that does not answer, an I/O error), its retries
     /// counted; when the policy gives up, the store's own failure, saying `nothing_done`.
     fn store_access<T>(
         &self,
@@ -375,7 +375,7 @@ impl Plugin {
         F: FnMut(u32) -> Result<(), Failure>,
     {
         let keyed = self.keyed()?;
-        // The claim goes through the configured policy too (ABI §9: an unreachable store
+        // The claim goes through the configured policy too (C_API §9: an unreachable store
         // is retried like the operation), then the operation.
         let execution = keyed.execute_retrying_claim(
             self.clock(),
@@ -452,7 +452,7 @@ impl Plugin {
         self.tracker.log().and_then(|log| log.current_path())
     }
 
-    /// Starts the thread rewriting `metrics_textfile` (ABI §5), when it is set. The thread
+    /// Starts the thread rewriting `metrics_textfile` (C_API §5), when it is set. The thread
     /// holds the instance weakly: it renders while the instance lives, and cleanup, which
     /// holds it during the final write, ends it.
     fn start_textfile(self: &Arc<Self>) -> Result<(), Failure> {

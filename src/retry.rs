@@ -215,7 +215,7 @@ impl Execution {
     }
 }
 
-/// Runs `op` under `policy`, updating `progress` as the state machine of ABI §2 says.
+/// Runs `op` under `policy`, updating `progress` as the state machine of C_API §2 says.
 ///
 /// The first attempt is inlined into the caller and its success costs a few stores: the
 /// progress shown twice (RETRYING, then SUCCESS), nothing else. Backoff, budget, clock and
@@ -237,7 +237,7 @@ where
     }
 }
 
-/// The first attempt of an execution (ABI §2: RETRYING shown, the operation called, SUCCESS
+/// The first attempt of an execution (C_API §2: RETRYING shown, the operation called, SUCCESS
 /// shown if it succeeded). Callers that keep the failure path out of line call this, then
 /// [`run_now_after`] with its failure; the error type is theirs until then, so that the
 /// success path builds no [`Failure`].
@@ -385,7 +385,7 @@ where
 
 /// Runs `op` with real time: the system clock, and waits that `cancel_all` interrupts.
 /// The cancel token is taken at the first wait, so that a call that succeeds at once never
-/// reads it; a cleanup during that wait or any later one cancels the call. (ABI §4's rule
+/// reads it; a cleanup during that wait or any later one cancels the call. (C_API §4's rule
 /// for calls that started before a cleanup concerns plugin-level calls, which hold the
 /// instance's token: see [`run_until_cancelled`].)
 #[inline]

@@ -102,7 +102,7 @@ impl ErrorTracker {
         }
     }
 
-    /// Makes `message` the last error without booking it: for the calls of ABI §4 that
+    /// Makes `message` the last error without booking it: for the calls of C_API §4 that
     /// are not plugin-level operations (their failures name the problem, uncounted).
     pub fn set_last_error(&self, message: &str) {
         let message = self.clean(message);

@@ -1,4 +1,4 @@
-//! The config of ABI §5 as a host meets it: through `backup_plugin_init` and
+//! The config of C_API §5 as a host meets it: through `backup_plugin_init` and
 //! `backup_plugin_get_last_error`. taosX's own section, the coordinator keys, the log and etcd
 //! keys, typos in the plugin section, syntax errors, values echoed as written, NULs, secrets,
 //! and the directories init checks.

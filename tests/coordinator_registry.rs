@@ -1,5 +1,5 @@
 //! The coordinator registry (src/ffi/coordinator.rs) against callers that break the
-//! contract of ABI §3 by freeing a coordinator with `free()` instead of destroy: a new
+//! contract of C_API §3 by freeing a coordinator with `free()` instead of destroy: a new
 //! coordinator that malloc returns at the same address never inherits the freed one's
 //! history, counts or string ownership. And a coordinator's `error_buffer_size` is capped
 //! as the plugin's is.

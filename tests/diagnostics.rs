@@ -1,4 +1,4 @@
-//! The diagnostics log of ABI §10, through the C entry points: the file, its name, modes and
+//! The diagnostics log of C_API §10, through the C entry points: the file, its name, modes and
 //! lines; the level; nothing without `log_path`; no secret in any file the plugin wrote.
 use backup_coordinator::diagnostics::{file_for, utc_date_now};
 use backup_coordinator::ffi::plugin::{

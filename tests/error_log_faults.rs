@@ -1,4 +1,4 @@
-//! The error log (ABI §6) and redaction under abuse, through the C ABI where users meet it:
+//! The error log (C_API §6) and redaction under abuse, through the C ABI where users meet it:
 //! the log directory removed between two records, a disk that fills in the middle of a
 //! line, a secret at the 4 KiB cut or holding control bytes, a junk file name from the far
 //! future, several writers (processes, the plugin and a coordinator) on one directory, and

@@ -1,4 +1,4 @@
-//! Many threads recording through the plugin's C entry point at once (ABI §4, §6): every
+//! Many threads recording through the plugin's C entry point at once (C_API §4, §6): every
 //! line is in the log exactly once and whole, files roll by size while the threads write,
 //! and the counts, the last error and the history agree with what was recorded. Its own
 //! test binary: the plugin is one instance per process.

@@ -1,4 +1,4 @@
-//! Several processes ("hosts") sharing one real etcd cluster (ABI §9): every key's
+//! Several processes ("hosts") sharing one real etcd cluster (C_API §9): every key's
 //! operation runs exactly once while the leader is SIGKILLed and restarted; a log-backup
 //! run moves to another host when its host is killed mid-wait.
 //!

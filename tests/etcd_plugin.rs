@@ -1,4 +1,4 @@
-//! The etcd state store through the C ABI (ABI §9), as taosX uses it: `backup_plugin_init`
+//! The etcd state store through the C ABI (C_API §9), as taosX uses it: `backup_plugin_init`
 //! with `state_backend = "etcd"`, then idempotency keys and log-backup commands on a real
 //! 3-member cluster; init with the cluster down, a keyed call failing closed, and the same
 //! call working once the cluster is back; the cluster's space quota exhausted (DISK_FULL,

@@ -1,4 +1,4 @@
-//! The state store on a real 3-member etcd cluster (ABI §9): two store instances play two
+//! The state store on a real 3-member etcd cluster (C_API §9): two store instances play two
 //! hosts. Claims, replays, conflicts and takeovers across hosts; the stalled owner fenced;
 //! the cluster down (fail closed) and back; keys kept under the prefix; auth and TLS.
 

@@ -1,4 +1,4 @@
-//! Deterministic simulation of the idempotency store (ABI §8).
+//! Deterministic simulation of the idempotency store (C_API §8).
 //!
 //! Several store handles ("processes") share one directory; callers bound to them claim,
 //! renew, complete, release, crash and stall, in an order drawn from a seeded generator,

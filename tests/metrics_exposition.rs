@@ -510,7 +510,7 @@ fn after_activity_in_every_family_real_parsers_read_the_metrics_as_written() {
     backup_plugin_cleanup();
 }
 
-/// ABI §4, issue 15 item 5: a sequence cancelled by cleanup during its wait, resumed after a
+/// C_API §4, issue 15 item 5: a sequence cancelled by cleanup during its wait, resumed after a
 /// new init, makes its retry in the new life: counted there, in `retry_count` and in the
 /// metrics, and never in the life whose wait was cancelled.
 #[test]

@@ -1,8 +1,8 @@
-//! `metrics_textfile` and `metrics_interval` (ABI §5) as a host meets them, through the C
+//! `metrics_textfile` and `metrics_interval` (C_API §5) as a host meets them, through the C
 //! entry points: the file is rewritten every interval with the exposition of
 //! `backup_plugin_get_metrics`, 0640 whatever the umask, readable by `promtool check
 //! metrics`, with no temp file left; cleanup wakes the thread at once for a final write and
-//! joins it (ABI §4); failed rewrites are counted and logged, never fatal; without the key no
+//! joins it (C_API §4); failed rewrites are counted and logged, never fatal; without the key no
 //! thread runs and no file is written; bad values fail init with INVALID_PARAM naming the key.
 //!
 //! One plugin per process, and the umask is process-wide: the tests take turns.

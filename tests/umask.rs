@@ -1,4 +1,4 @@
-//! Directories the plugin creates are 0750 whatever the process's umask (ABI §5, §6):
+//! Directories the plugin creates are 0750 whatever the process's umask (C_API §5, §6):
 //! the error-log directory and the state directories. Alone in its binary, because the
 //! umask is process-wide.
 

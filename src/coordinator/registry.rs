@@ -1,4 +1,4 @@
-//! Which coordinators the library knows, and who owns their config strings (ABI §3).
+//! Which coordinators the library knows, and who owns their config strings (C_API §3).
 //!
 //! A coordinator's memory is the caller's or the library's, and the C struct has no room
 //! for the library's own state: the registry maps each coordinator's address (an opaque
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 /// Most coordinators the registry holds at once. Only a caller that frees coordinators
-/// with `free()` instead of `backup_coordinator_destroy` (against ABI §3) could otherwise
+/// with `free()` instead of `backup_coordinator_destroy` (against C_API §3) could otherwise
 /// grow it without end; at this bound the least recently used caller-allocated entry is
 /// dropped (its coordinator keeps its counts, which live in the struct, and loses its
 /// history and last error). Library-created entries are never dropped: destroy needs them

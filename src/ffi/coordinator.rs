@@ -1,4 +1,4 @@
-//! Exports of ABI §3: coordinators, allocated by the library or `malloc`ed by the caller.
+//! Exports of C_API §3: coordinators, allocated by the library or `malloc`ed by the caller.
 //!
 //! The core's registry (`crate::coordinator::registry`) holds each coordinator's state by
 //! its address and decides who owns the config strings; this module reads and writes the C

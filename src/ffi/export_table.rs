@@ -1,4 +1,4 @@
-//! The table of every export of the header, and one test per rule of ABI §4 run against
+//! The table of every export of the header, and one test per rule of C_API §4 run against
 //! every row: NULL arguments, calls before init, booking, panics. A function the header
 //! declares that is missing from the table fails the test, so no new export skips the rules.
 //!
@@ -19,7 +19,7 @@ use std::ptr::{null, null_mut};
 
 const CHILD: &str = "BACKUP_EXPORT_TABLE_CHILD";
 
-/// How an export meets ABI §4.
+/// How an export meets C_API §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// A plugin-level operation: needs init; a failure is one error in `error_count`.

@@ -1,4 +1,4 @@
-//! The one frame every export runs in: ABI §4 applied in one place.
+//! The one frame every export runs in: C_API §4 applied in one place.
 //!
 //! An export converts its arguments into Rust values (each conversion returns an
 //! [`ArgError`] naming the argument) and calls the core, inside the frame of its kind. The
@@ -172,7 +172,7 @@ fn finish<R: CReturn>(result: Result<R, Failure>, book: impl FnOnce(&Failure)) -
     }
 }
 
-/// A plugin-level operation (ABI §4): `backup_plugin_write_file_with_retry`,
+/// A plugin-level operation (C_API §4): `backup_plugin_write_file_with_retry`,
 /// `backup_plugin_write_file_fenced`, `backup_plugin_execute_with_retry`,
 /// `backup_log_run_command`, `backup_execute_idempotent`. Its failure, whatever it is
 /// (argument, no state store, the operation's own), is one error booked into `error_count`
@@ -226,7 +226,7 @@ fn on_plugin<A, R>(
     op(plugin, args)
 }
 
-/// A call on a coordinator (ABI §3). NULL coordinator: INVALID_PARAM, before the other
+/// A call on a coordinator (C_API §3). NULL coordinator: INVALID_PARAM, before the other
 /// arguments. The coordinator's fields are brought up to date after every counted call and
 /// after every failure.
 pub fn coordinator<A, R: CReturn>(
@@ -240,7 +240,7 @@ pub fn coordinator<A, R: CReturn>(
     }
     let mut call = None;
     let result = catch(|| {
-        // SAFETY: non-NULL; the caller hands over a filled coordinator (ABI §3).
+        // SAFETY: non-NULL; the caller hands over a filled coordinator (C_API §3).
         let state = call.insert(unsafe { CoordinatorCall::enter(c) });
         let args = args()?;
         op(state, args)

@@ -68,9 +68,9 @@ pub unsafe fn c_path<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a P
     Ok(Path::new(OsStr::from_bytes(bytes)))
 }
 
-/// A path argument that must name a file (ABI §3): a path that is empty, ends in `/`, or
+/// A path argument that must name a file (C_API §3): a path that is empty, ends in `/`, or
 /// whose last component is `.` or `..` is the caller's mistake, and like every parameter
-/// check it is reported before the plugin's init is looked at (ABI §4).
+/// check it is reported before the plugin's init is looked at (C_API §4).
 ///
 /// # Safety
 /// As for [`c_bytes`].

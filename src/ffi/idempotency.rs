@@ -1,4 +1,4 @@
-//! Exports of ABI §8: operations keyed by their caller run once, across threads,
+//! Exports of C_API §8: operations keyed by their caller run once, across threads,
 //! processes and crashes.
 #![allow(non_camel_case_types)]
 

@@ -1,4 +1,4 @@
-//! Exports of ABI §7: log-backup commands checked against the task's state and retried
+//! Exports of C_API §7: log-backup commands checked against the task's state and retried
 //! with records that survive a restart.
 #![allow(non_camel_case_types)]
 
@@ -176,7 +176,7 @@ impl TaskDriver for HostTask {
 
 /// Queries the task, decides, skips or runs the right command, and retries failures with
 /// `policy` (NULL: defaults), persisting the retry records under `state_dir` before each wait.
-/// Needs an initialized plugin with a `state_dir`. See ABI §7 for every outcome.
+/// Needs an initialized plugin with a `state_dir`. See C_API §7 for every outcome.
 #[no_mangle]
 pub extern "C" fn backup_log_run_command(
     task: *const c_char,

@@ -1,4 +1,4 @@
-//! Exports of ABI §4: the process-wide plugin instance taosX drives.
+//! Exports of C_API §4: the process-wide plugin instance taosX drives.
 
 use super::coordinator::{copy_history, history_args};
 use super::frame::{self, required, ArgError, Nullable};
@@ -116,7 +116,7 @@ pub extern "C" fn backup_plugin_record_error(code: i32, message: *const c_char) 
     })
 }
 
-/// `backup_write_file_with_retry` of ABI §3 under the configured policy.
+/// `backup_write_file_with_retry` of C_API §3 under the configured policy.
 #[no_mangle]
 pub extern "C" fn backup_plugin_write_file_with_retry(
     path: *const c_char,

@@ -1,4 +1,4 @@
-//! Exports of ABI §1-§2: error strings, and retry contexts used directly by a host.
+//! Exports of C_API §1-§2: error strings, and retry contexts used directly by a host.
 //! These need no `backup_plugin_init` and never touch the plugin's statistics.
 
 use super::frame::{self, required, ArgError};

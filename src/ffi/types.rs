@@ -1,4 +1,4 @@
-//! The C types of the contract. Layouts are fixed (ABI §2, §3): hosts `malloc` and fill them.
+//! The C types of the contract. Layouts are fixed (C_API §2, §3): hosts `malloc` and fill them.
 //!
 //! C enums are read as plain `int32_t` (`ERetryState` & co. are written by hand in the
 //! header), so that a value C puts there can never be an invalid Rust enum.

@@ -1,4 +1,4 @@
-//! Idempotency keys (ABI §8): an operation keyed by its caller runs once, across threads,
+//! Idempotency keys (C_API §8): an operation keyed by its caller runs once, across threads,
 //! processes sharing a `state_dir`, and crashes.
 //!
 //! The rules live here, apart from storage: [`decide`] says what a call finds a key in,
@@ -15,7 +15,7 @@ pub mod record;
 use crate::error::Failure;
 use sha2::{Digest, Sha256};
 
-/// Longest key, in bytes (ABI §8).
+/// Longest key, in bytes (C_API §8).
 pub(crate) const MAX_KEY_BYTES: usize = 255;
 
 /// SHA-256 of the bytes that identify a request's payload.
@@ -102,7 +102,7 @@ pub enum Claim {
     Conflict,
 }
 
-/// The decision table of ABI §8. A mismatch is reported before "in progress"; a lease that
+/// The decision table of C_API §8. A mismatch is reported before "in progress"; a lease that
 /// ran out is taken over whatever its fingerprint; an expired completion is forgotten.
 /// `token` is the identity the new claim gets when the key is acquired.
 pub fn decide(

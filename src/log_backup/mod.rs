@@ -1,4 +1,4 @@
-//! Log-backup commands made safe to repeat (ABI §7): each command is checked against the
+//! Log-backup commands made safe to repeat (C_API §7): each command is checked against the
 //! task's observed state, skipped when its effect is already there, translated when the
 //! state calls for another command, and retried through the retry core with records that
 //! survive a restart.
@@ -92,7 +92,7 @@ impl Decision {
     }
 }
 
-/// The decision table of ABI §7.
+/// The decision table of C_API §7.
 pub fn decide(command: SubCommand, state: KernelState, already_truncated: bool) -> Decision {
     use KernelState::*;
     use SubCommand::*;

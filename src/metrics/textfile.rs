@@ -1,7 +1,7 @@
-//! `metrics_textfile` (ABI §5): metrics without code in the host. One thread ("backup-metrics")
+//! `metrics_textfile` (C_API §5): metrics without code in the host. One thread ("backup-metrics")
 //! rewrites the file with the exposition `backup_plugin_get_metrics` returns, every
 //! `metrics_interval`, for node_exporter's textfile collector; cleanup wakes it at once for a
-//! final write, then joins it (ABI §4). Without the key there is no file and no thread.
+//! final write, then joins it (C_API §4). Without the key there is no file and no thread.
 //!
 //! Each rewrite is atomic and durable ([`durable::write_atomic`]: a temp file in the same
 //! directory, fsync, rename), so the collector never reads half a file, and the file is 0640

@@ -1,4 +1,4 @@
-/* ABI.md read sentence by sentence: each check below is one promise of the page, written
+/* docs/C_API.md read sentence by sentence: each check below is one promise of the contract, written
  * from its wording alone, the way a host that knows only the page would check it. Every
  * failed promise is printed (not only the first), then the harness exits 1: check.h's EXPECT
  * family. */

@@ -7,6 +7,7 @@
 //! unknown is therefore safe, since the retry either applies or shows the earlier write.
 
 use super::runtime::EtcdRuntime;
+use super::session::Session;
 use super::EtcdSettings;
 use crate::error::{ErrorCode, Failure};
 use crate::hex::hex;
@@ -23,6 +24,11 @@ use tokio::time::Instant;
 /// The client of the plugin: the runtime thread and the shared connection state.
 pub struct EtcdClient {
     conn: Arc<Conn>,
+    /// The sessions of this plugin instance, one per lease TTL (both stores use
+    /// `idempotency_lease`: one in practice).
+    sessions: parking_lot::Mutex<Vec<Arc<Session>>>,
+    /// For tests: no session is renewed in the background (a stalled host).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     // Declared last: dropped after `conn`'s last use by this handle.
     runtime: EtcdRuntime,
 }
@@ -86,6 +92,8 @@ impl EtcdClient {
         });
         Ok(EtcdClient {
             conn,
+            sessions: parking_lot::Mutex::new(Vec::new()),
+            stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             runtime: EtcdRuntime::start()?,
         })
     }
@@ -107,6 +115,24 @@ impl EtcdClient {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.runtime.spawn(work(self.conn.clone()))
+    }
+
+    /// The session of lease `ttl` that every claim of this instance is bound to.
+    pub fn session(&self, ttl: Duration) -> Arc<Session> {
+        let mut sessions = self.sessions.lock();
+        if let Some(session) = sessions.iter().find(|s| s.ttl() == ttl) {
+            return session.clone();
+        }
+        let session = Session::new(ttl, self.stalled.clone());
+        sessions.push(session.clone());
+        session
+    }
+
+    /// For tests: a host whose process stalled (its sessions renewed by nobody in the
+    /// background; calls still renew them), or that resumed.
+    #[doc(hidden)]
+    pub fn stall_sessions(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Relaxed);
     }
 
     /// Requests moved to another endpoint (or retried on the only one) since the start.

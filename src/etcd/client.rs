@@ -218,7 +218,7 @@ impl Conn {
             let (reason, sent) = match fault {
                 Fault::Permanent(failure) => {
                     if failure.kind() == ErrorCode::DiskFull && self.disk_full_log_due() {
-                        tracing::error!(request = what, reason = %failure, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
+                        tracing::error!(request = what, reason = %failure, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts (etcdctl compact <revision> --physical), defragments every member (etcdctl defrag --cluster) and disarms the alarm (etcdctl alarm disarm)");
                     }
                     return Err(failure);
                 }
@@ -420,7 +420,7 @@ fn classify(error: &etcd_client::Error) -> Fault {
                 // the NOSPACE alarm and refuses every write until an operator clears it.
                 return Fault::Permanent(Failure::etcd(
                     ErrorCode::DiskFull,
-                    format!("the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
+                    format!("the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must, in this order: compact the history up to the current revision and wait for it to be applied (etcdctl compact <revision> --physical, the revision from etcdctl endpoint status -w json; without --physical the defragmentation can run before the compaction is applied, and the alarm comes straight back), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm); or raise the quota (--quota-backend-bytes)"),
                 ));
             }
             if message.contains("authentication failed") {

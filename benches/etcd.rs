@@ -229,17 +229,39 @@ fn footprint(n: usize) {
     let (db0, used0, _, raft0) = status(&runtime, &members[0]);
     let leases0 = lease_count(&runtime, &members[0]);
     let next = AtomicU64::new(0);
+    let peak_leases = AtomicU64::new(0);
+    let filled = std::sync::atomic::AtomicBool::new(false);
     let start = Instant::now();
     std::thread::scope(|s| {
+        // The leases alive while the keys are in flight, sampled every 50 ms.
+        s.spawn(|| {
+            let sampler = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let member = sampler
+                .block_on(Client::connect([cluster.endpoints()[0].clone()], None))
+                .unwrap();
+            while !filled.load(Ordering::Relaxed) {
+                let live = lease_count(&sampler, &member) as u64;
+                peak_leases.fetch_max(live, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut fillers = Vec::new();
         for _ in 0..8 {
-            s.spawn(|| loop {
+            fillers.push(s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= n {
                     break;
                 }
                 claim_and_complete(&store, &block_key(i));
-            });
+            }));
         }
+        for filler in fillers {
+            filler.join().unwrap();
+        }
+        filled.store(true, Ordering::Relaxed);
     });
     let fill_rate = n as f64 / start.elapsed().as_secs_f64();
     let leases_after_fill = lease_count(&runtime, &members[0]);
@@ -294,7 +316,8 @@ fn footprint(n: usize) {
         (raft1 - raft0) as f64 / n as f64
     );
     println!(
-        "  live leases: {leases0} before, {leases_after_fill} right after the fill, {leases1} once settled"
+        "  live leases: {leases0} before, at most {} during the fill (8 threads), {leases_after_fill} right after it, {leases1} once settled",
+        peak_leases.load(Ordering::Relaxed)
     );
     println!(
         "  raw key + value:                     {:6.1} bytes/key",

@@ -45,6 +45,9 @@ pub struct Conn {
     current: AtomicUsize,
     /// Attempts that failed transiently and moved to the next endpoint.
     failovers: AtomicU64,
+    /// The queue of the writes combined into shared transactions (`super::batch`), started
+    /// on first use.
+    batches: std::sync::OnceLock<super::batch::Queue>,
     /// When (unix ms) the last "space quota exhausted" line was logged: one every 10 s is
     /// enough, however many calls a full cluster refuses.
     disk_full_logged_ms: AtomicU64,
@@ -89,6 +92,7 @@ impl EtcdClient {
             current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
             failovers: AtomicU64::new(0),
             disk_full_logged_ms: AtomicU64::new(0),
+            batches: std::sync::OnceLock::new(),
         });
         Ok(EtcdClient {
             conn,
@@ -337,6 +341,29 @@ impl Conn {
             }
         })
         .await
+    }
+
+    /// Puts `put` on `key` if its `mod_revision` is `expected` (0: absent), in one
+    /// transaction with the other writes queued meanwhile (`super::batch`); otherwise reads
+    /// it. `None`: not applied because of another write of its batch (try it alone).
+    pub async fn write_batched(
+        self: &Arc<Self>,
+        key: &[u8],
+        expected: i64,
+        put: TxnOp,
+    ) -> Result<Option<TxnOutcome>, Failure> {
+        let queue = self.batches.get_or_init(|| super::batch::start(self));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let write = super::batch::Write {
+            key: key.to_vec(),
+            expected,
+            put,
+            reply,
+        };
+        if queue.send(write).is_err() {
+            return Ok(None);
+        }
+        answer.await.unwrap_or(Ok(None))
     }
 
     /// The key as it is now (a linearizable read).

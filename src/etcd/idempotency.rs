@@ -53,8 +53,16 @@ pub struct EtcdIdempotencyStore {
     session: Arc<Session>,
     lease: Duration,
     ttl: Duration,
-    completions: Arc<Mutex<Option<CompletionLease>>>,
+    completions: Arc<Completions>,
     calls: Arc<Mutex<Calls>>,
+}
+
+/// The completion lease of this handle, and one grant of it at a time (concurrent first
+/// completions share one).
+#[derive(Default)]
+struct Completions {
+    current: Mutex<Option<CompletionLease>>,
+    granting: tokio::sync::Mutex<()>,
 }
 
 /// The lease completions are bound to, shared while it outlives a completion's TTL.
@@ -118,7 +126,7 @@ impl EtcdIdempotencyStore {
             etcd,
             lease,
             ttl,
-            completions: Arc::new(Mutex::new(None)),
+            completions: Arc::new(Completions::default()),
             calls: Arc::new(Mutex::new(Calls::default())),
         }
     }
@@ -382,15 +390,21 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     /// Deletes what the call's attempts may have written unacknowledged (a claim holding
     /// its identity), instead of leaving the key IN_PROGRESS while the session lives.
     fn abandon(&self, key: &[u8], id: ClaimId) {
-        if self.calls.lock().claiming.remove(&id).is_none() {
+        if !self.calls.lock().claiming.contains_key(&id) {
             return;
         }
         let raw_key = key.to_vec();
         let dropped = self
             .etcd
             .run(move |conn| async move { drop_unacknowledged(&conn, &raw_key, id).await });
-        if let Err(failure) = dropped {
-            tracing::warn!(key = %display_key(key), reason = %failure.detail(), "abandoned claim not deleted; it ends with the session");
+        match dropped {
+            Ok(()) => {
+                self.calls.lock().claiming.remove(&id);
+            }
+            // Kept: housekeeping tries again a lease later.
+            Err(failure) => {
+                tracing::warn!(key = %display_key(key), reason = %failure.detail(), "abandoned claim not deleted yet; housekeeping deletes it later")
+            }
         }
     }
 
@@ -644,17 +658,25 @@ async fn claim(
     let value = encode_claim(id, fingerprint, now_ms.saturating_add(lease_ms(ttl)));
     // Absent is revision 0: a fresh key is claimed in one round trip.
     let mut expected_revision = 0;
+    // The first attempt goes with other callers' writes (`super::batch`); a retry alone.
+    let mut together = true;
     for _ in 0..MAX_ROUNDS {
-        let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
         let put = TxnOp::put(
             key.to_vec(),
             value.clone(),
             Some(PutOptions::new().with_lease(*lease)),
         );
-        let kv = match conn
-            .txn_or_get("claim an idempotency key", key, when, vec![put])
-            .await?
-        {
+        let outcome = if std::mem::take(&mut together) {
+            match conn.write_batched(key, expected_revision, put).await? {
+                Some(outcome) => outcome,
+                None => continue,
+            }
+        } else {
+            let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
+            conn.txn_or_get("claim an idempotency key", key, when, vec![put])
+                .await?
+        };
+        let kv = match outcome {
             // docs/C_API.md §8.1: the token is the claim's revision.
             TxnOutcome::Applied { revision } => {
                 let token = token_of(revision)?;
@@ -703,8 +725,8 @@ async fn claim(
 }
 
 async fn complete(
-    conn: &Conn,
-    completions: &Mutex<Option<CompletionLease>>,
+    conn: &Arc<Conn>,
+    completions: &Completions,
     key: &[u8],
     token: ClaimToken,
     value: Vec<u8>,
@@ -712,7 +734,9 @@ async fn complete(
     ttl: Duration,
 ) -> Result<Completion, Failure> {
     // First: our claim is still the key's (its revision is the token).
-    let mut when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, token.0 as i64);
+    let mut expected = token.0 as i64;
+    // The first attempt goes with other callers' writes (`super::batch`); a retry alone.
+    let mut together = true;
     for _ in 0..MAX_ROUNDS {
         let lease = completion_lease(conn, completions, now_ms, ttl).await?;
         let put = TxnOp::put(
@@ -720,13 +744,20 @@ async fn complete(
             value.clone(),
             Some(PutOptions::new().with_lease(lease)),
         );
-        let kv = match conn
-            .txn_or_get("record a completion", key, when.clone(), vec![put])
-            .await?
-        {
+        let outcome = if std::mem::take(&mut together) {
+            match conn.write_batched(key, expected, put).await? {
+                Some(outcome) => outcome,
+                None => continue,
+            }
+        } else {
+            let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected);
+            conn.txn_or_get("record a completion", key, when, vec![put])
+                .await?
+        };
+        let kv = match outcome {
             TxnOutcome::Applied { .. } => return Ok(Completion::Recorded),
             TxnOutcome::LeaseGone => {
-                let mut cached = completions.lock();
+                let mut cached = completions.current.lock();
                 if cached.is_some_and(|c| c.id == lease) {
                     *cached = None;
                 }
@@ -734,7 +765,7 @@ async fn complete(
             }
             // The key is free (our lease lapsed and nobody took over): record it.
             TxnOutcome::Found(None) => {
-                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, 0);
+                expected = 0;
                 continue;
             }
             TxnOutcome::Found(Some(kv)) => kv,
@@ -746,7 +777,7 @@ async fn complete(
                 return Ok(Completion::Recorded);
             }
             KeyState::Completed { expires_at_ms, .. } if now_ms >= expires_at_ms => {
-                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, kv.mod_revision());
+                expected = kv.mod_revision();
             }
             // Another caller's live claim (etcd keeps claims only while their lease lives;
             // ours would have matched the compare) or live completion: never overwritten.
@@ -760,20 +791,29 @@ async fn complete(
 /// it. Its TTL is `ttl` plus a slack, so completions are deleted at most that much late.
 async fn completion_lease(
     conn: &Conn,
-    completions: &Mutex<Option<CompletionLease>>,
+    completions: &Completions,
     now_ms: u64,
     ttl: Duration,
 ) -> Result<i64, Failure> {
-    if let Some(lease) = *completions.lock() {
-        if now_ms <= lease.usable_until_ms {
-            return Ok(lease.id);
-        }
+    let usable = || {
+        completions
+            .current
+            .lock()
+            .filter(|lease| now_ms <= lease.usable_until_ms)
+            .map(|lease| lease.id)
+    };
+    if let Some(id) = usable() {
+        return Ok(id);
+    }
+    let _turn = completions.granting.lock().await;
+    if let Some(id) = usable() {
+        return Ok(id);
     }
     let slack = (ttl / 16).max(Duration::from_secs(3));
     let id = conn.grant("grant a completion lease", ttl + slack).await?;
     // One second of margin for the grant's latency and the rounding of the TTL.
     let usable_until_ms = now_ms + lease_ms(slack).saturating_sub(1000);
-    *completions.lock() = Some(CompletionLease {
+    *completions.current.lock() = Some(CompletionLease {
         id,
         usable_until_ms,
     });

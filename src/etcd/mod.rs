@@ -10,6 +10,7 @@
 //! runtime). [`EtcdBackend`] is what a plugin instance holds: one client (and so one
 //! session) for both stores, opened from the configuration.
 
+mod batch;
 pub mod client;
 pub mod idempotency;
 pub mod log_records;

@@ -412,6 +412,33 @@ impl Conn {
         .await
     }
 
+    /// Renews a lease for its whole TTL and keeps the stream open for the next renewals
+    /// (see [`KeepAlive`]); `None` if the lease is gone.
+    pub async fn open_keep_alive(
+        &self,
+        what: &str,
+        lease: i64,
+    ) -> Result<Option<KeepAlive>, Failure> {
+        self.request(what, |mut client| async move {
+            match client.lease_keep_alive(lease).await {
+                Ok((keeper, stream)) => Ok(Some(KeepAlive {
+                    lease,
+                    keeper,
+                    stream,
+                    clean: true,
+                })),
+                Err(error) if is_lease_not_found(&error) => Ok(None),
+                Err(error) => Err(error),
+            }
+        })
+        .await
+    }
+
+    /// How long one attempt of a request may take before another endpoint is tried.
+    pub fn attempt_budget(&self) -> Duration {
+        (self.timeout / 4).max(Duration::from_millis(200))
+    }
+
     /// Seconds a lease has left; `None` if it is gone.
     pub async fn time_to_live(&self, what: &str, lease: i64) -> Result<Option<u64>, Failure> {
         self.request(what, |mut client| async move {
@@ -423,6 +450,35 @@ impl Conn {
             }
         })
         .await
+    }
+}
+
+/// An open keep-alive stream of one lease: a renewal is one message each way on it, not a
+/// new stream per renewal.
+pub struct KeepAlive {
+    pub lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+    /// No renewal left unanswered on it (one cut off midway would answer the next one).
+    clean: bool,
+}
+
+impl KeepAlive {
+    /// One renewal on the open stream: `Some(alive)` when answered, `None` when the stream
+    /// failed or did not answer within `budget` (open another one).
+    pub async fn renew(&mut self, budget: Duration) -> Option<bool> {
+        if !self.clean {
+            return None;
+        }
+        self.clean = false;
+        let exchange = async {
+            self.keeper.keep_alive().await.ok()?;
+            let response = self.stream.message().await.ok()??;
+            Some(response.ttl() > 0)
+        };
+        let answer = tokio::time::timeout(budget, exchange).await.ok().flatten();
+        self.clean = answer.is_some();
+        answer
     }
 }
 

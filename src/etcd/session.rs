@@ -12,7 +12,7 @@
 //! concurrent callers share one: a caller whose instant is covered by a keep-alive already
 //! acknowledged, or sent after it, waits for that one instead of sending its own.
 
-use super::client::Conn;
+use super::client::{Conn, KeepAlive};
 use crate::error::Failure;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +25,8 @@ pub struct Session {
     /// One grant at a time.
     granting: tokio::sync::Mutex<()>,
     /// One keep-alive at a time: the callers behind it are served by it or the next one.
-    renewing: tokio::sync::Mutex<()>,
+    /// Holds the open keep-alive stream of the lease, if any.
+    renewing: tokio::sync::Mutex<Option<KeepAlive>>,
     /// For tests: a host whose process stalled renews nothing in the background.
     stalled: Arc<AtomicBool>,
 }
@@ -49,7 +50,7 @@ impl Session {
             ttl,
             state: Mutex::new(State::default()),
             granting: tokio::sync::Mutex::new(()),
-            renewing: tokio::sync::Mutex::new(()),
+            renewing: tokio::sync::Mutex::new(None),
             stalled,
         })
     }
@@ -107,12 +108,33 @@ impl Session {
         if let Some(answer) = self.known(lease, since) {
             return Ok(answer);
         }
-        let _turn = self.renewing.lock().await;
+        let mut open = self.renewing.lock().await;
         if let Some(answer) = self.known(lease, since) {
             return Ok(answer);
         }
         let sent = Instant::now();
-        if conn.keep_alive("renew the session lease", lease).await? {
+        // On the stream left open by the last renewal; a new one if it failed.
+        let answered = match open.as_mut().filter(|open| open.lease == lease) {
+            Some(stream) => stream.renew(conn.attempt_budget()).await,
+            None => None,
+        };
+        let alive = match answered {
+            Some(alive) => alive,
+            None => {
+                *open = None;
+                match conn
+                    .open_keep_alive("renew the session lease", lease)
+                    .await?
+                {
+                    Some(stream) => {
+                        *open = Some(stream);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if alive {
             let mut state = self.state.lock();
             if let Some(live) = state.current.as_mut().filter(|live| live.lease == lease) {
                 live.acked_sent = live.acked_sent.max(sent);

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 const MAX_BATCH: usize = 64;
 /// Batches in flight at once: the next one forms while these are answered.
 const IN_FLIGHT: usize = 2;
+/// How long the next batch waits for one of them at most (a transaction takes a few ms).
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub struct Write {
     pub key: Vec<u8>,
@@ -54,9 +56,12 @@ async fn combine(conn: Weak<Conn>, mut queue: mpsc::UnboundedReceiver<Write>) {
                 None => return,
             },
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
+        // A batch stuck on a failing member (up to `etcd_timeout`) must not hold up the
+        // writes behind it: past a short wait they go without a slot.
+        let slot = tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             let next = match later.pop_front() {

@@ -1,6 +1,8 @@
 //! Concurrent conditional writes of one process, combined into shared transactions (group
 //! commit): while a transaction is in flight, the writes that callers queue meanwhile go
-//! out together in the next one, so that one raft write carries many keys.
+//! out together in the next one, so that one raft write carries many keys. Used by
+//! completions only: the puts of one transaction share its revision, and claims must not
+//! share a token (docs/C_API.md §8.1; the lease keeper holds each claim by its token).
 //!
 //! Each write is "put `put` if the key's `mod_revision` is `expected`" (0: the key is
 //! absent). etcd applies a transaction's writes only if every one of its compares holds, so

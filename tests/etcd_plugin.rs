@@ -440,9 +440,9 @@ fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_d
     for needed in [
         "quota",
         "NOSPACE",
-        "etcdctl compact",
-        "defrag",
-        "alarm disarm",
+        "etcdctl compact <revision> --physical",
+        "etcdctl defrag --cluster",
+        "etcdctl alarm disarm",
         "after-0",
     ] {
         assert!(message.contains(needed), "{needed:?} not in: {message}");

@@ -148,8 +148,10 @@ fn etcd_stalled_owner_is_fenced() {
     let c = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
     let fp = fingerprint(b"payload");
 
-    // A claims and stalls (renews nothing); its lease lapses; B takes over.
+    // A claims and stalls (renews nothing, its session neither); its session lapses, and
+    // its claim with it; B takes over.
     let stalled = acquired(a.claim(b"k", &fp, unix_ms_now()).unwrap());
+    a.stall_session(true);
     let start = Instant::now();
     let taker = loop {
         match b.claim(b"k", &fp, unix_ms_now()).unwrap() {
@@ -223,8 +225,14 @@ fn etcd_all_members_down_fails_closed_then_work_resumes() {
     );
 
     cluster.kill_all();
+    // One call, retried as the plugin's policy retries it (one claim identity): an attempt
+    // sent while no quorum answers may still apply once the cluster is back, and is then
+    // the call's own.
+    let during = ClaimId::new();
     let started = Instant::now();
-    let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
+    let failure = store
+        .claim_as(b"during", &fp, unix_ms_now(), during)
+        .unwrap_err();
     let took = started.elapsed();
     assert!(
         failure.code() == ErrorCode::Network.raw()
@@ -239,7 +247,9 @@ fn etcd_all_members_down_fails_closed_then_work_resumes() {
     // No quorum: one member back is not enough.
     cluster.restart(0);
     std::thread::sleep(Duration::from_millis(500));
-    let failure = store.claim(b"during", &fp, unix_ms_now()).unwrap_err();
+    let failure = store
+        .claim_as(b"during", &fp, unix_ms_now(), during)
+        .unwrap_err();
     assert!(
         failure.code() == ErrorCode::Network.raw()
             || failure.code() == ErrorCode::ConnectionLost.raw(),
@@ -252,7 +262,11 @@ fn etcd_all_members_down_fails_closed_then_work_resumes() {
         store.claim(b"before", &fp, unix_ms_now()).unwrap(),
         Claim::Replay { result: 0 }
     );
-    let token = acquired(store.claim(b"during", &fp, unix_ms_now()).unwrap());
+    let token = acquired(
+        store
+            .claim_as(b"during", &fp, unix_ms_now(), during)
+            .unwrap(),
+    );
     assert_eq!(
         store
             .complete(b"during", token, &fp, 0, unix_ms_now())
@@ -633,7 +647,9 @@ fn etcd_tokens_of_successive_claims_strictly_increase() {
         other => panic!("{other:?}"),
     }
     assert_eq!(hosts[2].forget(key, now()).unwrap(), Forgotten::Removed);
-    // Through m2, never renewed: taken over through m0 once its lease ran out.
+    // Through m2, never renewed (its host stalls): taken over through m0 once its session
+    // ran out.
+    hosts[2].stall_session(true);
     let t = wait_acquired(&hosts[2], key, Duration::ZERO);
     tokens.push(t);
     let t = wait_acquired(&hosts[0], key, Duration::from_secs(10));
@@ -690,8 +706,8 @@ fn etcd_two_hosts_racing_on_one_key() {
     }
 }
 
-/// renew answers the claims that are no longer current: released, lapsed, or another
-/// handle's; the live one is renewed.
+/// renew answers the claims that are no longer current: released, lapsed with the host's
+/// session, or another handle's; the live ones are renewed by one keep-alive of the session.
 #[test]
 fn etcd_renew_returns_the_lapsed_tokens() {
     let cluster = Cluster::start(3);
@@ -703,34 +719,117 @@ fn etcd_renew_returns_the_lapsed_tokens() {
     let now = unix_ms_now;
     let live = acquired(a.claim(b"live", &fp, now()).unwrap());
     let released = acquired(a.claim(b"released", &fp, now()).unwrap());
-    let lapsing = acquired(a.claim(b"lapsing", &fp, now()).unwrap());
+    let other = acquired(a.claim(b"other", &fp, now()).unwrap());
     a.release(b"released", released).unwrap();
-    let claims = |lapsing_too: bool| {
-        let mut c = vec![(b"live".to_vec(), live), (b"released".to_vec(), released)];
-        if lapsing_too {
-            c.push((b"lapsing".to_vec(), lapsing));
-        }
-        c
+    let claims = || {
+        vec![
+            (b"live".to_vec(), live),
+            (b"released".to_vec(), released),
+            (b"other".to_vec(), other),
+        ]
     };
-    assert_eq!(a.renew(&claims(true), now()).unwrap(), [released]);
-    // Only "live" is renewed for 2 leases: "lapsing" runs out, and B takes it.
+    assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
+    // A stalls, renewing nothing in the background: renewals by calls keep its session
+    // (and every claim bound to it) for 2 leases.
+    a.stall_session(true);
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(a.renew(&claims(false), now()).unwrap(), [released]);
+        assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
     }
-    let taker = acquired(b.claim(b"lapsing", &fp, now()).unwrap());
-    assert!(taker > lapsing);
-    assert_eq!(a.renew(&claims(true), now()).unwrap(), [released, lapsing]);
+    assert_eq!(b.claim(b"other", &fp, now()).unwrap(), Claim::InProgress);
+    // Then nothing renews it: the session lapses, and every claim of A with it.
+    let start = Instant::now();
+    let taker = loop {
+        match b.claim(b"other", &fp, now()).unwrap() {
+            Claim::Acquired { token, .. } => break token,
+            Claim::InProgress if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(taker > other);
+    assert_eq!(
+        b.get(b"live", now()).unwrap(),
+        None,
+        "lapsed with the session"
+    );
+    assert_eq!(a.renew(&claims(), now()).unwrap(), [released, live, other]);
     // B's claim is not A's to renew.
     assert_eq!(
-        a.renew(&[(b"lapsing".to_vec(), taker)], now()).unwrap(),
+        a.renew(&[(b"other".to_vec(), taker)], now()).unwrap(),
         [taker]
     );
-    assert_eq!(b.renew(&[(b"lapsing".to_vec(), taker)], now()).unwrap(), []);
+    assert_eq!(b.renew(&[(b"other".to_vec(), taker)], now()).unwrap(), []);
+    // A claims again under a new session, kept by its resumed keep-alive.
+    a.stall_session(false);
+    let again = acquired(a.claim(b"live", &fp, now()).unwrap());
+    std::thread::sleep(Duration::from_millis(3000));
     assert!(matches!(
         b.get(b"live", now()).unwrap().unwrap().state,
-        KeyState::Claimed { token, .. } if token == live
+        KeyState::Claimed { token, .. } if token == again
     ));
+}
+
+/// One session lease per host, however many claims it holds; claims and run claims of one
+/// instance share it.
+#[test]
+fn etcd_one_session_lease_per_host() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let client = Arc::new(EtcdClient::new(&s).unwrap());
+    let a = EtcdIdempotencyStore::new(
+        client.clone(),
+        Duration::from_secs(30),
+        Duration::from_secs(3600),
+    );
+    let b = host(&s, Duration::from_secs(30), Duration::from_secs(3600));
+    let fp = fingerprint(b"session");
+    let leases = || {
+        // "found N leases", then their IDs.
+        let out = cluster.etcdctl(&["lease", "list"]);
+        let first = out.lines().next().unwrap_or_default().to_string();
+        first
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    let before = leases();
+    let mut tokens = Vec::new();
+    for i in 0..50 {
+        let key = format!("many/{i}");
+        tokens.push((
+            key.clone(),
+            acquired(a.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()),
+        ));
+        acquired(
+            b.claim(format!("more/{i}").as_bytes(), &fp, unix_ms_now())
+                .unwrap(),
+        );
+    }
+    let runs =
+        backup_coordinator::etcd::log_records::EtcdLogRecords::new(client, Duration::from_secs(30));
+    let run = backup_coordinator::log_backup::records::LogRecordStore::begin_run(
+        &runs,
+        "task-1",
+        backup_coordinator::log_backup::SubCommand::Start,
+    )
+    .unwrap();
+    assert_eq!(leases() - before, 2, "one session per host");
+    drop(run);
+    for (key, token) in &tokens[..10] {
+        a.release(key.as_bytes(), *token).unwrap();
+    }
+    for (key, token) in &tokens[10..] {
+        assert_eq!(
+            a.complete(key.as_bytes(), *token, &fp, 0, unix_ms_now())
+                .unwrap(),
+            Completion::Recorded
+        );
+    }
+    // The completions' shared lease is the third.
+    assert_eq!(leases() - before, 3);
 }
 
 /// A retry of one call (the same ClaimId) finds the claim its earlier attempt wrote and

@@ -7,6 +7,7 @@
 //! unknown is therefore safe, since the retry either applies or shows the earlier write.
 
 use super::runtime::EtcdRuntime;
+use super::session::Session;
 use super::EtcdSettings;
 use crate::error::{ErrorCode, Failure};
 use crate::hex::hex;
@@ -23,6 +24,11 @@ use tokio::time::Instant;
 /// The client of the plugin: the runtime thread and the shared connection state.
 pub struct EtcdClient {
     conn: Arc<Conn>,
+    /// The sessions of this plugin instance, one per lease TTL (both stores use
+    /// `idempotency_lease`: one in practice).
+    sessions: parking_lot::Mutex<Vec<Arc<Session>>>,
+    /// For tests: no session is renewed in the background (a stalled host).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     // Declared last: dropped after `conn`'s last use by this handle.
     runtime: EtcdRuntime,
 }
@@ -39,6 +45,9 @@ pub struct Conn {
     current: AtomicUsize,
     /// Attempts that failed transiently and moved to the next endpoint.
     failovers: AtomicU64,
+    /// The queue of the writes combined into shared transactions (`super::batch`), started
+    /// on first use.
+    batches: std::sync::OnceLock<super::batch::Queue>,
     /// When (unix ms) the last "space quota exhausted" line was logged: one every 10 s is
     /// enough, however many calls a full cluster refuses.
     disk_full_logged_ms: AtomicU64,
@@ -83,9 +92,12 @@ impl EtcdClient {
             current: AtomicUsize::new(fastrand::usize(..settings.endpoints.len())),
             failovers: AtomicU64::new(0),
             disk_full_logged_ms: AtomicU64::new(0),
+            batches: std::sync::OnceLock::new(),
         });
         Ok(EtcdClient {
             conn,
+            sessions: parking_lot::Mutex::new(Vec::new()),
+            stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             runtime: EtcdRuntime::start()?,
         })
     }
@@ -107,6 +119,24 @@ impl EtcdClient {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.runtime.spawn(work(self.conn.clone()))
+    }
+
+    /// The session of lease `ttl` that every claim of this instance is bound to.
+    pub fn session(&self, ttl: Duration) -> Arc<Session> {
+        let mut sessions = self.sessions.lock();
+        if let Some(session) = sessions.iter().find(|s| s.ttl() == ttl) {
+            return session.clone();
+        }
+        let session = Session::new(ttl, self.stalled.clone());
+        sessions.push(session.clone());
+        session
+    }
+
+    /// For tests: a host whose process stalled (its sessions renewed by nobody in the
+    /// background; calls still renew them), or that resumed.
+    #[doc(hidden)]
+    pub fn stall_sessions(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Relaxed);
     }
 
     /// Requests moved to another endpoint (or retried on the only one) since the start.
@@ -192,7 +222,7 @@ impl Conn {
             let (reason, sent) = match fault {
                 Fault::Permanent(failure) => {
                     if failure.kind() == ErrorCode::DiskFull && self.disk_full_log_due() {
-                        tracing::error!(request = what, reason = %failure, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts, defragments and disarms the alarm");
+                        tracing::error!(request = what, reason = %failure, "etcd space quota exhausted (alarm NOSPACE): writes fail closed with DISK_FULL until an operator compacts (etcdctl compact <revision> --physical), defragments every member (etcdctl defrag --cluster) and disarms the alarm (etcdctl alarm disarm)");
                     }
                     return Err(failure);
                 }
@@ -313,6 +343,29 @@ impl Conn {
         .await
     }
 
+    /// Puts `put` on `key` if its `mod_revision` is `expected` (0: absent), in one
+    /// transaction with the other writes queued meanwhile (`super::batch`); otherwise reads
+    /// it. `None`: not applied because of another write of its batch (try it alone).
+    pub async fn write_batched(
+        self: &Arc<Self>,
+        key: &[u8],
+        expected: i64,
+        put: TxnOp,
+    ) -> Result<Option<TxnOutcome>, Failure> {
+        let queue = self.batches.get_or_init(|| super::batch::start(self));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let write = super::batch::Write {
+            key: key.to_vec(),
+            expected,
+            put,
+            reply,
+        };
+        if queue.send(write).is_err() {
+            return Ok(None);
+        }
+        answer.await.unwrap_or(Ok(None))
+    }
+
     /// The key as it is now (a linearizable read).
     pub async fn get(&self, what: &str, key: &[u8]) -> Result<Option<KeyValue>, Failure> {
         self.request(what, |mut client| {
@@ -359,6 +412,33 @@ impl Conn {
         .await
     }
 
+    /// Renews a lease for its whole TTL and keeps the stream open for the next renewals
+    /// (see [`KeepAlive`]); `None` if the lease is gone.
+    pub async fn open_keep_alive(
+        &self,
+        what: &str,
+        lease: i64,
+    ) -> Result<Option<KeepAlive>, Failure> {
+        self.request(what, |mut client| async move {
+            match client.lease_keep_alive(lease).await {
+                Ok((keeper, stream)) => Ok(Some(KeepAlive {
+                    lease,
+                    keeper,
+                    stream,
+                    clean: true,
+                })),
+                Err(error) if is_lease_not_found(&error) => Ok(None),
+                Err(error) => Err(error),
+            }
+        })
+        .await
+    }
+
+    /// How long one attempt of a request may take before another endpoint is tried.
+    pub fn attempt_budget(&self) -> Duration {
+        (self.timeout / 4).max(Duration::from_millis(200))
+    }
+
     /// Seconds a lease has left; `None` if it is gone.
     pub async fn time_to_live(&self, what: &str, lease: i64) -> Result<Option<u64>, Failure> {
         self.request(what, |mut client| async move {
@@ -370,6 +450,35 @@ impl Conn {
             }
         })
         .await
+    }
+}
+
+/// An open keep-alive stream of one lease: a renewal is one message each way on it, not a
+/// new stream per renewal.
+pub struct KeepAlive {
+    pub lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+    /// No renewal left unanswered on it (one cut off midway would answer the next one).
+    clean: bool,
+}
+
+impl KeepAlive {
+    /// One renewal on the open stream: `Some(alive)` when answered, `None` when the stream
+    /// failed or did not answer within `budget` (open another one).
+    pub async fn renew(&mut self, budget: Duration) -> Option<bool> {
+        if !self.clean {
+            return None;
+        }
+        self.clean = false;
+        let exchange = async {
+            self.keeper.keep_alive().await.ok()?;
+            let response = self.stream.message().await.ok()??;
+            Some(response.ttl() > 0)
+        };
+        let answer = tokio::time::timeout(budget, exchange).await.ok().flatten();
+        self.clean = answer.is_some();
+        answer
     }
 }
 
@@ -394,7 +503,7 @@ fn classify(error: &etcd_client::Error) -> Fault {
                 // the NOSPACE alarm and refuses every write until an operator clears it.
                 return Fault::Permanent(Failure::etcd(
                     ErrorCode::DiskFull,
-                    format!("the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must compact the history (etcdctl compact <revision>), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm), or raise the quota"),
+                    format!("the etcd cluster refused the write: its space quota (--quota-backend-bytes) is exhausted and its NOSPACE alarm is raised (etcd: {message}). An operator must, in this order: compact the history up to the current revision and wait for it to be applied (etcdctl compact <revision> --physical, the revision from etcdctl endpoint status -w json; without --physical the defragmentation can run before the compaction is applied, and the alarm comes straight back), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl alarm disarm); or raise the quota (--quota-backend-bytes)"),
                 ));
             }
             if message.contains("authentication failed") {

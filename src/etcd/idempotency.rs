@@ -2,22 +2,27 @@
 //!
 //! A key lives at `<prefix>i/<base64url of the key>`. A claim is one transaction, compared
 //! on the key's revision, that puts a claim record (the call's [`ClaimId`], fingerprint,
-//! lease until) bound to an etcd lease of `idempotency_lease`. The claim's fencing token is
-//! the revision of that put (docs/C_API.md §8.1): etcd's revision is cluster-wide and only
-//! grows, so every later claim of the key, through any member and from any host, has a
-//! greater one; keep-alives do not change it, and read back it is the key's `mod_revision`.
-//! The value holds the call's identity rather than the token (the revision is not known
-//! before the put): a retry of the same call whose earlier answer was lost finds its own
-//! claim and acquires it with that claim's token. The retries of one call reuse one lease,
-//! so a lost answer leaves no second lease and no orphaned claim behind.
+//! lease until) bound to the lease of the plugin instance's session (`super::session`: one
+//! lease per host, not per claim). The claim's fencing token is the revision of that put
+//! (docs/C_API.md §8.1): etcd's revision is cluster-wide and only grows, so every later
+//! claim of the key, through any member and from any host, has a greater one; keep-alives
+//! do not change it, and read back it is the key's `mod_revision`. The value holds the
+//! call's identity rather than the token (the revision is not known before the put): a
+//! retry of the same call whose earlier answer was lost finds its own claim and acquires it
+//! with that claim's token.
 //!
-//! The owner's lease keeper renews the lease while the operation runs, so a dead or
-//! stalled host's claim vanishes when its lease expires. Completion is compared on the
-//! key's `mod_revision` being the claim's token (still our claim) or on the key being free
-//! or expired, and puts a completion record (token, fingerprint, result, expiry) bound to a
-//! shared lease of `idempotency_ttl` plus a little: etcd deletes completions soon after
-//! they expire, so its space stays bounded by the live keys. Release is one
-//! compare-and-delete on the token, then the claim's lease is revoked.
+//! The session is kept alive by the runtime while the process lives, so a dead or stalled
+//! host's claims vanish when its session lapses. The lease keeper's renewals of a claim are
+//! keep-alives of the session (one for all the claims due, shared with concurrent callers),
+//! answered Ok only once etcd acknowledged one sent no earlier than the call; an acquired
+//! claim is vouched for the same way (a keep-alive sent alongside its transaction), so the
+//! keeper's view from the claim's sending (docs/C_API.md §8.1) never outlasts the session.
+//! Completion is compared on the key's `mod_revision` being the claim's token (still our
+//! claim) or on the key being free or expired, and puts a completion record (token,
+//! fingerprint, result, expiry) bound to a shared lease of `idempotency_ttl` plus a little:
+//! etcd deletes completions soon after they expire, so its space stays bounded by the live
+//! keys. Release is one compare-and-delete on the token. A new key that completes costs two
+//! raft writes: its claim and its completion.
 //!
 //! Records are fixed-size binary (49 bytes a claim, 53 a completion; text took about 95):
 //! the keys live by the million, and etcd's space is the cluster's quota. The first byte
@@ -25,6 +30,7 @@
 //! still read (such a claim is never ours; its token is its `mod_revision` all the same).
 
 use super::client::{Conn, TxnOutcome};
+use super::session::Session;
 use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::{
@@ -43,10 +49,20 @@ const MAX_ROUNDS: usize = 32;
 
 pub struct EtcdIdempotencyStore {
     etcd: Arc<EtcdClient>,
+    /// The instance's session: every claim of this handle is bound to its lease.
+    session: Arc<Session>,
     lease: Duration,
     ttl: Duration,
-    completions: Arc<Mutex<Option<CompletionLease>>>,
-    leases: Arc<Mutex<ClaimLeases>>,
+    completions: Arc<Completions>,
+    calls: Arc<Mutex<Calls>>,
+}
+
+/// The completion lease of this handle, and one grant of it at a time (concurrent first
+/// completions share one).
+#[derive(Default)]
+struct Completions {
+    current: Mutex<Option<CompletionLease>>,
+    granting: tokio::sync::Mutex<()>,
 }
 
 /// The lease completions are bound to, shared while it outlives a completion's TTL.
@@ -57,42 +73,70 @@ struct CompletionLease {
     usable_until_ms: u64,
 }
 
-/// The etcd leases of this handle's claims.
+/// What this handle knows of its claims (no etcd lease of their own: they are bound to the
+/// session).
 #[derive(Default)]
-struct ClaimLeases {
-    /// The lease of each call still claiming (its attempts so far unanswered, or not yet
-    /// returned), by the call's identity: its retries reuse it. With when it was granted.
-    claiming: HashMap<ClaimId, (i64, Instant)>,
-    /// The lease of each acquired claim, by token: what renew, complete and release act on.
-    /// With when it was last known alive.
-    held: HashMap<ClaimToken, (i64, Instant)>,
+struct Calls {
+    /// The calls still claiming (an attempt may have written unacknowledged), by the
+    /// call's identity, with their key and when their last attempt failed (`None`: one is
+    /// under way): what `abandon` and housekeeping look for.
+    claiming: HashMap<ClaimId, (Vec<u8>, Option<Instant>)>,
+    /// The acquired claims, by token: their key, the session lease they are bound to, and
+    /// when they were last renewed (or acquired).
+    held: HashMap<ClaimToken, Held>,
 }
 
-impl ClaimLeases {
-    /// Forgets leases that ran out long ago: a call that gave up and was never retried, a
-    /// claim whose completion failed and was never renewed again.
-    fn prune(&mut self, lease: Duration) {
-        let now = Instant::now();
-        let old = |since: &Instant| now.saturating_duration_since(*since) > lease * 2;
-        self.claiming.retain(|_, (_, since)| !old(since));
-        self.held.retain(|_, (_, since)| !old(since));
-    }
+struct Held {
+    key: Vec<u8>,
+    lease: i64,
+    renewed: Instant,
+}
 
-    fn take_held(&mut self, token: ClaimToken) -> Option<i64> {
-        self.held.remove(&token).map(|(lease, _)| lease)
+/// Claims to delete: (key, token) held but not renewed, (key, call) of calls that gave up.
+type Stale = (Vec<(Vec<u8>, ClaimToken)>, Vec<(Vec<u8>, ClaimId)>);
+
+impl Calls {
+    /// What nobody has kept for `lease`: held claims not renewed (their owner's completion
+    /// and release both failed), calls whose last attempt failed and were neither retried
+    /// nor successfully abandoned. The session outlives them; their keys must not stay
+    /// IN_PROGRESS while it does.
+    fn stale(&self, lease: Duration) -> Stale {
+        let old = |since: &Instant| since.elapsed() > lease;
+        let orphans = self
+            .held
+            .iter()
+            .filter(|(_, held)| old(&held.renewed))
+            .map(|(token, held)| (held.key.clone(), *token))
+            .collect();
+        let gave_up = self
+            .claiming
+            .iter()
+            .filter(|(_, (_, failed))| failed.as_ref().is_some_and(old))
+            .map(|(id, (key, _))| (key.clone(), *id))
+            .collect();
+        (orphans, gave_up)
     }
 }
 
 impl EtcdIdempotencyStore {
-    /// `lease`: `idempotency_lease`; `ttl`: `idempotency_ttl`.
+    /// `lease`: `idempotency_lease` (the session's TTL); `ttl`: `idempotency_ttl`.
     pub fn new(etcd: Arc<EtcdClient>, lease: Duration, ttl: Duration) -> Self {
         EtcdIdempotencyStore {
+            session: etcd.session(lease),
             etcd,
             lease,
             ttl,
-            completions: Arc::new(Mutex::new(None)),
-            leases: Arc::new(Mutex::new(ClaimLeases::default())),
+            completions: Arc::new(Completions::default()),
+            calls: Arc::new(Mutex::new(Calls::default())),
         }
+    }
+
+    /// For tests: this host stalls (nothing renews its session in the background, so its
+    /// claims lapse with it unless renewed by calls) or resumes. Its client's other stores
+    /// stall with it.
+    #[doc(hidden)]
+    pub fn stall_session(&self, stalled: bool) {
+        self.etcd.stall_sessions(stalled);
     }
 }
 
@@ -226,15 +270,6 @@ fn token_of(revision: i64) -> Result<ClaimToken, Failure> {
     }
 }
 
-/// Revokes `lease` in the background: nothing waits for it, and a lease left alive ends
-/// with its TTL anyway.
-fn revoke_later(conn: &Arc<Conn>, what: &'static str, lease: i64) {
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        let _ = conn.revoke(what, lease).await;
-    });
-}
-
 impl IdempotencyStore for EtcdIdempotencyStore {
     fn claim_as(
         &self,
@@ -243,77 +278,45 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         now_ms: u64,
         id: ClaimId,
     ) -> Result<Claim, Failure> {
+        // The lease keeper's view of the claim starts before this call (docs/C_API.md
+        // §8.1): an acquired claim is vouched for by a keep-alive of its session sent no
+        // earlier than now.
+        let since = Instant::now();
         let (lease, raw_key, fingerprint) = (self.lease, key.to_vec(), *fingerprint);
-        let leases = self.leases.clone();
+        let (session, calls) = (self.session.clone(), self.calls.clone());
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
-            // The lease of this call's earlier attempts, if any: a claim they wrote
-            // unacknowledged is bound to it, and is found below as ours.
-            let reused = {
-                let mut leases = leases.lock();
-                leases.prune(lease);
-                leases.claiming.get(&id).map(|(l, _)| *l)
-            };
-            let mut granted = match reused {
-                Some(granted) => granted,
-                None => {
-                    let since = Instant::now();
-                    match conn.grant("grant a claim lease", lease).await {
-                        Ok(granted) => {
-                            leases.lock().claiming.insert(id, (granted, since));
-                            granted
-                        }
-                        Err(failure) => {
-                            return answer_without_writing(
-                                &conn,
-                                &key,
-                                &fingerprint,
-                                now_ms,
-                                failure,
-                            )
-                            .await
-                            .map_err(|f| with_key(f, &raw_key))
-                        }
+            let claimed = match session.lease(&conn).await {
+                Ok(bound) => {
+                    calls.lock().claiming.insert(id, (raw_key.clone(), None));
+                    let claim = Attempt {
+                        conn: &conn,
+                        session: &session,
+                        calls: &calls,
+                        key: &key,
+                        raw_key: &raw_key,
+                        id,
+                        fingerprint: &fingerprint,
+                        now_ms,
+                        lease,
+                        since,
+                    };
+                    let claimed = claim.acquire(bound).await;
+                    if let Some((_, failed)) = calls.lock().claiming.get_mut(&id) {
+                        // Kept for the call's retry or `abandon` (an attempt may have
+                        // applied unacknowledged), and for housekeeping once it is neither.
+                        *failed = Some(Instant::now());
                     }
+                    claimed
                 }
+                Err(failure) => Err(failure),
             };
-            let claimed = claim(
-                &conn,
-                &key,
-                id,
-                &mut granted,
-                &fingerprint,
-                now_ms,
-                lease,
-                &leases,
-            )
-            .await;
-            let outcome = match claimed {
-                Ok((claim @ Claim::Acquired { token, .. }, bound)) => {
-                    let mut held = leases.lock();
-                    held.claiming.remove(&id);
-                    held.held.insert(token, (bound, Instant::now()));
-                    drop(held);
-                    if bound != granted {
-                        // Found bound to a lease granted before this handle forgot it.
-                        revoke_later(&conn, "revoke an unused claim lease", granted);
-                    }
-                    return Ok(claim);
-                }
-                Ok((answer, _)) => {
-                    // Nothing of this call is on the key: its lease is not needed.
-                    leases.lock().claiming.remove(&id);
-                    revoke_later(&conn, "revoke an unused claim lease", granted);
-                    Ok(answer)
-                }
-                // Kept for the call's retry (an attempt may have applied unacknowledged);
-                // a call that is not retried leaves a lease that nobody renews, and
-                // whatever it may have written ends with it.
-                Err(failure) => {
-                    answer_without_writing(&conn, &key, &fingerprint, now_ms, failure).await
-                }
-            };
-            outcome.map_err(|f| with_key(f, &raw_key))
+            match claimed {
+                Ok(claim) => Ok(claim),
+                Err(failure) => answer_without_writing(&conn, &key, &fingerprint, now_ms, failure)
+                    .await
+                    .map_err(|f| with_key(f, &raw_key)),
+            }
         })
     }
 
@@ -322,27 +325,41 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         claims: &[(Vec<u8>, ClaimToken)],
         _now_ms: u64,
     ) -> Result<Vec<ClaimToken>, Failure> {
+        // One acknowledged keep-alive of the session, sent no earlier than now, renews
+        // every claim bound to it (docs/C_API.md §8.1: Ok only once etcd extended it).
+        let since = Instant::now();
         let tokens: Vec<ClaimToken> = claims.iter().map(|(_, token)| *token).collect();
-        let leases = self.leases.clone();
+        let (session, calls) = (self.session.clone(), self.calls.clone());
         self.etcd.run(move |conn| async move {
             let mut lapsed = Vec::new();
-            for token in tokens {
-                let found = leases.lock().held.get(&token).map(|(l, _)| *l);
-                let Some(lease) = found else {
-                    // Completed, released, or never this handle's: not held here.
-                    lapsed.push(token);
-                    continue;
-                };
-                let since = Instant::now();
-                // A lease that is gone is a claim that is no longer ours: its key went
-                // with it, and nothing else deletes a live claim (release is the owner's).
-                if conn.keep_alive("renew a claim lease", lease).await? {
-                    if let Some(entry) = leases.lock().held.get_mut(&token) {
-                        entry.1 = since;
+            let mut by_lease: Vec<(i64, Vec<ClaimToken>)> = Vec::new();
+            {
+                let calls = calls.lock();
+                for token in tokens {
+                    match calls.held.get(&token) {
+                        // Completed, released, or never this handle's: not held here.
+                        None => lapsed.push(token),
+                        Some(held) => match by_lease.iter_mut().find(|(l, _)| *l == held.lease) {
+                            Some((_, tokens)) => tokens.push(token),
+                            None => by_lease.push((held.lease, vec![token])),
+                        },
                     }
-                } else {
-                    leases.lock().take_held(token);
-                    lapsed.push(token);
+                }
+            }
+            for (lease, tokens) in by_lease {
+                // A lease that is gone took its claims with it: nothing else deletes a
+                // live claim (release is the owner's).
+                let alive = session.renewed_since(&conn, lease, since).await?;
+                let mut calls = calls.lock();
+                for token in tokens {
+                    if alive {
+                        if let Some(held) = calls.held.get_mut(&token) {
+                            held.renewed = held.renewed.max(since);
+                        }
+                    } else {
+                        calls.held.remove(&token);
+                        lapsed.push(token);
+                    }
                 }
             }
             Ok(lapsed)
@@ -359,7 +376,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
     ) -> Result<Completion, Failure> {
         let (ttl, raw_key, fingerprint) = (self.ttl, key.to_vec(), *fingerprint);
         let completions = self.completions.clone();
-        let leases = self.leases.clone();
+        let calls = self.calls.clone();
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
             let value = encode_completion(
@@ -371,37 +388,40 @@ impl IdempotencyStore for EtcdIdempotencyStore {
             let outcome = complete(&conn, &completions, &key, token, value, now_ms, ttl).await;
             if outcome.is_ok() {
                 // The key is bound to the completion lease now (or was never ours).
-                if let Some(lease) = leases.lock().take_held(token) {
-                    revoke_later(&conn, "revoke a completed claim's lease", lease);
-                }
+                calls.lock().held.remove(&token);
             }
             outcome.map_err(|f| with_key(f, &raw_key))
         })
     }
 
-    /// Revokes the lease of the call's attempts: a claim one of them wrote unacknowledged
-    /// is bound to it and goes with it, instead of keeping the key IN_PROGRESS for a lease.
+    /// Deletes what the call's attempts may have written unacknowledged (a claim holding
+    /// its identity), instead of leaving the key IN_PROGRESS while the session lives.
     fn abandon(&self, key: &[u8], id: ClaimId) {
-        let Some((lease, _)) = self.leases.lock().claiming.remove(&id) else {
+        if !self.calls.lock().claiming.contains_key(&id) {
             return;
-        };
+        }
         let raw_key = key.to_vec();
-        let revoked = self.etcd.run(move |conn| async move {
-            conn.revoke("revoke an abandoned claim's lease", lease)
-                .await
-        });
-        if let Err(failure) = revoked {
-            tracing::warn!(key = %display_key(&raw_key), reason = %failure.detail(), "abandoned claim's lease not revoked; it ends with its lease");
+        let dropped = self
+            .etcd
+            .run(move |conn| async move { drop_unacknowledged(&conn, &raw_key, id).await });
+        match dropped {
+            Ok(()) => {
+                self.calls.lock().claiming.remove(&id);
+            }
+            // Kept: housekeeping tries again a lease later.
+            Err(failure) => {
+                tracing::warn!(key = %display_key(key), reason = %failure.detail(), "abandoned claim not deleted yet; housekeeping deletes it later")
+            }
         }
     }
 
     fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
         let raw_key = key.to_vec();
-        let leases = self.leases.clone();
+        let calls = self.calls.clone();
         self.etcd.run(move |conn| async move {
             let key = conn.key64("i", &raw_key);
             // Deleted only while the key holds this claim: a taker's claim has its own
-            // revision.
+            // revision. One compare-and-delete; the session lease stays.
             let when = Compare::mod_revision(key.clone(), CompareOp::Equal, token.0 as i64);
             let deleted = conn
                 .txn_or_get(
@@ -411,12 +431,35 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                     vec![TxnOp::delete(key.clone(), None)],
                 )
                 .await;
-            // The lease holds nothing of this claim any more (or the claim ends with it).
-            if let Some(lease) = leases.lock().take_held(token) {
-                revoke_later(&conn, "revoke a released claim's lease", lease);
+            if deleted.is_ok() {
+                calls.lock().held.remove(&token);
             }
             deleted.map(|_| ()).map_err(|f| with_key(f, &raw_key))
         })
+    }
+
+    /// Deletes the claims nobody keeps any more ([`Calls::stale`]), each compared on its
+    /// revision or its call's identity.
+    fn maintain(&self, _now_ms: u64) -> Result<(), Failure> {
+        let (orphans, gave_up) = self.calls.lock().stale(self.lease);
+        for (key, token) in orphans {
+            self.release(&key, token)?;
+        }
+        for (key, id) in gave_up {
+            let raw_key = key.clone();
+            self.etcd
+                .run(move |conn| async move { drop_unacknowledged(&conn, &raw_key, id).await })?;
+            let mut calls = self.calls.lock();
+            // Unless the call tried again meanwhile.
+            if calls
+                .claiming
+                .get(&id)
+                .is_some_and(|(_, failed)| failed.is_some())
+            {
+                calls.claiming.remove(&id);
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<KeyRecord>, Failure> {
@@ -517,34 +560,125 @@ async fn answer_without_writing(
     }
 }
 
+/// One call's claim of a key.
+struct Attempt<'a> {
+    conn: &'a Arc<Conn>,
+    session: &'a Arc<Session>,
+    calls: &'a Mutex<Calls>,
+    key: &'a [u8],
+    raw_key: &'a [u8],
+    id: ClaimId,
+    fingerprint: &'a Fingerprint,
+    now_ms: u64,
+    lease: Duration,
+    since: Instant,
+}
+
+impl Attempt<'_> {
+    /// The claim, bound to the session lease `bound` (or a new session's), an acquired one
+    /// vouched for by a keep-alive of its session sent no earlier than `since` (sent
+    /// alongside the transaction, not after it) and noted as held.
+    async fn acquire(&self, mut bound: i64) -> Result<Claim, Failure> {
+        let (conn, session) = (self.conn, self.session);
+        for _ in 0..MAX_ROUNDS {
+            let renewing = bound;
+            let (claimed, renewed) = tokio::join!(
+                claim(
+                    conn,
+                    session,
+                    self.key,
+                    self.id,
+                    &mut bound,
+                    self.fingerprint,
+                    self.now_ms,
+                    self.lease
+                ),
+                session.renewed_since(conn, renewing, self.since)
+            );
+            let (claim, on) = claimed?;
+            let Claim::Acquired { token, .. } = claim else {
+                // Nothing of this call is on the key.
+                self.calls.lock().claiming.remove(&self.id);
+                return Ok(claim);
+            };
+            // Bound to another lease than the one renewed alongside (a new session, or an
+            // earlier attempt's found as ours): vouched for on its own.
+            let renewed = match renewed {
+                Ok(true) if on == renewing => true,
+                _ => session.renewed_since(conn, on, self.since).await?,
+            };
+            if renewed {
+                let mut calls = self.calls.lock();
+                calls.claiming.remove(&self.id);
+                calls.held.insert(
+                    token,
+                    Held {
+                        key: self.raw_key.to_vec(),
+                        lease: on,
+                        renewed: self.since,
+                    },
+                );
+                return Ok(claim);
+            }
+            // The session lapsed, and the claim with it: claimed again under a new one.
+            bound = session.lease(conn).await?;
+        }
+        Err(gave_up(self.raw_key))
+    }
+}
+
+/// Deletes the claim of the call `id` on `raw_key`, if the key holds one: compared on its
+/// revision, so that nothing else is touched.
+async fn drop_unacknowledged(conn: &Conn, raw_key: &[u8], id: ClaimId) -> Result<(), Failure> {
+    let key = conn.key64("i", raw_key);
+    let Some(kv) = conn.get("read an abandoned claim", &key).await? else {
+        return Ok(());
+    };
+    if decode(&kv)?.owner != Some(id) {
+        return Ok(());
+    }
+    let when = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
+    conn.txn_or_get(
+        "delete an abandoned claim",
+        &key,
+        when,
+        vec![TxnOp::delete(key.clone(), None)],
+    )
+    .await
+    .map(|_| ())
+}
+
 /// The claim's transaction, repeated while the key changes under us: the answer, and the
-/// lease the claim is bound to when acquired. `lease` is the lease the claim is put with;
-/// replaced (and noted as the call's) if it expired before the claim was written.
+/// lease the claim is bound to when acquired. `lease` is the session's lease the claim is
+/// put with; replaced by a new session's if it was found gone.
 #[allow(clippy::too_many_arguments)]
 async fn claim(
-    conn: &Conn,
+    conn: &Arc<Conn>,
+    session: &Arc<Session>,
     key: &[u8],
     id: ClaimId,
     lease: &mut i64,
     fingerprint: &Fingerprint,
     now_ms: u64,
     ttl: Duration,
-    leases: &Mutex<ClaimLeases>,
 ) -> Result<(Claim, i64), Failure> {
     let value = encode_claim(id, fingerprint, now_ms.saturating_add(lease_ms(ttl)));
     // Absent is revision 0: a fresh key is claimed in one round trip.
     let mut expected_revision = 0;
+    // Never batched with other keys' claims: one transaction has one revision, and tokens
+    // (revisions) must not be shared by two claims of one store, whose lease keeper holds
+    // each claim by its token.
     for _ in 0..MAX_ROUNDS {
-        let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
         let put = TxnOp::put(
             key.to_vec(),
             value.clone(),
             Some(PutOptions::new().with_lease(*lease)),
         );
-        let kv = match conn
+        let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
+        let outcome = conn
             .txn_or_get("claim an idempotency key", key, when, vec![put])
-            .await?
-        {
+            .await?;
+        let kv = match outcome {
             // docs/C_API.md §8.1: the token is the claim's revision.
             TxnOutcome::Applied { revision } => {
                 let token = token_of(revision)?;
@@ -557,9 +691,8 @@ async fn claim(
                 ));
             }
             TxnOutcome::LeaseGone => {
-                let since = Instant::now();
-                *lease = conn.grant("grant a claim lease", ttl).await?;
-                leases.lock().claiming.insert(id, (*lease, since));
+                session.lapsed(*lease);
+                *lease = session.lease(conn).await?;
                 continue;
             }
             TxnOutcome::Found(None) => {
@@ -594,8 +727,8 @@ async fn claim(
 }
 
 async fn complete(
-    conn: &Conn,
-    completions: &Mutex<Option<CompletionLease>>,
+    conn: &Arc<Conn>,
+    completions: &Completions,
     key: &[u8],
     token: ClaimToken,
     value: Vec<u8>,
@@ -603,7 +736,9 @@ async fn complete(
     ttl: Duration,
 ) -> Result<Completion, Failure> {
     // First: our claim is still the key's (its revision is the token).
-    let mut when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, token.0 as i64);
+    let mut expected = token.0 as i64;
+    // The first attempt goes with other callers' writes (`super::batch`); a retry alone.
+    let mut together = true;
     for _ in 0..MAX_ROUNDS {
         let lease = completion_lease(conn, completions, now_ms, ttl).await?;
         let put = TxnOp::put(
@@ -611,13 +746,20 @@ async fn complete(
             value.clone(),
             Some(PutOptions::new().with_lease(lease)),
         );
-        let kv = match conn
-            .txn_or_get("record a completion", key, when.clone(), vec![put])
-            .await?
-        {
+        let outcome = if std::mem::take(&mut together) {
+            match conn.write_batched(key, expected, put).await? {
+                Some(outcome) => outcome,
+                None => continue,
+            }
+        } else {
+            let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected);
+            conn.txn_or_get("record a completion", key, when, vec![put])
+                .await?
+        };
+        let kv = match outcome {
             TxnOutcome::Applied { .. } => return Ok(Completion::Recorded),
             TxnOutcome::LeaseGone => {
-                let mut cached = completions.lock();
+                let mut cached = completions.current.lock();
                 if cached.is_some_and(|c| c.id == lease) {
                     *cached = None;
                 }
@@ -625,7 +767,7 @@ async fn complete(
             }
             // The key is free (our lease lapsed and nobody took over): record it.
             TxnOutcome::Found(None) => {
-                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, 0);
+                expected = 0;
                 continue;
             }
             TxnOutcome::Found(Some(kv)) => kv,
@@ -637,7 +779,7 @@ async fn complete(
                 return Ok(Completion::Recorded);
             }
             KeyState::Completed { expires_at_ms, .. } if now_ms >= expires_at_ms => {
-                when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, kv.mod_revision());
+                expected = kv.mod_revision();
             }
             // Another caller's live claim (etcd keeps claims only while their lease lives;
             // ours would have matched the compare) or live completion: never overwritten.
@@ -651,20 +793,29 @@ async fn complete(
 /// it. Its TTL is `ttl` plus a slack, so completions are deleted at most that much late.
 async fn completion_lease(
     conn: &Conn,
-    completions: &Mutex<Option<CompletionLease>>,
+    completions: &Completions,
     now_ms: u64,
     ttl: Duration,
 ) -> Result<i64, Failure> {
-    if let Some(lease) = *completions.lock() {
-        if now_ms <= lease.usable_until_ms {
-            return Ok(lease.id);
-        }
+    let usable = || {
+        completions
+            .current
+            .lock()
+            .filter(|lease| now_ms <= lease.usable_until_ms)
+            .map(|lease| lease.id)
+    };
+    if let Some(id) = usable() {
+        return Ok(id);
+    }
+    let _turn = completions.granting.lock().await;
+    if let Some(id) = usable() {
+        return Ok(id);
     }
     let slack = (ttl / 16).max(Duration::from_secs(3));
     let id = conn.grant("grant a completion lease", ttl + slack).await?;
     // One second of margin for the grant's latency and the rounding of the TTL.
     let usable_until_ms = now_ms + lease_ms(slack).saturating_sub(1000);
-    *completions.lock() = Some(CompletionLease {
+    *completions.current.lock() = Some(CompletionLease {
         id,
         usable_until_ms,
     });

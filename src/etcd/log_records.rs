@@ -4,15 +4,16 @@
 //! (task, command) has two keys, the hex of the task name and the command under the prefix:
 //! `<prefix>log/<task>/<command>` holds the sequence (no lease: it outlives its runners),
 //! and `<prefix>log-run/<task>/<command>` is the run's claim, created only when absent and
-//! bound to a lease that a task on the runtime keeps alive while the runner's guard lives.
-//! Every save and removal is compared on that lease: a runner whose claim ended (its host
-//! stalled past the lease) writes nothing. The claim's value is the run id of the call,
-//! the same across its retries: a claim whose answer was lost is found as the call's own.
-//! A failed begin_run deletes what it may have written (compared on that value) and
-//! revokes its lease; the keep-alive retries at once after a failure, so an outage shorter
-//! than the lease's remainder never lets the claim lapse under a running command.
+//! bound to the plugin instance's session lease (`super::session`), which the runtime keeps
+//! alive while the process lives. Every save and removal is compared on the claim's
+//! revision: a runner whose claim ended (its host stalled past the session) writes nothing.
+//! The claim's value is the run id of the call, the same across its retries: a claim whose
+//! answer was lost is found as the call's own. A failed begin_run deletes what it may have
+//! written (compared on that value); the end of a run deletes its claim (compared on its
+//! revision), leaving the session to the instance's other claims.
 
 use super::client::{Conn, TxnOutcome};
+use super::session::Session;
 use super::EtcdClient;
 use crate::error::Failure;
 use crate::idempotency::ClaimId;
@@ -27,13 +28,18 @@ const MAX_ROUNDS: usize = 32;
 
 pub struct EtcdLogRecords {
     etcd: Arc<EtcdClient>,
-    lease: Duration,
+    /// The instance's session: run claims are bound to its lease.
+    session: Arc<Session>,
 }
 
 impl EtcdLogRecords {
-    /// `lease`: how long a dead runner's claim outlives it (the plugin's `idempotency_lease`).
+    /// `lease`: how long a dead runner's claim outlives it (the plugin's `idempotency_lease`,
+    /// the session's TTL).
     pub fn new(etcd: Arc<EtcdClient>, lease: Duration) -> Self {
-        EtcdLogRecords { etcd, lease }
+        EtcdLogRecords {
+            session: etcd.session(lease),
+            etcd,
+        }
     }
 }
 
@@ -106,15 +112,14 @@ enum RunFailure {
     Churn,
 }
 
-/// The run's claim: created while absent, bound to `lease` (replaced if it ran out first).
-/// The lease it is bound to: `lease`, or an earlier attempt's of this call when its claim
-/// (its value ours) is found.
+/// The run's claim: created while absent, bound to the session's `lease` (a new session's
+/// if it was found gone). Its revision: what the run's saves are compared on.
 async fn claim_run(
-    conn: &Conn,
+    conn: &Arc<Conn>,
+    session: &Arc<Session>,
     k: &Keys,
     value: &str,
     lease: &mut i64,
-    ttl: Duration,
 ) -> Result<i64, RunFailure> {
     for _ in 0..MAX_ROUNDS {
         let when = Compare::create_revision(k.run.clone(), CompareOp::Equal, 0);
@@ -128,60 +133,21 @@ async fn claim_run(
             .await
             .map_err(RunFailure::Store)?
         {
-            TxnOutcome::Applied { .. } => return Ok(*lease),
+            TxnOutcome::Applied { revision } => return Ok(revision),
             // An earlier attempt of this call whose answer was lost did apply.
             TxnOutcome::Found(Some(kv)) if kv.value() == value.as_bytes() => {
                 crate::metrics::store().unknown_outcomes.inc();
-                return Ok(kv.lease());
+                return Ok(kv.mod_revision());
             }
             TxnOutcome::Found(Some(_)) => return Err(RunFailure::Held),
             TxnOutcome::Found(None) => continue,
             TxnOutcome::LeaseGone => {
-                *lease = conn
-                    .grant("grant a run lease", ttl)
-                    .await
-                    .map_err(RunFailure::Store)?
+                session.lapsed(*lease);
+                *lease = session.lease(conn).await.map_err(RunFailure::Store)?;
             }
         }
     }
     Err(RunFailure::Churn)
-}
-
-/// Keeps the run's lease alive while its guard lives: every `lease`/3, and after a failed
-/// renewal at once again (after a short pause) rather than a whole period later, so that an
-/// outage shorter than the lease's remainder never lets the claim lapse under a running
-/// command. Each renewal is cut off after a period: one that hangs never eats the lease.
-async fn keep_run_alive(
-    conn: Arc<Conn>,
-    lease: i64,
-    ttl: Duration,
-    task: String,
-    command: &'static str,
-) {
-    let period = (ttl / 3).max(Duration::from_millis(200));
-    let pause = (period / 8).max(Duration::from_millis(20));
-    let mut next = tokio::time::Instant::now() + period;
-    loop {
-        tokio::time::sleep_until(next).await;
-        let sent = tokio::time::Instant::now();
-        let renewed =
-            tokio::time::timeout(period, conn.keep_alive("renew a run lease", lease)).await;
-        match renewed {
-            Ok(Ok(true)) => next = sent + period,
-            Ok(Ok(false)) => {
-                tracing::warn!(task = %task, command, "log-backup run claim lost: its lease expired; its saves are refused");
-                return;
-            }
-            Ok(Err(failure)) => {
-                tracing::warn!(task = %task, command, reason = %failure.detail(), "log-backup run lease not renewed; retrying");
-                next = tokio::time::Instant::now() + pause;
-            }
-            Err(_) => {
-                tracing::warn!(task = %task, command, "log-backup run lease not renewed within a renewal period; retrying");
-                next = tokio::time::Instant::now() + pause;
-            }
-        }
-    }
 }
 
 impl LogRecordStore for EtcdLogRecords {
@@ -199,54 +165,40 @@ impl LogRecordStore for EtcdLogRecords {
         command: SubCommand,
         run: ClaimId,
     ) -> Result<Box<dyn RunClaim + '_>, Failure> {
-        let (lease, owned_task) = (self.lease, task.to_string());
-        let token = self.etcd.run(move |conn| async move {
+        let (session, owned_task) = (self.session.clone(), task.to_string());
+        let revision = self.etcd.run(move |conn| async move {
             let k = keys(&conn, &owned_task, command);
             let value = run_value(run);
-            let mut token = conn.grant("grant a run lease", lease).await?;
-            let claimed = claim_run(&conn, &k, &value, &mut token, lease).await;
-            match claimed {
-                // Bound to `token`, or (found as ours) to the lease an earlier attempt of
-                // this call granted: the one granted here is not needed then.
-                Ok(bound) => {
-                    if bound != token {
-                        let _ = conn.revoke("revoke an unused run lease", token).await;
-                    }
-                    Ok(bound)
-                }
+            let mut lease = session.lease(&conn).await?;
+            match claim_run(&conn, &session, &k, &value, &mut lease).await {
+                Ok(revision) => Ok(revision),
                 Err(failure) => {
                     // Nothing of this attempt may stay behind to block the next runner
                     // (an attempt applied unacknowledged): its claim is deleted while it is
-                    // still this call's, and its lease revoked. If these fail too, a retry
-                    // of this call finds the claim as its own; otherwise it ends with its
-                    // lease.
+                    // still this call's. If that fails too, a retry of this call finds the
+                    // claim as its own; otherwise it ends with the session.
                     let when = Compare::value(k.run.clone(), CompareOp::Equal, value.clone());
                     let delete = TxnOp::delete(k.run.clone(), None);
                     let _ = conn
                         .txn_or_get("drop an unfinished run claim", &k.run, when, vec![delete])
                         .await;
-                    let _ = conn.revoke("revoke an unused run lease", token).await;
                     Err(match failure {
                         RunFailure::Store(failure) => failure,
                         RunFailure::Held => in_progress(
                             &owned_task,
                             command,
-                            "is being run by another runner (a dead runner's claim ends with its lease)",
+                            "is being run by another runner (a dead runner's claim ends with its session lease)",
                         ),
                         RunFailure::Churn => in_progress(&owned_task, command, "kept changing hands"),
                     })
                 }
             }
         })?;
-        let keeper = self.etcd.spawn(move |conn| {
-            keep_run_alive(conn, token, lease, task.to_string(), command.name())
-        });
         Ok(Box::new(EtcdRun {
             store: self,
             task: task.to_string(),
             command,
-            token,
-            keeper,
+            revision,
         }))
     }
 
@@ -302,8 +254,8 @@ struct EtcdRun<'a> {
     store: &'a EtcdLogRecords,
     task: String,
     command: SubCommand,
-    token: i64,
-    keeper: tokio::task::AbortHandle,
+    /// The revision of the run's claim: its saves are compared on it.
+    revision: i64,
 }
 
 impl EtcdRun<'_> {
@@ -314,10 +266,12 @@ impl EtcdRun<'_> {
         op: fn(Vec<u8>, Option<String>) -> TxnOp,
         value: Option<String>,
     ) -> Result<(), Failure> {
-        let (task, command, token) = (self.task.clone(), self.command, self.token);
+        let (task, command, revision) = (self.task.clone(), self.command, self.revision);
         self.store.etcd.run(move |conn| async move {
             let k = keys(&conn, &task, command);
-            let when = Compare::lease(k.run.clone(), CompareOp::Equal, token);
+            // Still this run's claim: every other claim of (task, command) has its own
+            // revision, and the claim ends with the session.
+            let when = Compare::mod_revision(k.run.clone(), CompareOp::Equal, revision);
             match conn
                 .txn_or_get(what, &k.run, when, vec![op(k.records.clone(), value)])
                 .await?
@@ -326,7 +280,7 @@ impl EtcdRun<'_> {
                 _ => Err(in_progress(
                     &task,
                     command,
-                    "is no longer this run's: its claim ended with its lease; nothing written",
+                    "is no longer this run's: its claim ended with its session lease; nothing written",
                 )),
             }
         })
@@ -353,15 +307,19 @@ impl RunClaim for EtcdRun<'_> {
 
 impl Drop for EtcdRun<'_> {
     fn drop(&mut self) {
-        self.keeper.abort();
-        let token = self.token;
-        // Waited for, so that the next run of (task, command) from here finds it free.
-        if let Err(failure) = self
-            .store
-            .etcd
-            .run(move |conn| async move { conn.revoke("end a log-backup run", token).await })
-        {
-            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail(), "log-backup run claim not revoked; it ends with its lease");
+        let (task, command, revision) = (self.task.clone(), self.command, self.revision);
+        // Waited for, so that the next run of (task, command) from here finds it free. One
+        // compare-and-delete: the session lease stays for the instance's other claims.
+        let ended = self.store.etcd.run(move |conn| async move {
+            let k = keys(&conn, &task, command);
+            let when = Compare::mod_revision(k.run.clone(), CompareOp::Equal, revision);
+            let delete = TxnOp::delete(k.run.clone(), None);
+            conn.txn_or_get("end a log-backup run", &k.run, when, vec![delete])
+                .await
+                .map(|_| ())
+        });
+        if let Err(failure) = ended {
+            tracing::warn!(task = %self.task, command = self.command.name(), reason = %failure.detail(), "log-backup run claim not deleted; it ends with the session lease");
         }
     }
 }

@@ -5,14 +5,17 @@
 //! only when the etcd backend is configured) and turns each store call into a synchronous
 //! request with failover across the endpoints within `etcd_timeout`.
 //! [`idempotency::EtcdIdempotencyStore`] and [`log_records::EtcdLogRecords`] implement the
-//! store traits on it: claims are single transactions compared on the key's revision or
-//! lease, bound to an etcd lease that the owner keeps alive. [`EtcdBackend`] is what a
-//! plugin instance holds: one client for both stores, opened from the configuration.
+//! store traits on it: claims are single transactions compared on the key's revision,
+//! bound to the instance's [`session::Session`] lease (one per host, kept alive by the
+//! runtime). [`EtcdBackend`] is what a plugin instance holds: one client (and so one
+//! session) for both stores, opened from the configuration.
 
+mod batch;
 pub mod client;
 pub mod idempotency;
 pub mod log_records;
 mod runtime;
+pub mod session;
 
 use crate::error::Failure;
 use crate::idempotency::IdempotencyStore;

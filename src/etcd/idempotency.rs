@@ -1,4 +1,4 @@
-//! Idempotency keys (ABI §8) on etcd (§9).
+//! Idempotency keys (C_API §8) on etcd (§9).
 //!
 //! A key lives at `<prefix>i/<base64url of the key>`. A claim is one transaction, compared
 //! on the key's revision, that puts a claim record (the call's [`ClaimId`], fingerprint,
@@ -237,7 +237,7 @@ fn decode_value(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Stored, F
     })
 }
 
-/// The record as the decision table of ABI §8 must see it: etcd keeps a claim only while
+/// The record as the decision table of C_API §8 must see it: etcd keeps a claim only while
 /// its lease lives, so a claim found is live whatever lease-until its value says (the
 /// value is not rewritten by renewals).
 fn as_found(stored: &Stored) -> KeyRecord {
@@ -537,7 +537,7 @@ fn with_key(failure: Failure, key: &[u8]) -> Failure {
 
 /// A full cluster (its NOSPACE alarm raised) refuses every write, lease grants included,
 /// but a key completed or claimed by another caller needs none: it still replays, conflicts
-/// or is in progress (ABI §8's table, [`decide`]). Otherwise, and for any other failure,
+/// or is in progress (C_API §8's table, [`decide`]). Otherwise, and for any other failure,
 /// the claim fails as it did.
 async fn answer_without_writing(
     conn: &Conn,

@@ -1,4 +1,4 @@
-//! Log-backup retry records (ABI §7) on etcd (§9), so that a sequence begun on one host
+//! Log-backup retry records (C_API §7) on etcd (§9), so that a sequence begun on one host
 //! continues on another with the same count, the remainder of its wait and the same budget.
 //!
 //! (task, command) has two keys, the hex of the task name and the command under the prefix:

@@ -1,4 +1,4 @@
-//! The shared state store on an etcd v3 cluster (ABI §9): the idempotency keys (§8) and
+//! The shared state store on an etcd v3 cluster (C_API §9): the idempotency keys (§8) and
 //! the log-backup retry records (§7) of every host of a taosX cluster, under one prefix.
 //!
 //! [`client::EtcdClient`] owns one small tokio runtime on a thread of the plugin (started
@@ -76,9 +76,9 @@ impl EtcdBackend {
     }
 }
 
-/// Default prefix of every key the plugin writes (ABI §5).
+/// Default prefix of every key the plugin writes (C_API §5).
 pub const DEFAULT_PREFIX: &str = "/taosx/backup/";
-/// Default deadline of one etcd request, retries across endpoints included (ABI §5).
+/// Default deadline of one etcd request, retries across endpoints included (C_API §5).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to reach the cluster: the `etcd_*` configuration keys, as the configuration parsed
@@ -86,7 +86,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub use crate::config::EtcdSettings;
 
 impl EtcdSettings {
-    /// Settings with the defaults of ABI §5 for everything but the endpoints.
+    /// Settings with the defaults of C_API §5 for everything but the endpoints.
     pub fn new(endpoints: Vec<String>) -> Self {
         EtcdSettings {
             endpoints,

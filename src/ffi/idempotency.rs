@@ -19,6 +19,9 @@ pub type backup_idempotent_op_fn = Option<unsafe extern "C" fn(user_data: *mut c
 pub type backup_fenced_op_fn =
     Option<unsafe extern "C" fn(user_data: *mut c_void, fencing_token: u64) -> i32>;
 
+/// The host's fenced operation, once checked non-NULL.
+type FencedOp = unsafe extern "C" fn(*mut c_void, u64) -> i32;
+
 /// # Safety
 /// `key` is NULL or NUL-terminated.
 unsafe fn key_arg<'a>(key: *const c_char) -> Result<&'a [u8], ArgError> {
@@ -50,7 +53,34 @@ pub extern "C" fn backup_execute_idempotent(
     user_data: *mut c_void,
     replayed_out: *mut bool,
 ) -> i32 {
-    // SAFETY: replayed_out is NULL or writable.
+    // SAFETY: the caller's pointers, as this export's contract says.
+    unsafe {
+        keyed_call(
+            key,
+            fingerprint,
+            fingerprint_len,
+            op,
+            replayed_out,
+            |plugin, key, fp, op| plugin.execute_idempotent(key, fp, host_op(op, user_data)),
+        )
+    }
+}
+
+/// The frame both keyed exports share: their arguments checked in one order,
+/// `*replayed_out` false until the call succeeds, `run` given the checked arguments.
+///
+/// # Safety
+/// `key` is NULL or NUL-terminated; `fingerprint` is valid for `fingerprint_len` bytes (or
+/// NULL with 0); `replayed_out` is NULL or writable.
+unsafe fn keyed_call<Op>(
+    key: *const c_char,
+    fingerprint: *const c_void,
+    fingerprint_len: usize,
+    op: Option<Op>,
+    replayed_out: *mut bool,
+    run: impl FnOnce(&crate::plugin::Plugin, &[u8], &[u8], Op) -> Result<bool, crate::error::Failure>,
+) -> i32 {
+    // SAFETY: replayed_out is NULL or writable (this function's contract).
     let report = |replayed: bool| unsafe { write_optional(replayed_out, replayed) };
     frame::booked(
         || {
@@ -65,8 +95,7 @@ pub extern "C" fn backup_execute_idempotent(
             }
         },
         |plugin, (key, fingerprint, op)| {
-            let replayed = plugin.execute_idempotent(key, fingerprint, host_op(op, user_data))?;
-            report(replayed);
+            report(run(plugin, key, fingerprint, op)?);
             done(Ok(()))
         },
     )
@@ -89,32 +118,17 @@ pub extern "C" fn backup_execute_idempotent_fenced(
     user_data: *mut c_void,
     replayed_out: *mut bool,
 ) -> i32 {
-    // SAFETY: replayed_out is NULL or writable.
-    let report = |replayed: bool| unsafe { write_optional(replayed_out, replayed) };
-    frame::booked(
-        || {
-            report(false);
-            // SAFETY: key NUL-terminated; fingerprint valid for fingerprint_len bytes.
-            unsafe {
-                Ok((
-                    key_arg(key)?,
-                    c_slice(fingerprint as *const u8, fingerprint_len, "fingerprint")?,
-                    required(op, "op")?,
-                ))
+    let run = |plugin: &crate::plugin::Plugin, key: &[u8], fp: &[u8], op: FencedOp| {
+        plugin.execute_idempotent_fenced(key, fp, |token| {
+            // SAFETY: the host's function with the host's pointer, as the contract says.
+            match unsafe { op(user_data, token) } {
+                0 => Ok(()),
+                code => Err(crate::error::Failure::Host(code)),
             }
-        },
-        |plugin, (key, fingerprint, op)| {
-            let replayed = plugin.execute_idempotent_fenced(key, fingerprint, |token| {
-                // SAFETY: the host's function with the host's pointer, as the contract says.
-                match unsafe { op(user_data, token) } {
-                    0 => Ok(()),
-                    code => Err(crate::error::Failure::Host(code)),
-                }
-            })?;
-            report(replayed);
-            done(Ok(()))
-        },
-    )
+        })
+    };
+    // SAFETY: the caller's pointers, as this export's contract says.
+    unsafe { keyed_call(key, fingerprint, fingerprint_len, op, replayed_out, run) }
 }
 
 /// Whether the claim `fencing_token` may still commit the effect of `key`'s operation

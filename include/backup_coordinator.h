@@ -115,11 +115,6 @@ typedef struct {
 
 
 /*
- Longest reason kept, NUL excluded (the C record has 256 bytes).
- */
-#define MAX_REASON_BYTES 255
-
-/*
  Longest idempotency key, in bytes.
  */
 #define BACKUP_IDEMPOTENCY_KEY_MAX 255
@@ -128,6 +123,11 @@ typedef struct {
  Longest task name, in bytes.
  */
 #define BACKUP_LOG_TASK_MAX 255
+
+/*
+ Longest reason kept, NUL excluded (the C record has 256 bytes).
+ */
+#define MAX_REASON_BYTES 255
 
 #define BACKUP_SUCCESS 0
 
@@ -383,8 +383,6 @@ typedef struct {
    */
   uint64_t timeout_ms;
 } SRetryPolicy;
-
-
 
 #ifdef __cplusplus
 extern "C" {

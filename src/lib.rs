@@ -1,31 +1,17 @@
-//! Retry and error-handling core of the TDengine taosX incremental-bitmap backup plugin.
+//! The TDengine taosX incremental-bitmap backup plugin as a C-ABI shared library: the
+//! `ffi` layer over the pure Rust core (`backup-coordinator-core`, the `core/` member
+//! crate), which it re-exports for the Rust tests and benches.
 //!
-//! The crate is a pure Rust core (everything outside `ffi`) that knows nothing of C, and a
-//! thin `ffi` layer that checks pointers, guards panics, converts types and calls the core.
-//! The C contract is `include/backup_coordinator.h` (generated), described in `docs/C_API.md`.
+//! `ffi` checks pointers, guards panics, converts types and calls the core; it is all that
+//! cbindgen reads for `include/backup_coordinator.h`. The contract is docs/C_API.md.
 
 // Every `unsafe` block says why it is sound (a `// SAFETY:` comment right above it).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod cancel;
-pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod coordinator;
-pub mod diagnostics;
-pub mod durable;
-pub mod error;
-pub mod error_log;
-pub mod etcd;
-pub mod fenced_write;
-mod hex;
-pub mod idempotency;
-pub mod log_backup;
-pub mod metrics;
-pub mod plugin;
-pub mod retry;
-pub mod tracker;
+pub use backup_coordinator_core::{
+    cancel, clock, config, coordinator, diagnostics, durable, error, error_log, etcd, fenced_write,
+    idempotency, log_backup, metrics, plugin, retry, tracker,
+};
+pub use backup_coordinator_core::{Error, ErrorCode, Result};
 
 pub mod ffi;
-
-pub use error::{ErrorCode, Failure};

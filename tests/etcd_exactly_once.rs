@@ -9,7 +9,7 @@ mod etcd_cluster;
 mod proxy;
 
 use backup_coordinator::clock::{unix_ms_now, SystemClock};
-use backup_coordinator::error::{ErrorCode, Failure};
+use backup_coordinator::error::{Error, ErrorCode};
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::log_records::EtcdLogRecords;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
@@ -43,7 +43,7 @@ fn idempotency(client: Arc<EtcdClient>, lease: Duration) -> Arc<EtcdIdempotencyS
     ))
 }
 
-fn once(op: &mut dyn FnMut(u32) -> Result<(), Failure>) -> Execution {
+fn once(op: &mut dyn FnMut(u32) -> Result<(), Error>) -> Execution {
     Execution::once(op(0))
 }
 
@@ -64,7 +64,7 @@ fn etcd_a_claim_whose_answer_was_lost_is_the_calls_own_on_retry() {
     // The claim's value holds the fingerprint: no other request of the call does.
     let fired = proxies.lose_the_answer_to(&fp, Duration::from_millis(300));
     let unknown_before = backup_coordinator::metrics::store().unknown_outcomes.get();
-    let retry = |op: &mut dyn FnMut(u32) -> Result<(), Failure>| {
+    let retry = |op: &mut dyn FnMut(u32) -> Result<(), Error>| {
         let mut retries = 0;
         loop {
             match op(retries) {

@@ -11,8 +11,8 @@ mod etcd_cluster;
 use backup_coordinator::cancel::Cancelled;
 use backup_coordinator::clock::unix_ms_now;
 use backup_coordinator::clock::SystemClock;
+use backup_coordinator::error::Error;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::error::Failure;
 use backup_coordinator::etcd::idempotency::EtcdIdempotencyStore;
 use backup_coordinator::etcd::log_records::EtcdLogRecords;
 use backup_coordinator::etcd::{EtcdClient, EtcdSettings};
@@ -202,7 +202,7 @@ struct FailingTask<'a> {
 }
 
 impl TaskDriver for FailingTask<'_> {
-    fn query(&mut self) -> Result<(KernelState, bool), Failure> {
+    fn query(&mut self) -> Result<(KernelState, bool), Error> {
         Ok((KernelState::NotExist, false))
     }
     fn execute(&mut self, _command: SubCommand) -> i32 {

@@ -326,7 +326,7 @@ fn the_store_keeps_the_section_8_invariants_under_random_interleavings() {
 // the key's claim in the store.
 
 use backup_coordinator::clock::{Clock, ManualClock};
-use backup_coordinator::error::{ErrorCode, Failure};
+use backup_coordinator::error::{Error, ErrorCode};
 use backup_coordinator::idempotency::lease::LeaseKeeper;
 use backup_coordinator::idempotency::{ClaimId, Forgotten};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -341,10 +341,10 @@ struct Faulty {
 }
 
 impl Faulty {
-    fn answer<T>(&self, applied: Result<T, Failure>) -> Result<T, Failure> {
+    fn answer<T>(&self, applied: Result<T, Error>) -> Result<T, Error> {
         let value = applied?;
         match self.lose_next_answer.swap(false, Ordering::SeqCst) {
-            true => Err(Failure::etcd(ErrorCode::Timeout, "answer lost")),
+            true => Err(Error::etcd(ErrorCode::Timeout, "answer lost")),
             false => Ok(value),
         }
     }
@@ -357,16 +357,12 @@ impl IdempotencyStore for Faulty {
         fp: &Fingerprint,
         now: u64,
         id: ClaimId,
-    ) -> Result<Claim, Failure> {
+    ) -> Result<Claim, Error> {
         self.store.claim_as(key, fp, now, id)
     }
-    fn renew(
-        &self,
-        claims: &[(Vec<u8>, ClaimToken)],
-        now: u64,
-    ) -> Result<Vec<ClaimToken>, Failure> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Error> {
         if self.cut_off.load(Ordering::SeqCst) {
-            return Err(Failure::etcd(ErrorCode::ConnectionLost, "cut off"));
+            return Err(Error::etcd(ErrorCode::ConnectionLost, "cut off"));
         }
         self.store.renew(claims, now)
     }
@@ -377,19 +373,19 @@ impl IdempotencyStore for Faulty {
         fp: &Fingerprint,
         result: i32,
         now: u64,
-    ) -> Result<Completion, Failure> {
+    ) -> Result<Completion, Error> {
         self.answer(self.store.complete(key, token, fp, result, now))
     }
-    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Failure> {
+    fn release(&self, key: &[u8], token: ClaimToken) -> Result<(), Error> {
         self.answer(self.store.release(key, token))
     }
-    fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
+    fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyRecord>, Error> {
         self.store.get(key, now)
     }
-    fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Failure> {
+    fn forget(&self, key: &[u8], now: u64) -> Result<Forgotten, Error> {
         self.store.forget(key, now)
     }
-    fn maintain(&self, now: u64) -> Result<(), Failure> {
+    fn maintain(&self, now: u64) -> Result<(), Error> {
         self.store.maintain(now)
     }
 }

@@ -5,7 +5,7 @@
 //! take 2.5 leases (a store whose `maintain` sleeps), in real time.
 
 use backup_coordinator::clock::SystemClock;
-use backup_coordinator::error::{ErrorCode, Failure};
+use backup_coordinator::error::{Error, ErrorCode};
 use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
 use backup_coordinator::idempotency::keyed::Keyed;
 use backup_coordinator::idempotency::{
@@ -26,16 +26,10 @@ struct SlowMaintenance {
 }
 
 impl IdempotencyStore for SlowMaintenance {
-    fn claim_as(
-        &self,
-        k: &[u8],
-        fp: &Fingerprint,
-        now: u64,
-        id: ClaimId,
-    ) -> Result<Claim, Failure> {
+    fn claim_as(&self, k: &[u8], fp: &Fingerprint, now: u64, id: ClaimId) -> Result<Claim, Error> {
         self.store.claim_as(k, fp, now, id)
     }
-    fn renew(&self, c: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Failure> {
+    fn renew(&self, c: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Error> {
         self.store.renew(c, now)
     }
     fn complete(
@@ -45,19 +39,19 @@ impl IdempotencyStore for SlowMaintenance {
         fp: &Fingerprint,
         r: i32,
         now: u64,
-    ) -> Result<Completion, Failure> {
+    ) -> Result<Completion, Error> {
         self.store.complete(k, t, fp, r, now)
     }
-    fn release(&self, k: &[u8], t: ClaimToken) -> Result<(), Failure> {
+    fn release(&self, k: &[u8], t: ClaimToken) -> Result<(), Error> {
         self.store.release(k, t)
     }
-    fn get(&self, k: &[u8], now: u64) -> Result<Option<KeyRecord>, Failure> {
+    fn get(&self, k: &[u8], now: u64) -> Result<Option<KeyRecord>, Error> {
         self.store.get(k, now)
     }
-    fn forget(&self, k: &[u8], now: u64) -> Result<Forgotten, Failure> {
+    fn forget(&self, k: &[u8], now: u64) -> Result<Forgotten, Error> {
         self.store.forget(k, now)
     }
-    fn maintain(&self, now: u64) -> Result<(), Failure> {
+    fn maintain(&self, now: u64) -> Result<(), Error> {
         self.rounds.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(LEASE * 5 / 2);
         self.store.maintain(now)
@@ -80,7 +74,7 @@ fn a_live_owner_keeps_its_claim_while_its_own_handle_compacts_for_longer_than_a_
     )
     .unwrap();
     let fp = fingerprint(b"block");
-    let once = |claim: &mut dyn FnMut(u32) -> Result<(), Failure>| Execution::once(claim(0));
+    let once = |claim: &mut dyn FnMut(u32) -> Result<(), Error>| Execution::once(claim(0));
     let out = owner.execute_fenced(&SystemClock, b"k", &fp, once, |token| {
         let started = Instant::now();
         // 4 leases of work, while the owner's handle housekeeps 2.5 leases at a time.

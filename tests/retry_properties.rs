@@ -5,7 +5,7 @@
 
 use backup_coordinator::cancel::Cancelled;
 use backup_coordinator::clock::Clock;
-use backup_coordinator::error::{ErrorCode, Failure};
+use backup_coordinator::error::{Error, ErrorCode};
 use backup_coordinator::retry::{self, RetryEnv, RetryPolicy, RetryProgress, Sleeper};
 use proptest::prelude::*;
 use std::cell::Cell;
@@ -147,8 +147,8 @@ fn run(policy: &RetryPolicy, script: &[Outcome], seed: u64) -> Run {
             .copied()
             .unwrap_or(Outcome::Retryable)
         {
-            Outcome::Retryable => Err(Failure::Host(ErrorCode::FileIo.raw())),
-            Outcome::Permanent => Err(Failure::Host(ErrorCode::PermissionDenied.raw())),
+            Outcome::Retryable => Err(Error::Host(ErrorCode::FileIo.raw())),
+            Outcome::Permanent => Err(Error::Host(ErrorCode::PermissionDenied.raw())),
             Outcome::Success => Ok(()),
         }
     });

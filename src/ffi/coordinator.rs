@@ -1,6 +1,6 @@
 //! Exports of C_API §3: coordinators, allocated by the library or `malloc`ed by the caller.
 //!
-//! The core's registry (`crate::coordinator::registry`) holds each coordinator's state by
+//! The core's registry (`super::registry`) holds each coordinator's state by
 //! its address and decides who owns the config strings; this module reads and writes the C
 //! struct for it. Counters and messages live in the core's tracker and are mirrored into
 //! the struct's fields under a per-coordinator lock, so a harness reading the fields sees
@@ -11,21 +11,21 @@ use super::guard::{
     c_message, c_path, c_slice, copy_to_buffer, non_null, replace_malloc_string, return_string,
     write_optional,
 };
+use super::registry::{self, Registered, Seen};
 use super::retry::{context_policy, finish_context};
 use super::types::{
     SBackupCoordinator, SBackupCoordinatorConfig, SBackupErrorRecord, SBitmapEngine,
     SEventInterceptor, BACKUP_SUCCESS,
 };
-use crate::coordinator::registry::{self, Registered, Seen};
-use crate::coordinator::{Coordinator, CoordinatorSettings};
-use crate::error::Failure;
-use crate::retry::{RetryProgress, RetryState};
+use backup_coordinator_core::coordinator::{Coordinator, CoordinatorSettings};
+use backup_coordinator_core::error::Error;
+use backup_coordinator_core::retry::{RetryProgress, RetryState};
 use std::ffi::{c_char, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use crate::coordinator::registry::MAX_REGISTERED_COORDINATORS;
+pub use super::registry::MAX_REGISTERED_COORDINATORS;
 
 /// The name of the coordinator argument of every export here.
 pub(crate) const NULL_COORDINATOR: &str = "coordinator";
@@ -174,7 +174,7 @@ pub extern "C" fn backup_coordinator_init(
         created
             .map(|address| address as *mut SBackupCoordinator)
             .ok_or_else(|| {
-                Failure::OutOfResources(format!(
+                Error::OutOfResources(format!(
                     "out of memory, or {MAX_REGISTERED_COORDINATORS} coordinators are live already"
                 ))
             })
@@ -439,7 +439,7 @@ pub(crate) fn history_args(
 /// # Safety
 /// The arguments passed [`history_args`]; `out` is valid for `capacity` records.
 pub(crate) unsafe fn copy_history(
-    tracker: &crate::tracker::ErrorTracker,
+    tracker: &backup_coordinator_core::tracker::ErrorTracker,
     out: *mut SBackupErrorRecord,
     capacity: u32,
     count_out: *mut u32,

@@ -22,8 +22,8 @@
 use super::coordinator::{CoordinatorCall, NULL_COORDINATOR};
 use super::guard::{report_panic, return_string};
 use super::types::SBackupCoordinator;
-use crate::error::{ErrorCode, Failure};
-use crate::plugin::{self, Plugin};
+use backup_coordinator_core::error::{Error, ErrorCode, Result};
+use backup_coordinator_core::plugin::{self, Plugin};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -66,14 +66,14 @@ impl ArgError {
     }
 }
 
-impl From<ArgError> for Failure {
+impl From<ArgError> for Error {
     fn from(err: ArgError) -> Self {
-        Failure::InvalidArgument(err.to_string())
+        Error::InvalidArgument(err.to_string())
     }
 }
 
 /// The one conversion of a core error into what C sees: its `int32_t` code and its message.
-pub fn to_c(err: &Failure) -> (i32, String) {
+pub fn to_c(err: &Error) -> (i32, String) {
     (err.code(), err.to_string())
 }
 
@@ -92,29 +92,29 @@ pub fn required<T>(f: Option<T>, name: &'static str) -> Result<T, ArgError> {
 
 /// What an export hands back to C when its call fails.
 pub trait CReturn {
-    fn failed(failure: &Failure) -> Self;
+    fn failed(failure: &Error) -> Self;
 }
 
 impl CReturn for i32 {
-    fn failed(failure: &Failure) -> Self {
+    fn failed(failure: &Error) -> Self {
         to_c(failure).0
     }
 }
 
 /// A void export: a failing call (NULL argument, panic) does nothing.
 impl CReturn for () {
-    fn failed(_: &Failure) -> Self {}
+    fn failed(_: &Error) -> Self {}
 }
 
 impl CReturn for bool {
-    fn failed(_: &Failure) -> Self {
+    fn failed(_: &Error) -> Self {
         false
     }
 }
 
 /// A string export: the failure's message, valid until this thread's next call.
 impl CReturn for *const c_char {
-    fn failed(failure: &Failure) -> Self {
+    fn failed(failure: &Error) -> Self {
         return_string(&to_c(failure).1)
     }
 }
@@ -123,13 +123,13 @@ impl CReturn for *const c_char {
 pub struct Nullable(pub *const c_char);
 
 impl CReturn for Nullable {
-    fn failed(_: &Failure) -> Self {
+    fn failed(_: &Error) -> Self {
         Nullable(std::ptr::null())
     }
 }
 
 impl CReturn for *mut SBackupCoordinator {
-    fn failed(_: &Failure) -> Self {
+    fn failed(_: &Error) -> Self {
         std::ptr::null_mut()
     }
 }
@@ -146,7 +146,7 @@ pub enum Booking {
 
 /// Runs `body`; a panic becomes a failure with BACKUP_ERROR_UNKNOWN.
 #[inline(always)]
-fn catch<R>(body: impl FnOnce() -> Result<R, Failure>) -> Result<R, Failure> {
+fn catch<R>(body: impl FnOnce() -> Result<R>) -> Result<R> {
     catch_unwind(AssertUnwindSafe(|| {
         #[cfg(test)]
         fault::hit();
@@ -154,13 +154,13 @@ fn catch<R>(body: impl FnOnce() -> Result<R, Failure>) -> Result<R, Failure> {
     }))
     .unwrap_or_else(|payload| {
         let what = report_panic(payload.as_ref());
-        Err(Failure::Panic(what))
+        Err(Error::Panic(what))
     })
 }
 
 /// The last step of every frame: the value C receives. Booking may not unwind either.
 #[inline(always)]
-fn finish<R: CReturn>(result: Result<R, Failure>, book: impl FnOnce(&Failure)) -> R {
+fn finish<R: CReturn>(result: Result<R>, book: impl FnOnce(&Error)) -> R {
     match result {
         Ok(value) => value,
         Err(failure) => {
@@ -179,7 +179,7 @@ fn finish<R: CReturn>(result: Result<R, Failure>, book: impl FnOnce(&Failure)) -
 /// with that code, once an instance exists.
 pub fn booked<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
-    op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
+    op: impl FnOnce(&Plugin, A) -> Result<R>,
 ) -> R {
     on_instance(args, op, |plugin, failure| {
         let (code, message) = to_c(failure);
@@ -192,7 +192,7 @@ pub fn booked<A, R: CReturn>(
 /// error, naming the problem, without being counted.
 pub fn unbooked<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
-    op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
+    op: impl FnOnce(&Plugin, A) -> Result<R>,
 ) -> R {
     on_instance(args, op, |plugin, failure| {
         plugin.tracker().set_last_error(&to_c(failure).1)
@@ -203,8 +203,8 @@ pub fn unbooked<A, R: CReturn>(
 /// exists (before init there is nowhere to put it).
 fn on_instance<A, R: CReturn>(
     args: impl FnOnce() -> Result<A, ArgError>,
-    op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
-    book: impl FnOnce(&Plugin, &Failure),
+    op: impl FnOnce(&Plugin, A) -> Result<R>,
+    book: impl FnOnce(&Plugin, &Error),
 ) -> R {
     let instance = plugin::instance().ok();
     let result = catch(|| on_plugin(instance.as_deref(), args, op));
@@ -219,8 +219,8 @@ fn on_instance<A, R: CReturn>(
 fn on_plugin<A, R>(
     instance: Option<&Plugin>,
     args: impl FnOnce() -> Result<A, ArgError>,
-    op: impl FnOnce(&Plugin, A) -> Result<R, Failure>,
-) -> Result<R, Failure> {
+    op: impl FnOnce(&Plugin, A) -> Result<R>,
+) -> Result<R> {
     let args = args()?;
     let plugin = instance.ok_or_else(plugin::not_initialized)?;
     op(plugin, args)
@@ -233,7 +233,7 @@ pub fn coordinator<A, R: CReturn>(
     c: *mut SBackupCoordinator,
     booking: Booking,
     args: impl FnOnce() -> Result<A, ArgError>,
-    op: impl FnOnce(&CoordinatorCall, A) -> Result<R, Failure>,
+    op: impl FnOnce(&CoordinatorCall, A) -> Result<R>,
 ) -> R {
     if c.is_null() {
         return R::failed(&ArgError::Null(NULL_COORDINATOR).into());
@@ -267,7 +267,7 @@ pub fn coordinator<A, R: CReturn>(
 /// A function that needs no init and touches no plugin state: its failure is only the
 /// value returned.
 #[inline(always)]
-pub fn pure<R: CReturn>(body: impl FnOnce() -> Result<R, Failure>) -> R {
+pub fn pure<R: CReturn>(body: impl FnOnce() -> Result<R>) -> R {
     finish(catch(body), |_| {})
 }
 
@@ -289,7 +289,7 @@ pub fn pure_checked<A, R: CReturn>(
         fault::hit();
         body(args)
     }))
-    .unwrap_or_else(|payload| R::failed(&Failure::Panic(report_panic(payload.as_ref()))))
+    .unwrap_or_else(|payload| R::failed(&Error::Panic(report_panic(payload.as_ref()))))
 }
 
 #[cfg(test)]

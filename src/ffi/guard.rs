@@ -80,7 +80,7 @@ pub unsafe fn c_file_path<'a>(
 ) -> Result<&'a Path, ArgError> {
     // SAFETY: `ptr` is NULL or NUL-terminated (this function's contract).
     let path = unsafe { c_path(ptr, name) }?;
-    crate::durable::target_file_name(path).map_err(|err| ArgError::Invalid {
+    backup_coordinator_core::durable::target_file_name(path).map_err(|err| ArgError::Invalid {
         name,
         problem: format!("{:?}: {}", path, err.source),
     })?;

@@ -5,11 +5,12 @@
 use super::frame::{self, required, ArgError};
 use super::guard::{c_bytes, c_slice, write_optional};
 use super::plugin::{done, host_op};
-use crate::idempotency::MAX_KEY_BYTES as KEY_MAX;
+use backup_coordinator_core::idempotency::MAX_KEY_BYTES as KEY_MAX;
 use std::ffi::{c_char, c_void};
 
 /// Longest idempotency key, in bytes.
 pub const BACKUP_IDEMPOTENCY_KEY_MAX: usize = 255;
+const _: () = assert!(BACKUP_IDEMPOTENCY_KEY_MAX == KEY_MAX);
 
 /// An operation run under an idempotency key: returns 0 or an error code.
 pub type backup_idempotent_op_fn = Option<unsafe extern "C" fn(user_data: *mut c_void) -> i32>;
@@ -78,7 +79,12 @@ unsafe fn keyed_call<Op>(
     fingerprint_len: usize,
     op: Option<Op>,
     replayed_out: *mut bool,
-    run: impl FnOnce(&crate::plugin::Plugin, &[u8], &[u8], Op) -> Result<bool, crate::error::Failure>,
+    run: impl FnOnce(
+        &backup_coordinator_core::plugin::Plugin,
+        &[u8],
+        &[u8],
+        Op,
+    ) -> Result<bool, backup_coordinator_core::error::Error>,
 ) -> i32 {
     // SAFETY: replayed_out is NULL or writable (this function's contract).
     let report = |replayed: bool| unsafe { write_optional(replayed_out, replayed) };
@@ -118,15 +124,16 @@ pub extern "C" fn backup_execute_idempotent_fenced(
     user_data: *mut c_void,
     replayed_out: *mut bool,
 ) -> i32 {
-    let run = |plugin: &crate::plugin::Plugin, key: &[u8], fp: &[u8], op: FencedOp| {
-        plugin.execute_idempotent_fenced(key, fp, |token| {
-            // SAFETY: the host's function with the host's pointer, as the contract says.
-            match unsafe { op(user_data, token) } {
-                0 => Ok(()),
-                code => Err(crate::error::Failure::Host(code)),
-            }
-        })
-    };
+    let run =
+        |plugin: &backup_coordinator_core::plugin::Plugin, key: &[u8], fp: &[u8], op: FencedOp| {
+            plugin.execute_idempotent_fenced(key, fp, |token| {
+                // SAFETY: the host's function with the host's pointer, as the contract says.
+                match unsafe { op(user_data, token) } {
+                    0 => Ok(()),
+                    code => Err(backup_coordinator_core::error::Error::Host(code)),
+                }
+            })
+        };
     // SAFETY: the caller's pointers, as this export's contract says.
     unsafe { keyed_call(key, fingerprint, fingerprint_len, op, replayed_out, run) }
 }

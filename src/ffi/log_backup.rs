@@ -6,9 +6,9 @@ use super::frame::{self, required, ArgError};
 use super::guard::{c_str, copy_to_buffer, non_null};
 use super::plugin::done;
 use super::types::{CBool, BACKUP_SUCCESS};
-use crate::error::Failure;
-use crate::log_backup::runner::{LogRetryPolicy, TaskDriver};
-use crate::log_backup::{decide, KernelState, SubCommand};
+use backup_coordinator_core::error::{Error, Result};
+use backup_coordinator_core::log_backup::runner::{LogRetryPolicy, TaskDriver};
+use backup_coordinator_core::log_backup::{decide, KernelState, SubCommand};
 use std::ffi::{c_char, c_void};
 
 /// `ELogBackupKernelState` as C passes it (see the enum in the header).
@@ -18,6 +18,12 @@ pub type ELogSubCommand = i32;
 
 /// Longest task name, in bytes.
 pub const BACKUP_LOG_TASK_MAX: usize = 255;
+
+/// Longest reason kept, NUL excluded (the C record has 256 bytes).
+pub const MAX_REASON_BYTES: usize = 255;
+// The header's figure is the core's (cbindgen reads only this crate, so it is written here).
+const _: () =
+    assert!(MAX_REASON_BYTES == backup_coordinator_core::log_backup::records::MAX_REASON_BYTES);
 
 /// What to do with a command in an observed state.
 #[repr(C)]
@@ -144,7 +150,7 @@ struct HostTask {
 }
 
 impl TaskDriver for HostTask {
-    fn query(&mut self) -> Result<(KernelState, bool), Failure> {
+    fn query(&mut self) -> Result<(KernelState, bool)> {
         let mut state: ELogBackupKernelState = -1;
         // The host writes a C `bool`, whatever byte that is: read back as a byte.
         let mut truncated = CBool::FALSE;
@@ -154,7 +160,7 @@ impl TaskDriver for HostTask {
         let code = unsafe { (self.query)(self.user_data, &mut state, truncated_out) };
         let truncated = truncated.get();
         if code != 0 {
-            return Err(Failure::HostCall {
+            return Err(Error::HostCall {
                 what: "state query".to_string(),
                 code,
             });
@@ -162,7 +168,7 @@ impl TaskDriver for HostTask {
         KernelState::from_raw(state)
             .map(|s| (s, truncated))
             .ok_or_else(|| {
-                Failure::InvalidArgument(format!(
+                Error::InvalidArgument(format!(
                     "the state query reported {state}, not an ELogBackupKernelState"
                 ))
             })

@@ -13,5 +13,6 @@ pub mod coordinator;
 pub mod idempotency;
 pub mod log_backup;
 pub mod plugin;
+pub mod registry;
 pub mod retry;
 pub mod types;

@@ -5,8 +5,8 @@ use super::frame::{self, required, ArgError, Nullable};
 use super::guard::{c_file_path, c_message, c_slice, non_null, return_string, write_optional};
 use super::retry::BackupOperationFn;
 use super::types::{SBackupErrorRecord, BACKUP_ERROR_INVALID_PARAM, BACKUP_SUCCESS};
-use crate::error::Failure;
-use crate::plugin;
+use backup_coordinator_core::error::{Error, Result};
+use backup_coordinator_core::plugin;
 use std::ffi::{c_char, c_void};
 
 /// Largest config accepted; a taosX plugin section is a few hundred bytes.
@@ -215,18 +215,18 @@ pub extern "C" fn backup_plugin_get_error_log_path() -> *const c_char {
 pub(crate) fn host_op(
     op: unsafe extern "C" fn(*mut c_void) -> i32,
     user_data: *mut c_void,
-) -> impl FnMut(u32) -> Result<(), Failure> {
+) -> impl FnMut(u32) -> Result<()> {
     move |_| {
         // SAFETY: the host's function with the host's pointer, as the contract says.
         match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::Host(code)),
+            code => Err(Error::Host(code)),
         }
     }
 }
 
 /// BACKUP_SUCCESS for an operation that succeeded.
-pub(crate) fn done(result: Result<(), Failure>) -> Result<i32, Failure> {
+pub(crate) fn done(result: Result<()>) -> Result<i32> {
     result.map(|()| BACKUP_SUCCESS)
 }
 

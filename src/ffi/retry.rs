@@ -4,8 +4,8 @@
 use super::frame::{self, required, ArgError};
 use super::guard::{non_null, replace_malloc_string};
 use super::types::{SRetryContext, SRetryPolicy, BACKUP_SUCCESS};
-use crate::error::{message_of, ErrorCode, Failure};
-use crate::retry::{self, Execution, RetryPolicy, RetryProgress, RetryState};
+use backup_coordinator_core::error::{message_of, Error, ErrorCode};
+use backup_coordinator_core::retry::{self, Execution, RetryPolicy, RetryProgress, RetryState};
 use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
@@ -116,7 +116,7 @@ pub extern "C" fn backup_execute_with_retry_policy(
                 unsafe {
                     replace_malloc_string(
                         &raw mut (*retry_context).error_message,
-                        Some(&Failure::from(err.clone()).to_string()),
+                        Some(&Error::from(err.clone()).to_string()),
                     )
                 };
                 return Err(err.into());
@@ -137,7 +137,7 @@ pub extern "C" fn backup_should_retry(retry_context: *mut SRetryContext, error_c
         // SAFETY: non-NULL caller-owned context.
         let (current, max) =
             unsafe { ((*retry_context).current_retry, (*retry_context).max_retry) };
-        Ok(crate::error::is_retryable(error_code) && current < max)
+        Ok(backup_coordinator_core::error::is_retryable(error_code) && current < max)
     })
 }
 
@@ -147,12 +147,12 @@ pub extern "C" fn backup_should_retry(retry_context: *mut SRetryContext, error_c
 pub extern "C" fn backup_wait_for_retry(retry_context: *mut SRetryContext) {
     frame::pure(|| {
         let retry_context = non_null(retry_context, "retry_context")?;
-        let token = crate::cancel::token();
+        let token = backup_coordinator_core::cancel::token();
         // SAFETY: non-NULL caller-owned context.
         let interval = unsafe { (*retry_context).retry_interval };
         let _ = token.sleep(Duration::from_secs(interval as u64));
         // SAFETY: non-NULL caller-owned context.
-        unsafe { (*retry_context).last_retry_time = crate::clock::unix_ms_now() };
+        unsafe { (*retry_context).last_retry_time = backup_coordinator_core::clock::unix_ms_now() };
         Ok(())
     })
 }
@@ -271,9 +271,9 @@ unsafe fn retry_into_context(
         // SAFETY: the host's function, called with the host's pointer, as the contract says.
         |_| match unsafe { op(user_data) } {
             0 => Ok(()),
-            code => Err(Failure::Host(code)),
+            code => Err(Error::Host(code)),
         },
-        Failure::Host(code),
+        Error::Host(code),
     );
     // SAFETY: `ctx` is valid (as above); its message is NULL or the library's.
     unsafe { finish_context(ctx, &progress, &execution, true) };

@@ -6,7 +6,7 @@
 use std::ffi::c_char;
 
 // The codes of C_API §1, as the header's `#define`s. Their values and messages come from
-// the one table in `crate::error` (`error_codes!`); they are written out here because
+// the one table in `backup_coordinator_core::error` (`error_codes!`); they are written out here because
 // cbindgen reads this source without expanding macros (and a build.rs generating them
 // would put generated Rust under src/). The test `every_code_constant_is_in_the_table`
 // below fails if a constant here and the table disagree, or one lacks the other.
@@ -169,10 +169,10 @@ pub struct SBackupErrorRecord {
 
 #[cfg(test)]
 mod tests {
-    use crate::error::ErrorCode;
+    use backup_coordinator_core::error::ErrorCode;
 
     /// Every `pub const NAME: i32 = VALUE;` of this file is a code, and the codes here are
-    /// those of the table in `crate::error`, name for name and value for value.
+    /// those of the table in `backup_coordinator_core::error`, name for name and value for value.
     #[test]
     fn every_code_constant_is_in_the_table() {
         let here: Vec<(String, i32)> = include_str!("types.rs")

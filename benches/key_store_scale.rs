@@ -23,7 +23,7 @@
 //!
 //! On disk means a directory under `target/` (override with KEY_STORE_SCALE_DISK=<dir>).
 
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,9 +41,9 @@ const ROUND: u64 = 20_000;
 const REPLAY_ROUND: u64 = 100_000;
 const NOW_MS: u64 = 1_700_000_000_000;
 
-fn settings() -> FileStoreSettings {
+fn settings() -> FileIdempotencySettings {
     // The plugin's defaults: 90 s lease, 24 h TTL, 4 MB slack.
-    FileStoreSettings::new(Duration::from_secs(90), Duration::from_secs(24 * 3600))
+    FileIdempotencySettings::new(Duration::from_secs(90), Duration::from_secs(24 * 3600))
 }
 
 fn rss_bytes() -> u64 {
@@ -123,7 +123,7 @@ struct Filled {
 /// Claims and completes keys `range` of `prefix` from 8 threads, timing every call;
 /// `maintaining` is set while the housekeeping thread runs `maintain`.
 fn fill(
-    store: &FileStore,
+    store: &FileIdempotencyStore,
     prefix: &str,
     range: std::ops::Range<u64>,
     origin: Instant,
@@ -182,7 +182,7 @@ fn disk_read_bytes() -> u64 {
 }
 
 /// Claims `REPLAY_ROUND` completed keys picked at random among the first `live`: replays/s.
-fn replay(store: &FileStore, prefix: &str, live: u64) -> f64 {
+fn replay(store: &FileIdempotencyStore, prefix: &str, live: u64) -> f64 {
     let done = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -220,12 +220,12 @@ fn run_case(base: &Path, live: u64) {
     let full_dir = base.join("full");
     // The empty store: the reference, measured in rounds interleaved with the full one's
     // (the machine is shared and noisy).
-    let empty = FileStore::open(&empty_dir, settings()).unwrap();
+    let empty = FileIdempotencyStore::open(&empty_dir, settings()).unwrap();
     let origin = Instant::now();
     let maintaining = AtomicBool::new(false);
     fill(&empty, "empty", 0..SAMPLE, origin, &maintaining);
     let rss_before = rss_bytes();
-    let store = FileStore::open(&full_dir, settings()).unwrap();
+    let store = FileIdempotencyStore::open(&full_dir, settings()).unwrap();
     let stop = AtomicBool::new(false);
     let (filled, compacting) = std::thread::scope(|scope| {
         // Housekeeping as the lease thread does it (its tick, or woken when due); it
@@ -290,7 +290,7 @@ fn run_case(base: &Path, live: u64) {
     drop(store);
 
     let started = Instant::now();
-    let store = FileStore::open(&full_dir, settings()).unwrap();
+    let store = FileIdempotencyStore::open(&full_dir, settings()).unwrap();
     let k = key("full", live / 2);
     let claim = store.claim(&k, &fingerprint(&k), NOW_MS + 2).unwrap();
     let restart = started.elapsed();
@@ -326,7 +326,7 @@ fn run_case(base: &Path, live: u64) {
 fn run_replays(base: &Path, live: u64) {
     let full_dir = base.join("full");
     let filled = full_dir.join("idempotency/journal").exists();
-    let store = FileStore::open(&full_dir, settings()).unwrap();
+    let store = FileIdempotencyStore::open(&full_dir, settings()).unwrap();
     if !filled {
         let origin = Instant::now();
         let maintaining = AtomicBool::new(false);
@@ -346,7 +346,7 @@ fn run_replays(base: &Path, live: u64) {
     }
     let empty_dir = base.join("empty");
     let _ = std::fs::remove_dir_all(&empty_dir);
-    let empty = FileStore::open(&empty_dir, settings()).unwrap();
+    let empty = FileIdempotencyStore::open(&empty_dir, settings()).unwrap();
     fill(
         &empty,
         "empty",

@@ -17,7 +17,9 @@
 //! Run 1 reads the journal from the disk: its pages are dropped from the page cache first
 //! (`posix_fadvise(DONTNEED)` of that file only, after an fsync). Run 2 reads it cached.
 
-use backup_coordinator::idempotency::file_store::{self, FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{
+    self, FileIdempotencySettings, FileIdempotencyStore,
+};
 use backup_coordinator::idempotency::record;
 use backup_coordinator::idempotency::{Claim, ClaimToken, IdempotencyStore, KeyRecord, KeyState};
 use std::io::Write;
@@ -36,11 +38,12 @@ fn main() {
     };
     let base = std::env::var_os("VERIFY_SCALE_DIR").map_or_else(std::env::temp_dir, Into::into);
     let dir = tempfile::tempdir_in(base).unwrap();
-    let settings = FileStoreSettings::new(Duration::from_secs(60), Duration::from_secs(86_400));
+    let settings =
+        FileIdempotencySettings::new(Duration::from_secs(60), Duration::from_secs(86_400));
     let fp = [7u8; 32];
     let started = Instant::now();
     {
-        let store = FileStore::open(dir.path(), settings).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings).unwrap();
         for i in 0..THROUGH_THE_STORE.min(keys) {
             let key = format!("key-{i:08}");
             let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &fp, 10) else {

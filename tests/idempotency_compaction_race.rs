@@ -9,7 +9,7 @@
 #[path = "common/child.rs"]
 mod child;
 
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
 use child::Child;
 use std::collections::HashMap;
@@ -25,8 +25,8 @@ const SHARED: u64 = 3000;
 const OWN: u64 = 2500;
 const THREADS: u64 = 3;
 
-fn settings() -> FileStoreSettings {
-    FileStoreSettings {
+fn settings() -> FileIdempotencySettings {
+    FileIdempotencySettings {
         lease: Duration::from_secs(600),
         ttl: Duration::from_secs(3600),
         // Compaction is due every few hundred KB: dozens of them during the test.
@@ -41,7 +41,7 @@ fn shared_key(i: u64) -> Vec<u8> {
 /// Runs the callers and a compacting thread against the store in `dir`; returns the
 /// contended keys whose "operation" ran here, and the own keys completed.
 fn work(dir: &Path, name: &str) -> (Vec<u64>, Vec<Vec<u8>>) {
-    let store = FileStore::open(dir, settings()).unwrap();
+    let store = FileIdempotencyStore::open(dir, settings()).unwrap();
     let ran = Mutex::new(Vec::new());
     let own = Mutex::new(Vec::new());
     let done = AtomicBool::new(false);
@@ -137,7 +137,7 @@ fn compactions_in_two_processes_lose_no_key_and_run_none_twice() {
     assert!(twice.is_empty(), "ran more than once: {twice:?}");
     // Nothing lost: every completion replays from a fresh handle, the one run of a
     // contended key too; the journal was compacted many times meanwhile.
-    let fresh = FileStore::open(dir.path(), settings()).unwrap();
+    let fresh = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
     let replays = |key: &[u8]| fresh.claim(key, &fingerprint(key), NOW_MS + 1).unwrap();
     for key in &own {
         assert_eq!(replays(key), Claim::Replay { result: 0 }, "{key:?}");

@@ -9,7 +9,7 @@ use backup_coordinator::clock::SystemClock;
 use backup_coordinator::error::ErrorCode;
 use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
 use backup_coordinator::ffi::plugin::{backup_plugin_get_last_error, backup_plugin_init};
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::keyed::Keyed;
 use backup_coordinator::idempotency::{
     fingerprint, Claim, ClaimToken, Completion, IdempotencyStore,
@@ -339,7 +339,7 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
-fn keyed(store: &Arc<FileStore>) -> Keyed {
+fn keyed(store: &Arc<FileIdempotencyStore>) -> Keyed {
     Keyed::new(
         store.clone() as Arc<dyn IdempotencyStore>,
         Arc::new(SystemClock),
@@ -348,9 +348,9 @@ fn keyed(store: &Arc<FileStore>) -> Keyed {
     .unwrap()
 }
 
-fn open_store(dir: &Path) -> Arc<FileStore> {
-    let settings = FileStoreSettings::new(Duration::from_secs(90), Duration::from_secs(3600));
-    Arc::new(FileStore::open(dir, settings).unwrap())
+fn open_store(dir: &Path) -> Arc<FileIdempotencyStore> {
+    let settings = FileIdempotencySettings::new(Duration::from_secs(90), Duration::from_secs(3600));
+    Arc::new(FileIdempotencyStore::open(dir, settings).unwrap())
 }
 
 #[test]
@@ -499,8 +499,8 @@ fn a_read_only_state_dir_runs_nothing() {
         .args(["-o", "remount,bind,ro"])
         .arg(&mount.path)
         .status();
-    let settings = FileStoreSettings::new(Duration::from_secs(90), Duration::from_secs(3600));
-    let err = FileStore::open(&mount.path, settings)
+    let settings = FileIdempotencySettings::new(Duration::from_secs(90), Duration::from_secs(3600));
+    let err = FileIdempotencyStore::open(&mount.path, settings)
         .err()
         .expect("refused");
     assert_eq!(

@@ -11,7 +11,7 @@ mod child;
 use backup_coordinator::clock::{Clock, SystemClock};
 use backup_coordinator::ffi::idempotency::backup_execute_idempotent;
 use backup_coordinator::ffi::plugin::{backup_plugin_get_last_error, backup_plugin_init};
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::{fingerprint, Claim, IdempotencyStore};
 use child::Child;
 use std::collections::HashMap;
@@ -131,9 +131,9 @@ fn sigkill_in_the_middle_of_batches_loses_no_acknowledged_record() {
             _ => panic!("a torn event: {line:?}"),
         }
     }
-    let store = FileStore::open(
+    let store = FileIdempotencyStore::open(
         &dir.path().join("state"),
-        FileStoreSettings::new(Duration::from_secs(90), Duration::from_secs(86_400)),
+        FileIdempotencySettings::new(Duration::from_secs(90), Duration::from_secs(86_400)),
     )
     .unwrap();
     let now = SystemClock.unix_ms();

@@ -7,7 +7,7 @@
 //! `SIM_SEED=<seed> cargo test --test idempotency_simulation` replays it exactly;
 //! `SIM_SEEDS=<n>` runs more seeds.
 
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::{
     Claim, ClaimToken, Completion, Fingerprint, IdempotencyStore, KeyRecord, KeyState,
 };
@@ -32,7 +32,7 @@ enum Caller {
 }
 
 struct World {
-    stores: Vec<FileStore>,
+    stores: Vec<FileIdempotencyStore>,
     /// Each caller's handle, and its state.
     callers: Vec<(usize, Caller)>,
     now: u64,
@@ -66,7 +66,7 @@ impl World {
 }
 
 fn run_seed(seed: u64, dir: &Path) {
-    let settings = FileStoreSettings {
+    let settings = FileIdempotencySettings {
         lease: Duration::from_millis(LEASE_MS),
         ttl: Duration::from_millis(TTL_MS),
         // Small, so that compactions happen under the callers.
@@ -74,8 +74,8 @@ fn run_seed(seed: u64, dir: &Path) {
     };
     let mut rng = fastrand::Rng::with_seed(seed);
     let handles = rng.usize(1..=3);
-    let stores: Vec<FileStore> = (0..handles)
-        .map(|_| FileStore::open(dir, settings).expect("open"))
+    let stores: Vec<FileIdempotencyStore> = (0..handles)
+        .map(|_| FileIdempotencyStore::open(dir, settings).expect("open"))
         .collect();
     let callers = (0..rng.usize(2..=5))
         .map(|_| (rng.usize(0..handles), Caller::Idle))
@@ -335,7 +335,7 @@ use std::sync::{Arc, Weak};
 /// A handle whose renewals can be cut off, and whose answers can be lost after the store
 /// applied the request.
 struct Faulty {
-    store: FileStore,
+    store: FileIdempotencyStore,
     cut_off: AtomicBool,
     lose_next_answer: AtomicBool,
 }
@@ -397,7 +397,7 @@ struct Owner {
 }
 
 fn run_owner_seed(seed: u64, dir: &Path) {
-    let settings = FileStoreSettings {
+    let settings = FileIdempotencySettings {
         lease: Duration::from_millis(LEASE_MS),
         ttl: Duration::from_millis(TTL_MS),
         compaction_slack_bytes: 4096,
@@ -406,7 +406,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
     let clock = ManualClock::new(1_000_000);
     let handles: Vec<Faulty> = (0..rng.usize(1..=3))
         .map(|_| Faulty {
-            store: FileStore::open(dir, settings).expect("open"),
+            store: FileIdempotencyStore::open(dir, settings).expect("open"),
             cut_off: AtomicBool::new(false),
             lose_next_answer: AtomicBool::new(false),
         })
@@ -415,7 +415,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
     let keepers: Vec<LeaseKeeper> = handles
         .iter()
         .map(|_| {
-            let none: Weak<dyn IdempotencyStore> = Weak::<FileStore>::new();
+            let none: Weak<dyn IdempotencyStore> = Weak::<FileIdempotencyStore>::new();
             LeaseKeeper::start(none, Arc::new(clock.clone()), settings.lease).expect("keeper")
         })
         .collect();

@@ -6,7 +6,7 @@
 
 use backup_coordinator::clock::SystemClock;
 use backup_coordinator::error::{Error, ErrorCode};
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::keyed::Keyed;
 use backup_coordinator::idempotency::{
     fingerprint, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten, IdempotencyStore,
@@ -21,7 +21,7 @@ const LEASE: Duration = Duration::from_secs(1);
 
 /// A file store whose housekeeping takes 2.5 leases each time it runs.
 struct SlowMaintenance {
-    store: FileStore,
+    store: FileIdempotencyStore,
     rounds: AtomicU32,
 }
 
@@ -61,14 +61,14 @@ impl IdempotencyStore for SlowMaintenance {
 #[test]
 fn a_live_owner_keeps_its_claim_while_its_own_handle_compacts_for_longer_than_a_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = FileStoreSettings::new(LEASE, Duration::from_secs(60));
+    let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(60));
     let slow = Arc::new(SlowMaintenance {
-        store: FileStore::open(dir.path(), settings).unwrap(),
+        store: FileIdempotencyStore::open(dir.path(), settings).unwrap(),
         rounds: AtomicU32::new(0),
     });
     let owner = Keyed::new(slow.clone(), Arc::new(SystemClock), LEASE).unwrap();
     let rival = Keyed::new(
-        Arc::new(FileStore::open(dir.path(), settings).unwrap()),
+        Arc::new(FileIdempotencyStore::open(dir.path(), settings).unwrap()),
         Arc::new(SystemClock),
         LEASE,
     )

@@ -17,10 +17,10 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::error_log::{ErrorLog, LogSettings};
 use crate::etcd::EtcdBackend;
 use crate::fenced_write;
-use crate::idempotency::file_store::{FileStore, FileStoreSettings};
+use crate::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use crate::idempotency::keyed::Keyed;
 use crate::idempotency::{self as idem, IdempotencyStore};
-use crate::log_backup::records::{LogRecordStore, RecordStore, Sequence};
+use crate::log_backup::records::{FileLogRecords, LogRecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
 use crate::metrics::textfile::{Textfile, FINAL_WRITE_PATIENCE};
@@ -185,12 +185,14 @@ impl Plugin {
             _ => None,
         };
         if let (None, Some(dir)) = (&etcd, config.state_dir.as_deref()) {
-            let estimate = FileStore::maintenance_estimate_at(dir);
+            let estimate = FileIdempotencyStore::maintenance_estimate_at(dir);
             crate::idempotency::keyed::warn_if_lease_is_short(config.idempotency_lease, estimate);
         }
         let log_records = match (&etcd, config.state_dir.as_deref()) {
             (Some(etcd), _) => Some(etcd.log_records()),
-            (None, Some(dir)) => Some(Box::new(RecordStore::new(dir)) as Box<dyn LogRecordStore>),
+            (None, Some(dir)) => {
+                Some(Box::new(FileLogRecords::new(dir)) as Box<dyn LogRecordStore>)
+            }
             (None, None) => None,
         };
         Ok(Plugin {
@@ -347,12 +349,12 @@ impl Plugin {
         let store: Arc<dyn IdempotencyStore> = match &self.etcd {
             Some(etcd) => etcd.idempotency_store(),
             None => {
-                let settings = FileStoreSettings {
+                let settings = FileIdempotencySettings {
                     lease: self.config.idempotency_lease,
                     ttl: self.config.idempotency_ttl,
                     compaction_slack_bytes: self.config.idempotency_compaction_slack,
                 };
-                Arc::new(FileStore::open(self.state_dir()?, settings)?)
+                Arc::new(FileIdempotencyStore::open(self.state_dir()?, settings)?)
             }
         };
         let keyed = Arc::new(Keyed::new(

@@ -1,7 +1,7 @@
 //! The idempotency journal reader, through the public API only (so the target outlives a
 //! change of the on-disk format): a journal written by the store, then damaged (bytes
 //! flipped, cut, garbage appended) or replaced by arbitrary bytes, is reopened with
-//! `FileStore::open` and every key asked for with `get` and `claim`.
+//! `FileIdempotencyStore::open` and every key asked for with `get` and `claim`.
 //!
 //! Must hold: open, get and claim return Ok or BACKUP_ERROR_DATA_CORRUPTION (FILE_IO for
 //! I/O itself), never panic; and a key is never replayed with a result or fingerprint
@@ -11,7 +11,7 @@
 
 use arbitrary::Arbitrary;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencyStore, FileIdempotencySettings};
 use backup_coordinator::idempotency::{Claim, IdempotencyStore, KeyState};
 use libfuzzer_sys::fuzz_target;
 use std::collections::{HashMap, HashSet};
@@ -69,8 +69,8 @@ fn allowed(code: i32) -> bool {
     code == ErrorCode::DataCorruption.raw() || code == ErrorCode::FileIo.raw()
 }
 
-fn settings() -> FileStoreSettings {
-    FileStoreSettings::new(Duration::from_secs(60), Duration::from_secs(86_400))
+fn settings() -> FileIdempotencySettings {
+    FileIdempotencySettings::new(Duration::from_secs(60), Duration::from_secs(86_400))
 }
 
 fn scratch_dir() -> tempfile::TempDir {
@@ -91,7 +91,7 @@ fuzz_target!(|input: Input| {
     // Every (fingerprint, result) a completion of each key recorded.
     let mut completed: HashMap<Vec<u8>, HashSet<([u8; 32], i32)>> = HashMap::new();
     {
-        let store = FileStore::open(dir.path(), settings()).expect("a fresh store opens");
+        let store = FileIdempotencyStore::open(dir.path(), settings()).expect("a fresh store opens");
         for op in &input.ops {
             match *op {
                 Op::Complete {
@@ -141,7 +141,7 @@ fuzz_target!(|input: Input| {
     }
     std::fs::write(&journal, &bytes).expect("write the damaged journal");
 
-    let store = match FileStore::open(dir.path(), settings()) {
+    let store = match FileIdempotencyStore::open(dir.path(), settings()) {
         Ok(store) => store,
         Err(failure) => {
             assert!(allowed(failure.code()), "open failed with {failure:?}");

@@ -1,5 +1,5 @@
 //! The log-backup retry-record file reader: arbitrary file contents for a (task, command)
-//! are loaded with `RecordStore::load`. Half the inputs get a correct checksum line
+//! are loaded with `FileLogRecords::load`. Half the inputs get a correct checksum line
 //! appended, so that the fuzzer reaches the parser behind the checksum.
 //!
 //! Must hold: Ok or BACKUP_ERROR_DATA_CORRUPTION (naming the file), never a panic; a file
@@ -10,7 +10,7 @@
 
 use arbitrary::Arbitrary;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::log_backup::records::{fnv1a64, LogRecordStore, RecordStore};
+use backup_coordinator::log_backup::records::{fnv1a64, LogRecordStore, FileLogRecords};
 use backup_coordinator::log_backup::SubCommand;
 use libfuzzer_sys::fuzz_target;
 
@@ -37,7 +37,7 @@ fuzz_target!(|input: Input| {
     }
     let command = SubCommand::ALL[input.command as usize % SubCommand::ALL.len()];
     let dir = scratch_dir();
-    let store = RecordStore::new(dir.path());
+    let store = FileLogRecords::new(dir.path());
     let path = store.path(&input.task, command);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut contents = input.contents.clone();

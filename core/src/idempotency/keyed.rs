@@ -436,7 +436,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::error::ErrorCode;
-    use crate::idempotency::file_store::{FileStore, FileStoreSettings};
+    use crate::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
     use crate::idempotency::{fingerprint, KeyRecord};
     use std::cell::Cell;
 
@@ -444,7 +444,7 @@ mod tests {
 
     /// A file store whose claim or completion can be made to fail.
     struct Flaky {
-        inner: FileStore,
+        inner: FileIdempotencyStore,
         fail_claim: Option<ErrorCode>,
         fail_complete: Option<ErrorCode>,
         /// Claims that fail as an unreachable etcd cluster does, before they succeed.
@@ -520,9 +520,9 @@ mod tests {
 
     fn setup(fail_claim: Option<ErrorCode>, fail_complete: Option<ErrorCode>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
+        let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(3600));
         let store = Arc::new(Flaky {
-            inner: FileStore::open(dir.path(), settings).unwrap(),
+            inner: FileIdempotencyStore::open(dir.path(), settings).unwrap(),
             fail_claim,
             fail_complete,
             unreachable_claims: AtomicU64::new(0),
@@ -714,8 +714,8 @@ mod tests {
 
     /// A second caller ("process B") on the same directory, with its own store handle.
     fn rival(s: &Setup, dir: &std::path::Path) -> Keyed {
-        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
-        let store = FileStore::open(dir, settings).unwrap();
+        let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(3600));
+        let store = FileIdempotencyStore::open(dir, settings).unwrap();
         Keyed::new(Arc::new(store), Arc::new(s.clock.clone()), LEASE).unwrap()
     }
 
@@ -916,7 +916,7 @@ mod tests {
     }
 
     /// A store whose renewals never reach it (cut off from etcd, say).
-    struct Unrenewable(FileStore);
+    struct Unrenewable(FileIdempotencyStore);
 
     impl IdempotencyStore for Unrenewable {
         fn claim_as(
@@ -958,8 +958,10 @@ mod tests {
     #[test]
     fn failed_renewals_make_the_claim_lost_before_the_store_could_expire_it() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = FileStoreSettings::new(LEASE, Duration::from_secs(3600));
-        let store = Arc::new(Unrenewable(FileStore::open(dir.path(), settings).unwrap()));
+        let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(3600));
+        let store = Arc::new(Unrenewable(
+            FileIdempotencyStore::open(dir.path(), settings).unwrap(),
+        ));
         let clock = ManualClock::new(1_000_000);
         let keyed = Keyed::new(store.clone(), Arc::new(clock.clone()), LEASE).unwrap();
         let out = fenced(&keyed, &clock, b"k", |mine| {
@@ -1020,12 +1022,12 @@ mod tests {
             .unwrap()
             .set_len(90_000_000)
             .unwrap();
-        let estimate = FileStore::maintenance_estimate_at(dir.path());
+        let estimate = FileIdempotencyStore::maintenance_estimate_at(dir.path());
         assert_eq!(estimate, Duration::from_secs(1));
         assert!(warn_if_lease_is_short(Duration::from_secs(2), estimate));
         assert!(!warn_if_lease_is_short(Duration::from_secs(3), estimate));
         assert_eq!(
-            FileStore::maintenance_estimate_at(&dir.path().join("none")),
+            FileIdempotencyStore::maintenance_estimate_at(&dir.path().join("none")),
             Duration::ZERO
         );
     }

@@ -268,28 +268,33 @@ impl Drop for LeaseKeeper {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::idempotency::file_store::{FileStore, FileStoreSettings};
+    use crate::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
     use crate::idempotency::{fingerprint, Claim};
 
     const LEASE: Duration = Duration::from_secs(9);
 
-    fn setup() -> (tempfile::TempDir, ManualClock, Arc<FileStore>, LeaseKeeper) {
+    fn setup() -> (
+        tempfile::TempDir,
+        ManualClock,
+        Arc<FileIdempotencyStore>,
+        LeaseKeeper,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(
-            FileStore::open(
+            FileIdempotencyStore::open(
                 dir.path(),
-                FileStoreSettings::new(LEASE, Duration::from_secs(60)),
+                FileIdempotencySettings::new(LEASE, Duration::from_secs(60)),
             )
             .unwrap(),
         );
         let clock = ManualClock::new(1_000_000);
         // The threads find no store and end: the test alone drives the renewals.
-        let none: Weak<dyn IdempotencyStore> = Weak::<FileStore>::new();
+        let none: Weak<dyn IdempotencyStore> = Weak::<FileIdempotencyStore>::new();
         let keeper = LeaseKeeper::start(none, Arc::new(clock.clone()), LEASE).unwrap();
         (dir, clock, store, keeper)
     }
 
-    fn claim(store: &FileStore, clock: &ManualClock) -> ClaimToken {
+    fn claim(store: &FileIdempotencyStore, clock: &ManualClock) -> ClaimToken {
         match store
             .claim(b"k", &fingerprint(b""), clock.unix_ms())
             .unwrap()

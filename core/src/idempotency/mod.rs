@@ -3,7 +3,7 @@
 //!
 //! The rules live here, apart from storage: [`decide`] says what a call finds a key in,
 //! and [`IdempotencyStore`] is the small contract (claim with a lease, renew, complete,
-//! release, get, forget) that the embedded [`file_store::FileStore`] implements and a
+//! release, get, forget) that the embedded [`file_store::FileIdempotencyStore`] implements and a
 //! shared database could implement for a cluster of taosX nodes. [`keyed::Keyed`] runs an
 //! operation under a key: claim, renew the lease while it runs, then complete or release.
 

@@ -2,7 +2,7 @@
 //! the records of each (task, command), and the claim that lets one runner at a time run
 //! it, across threads, processes and (with a shared store) hosts.
 //!
-//! [`RecordStore`] is the embedded implementation: one file per (task, command) under
+//! [`FileLogRecords`] is the embedded implementation: one file per (task, command) under
 //! `<state_dir>/log_backup/`, replaced atomically (temp, fsync, rename, fsync of the dir).
 //! A run is claimed by a lock the kernel releases when the runner's process dies (see
 //! [`super::run_lock`]): a dead runner never blocks the next.
@@ -106,7 +106,7 @@ pub fn in_progress(task: &str, command: SubCommand) -> Error {
     ))
 }
 
-pub struct RecordStore {
+pub struct FileLogRecords {
     dir: PathBuf,
     runs: RunLocks,
     /// The file-name stem of a task's records: [`sha256_name`] (a test injects one that
@@ -157,7 +157,7 @@ pub fn truncate_reason(reason: &str) -> String {
     reason[..end].to_string()
 }
 
-impl RecordStore {
+impl FileLogRecords {
     pub fn new(state_dir: &Path) -> Self {
         Self::with_naming(state_dir, sha256_name)
     }
@@ -165,7 +165,7 @@ impl RecordStore {
     /// A store whose file names come from `name` (the tests make names collide).
     fn with_naming(state_dir: &Path, name: fn(&str) -> String) -> Self {
         let dir = state_dir.join("log_backup");
-        RecordStore {
+        FileLogRecords {
             runs: RunLocks::new(&dir),
             dir,
             name,
@@ -359,7 +359,7 @@ impl RecordStore {
 
 /// The run of one (task, command) in the file store.
 struct FileRun<'a> {
-    store: &'a RecordStore,
+    store: &'a FileLogRecords,
     task: String,
     command: SubCommand,
     _slot: RunSlot<'a>,
@@ -379,7 +379,7 @@ impl RunClaim for FileRun<'_> {
 /// written inside and their records, or why the file does not parse.
 pub type ListedRecords = (PathBuf, Result<(Vec<u8>, String, Sequence)>);
 
-impl RecordStore {
+impl FileLogRecords {
     /// Every record file of the store, sorted by name (for the operator's command line;
     /// never on a runner's path). A file being taken (empty) is left out.
     pub fn list(&self) -> Result<Vec<ListedRecords>> {
@@ -409,7 +409,7 @@ impl RecordStore {
     }
 }
 
-impl LogRecordStore for RecordStore {
+impl LogRecordStore for FileLogRecords {
     fn begin_run(&self, task: &str, command: SubCommand) -> Result<Box<dyn RunClaim + '_>> {
         if !self.runs.is_open() {
             self.ensure_dir()?;
@@ -428,7 +428,7 @@ impl LogRecordStore for RecordStore {
     }
 
     fn load(&self, task: &str, command: SubCommand) -> Result<Option<Sequence>> {
-        RecordStore::load(self, task, command)
+        FileLogRecords::load(self, task, command)
     }
 
     fn reset(&self, task: &str, command: SubCommand) -> Result<()> {
@@ -537,7 +537,7 @@ mod tests {
     #[test]
     fn round_trips_and_is_per_task_and_command() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         let task = "tâche/../with spaces\nand newline";
         assert_eq!(store.load(task, SubCommand::Start).unwrap(), None);
         let run = store.begin_run(task, SubCommand::Start).unwrap();
@@ -554,9 +554,9 @@ mod tests {
     #[test]
     fn one_runner_at_a_time_and_no_reset_under_a_run() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         // A second handle on the same directory stands for another process.
-        let other = RecordStore::new(dir.path());
+        let other = FileLogRecords::new(dir.path());
         let run = store.begin_run("t", SubCommand::Stop).unwrap();
         run.save(&sample()).unwrap();
         let busy = |r: Result<_>| r.err().map(|f| f.code()) == Some(ErrorCode::InProgress.raw());
@@ -580,7 +580,7 @@ mod tests {
     #[test]
     fn a_corrupt_file_is_reported_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         store
             .begin_run("t", SubCommand::Pause)
             .unwrap()
@@ -622,7 +622,7 @@ mod tests {
         names
     }
 
-    fn save(store: &RecordStore, task: &str, command: SubCommand, sequence: &Sequence) {
+    fn save(store: &FileLogRecords, task: &str, command: SubCommand, sequence: &Sequence) {
         store
             .begin_run(task, command)
             .unwrap()
@@ -633,7 +633,7 @@ mod tests {
     #[test]
     fn files_are_named_by_the_sha256_of_the_task() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         save(&store, "task-a", SubCommand::Start, &sample());
         // sha256("task-a")
         let sha = hex(&Sha256::digest(b"task-a"));
@@ -658,7 +658,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         // Every task gets the same file name: the worst a naming function can do.
-        let store = RecordStore::with_naming(dir.path(), |_| "collide".to_string());
+        let store = FileLogRecords::with_naming(dir.path(), |_| "collide".to_string());
         let (a, b, c) = ("task-a", "task-b", "task-c");
         save(&store, a, SubCommand::Start, &sequence(1));
         save(&store, b, SubCommand::Start, &sequence(2));
@@ -724,8 +724,8 @@ mod tests {
     }
 
     /// The store of the layout before SHA-256 names: files named by the FNV-1a hash.
-    fn legacy_store(dir: &Path) -> RecordStore {
-        RecordStore::with_naming(dir, |task| format!("{:016x}", fnv1a64(task.as_bytes())))
+    fn legacy_store(dir: &Path) -> FileLogRecords {
+        FileLogRecords::with_naming(dir, |task| format!("{:016x}", fnv1a64(task.as_bytes())))
     }
 
     #[test]
@@ -739,7 +739,7 @@ mod tests {
         );
         let legacy = format!("{:016x}-stop.rec", fnv1a64(b"t"));
         assert_eq!(files(dir.path()), [legacy]);
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         assert_eq!(
             store.load("t", SubCommand::Stop).unwrap(),
             Some(sequence(1))
@@ -773,10 +773,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // "other"'s records under the FNV name of "t": what two task names that collide in
         // FNV-1a left behind in the old layout.
-        let colliding = RecordStore::with_naming(dir.path(), |_| format!("{:016x}", fnv1a64(b"t")));
+        let colliding =
+            FileLogRecords::with_naming(dir.path(), |_| format!("{:016x}", fnv1a64(b"t")));
         save(&colliding, "other", SubCommand::Start, &sequence(1));
         let before = files(dir.path());
-        let store = RecordStore::new(dir.path());
+        let store = FileLogRecords::new(dir.path());
         assert_eq!(store.load("t", SubCommand::Start).unwrap(), None);
         store.reset("t", SubCommand::Start).unwrap();
         save(&store, "t", SubCommand::Start, &sequence(2));

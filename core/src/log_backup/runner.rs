@@ -543,7 +543,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::error::ErrorCode;
-    use crate::log_backup::records::RecordStore;
+    use crate::log_backup::records::FileLogRecords;
     use crate::retry::FakeSleeper;
     use KernelState::*;
 
@@ -599,7 +599,7 @@ mod tests {
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: RecordStore,
+        store: FileLogRecords,
         clock: ManualClock,
         metrics: LogMetrics,
     }
@@ -608,7 +608,7 @@ mod tests {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             Fixture {
-                store: RecordStore::new(dir.path()),
+                store: FileLogRecords::new(dir.path()),
                 _dir: dir,
                 clock: ManualClock::new(1_000_000),
                 metrics: LogMetrics::default(),
@@ -651,7 +651,7 @@ mod tests {
 
     /// The record store of `Fixture`, refusing the next `failures` starts with `code`.
     struct Unanswering<'a> {
-        store: &'a RecordStore,
+        store: &'a FileLogRecords,
         failures: std::sync::atomic::AtomicU32,
         code: ErrorCode,
         /// The identity of each start attempt.

@@ -4,7 +4,7 @@ use super::fmt::{key_json, key_text, left_text, span, state_name, token_of, utc}
 use super::{Backend, CliError, Ctx, Done, KeysCommand, StateFilter};
 use backup_coordinator_core::etcd::EtcdBackend;
 use backup_coordinator_core::hex::hex;
-use backup_coordinator_core::idempotency::file_store::FileStore;
+use backup_coordinator_core::idempotency::file_store::FileIdempotencyStore;
 use backup_coordinator_core::idempotency::{
     ClaimToken, Forgotten, IdempotencyStore, KeyRecord, KeyState,
 };
@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// Where the keys are.
 enum Keys {
     /// `None`: no store under `state_dir` yet (nothing was ever claimed).
-    File(Option<Box<FileStore>>),
+    File(Option<Box<FileIdempotencyStore>>),
     Etcd(Arc<dyn IdempotencyStore>, EtcdBackend),
 }
 

@@ -3,7 +3,7 @@
 //!
 //! It reads the plugin's own config (a taosX config, whose plugin section is read, or a
 //! bare section) with [`PluginConfig`], and works on the same store the plugin uses: the
-//! file store opened with [`FileStore::open`] (multi-process safe: the same locks), or the
+//! file store opened with [`FileIdempotencyStore::open`] (multi-process safe: the same locks), or the
 //! etcd cluster through the same client. Every change it makes (release, forget, reset,
 //! compact) is written to stderr and, when `log_path` is configured, to the diagnostics
 //! log, with the reason given.
@@ -21,7 +21,9 @@ mod store;
 use backup_coordinator_core::config::{PluginConfig, StateBackend};
 use backup_coordinator_core::error::Error;
 use backup_coordinator_core::etcd::EtcdBackend;
-use backup_coordinator_core::idempotency::file_store::{FileStore, FileStoreSettings};
+use backup_coordinator_core::idempotency::file_store::{
+    FileIdempotencySettings, FileIdempotencyStore,
+};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -253,16 +255,16 @@ impl Ctx {
     /// The file store under `state_dir`, opened as the plugin opens it; `None` when there
     /// is none yet: nothing is created (files made by another user than taosX's would lock
     /// the plugin out).
-    pub fn file_store(&self, state_dir: &Path) -> Result<Option<FileStore>, CliError> {
+    pub fn file_store(&self, state_dir: &Path) -> Result<Option<FileIdempotencyStore>, CliError> {
         if !state_dir.join("idempotency").join("journal").exists() {
             return Ok(None);
         }
-        let settings = FileStoreSettings {
+        let settings = FileIdempotencySettings {
             lease: self.config.idempotency_lease,
             ttl: self.config.idempotency_ttl,
             compaction_slack_bytes: self.config.idempotency_compaction_slack,
         };
-        Ok(Some(FileStore::open(state_dir, settings)?))
+        Ok(Some(FileIdempotencyStore::open(state_dir, settings)?))
     }
 
     pub fn lease_ms(&self) -> u64 {

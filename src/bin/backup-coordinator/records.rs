@@ -5,7 +5,7 @@ use super::fmt::{span, utc};
 use super::keys::table;
 use super::{Backend, CliError, Ctx, Done, RecordsCommand};
 use backup_coordinator_core::log_backup::records::{
-    ListedRecords, LogRecordStore, RecordStore, Sequence,
+    FileLogRecords, ListedRecords, LogRecordStore, Sequence,
 };
 use backup_coordinator_core::log_backup::SubCommand;
 use serde_json::{json, Value};
@@ -14,8 +14,11 @@ use std::path::PathBuf;
 
 pub fn run(ctx: &Ctx, command: &RecordsCommand) -> Result<Done, CliError> {
     let backend = ctx.backend()?;
-    let (files, store): (Option<RecordStore>, Box<dyn LogRecordStore>) = match &backend {
-        Backend::File(dir) => (Some(RecordStore::new(dir)), Box::new(RecordStore::new(dir))),
+    let (files, store): (Option<FileLogRecords>, Box<dyn LogRecordStore>) = match &backend {
+        Backend::File(dir) => (
+            Some(FileLogRecords::new(dir)),
+            Box::new(FileLogRecords::new(dir)),
+        ),
         Backend::Etcd(etcd) => (None, etcd.log_records()),
     };
     match command {

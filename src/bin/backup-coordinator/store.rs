@@ -1,7 +1,7 @@
 //! `store stats | verify | compact` (docs/C_API.md §11): the embedded file store.
 
 use super::{Backend, CliError, Ctx, Done, StoreCommand};
-use backup_coordinator_core::idempotency::file_store::{self, FileStore, Verified};
+use backup_coordinator_core::idempotency::file_store::{self, FileIdempotencyStore, Verified};
 use backup_coordinator_core::idempotency::KeyState;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -194,7 +194,7 @@ fn compact(ctx: &Ctx, dir: &Path, reason: &str) -> Result<Done, CliError> {
         let json = json!({ "compacted": false, "reason": why });
         return Ok(Done::refused(String::new(), json, why));
     }
-    let store: FileStore = ctx.file_store(dir)?.expect("the journal exists");
+    let store: FileIdempotencyStore = ctx.file_store(dir)?.expect("the journal exists");
     let before = store.journal_len();
     let started = Instant::now();
     store.compact_now(ctx.now_ms)?;

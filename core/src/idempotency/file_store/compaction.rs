@@ -9,7 +9,7 @@
 //! renamed into place. The new file and the images are synced every few MB as they are
 //! written, so that the callers' own fsyncs never wait for hundreds of MB of them; the
 //! files replaced are closed after the lock is released, so that their blocks are not
-//! freed under it. [`FileStore::longest_maintenance_hold`] tells how long the mutex was
+//! freed under it. [`FileIdempotencyStore::longest_maintenance_hold`] tells how long the mutex was
 //! held at most.
 //!
 //! Between compactions, once the journal has grown past what the image on disk covers by a
@@ -24,7 +24,7 @@ use super::files::{
 use super::image::{Covers, ImageWriter};
 use super::index::{hash_key, Index, Slot};
 use super::journal::{apply, corruption, for_each_record, room_for};
-use super::{FileStore, Held, RESERVE_CHUNK};
+use super::{FileIdempotencyStore, Held, RESERVE_CHUNK};
 use crate::durable::{self, FileError};
 use crate::error::{Error, Result};
 use crate::idempotency::record::{self, MAX_RECORD_BYTES};
@@ -148,7 +148,7 @@ struct Maintainer<'a> {
     _across_processes: FileLock<'a>,
 }
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Takes the maintainer's locks without waiting; `None` when another thread or
     /// process maintains the store now (it does the work).
     fn maintainer(&self) -> Result<Option<Maintainer<'_>>> {

@@ -10,7 +10,7 @@ use super::files::{advise_random, open_rw};
 use super::image;
 use super::index::Index;
 use super::journal::apply;
-use super::{FileStore, Held, Inner};
+use super::{FileIdempotencyStore, Held, Inner};
 use crate::durable::FileError;
 use crate::error::Result;
 use crate::idempotency::record;
@@ -35,7 +35,7 @@ pub(super) struct Followed {
 /// Most bytes past the image read ahead of the switch (more is read under the locks).
 const MAX_TAIL: u64 = 64 << 20;
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Whether the journal this process reads was replaced (renamed over by a compaction).
     pub(super) fn replaced(&self, inner: &Inner) -> Result<bool> {
         let meta = inner

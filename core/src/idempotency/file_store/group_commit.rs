@@ -1,6 +1,6 @@
 //! Group commit: callers that append at about the same time share one `fdatasync`.
 
-use super::{FileStore, SyncPoint, SyncState, MAX_GATHER};
+use super::{FileIdempotencyStore, SyncPoint, SyncState, MAX_GATHER};
 use crate::durable::FileError;
 use crate::error::{Error, Result};
 use parking_lot::MutexGuard;
@@ -31,7 +31,7 @@ impl SyncPoint {
     }
 }
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Returns once everything up to `point` is durable, sharing fsyncs with other callers.
     ///
     /// Group commit: while one fsync is in flight the next records queue up. Before it
@@ -153,7 +153,7 @@ mod tests {
 
     use super::super::test_support::settings;
 
-    fn run_key(store: &FileStore, key: &str) {
+    fn run_key(store: &FileIdempotencyStore, key: &str) {
         let Ok(Claim::Acquired { token, .. }) = store.claim(key.as_bytes(), &[3; 32], 10) else {
             panic!("{key} not acquired");
         };
@@ -168,8 +168,8 @@ mod tests {
     #[test]
     fn busy_threads_of_one_handle_neither_starve_another_nor_lose_records() {
         let dir = tempfile::tempdir().unwrap();
-        let busy = FileStore::open(dir.path(), settings()).unwrap();
-        let other = FileStore::open(dir.path(), settings()).unwrap();
+        let busy = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
+        let other = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         let done = AtomicBool::new(false);
         let written: Vec<u32> = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..6)
@@ -196,7 +196,7 @@ mod tests {
         });
         assert!(other.compactions() >= 3);
         drop((busy, other));
-        let reopened = FileStore::open(dir.path(), settings()).unwrap();
+        let reopened = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         let keys = (0..60).map(|i| format!("other-{i}")).chain(
             written
                 .iter()

@@ -5,7 +5,7 @@
 use super::files::reserve;
 use super::index::{hash_key, Index};
 use super::read_ahead::ReadAhead;
-use super::{FileStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
+use super::{FileIdempotencyStore, Inner, ALLOCATION_MARGIN, RESERVE_CHUNK};
 use crate::durable::FileError;
 use crate::error::{Error, ErrorCode, Result};
 use crate::idempotency::record::{self, Entry, MAX_RECORD_BYTES};
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 /// Bytes read at a time when scanning the journal.
 pub(super) const CHUNK: usize = 4 << 20;
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Writes `bytes` at the end of the journal; on failure nothing of them stays.
     pub(super) fn append(
         &self,

@@ -16,7 +16,7 @@
 //!   as BACKUP_ERROR_DATA_CORRUPTION on every call, and the file is left as it is. A record
 //!   read back that does not check is corruption too.
 //! - **Bounded.** Once the journal has doubled since its last compaction (plus some
-//!   slack), [`FileStore::maintain`] rewrites it with the live records only, without
+//!   slack), [`FileIdempotencyStore::maintain`] rewrites it with the live records only, without
 //!   holding the lock but for the last few records (see `compaction.rs`). Other processes see
 //!   the old journal unlinked and reopen the new one, loading its index image with no lock
 //!   held (see `follow.rs`).
@@ -59,16 +59,16 @@ use std::time::Duration;
 use tokens::Tokens;
 
 #[derive(Debug, Clone, Copy)]
-pub struct FileStoreSettings {
+pub struct FileIdempotencySettings {
     pub lease: Duration,
     pub ttl: Duration,
     /// The journal may grow this much past twice its compacted size before compaction.
     pub compaction_slack_bytes: u64,
 }
 
-impl FileStoreSettings {
+impl FileIdempotencySettings {
     pub fn new(lease: Duration, ttl: Duration) -> Self {
-        FileStoreSettings {
+        FileIdempotencySettings {
             lease,
             ttl,
             compaction_slack_bytes: 4 << 20,
@@ -85,7 +85,7 @@ const MAX_KEPT: u32 = 16;
 /// Longest a sync leader waits for other callers to join its fsync.
 const MAX_GATHER: Duration = Duration::from_millis(1);
 
-pub struct FileStore {
+pub struct FileIdempotencyStore {
     dir: PathBuf,
     journal_path: PathBuf,
     compact_path: PathBuf,
@@ -133,13 +133,13 @@ pub struct FileStore {
 /// caller may have waited for; and that time less what the thread waited for a core
 /// meanwhile, which is what the work itself takes on a machine shared with other work.
 struct Held<'a> {
-    store: &'a FileStore,
+    store: &'a FileIdempotencyStore,
     since: std::time::Instant,
     waited_ns: u64,
 }
 
 impl Held<'_> {
-    fn since_now(store: &FileStore) -> Held<'_> {
+    fn since_now(store: &FileIdempotencyStore) -> Held<'_> {
         Held {
             store,
             since: std::time::Instant::now(),
@@ -199,7 +199,7 @@ struct SyncState {
     /// Bytes known durable.
     synced: u64,
     syncing: bool,
-    /// The sync leader waits for callers to join its fsync (on `FileStore::synced`).
+    /// The sync leader waits for callers to join its fsync (on `FileIdempotencyStore::synced`).
     gathering: bool,
     /// Callers asleep until the fsync in flight (or the next one) ends.
     sleepers: Vec<group_commit::Sleeper>,
@@ -220,7 +220,7 @@ struct SyncPoint {
 
 /// What one transaction reads and the records it appends.
 pub struct Txn<'a> {
-    store: &'a FileStore,
+    store: &'a FileIdempotencyStore,
     inner: &'a Inner,
     appended: Vec<u8>,
     /// Each record appended: where it starts in `appended`, and what it says.
@@ -264,9 +264,9 @@ impl Txn<'_> {
     }
 }
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Opens (creating when missing) the store under `<state_dir>/idempotency/` and reads it.
-    pub fn open(state_dir: &Path, settings: FileStoreSettings) -> Result<Self> {
+    pub fn open(state_dir: &Path, settings: FileIdempotencySettings) -> Result<Self> {
         let dir = state_dir.join("idempotency");
         // 0750 whatever the umask, and its entry in `state_dir` durable before any claim.
         durable::create_private_dir(&dir)?;
@@ -285,7 +285,7 @@ impl FileStore {
         // it is read. A compaction may replace the journal meanwhile: the first
         // transaction's catch-up then follows it.
         let (index, end) = image::load(&image_path, &journal).unwrap_or_default();
-        let store = FileStore {
+        let store = FileIdempotencyStore {
             compact_path: dir.join("journal.compact"),
             image_tmp_path: dir.join("index.compact"),
             image_path,
@@ -505,7 +505,7 @@ impl FileStore {
     }
 }
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// A claim, given the key's record as read ahead of its transaction.
     fn claim_read_ahead(
         &self,
@@ -545,7 +545,7 @@ impl FileStore {
     }
 }
 
-impl IdempotencyStore for FileStore {
+impl IdempotencyStore for FileIdempotencyStore {
     /// `id` is not needed here: a claim's transaction is durable before it answers, or it
     /// fails as a whole (a failed fsync fails every later call), so no answer is lost.
     fn claim_as(
@@ -678,16 +678,16 @@ mod tests {
     const A: Fingerprint = [0xa; 32];
     const B: Fingerprint = [0xb; 32];
 
-    fn settings() -> FileStoreSettings {
-        FileStoreSettings {
+    fn settings() -> FileIdempotencySettings {
+        FileIdempotencySettings {
             lease: Duration::from_millis(LEASE_MS),
             ttl: Duration::from_millis(TTL_MS),
             compaction_slack_bytes: 4096,
         }
     }
 
-    fn open(dir: &Path) -> FileStore {
-        FileStore::open(dir, settings()).expect("store opens")
+    fn open(dir: &Path) -> FileIdempotencyStore {
+        FileIdempotencyStore::open(dir, settings()).expect("store opens")
     }
 
     /// The token of a fresh (not taken over) claim; panics on anything else.
@@ -888,7 +888,7 @@ mod tests {
         let mut bytes = fs::read(&journal).unwrap();
         bytes[12] ^= 0x04;
         fs::write(&journal, &bytes).unwrap();
-        let err = FileStore::open(dir.path(), settings())
+        let err = FileIdempotencyStore::open(dir.path(), settings())
             .err()
             .expect("refused");
         assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
@@ -910,7 +910,7 @@ mod tests {
             "ab".repeat(32)
         );
         fs::write(&journal, &line).unwrap();
-        let err = FileStore::open(dir.path(), settings())
+        let err = FileIdempotencyStore::open(dir.path(), settings())
             .err()
             .expect("refused");
         assert_eq!(err.code(), ErrorCode::DataCorruption.raw());
@@ -982,7 +982,7 @@ mod tests {
     #[test]
     fn concurrent_claims_of_one_key_have_one_winner() {
         let dir = tempfile::tempdir().unwrap();
-        let stores: Vec<FileStore> = (0..4).map(|_| open(dir.path())).collect();
+        let stores: Vec<FileIdempotencyStore> = (0..4).map(|_| open(dir.path())).collect();
         for round in 0..20u32 {
             let key = format!("key-{round}");
             let winners: usize = std::thread::scope(|scope| {
@@ -1012,7 +1012,7 @@ mod images {
 
     use super::test_support::{fill, settings, FP};
 
-    fn replays(store: &FileStore, keys: std::ops::Range<u32>) {
+    fn replays(store: &FileIdempotencyStore, keys: std::ops::Range<u32>) {
         for i in keys {
             let key = format!("key-{i}");
             let claim = store.claim(key.as_bytes(), &FP, 11).unwrap();
@@ -1023,7 +1023,7 @@ mod images {
     #[test]
     fn a_restart_loads_the_image_and_reads_only_the_journal_past_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         fill(&store, 0..300);
         store.compact_now(10).unwrap();
         let covered = store.journal_len();
@@ -1035,7 +1035,7 @@ mod images {
         let mut bytes = fs::read(&journal).unwrap();
         bytes[40] ^= 0x10;
         fs::write(&journal, &bytes).unwrap();
-        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         assert_eq!(store.journal_len(), fs::metadata(&journal).unwrap().len());
         assert!(covered < store.journal_len());
         replays(&store, 1..320);
@@ -1054,7 +1054,7 @@ mod images {
     #[test]
     fn an_image_that_does_not_check_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         fill(&store, 0..200);
         store.compact_now(10).unwrap();
         drop(store);
@@ -1063,12 +1063,12 @@ mod images {
         let last = bytes.len() - 3;
         bytes[last] ^= 0x01;
         fs::write(&image, &bytes).unwrap();
-        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         replays(&store, 0..200);
         assert!(is_new(&store, b"key-200"));
     }
 
-    fn is_new(store: &FileStore, key: &[u8]) -> bool {
+    fn is_new(store: &FileIdempotencyStore, key: &[u8]) -> bool {
         matches!(
             store.claim(key, &FP, 11),
             Ok(Claim::Acquired {
@@ -1081,8 +1081,8 @@ mod images {
     #[test]
     fn housekeeping_writes_an_image_between_compactions() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), settings()).unwrap();
-        let other = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
+        let other = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         let image = dir.path().join("idempotency/index");
         // Below the slack: nothing to write yet.
         fill(&store, 0..10);
@@ -1102,7 +1102,7 @@ mod images {
         assert_eq!(store.forget(b"key-3", 11).unwrap(), Forgotten::Removed);
         store.claim(b"late", &FP, 11).unwrap();
         drop((store, other));
-        let store = FileStore::open(dir.path(), settings()).unwrap();
+        let store = FileIdempotencyStore::open(dir.path(), settings()).unwrap();
         replays(&store, 4..350);
         assert!(is_new(&store, b"key-3"));
         assert_eq!(store.claim(b"late", &FP, 12).unwrap(), Claim::InProgress);
@@ -1116,13 +1116,13 @@ mod compaction_race {
     #[test]
     fn records_appended_during_a_compaction_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = FileStoreSettings {
+        let settings = FileIdempotencySettings {
             lease: Duration::from_secs(60),
             ttl: Duration::from_secs(3600),
             compaction_slack_bytes: 2048,
         };
-        let compactor = FileStore::open(dir.path(), settings).unwrap();
-        let writer = FileStore::open(dir.path(), settings).unwrap();
+        let compactor = FileIdempotencyStore::open(dir.path(), settings).unwrap();
+        let writer = FileIdempotencyStore::open(dir.path(), settings).unwrap();
         // The writer stops once the compactor has compacted a few times under it.
         let done = std::sync::atomic::AtomicBool::new(false);
         let written = std::thread::scope(|scope| {
@@ -1149,7 +1149,7 @@ mod compaction_race {
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             writing.join().unwrap()
         });
-        let reopened = FileStore::open(dir.path(), settings).unwrap();
+        let reopened = FileIdempotencyStore::open(dir.path(), settings).unwrap();
         for n in 0..written {
             let key = format!("key-{n}");
             assert_eq!(

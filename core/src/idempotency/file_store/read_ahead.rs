@@ -22,7 +22,7 @@
 
 use super::index::hash_key;
 use super::journal::read_if_key;
-use super::FileStore;
+use super::FileIdempotencyStore;
 use crate::idempotency::KeyRecord;
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,7 +92,7 @@ impl ReadAhead {
     }
 }
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// `key`'s last record as this process knows it now, read without holding the locks;
     /// `None` when the key is not in the index or the read failed (the transaction reads it
     /// again under the locks and reports what is wrong).

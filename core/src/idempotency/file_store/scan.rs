@@ -8,7 +8,7 @@
 
 use super::journal::{for_each_record, good_record_after, CHUNK};
 use super::tokens::Tokens;
-use super::FileStore;
+use super::FileIdempotencyStore;
 use crate::durable::FileError;
 use crate::error::{Error, Result};
 use crate::idempotency::KeyRecord;
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-impl FileStore {
+impl FileIdempotencyStore {
     /// Every key's current record, live at `now_ms`, sorted by key.
     pub fn live_records(&self, now_ms: u64) -> Result<impl Iterator<Item = (Vec<u8>, KeyRecord)>> {
         let mut live = Vec::new();

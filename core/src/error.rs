@@ -6,12 +6,11 @@
 
 use crate::config::ConfigError;
 use crate::durable::FileError;
-use std::ffi::CStr;
 use std::sync::Arc;
 
-/// Defines [`ErrorCode`] and everything said about a code from one table (docs/C_API.md
-/// §1): the enum, [`ErrorCode::ALL`], the C name, the message (as `&str` and as the static
-/// C string `backup_error_string` hands out) and whether the code is retried.
+/// Defines [`ErrorCode`] and everything the core says about a code from the table of
+/// [`for_each_error_code`] (docs/C_API.md §1): the enum, [`ErrorCode::ALL`], the C name, the
+/// message and whether the code is retried.
 ///
 /// The C header's `BACKUP_ERROR_*` constants are `pub const` items in `ffi/types.rs`,
 /// written out there because cbindgen reads the source and does not expand macros; a unit
@@ -43,17 +42,6 @@ macro_rules! error_codes {
                 }
             }
 
-            /// The fixed message as the static C string `backup_error_string` returns
-            /// (C_API §1): the same text, NUL-terminated at compile time.
-            pub fn c_message(self) -> &'static CStr {
-                match self {
-                    $(ErrorCode::$variant => {
-                        const TEXT: &CStr = c_str(concat!($message, "\0"));
-                        TEXT
-                    })*
-                }
-            }
-
             /// Transient failures that a later attempt may not meet again.
             pub fn is_retryable(self) -> bool {
                 match self {
@@ -64,39 +52,40 @@ macro_rules! error_codes {
     };
 }
 
-/// A NUL-terminated literal as a `CStr`, checked at compile time (a message with an inner
-/// NUL fails the build).
-const fn c_str(text: &'static str) -> &'static CStr {
-    match CStr::from_bytes_with_nul(text.as_bytes()) {
-        Ok(text) => text,
-        Err(_) => panic!("an error message must not contain NUL"),
-    }
+/// The table of docs/C_API.md §1, one row per code: (variant, C name, value, message,
+/// retried). It hands the rows to the macro it is given, so that every crate derives what it
+/// says of the codes from this one table: [`ErrorCode`] here, the static C messages of
+/// `backup_error_string` in the C layer.
+#[macro_export]
+macro_rules! for_each_error_code {
+    ($callback:ident) => {
+        $callback! {
+            (Success, BACKUP_SUCCESS, 0, "Success", false),
+            (InvalidParam, BACKUP_ERROR_INVALID_PARAM, -1, "Invalid parameter", false),
+            (InitFailed, BACKUP_ERROR_INIT_FAILED, -2, "Initialization failed", false),
+            (NotInitialized, BACKUP_ERROR_NOT_INITIALIZED, -3, "Not initialized", false),
+            (MemoryAlloc, BACKUP_ERROR_MEMORY_ALLOC, -4, "Memory allocation failed", false),
+            (FileIo, BACKUP_ERROR_FILE_IO, -5, "File I/O error", true),
+            (Network, BACKUP_ERROR_NETWORK, -6, "Network error", true),
+            (Timeout, BACKUP_ERROR_TIMEOUT, -7, "Operation timeout", true),
+            (DataCorruption, BACKUP_ERROR_DATA_CORRUPTION, -8, "Data corruption detected", false),
+            (PermissionDenied, BACKUP_ERROR_PERMISSION_DENIED, -9, "Permission denied", false),
+            (DiskFull, BACKUP_ERROR_DISK_FULL, -10, "Disk full", false),
+            (ConnectionLost, BACKUP_ERROR_CONNECTION_LOST, -11, "Connection lost", true),
+            (RetryExhausted, BACKUP_ERROR_RETRY_EXHAUSTED, -12, "Retry attempts exhausted", false),
+            (InvalidState, BACKUP_ERROR_INVALID_STATE, -13, "Invalid state for command", false),
+            (InProgress, BACKUP_ERROR_IN_PROGRESS, -14, "Operation already in progress", false),
+            (IdempotencyConflict, BACKUP_ERROR_IDEMPOTENCY_CONFLICT, -15,
+                "Idempotency key reused with different payload", false),
+            (Cancelled, BACKUP_ERROR_CANCELLED, -16, "Operation cancelled", false),
+            (LeaseLost, BACKUP_ERROR_LEASE_LOST, -17, "Claim lease lost", false),
+            (Fenced, BACKUP_ERROR_FENCED, -18, "Fenced by a newer claim", false),
+            (Unknown, BACKUP_ERROR_UNKNOWN, -99, "Unknown error", false),
+        }
+    };
 }
 
-// (variant, C name, value, message, retried): the table of docs/C_API.md §1.
-error_codes! {
-    (Success, BACKUP_SUCCESS, 0, "Success", false),
-    (InvalidParam, BACKUP_ERROR_INVALID_PARAM, -1, "Invalid parameter", false),
-    (InitFailed, BACKUP_ERROR_INIT_FAILED, -2, "Initialization failed", false),
-    (NotInitialized, BACKUP_ERROR_NOT_INITIALIZED, -3, "Not initialized", false),
-    (MemoryAlloc, BACKUP_ERROR_MEMORY_ALLOC, -4, "Memory allocation failed", false),
-    (FileIo, BACKUP_ERROR_FILE_IO, -5, "File I/O error", true),
-    (Network, BACKUP_ERROR_NETWORK, -6, "Network error", true),
-    (Timeout, BACKUP_ERROR_TIMEOUT, -7, "Operation timeout", true),
-    (DataCorruption, BACKUP_ERROR_DATA_CORRUPTION, -8, "Data corruption detected", false),
-    (PermissionDenied, BACKUP_ERROR_PERMISSION_DENIED, -9, "Permission denied", false),
-    (DiskFull, BACKUP_ERROR_DISK_FULL, -10, "Disk full", false),
-    (ConnectionLost, BACKUP_ERROR_CONNECTION_LOST, -11, "Connection lost", true),
-    (RetryExhausted, BACKUP_ERROR_RETRY_EXHAUSTED, -12, "Retry attempts exhausted", false),
-    (InvalidState, BACKUP_ERROR_INVALID_STATE, -13, "Invalid state for command", false),
-    (InProgress, BACKUP_ERROR_IN_PROGRESS, -14, "Operation already in progress", false),
-    (IdempotencyConflict, BACKUP_ERROR_IDEMPOTENCY_CONFLICT, -15,
-        "Idempotency key reused with different payload", false),
-    (Cancelled, BACKUP_ERROR_CANCELLED, -16, "Operation cancelled", false),
-    (LeaseLost, BACKUP_ERROR_LEASE_LOST, -17, "Claim lease lost", false),
-    (Fenced, BACKUP_ERROR_FENCED, -18, "Fenced by a newer claim", false),
-    (Unknown, BACKUP_ERROR_UNKNOWN, -99, "Unknown error", false),
-}
+for_each_error_code!(error_codes);
 
 impl ErrorCode {
     /// The code for a raw value, or `None` for a value outside the table.
@@ -349,13 +338,6 @@ mod tests {
             assert_eq!(ErrorCode::from_raw(code.raw()), Some(code));
         }
         assert_eq!(ErrorCode::from_raw(-19), None);
-    }
-
-    #[test]
-    fn the_c_messages_are_the_messages() {
-        for code in ErrorCode::ALL {
-            assert_eq!(code.c_message().to_str(), Ok(code.message()));
-        }
     }
 
     /// The table of docs/C_API.md §1 says what the table of this file says, row by row.

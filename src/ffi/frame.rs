@@ -80,9 +80,7 @@ pub fn to_c(err: &Error) -> (i32, String) {
 /// The static message of a code, as `backup_error_string` hands it out (C_API §1); any
 /// value outside the table reads "Unknown error".
 pub fn code_message(code: i32) -> &'static CStr {
-    ErrorCode::from_raw(code)
-        .unwrap_or(ErrorCode::Unknown)
-        .c_message()
+    super::types::c_message(ErrorCode::from_raw(code).unwrap_or(ErrorCode::Unknown))
 }
 
 /// A required function pointer argument.

@@ -3,10 +3,11 @@
 //! C enums are read as plain `int32_t` (`ERetryState` & co. are written by hand in the
 //! header), so that a value C puts there can never be an invalid Rust enum.
 
-use std::ffi::c_char;
+use backup_coordinator_core::error::ErrorCode;
+use std::ffi::{c_char, CStr};
 
 // The codes of C_API §1, as the header's `#define`s. Their values and messages come from
-// the one table in `backup_coordinator_core::error` (`error_codes!`); they are written out here because
+// the one table in `backup_coordinator_core::error` (`for_each_error_code!`); they are written out here because
 // cbindgen reads this source without expanding macros (and a build.rs generating them
 // would put generated Rust under src/). The test `every_code_constant_is_in_the_table`
 // below fails if a constant here and the table disagree, or one lacks the other.
@@ -30,6 +31,27 @@ pub const BACKUP_ERROR_CANCELLED: i32 = -16;
 pub const BACKUP_ERROR_LEASE_LOST: i32 = -17;
 pub const BACKUP_ERROR_FENCED: i32 = -18;
 pub const BACKUP_ERROR_UNKNOWN: i32 = -99;
+
+/// The static C messages of `backup_error_string` (C_API §1), from the core's one table.
+macro_rules! c_messages {
+    ($(($variant:ident, $c_name:ident, $value:literal, $message:literal, $retryable:literal),)*) => {
+        /// The fixed message of `code` as the static C string `backup_error_string` returns:
+        /// the core's text, NUL-terminated at compile time (a message with an inner NUL
+        /// fails the build).
+        pub(crate) fn c_message(code: ErrorCode) -> &'static CStr {
+            match code {
+                $(ErrorCode::$variant => {
+                    const TEXT: &CStr = match CStr::from_bytes_with_nul(concat!($message, "\0").as_bytes()) {
+                        Ok(text) => text,
+                        Err(_) => panic!("an error message must not contain NUL"),
+                    };
+                    TEXT
+                })*
+            }
+        }
+    };
+}
+backup_coordinator_core::for_each_error_code!(c_messages);
 
 /// Capacity of `SBackupErrorRecord::message`, NUL included.
 pub const BACKUP_ERROR_MESSAGE_MAX: usize = 256;
@@ -169,7 +191,15 @@ pub struct SBackupErrorRecord {
 
 #[cfg(test)]
 mod tests {
+    use super::c_message;
     use backup_coordinator_core::error::ErrorCode;
+
+    #[test]
+    fn the_c_messages_are_the_messages() {
+        for code in ErrorCode::ALL {
+            assert_eq!(c_message(code).to_str(), Ok(code.message()));
+        }
+    }
 
     /// Every `pub const NAME: i32 = VALUE;` of this file is a code, and the codes here are
     /// those of the table in `backup_coordinator_core::error`, name for name and value for value.

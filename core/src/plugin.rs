@@ -76,7 +76,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<()>
     {
         Ok(config) => config,
         Err(err) => {
-            let failure = Error::Config(err);
+            let failure = Error::from(err);
             *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
             tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);

@@ -12,7 +12,7 @@
 //! BACKUP_ERROR_FILE_IO (errno ENOENT), which the retry policy retries, since a mount
 //! point or a directory created by another process may yet appear.
 
-use crate::error::ErrorCode;
+use crate::error::{Error, ErrorCode};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -40,6 +40,15 @@ impl FileError {
 
     pub fn code(&self) -> ErrorCode {
         classify(&self.source)
+    }
+}
+
+impl From<FileError> for Error {
+    fn from(err: FileError) -> Self {
+        Error::File {
+            kind: err.code(),
+            failure: std::sync::Arc::new(err),
+        }
     }
 }
 

@@ -4,8 +4,6 @@
 //! key, task), classified by the taosX code it is reported as. The C layer turns it into
 //! an `int32_t` and a message, in one place.
 
-use crate::config::ConfigError;
-use crate::durable::FileError;
 use std::sync::Arc;
 
 /// Defines [`ErrorCode`] and everything the core says about a code from the table of
@@ -120,19 +118,24 @@ pub enum Error {
     /// A caller's argument or setting breaks a rule; the text names it.
     #[error("Invalid parameter: {0}")]
     InvalidArgument(String),
-    /// A config that cannot be used; the text names the key and the value.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    /// A config that cannot be used; the text names the key and the value (from a
+    /// `config::ConfigError`).
+    #[error("invalid config: {0}")]
+    Config(String),
     /// A plugin call before `backup_plugin_init` or after cleanup.
     #[error("Plugin not initialized")]
     NotInitialized,
     /// Init refused for a reason other than a bad setting.
     #[error("Initialization failed: {0}")]
     InitFailed(String),
-    /// File work that failed: the operation, the path and the OS error, classified by errno
-    /// (disk full, permission denied, or a possibly transient I/O error).
-    #[error("{}: {}", .0.code().message(), .0)]
-    File(Arc<FileError>),
+    /// File work that failed: the operation, the path and the OS error (a
+    /// `durable::FileError`), classified by errno as `kind` (disk full, permission denied,
+    /// or a possibly transient I/O error).
+    #[error("{}: {failure}", .kind.message())]
+    File {
+        kind: ErrorCode,
+        failure: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// Memory or a thread could not be had, or a bound is reached.
     #[error("Memory allocation failed: {0}")]
     OutOfResources(String),
@@ -212,7 +215,7 @@ impl Error {
             Error::Panic(_) => ErrorCode::Unknown,
             Error::NotInitialized => ErrorCode::NotInitialized,
             Error::InitFailed(_) => ErrorCode::InitFailed,
-            Error::File(err) => err.code(),
+            Error::File { kind, .. } => *kind,
             Error::Corruption(_) => ErrorCode::DataCorruption,
             Error::Host(code) | Error::HostCall { code, .. } => {
                 ErrorCode::from_raw(*code).unwrap_or(ErrorCode::Unknown)
@@ -290,12 +293,6 @@ impl PartialEq for Error {
 }
 
 impl Eq for Error {}
-
-impl From<FileError> for Error {
-    fn from(err: FileError) -> Self {
-        Error::File(Arc::new(err))
-    }
-}
 
 #[cfg(test)]
 mod tests {

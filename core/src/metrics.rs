@@ -5,11 +5,12 @@
 //!
 //! Label values are bounded by construction: commands, kernel states and error codes of the
 //! fixed table (a code outside it is counted as "other"), never task names or keys.
+//!
+//! Neutral ground: this module knows no capability. Each one describes its own families
+//! with [`Family`] and [`Sample`] (`log_backup::metrics`, `idempotency::keyed`, the state
+//! store's here), and the plugin assembles them into one exposition with [`render`].
 
 use crate::error::{Error, ErrorCode};
-use crate::idempotency::keyed::KeyedMetrics;
-use crate::log_backup::runner::LogMetrics;
-use crate::log_backup::{decide, KernelState, SubCommand};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -78,7 +79,7 @@ impl CodeCounters {
     }
 
     /// (label value, count) of every code in `always` and of every other code counted.
-    fn series(&self, always: &[ErrorCode]) -> Vec<(String, u64)> {
+    pub fn series(&self, always: &[ErrorCode]) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for (i, counter) in self.0.iter().enumerate() {
             let value = counter.get();
@@ -210,39 +211,6 @@ const STORE_CODES: [ErrorCode; 7] = [
     ErrorCode::ConnectionLost,
 ];
 
-/// Codes always shown for log-backup retries: what a retry can follow.
-const RETRY_REASONS: [ErrorCode; 5] = [
-    ErrorCode::FileIo,
-    ErrorCode::Network,
-    ErrorCode::Timeout,
-    ErrorCode::ConnectionLost,
-    ErrorCode::Unknown,
-];
-
-fn state_name(state: KernelState) -> &'static str {
-    match state {
-        KernelState::Unknown => "unknown",
-        KernelState::NotExist => "not_exist",
-        KernelState::Running => "running",
-        KernelState::Paused => "paused",
-    }
-}
-
-const STATES: [KernelState; 4] = [
-    KernelState::Unknown,
-    KernelState::NotExist,
-    KernelState::Running,
-    KernelState::Paused,
-];
-
-/// Whether a state can ever disagree with a command (the C_API §7 table): only those pairs
-/// are shown as state-sync series.
-fn can_need_sync(command: SubCommand, state: KernelState) -> bool {
-    [false, true]
-        .into_iter()
-        .any(|truncated| decide(command, state, truncated).need_sync)
-}
-
 /// One sample: its labels (name, value) and its value.
 pub struct Sample {
     pub labels: Vec<(&'static str, String)>,
@@ -258,9 +226,97 @@ impl Sample {
     }
 }
 
+/// The labels of one series: (name, value) pairs.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// The samples of a family, by its type.
+pub enum Samples {
+    Counter(Vec<Sample>),
+    /// A histogram of durations (seconds): one snapshot per series.
+    Histogram(Vec<(Labels, HistogramSnapshot)>),
+}
+
+/// One metric family as the capability that counts it describes it; [`render`] writes it.
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub samples: Samples,
+}
+
+impl Family {
+    pub fn counter(name: &'static str, help: &'static str, samples: Vec<Sample>) -> Self {
+        Family {
+            name,
+            help,
+            samples: Samples::Counter(samples),
+        }
+    }
+
+    /// A counter family of one series without labels.
+    pub fn plain_counter(name: &'static str, help: &'static str, value: u64) -> Self {
+        Self::counter(name, help, vec![Sample::plain(value)])
+    }
+
+    pub fn histogram(
+        name: &'static str,
+        help: &'static str,
+        series: Vec<(Labels, HistogramSnapshot)>,
+    ) -> Self {
+        Family {
+            name,
+            help,
+            samples: Samples::Histogram(series),
+        }
+    }
+}
+
+/// The exposition of `families`, in their order, each one group (`# HELP`, `# TYPE`, its
+/// samples). A name given twice is a bug (its samples would split): checked in debug builds.
+pub fn render(families: &[Family]) -> String {
+    let mut x = Exposition::default();
+    for family in families {
+        match &family.samples {
+            Samples::Counter(samples) => x.counter(family.name, family.help, samples),
+            Samples::Histogram(series) => x.histogram(family.name, family.help, series),
+        }
+    }
+    x.finish()
+}
+
+/// The state store's families, from its process-wide counters ([`store`]).
+pub fn store_families() -> Vec<Family> {
+    let store = store();
+    let errors = store
+        .errors
+        .series(&STORE_CODES)
+        .into_iter()
+        .map(|(code, value)| Sample {
+            labels: vec![("code", code)],
+            value,
+        })
+        .collect();
+    vec![
+        Family::counter(
+            "backup_state_store_errors_total",
+            "State store operations that failed, by error code.",
+            errors,
+        ),
+        Family::plain_counter(
+            "backup_state_store_failovers_total",
+            "State store requests moved to another etcd endpoint.",
+            store.failovers.get(),
+        ),
+        Family::plain_counter(
+            "backup_state_store_unknown_outcomes_total",
+            "State store requests whose outcome was unknown (a timeout after sending), resolved by reading the key back.",
+            store.unknown_outcomes.get(),
+        ),
+    ]
+}
+
 /// The text exposition being written; each call writes one whole family.
 #[derive(Default)]
-pub struct Exposition {
+struct Exposition {
     out: String,
     families: Vec<&'static str>,
 }
@@ -301,7 +357,7 @@ impl Exposition {
     }
 
     /// A counter family and all its samples.
-    pub fn counter(&mut self, name: &'static str, help: &str, samples: &[Sample]) {
+    fn counter(&mut self, name: &'static str, help: &str, samples: &[Sample]) {
         self.header(name, help, "counter");
         for sample in samples {
             self.sample_line(name, &sample.labels, sample.value);
@@ -309,7 +365,7 @@ impl Exposition {
     }
 
     /// A histogram family (seconds): for each series its buckets, `_sum` and `_count`.
-    pub fn histogram(
+    fn histogram(
         &mut self,
         name: &'static str,
         help: &str,
@@ -332,7 +388,7 @@ impl Exposition {
         }
     }
 
-    pub fn finish(self) -> String {
+    fn finish(self) -> String {
         self.out
     }
 }
@@ -356,300 +412,9 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// What the plugin instance counts, for [`render`].
-pub struct PluginCounters<'a> {
-    pub errors: u64,
-    pub retries: u64,
-    /// Retried work whose policy gave up (see [`gave_up`]).
-    pub retries_exhausted: u64,
-    pub error_log_write_failures: u64,
-    /// Failed rewrites of `metrics_textfile`; `None` (no family) when it is not set.
-    pub textfile_write_failures: Option<u64>,
-    pub log: &'a LogMetrics,
-    /// The idempotency store's counters, once it was opened.
-    pub keyed: Option<&'a KeyedMetrics>,
-}
-
-fn by_command(counters: &[Counter; 5]) -> Vec<Sample> {
-    SubCommand::ALL
-        .iter()
-        .map(|c| Sample {
-            labels: vec![("command", c.name().to_string())],
-            value: counters[*c as usize].get(),
-        })
-        .collect()
-}
-
-/// The whole exposition: every family of the plugin, the log-backup commands, the
-/// idempotency keys and the state store.
-pub fn render(c: &PluginCounters) -> String {
-    let mut x = Exposition::default();
-    x.counter(
-        "backup_errors_total",
-        "Errors recorded by the plugin since init.",
-        &[Sample::plain(c.errors)],
-    );
-    x.counter(
-        "backup_retries_total",
-        "Retries made by plugin-level operations since init.",
-        &[Sample::plain(c.retries)],
-    );
-    x.counter(
-        "backup_retries_exhausted_total",
-        "Retried work that gave up since init: retry attempts exhausted or the retry budget spent (operations, state-store accesses, log-backup commands).",
-        &[Sample::plain(c.retries_exhausted)],
-    );
-    x.counter(
-        "backup_error_log_write_failures_total",
-        "Error log lines that could not be written.",
-        &[Sample::plain(c.error_log_write_failures)],
-    );
-    if let Some(failures) = c.textfile_write_failures {
-        x.counter(
-            "backup_metrics_textfile_write_failures_total",
-            "Rewrites of metrics_textfile that failed (the file kept its previous exposition).",
-            &[Sample::plain(failures)],
-        );
-    }
-
-    let log = c.log;
-    let mut retries = Vec::new();
-    for command in SubCommand::ALL {
-        for (reason, value) in log.retries[command as usize].series(&RETRY_REASONS) {
-            retries.push(Sample {
-                labels: vec![("command", command.name().to_string()), ("reason", reason)],
-                value,
-            });
-        }
-    }
-    x.counter(
-        "backup_log_command_retries_total",
-        "Retries made by log-backup commands, by the code of the failure they follow.",
-        &retries,
-    );
-    x.counter(
-        "backup_log_command_recoveries_total",
-        "Log-backup commands that succeeded after a failure (after retries, or when the effect was there despite the failure).",
-        &by_command(&log.recoveries),
-    );
-    x.counter(
-        "backup_log_command_skips_total",
-        "Log-backup commands skipped because their effect was already there.",
-        &by_command(&log.skips),
-    );
-    let mut syncs = Vec::new();
-    for command in SubCommand::ALL {
-        for state in STATES {
-            if can_need_sync(command, state) {
-                syncs.push(Sample {
-                    labels: vec![
-                        ("command", command.name().to_string()),
-                        ("state", state_name(state).to_string()),
-                    ],
-                    value: log.syncs[command as usize][state as usize].get(),
-                });
-            }
-        }
-    }
-    x.counter(
-        "backup_log_command_state_syncs_total",
-        "Log-backup commands whose observed kernel state disagreed with them, by that state.",
-        &syncs,
-    );
-    let durations: Vec<_> = SubCommand::ALL
-        .iter()
-        .map(|command| {
-            (
-                vec![("command", command.name().to_string())],
-                log.retry_duration[*command as usize].snapshot(),
-            )
-        })
-        .collect();
-    x.histogram(
-        "backup_log_command_retry_duration_seconds",
-        "Time from a log-backup sequence's first detected failure to its terminal outcome.",
-        &durations,
-    );
-
-    let empty = KeyedMetrics::default();
-    for (name, help, value) in c.keyed.unwrap_or(&empty).snapshot() {
-        x.counter(name, help, &[Sample::plain(value)]);
-    }
-
-    let store = store();
-    let errors: Vec<Sample> = store
-        .errors
-        .series(&STORE_CODES)
-        .into_iter()
-        .map(|(code, value)| Sample {
-            labels: vec![("code", code)],
-            value,
-        })
-        .collect();
-    x.counter(
-        "backup_state_store_errors_total",
-        "State store operations that failed, by error code.",
-        &errors,
-    );
-    x.counter(
-        "backup_state_store_failovers_total",
-        "State store requests moved to another etcd endpoint.",
-        &[Sample::plain(store.failovers.get())],
-    );
-    x.counter(
-        "backup_state_store_unknown_outcomes_total",
-        "State store requests whose outcome was unknown (a timeout after sending), resolved by reading the key back.",
-        &[Sample::plain(store.unknown_outcomes.get())],
-    );
-    x.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet};
-
-    /// Per family, in order of appearance: its type and the label-name sets of its samples.
-    /// Fails when a sample does not belong to the family whose `# TYPE` came last, or a
-    /// family appears twice.
-    fn families(text: &str) -> Vec<(String, String, BTreeSet<Vec<String>>)> {
-        let mut out: Vec<(String, String, BTreeSet<Vec<String>>)> = Vec::new();
-        let mut help_of = None;
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
-                help_of = rest.split(' ').next().map(str::to_string);
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = rest.split_once(' ').unwrap();
-                assert_eq!(help_of.as_deref(), Some(name), "HELP right before TYPE");
-                assert!(
-                    out.iter().all(|f| f.0 != name),
-                    "family {name} appears twice"
-                );
-                out.push((name.into(), kind.into(), BTreeSet::new()));
-            } else {
-                let (series, _value) = line.rsplit_once(' ').unwrap();
-                let (metric, labels) = match series.split_once('{') {
-                    Some((m, l)) => (m, l.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let family = out.last_mut().expect("a sample before any TYPE");
-                let belongs = metric == family.0
-                    || (family.1 == "histogram"
-                        && ["_bucket", "_sum", "_count"]
-                            .iter()
-                            .any(|s| metric == format!("{}{s}", family.0)));
-                assert!(belongs, "{metric} sits in family {}", family.0);
-                let names = labels
-                    .split(',')
-                    .filter(|l| !l.is_empty())
-                    .map(|l| l.split_once('=').unwrap().0.to_string())
-                    .collect();
-                family.2.insert(names);
-            }
-        }
-        out
-    }
-
-    fn labels(sets: &[&[&str]]) -> BTreeSet<Vec<String>> {
-        sets.iter()
-            .map(|s| s.iter().map(|l| l.to_string()).collect())
-            .collect()
-    }
-
-    #[test]
-    fn every_family_is_one_group_with_bounded_label_sets() {
-        let log = LogMetrics::default();
-        log.retries[SubCommand::Pause as usize].inc(-6);
-        log.retries[SubCommand::Pause as usize].inc(-4242);
-        log.retry_duration[SubCommand::Stop as usize].observe(Duration::from_secs(3));
-        let keyed = KeyedMetrics::default();
-        let text = render(&PluginCounters {
-            errors: 3,
-            retries: 2,
-            retries_exhausted: 4,
-            error_log_write_failures: 1,
-            textfile_write_failures: Some(5),
-            log: &log,
-            keyed: Some(&keyed),
-        });
-        let found: BTreeMap<_, _> = families(&text)
-            .into_iter()
-            .map(|(name, kind, sets)| (name, (kind, sets)))
-            .collect();
-        let expect = |name: &str, kind: &str, sets: &[&[&str]]| {
-            assert_eq!(found[name], (kind.to_string(), labels(sets)), "{name}");
-        };
-        for plain in [
-            "backup_errors_total",
-            "backup_retries_total",
-            "backup_retries_exhausted_total",
-            "backup_error_log_write_failures_total",
-            "backup_metrics_textfile_write_failures_total",
-            "backup_idempotency_claims_total",
-            "backup_idempotency_replays_total",
-            "backup_idempotency_conflicts_total",
-            "backup_idempotency_in_progress_total",
-            "backup_idempotency_takeovers_total",
-            "backup_idempotency_leases_lost_total",
-            "backup_state_store_failovers_total",
-            "backup_state_store_unknown_outcomes_total",
-        ] {
-            expect(plain, "counter", &[&[]]);
-        }
-        expect(
-            "backup_log_command_retries_total",
-            "counter",
-            &[&["command", "reason"]],
-        );
-        for per_command in [
-            "backup_log_command_recoveries_total",
-            "backup_log_command_skips_total",
-        ] {
-            expect(per_command, "counter", &[&["command"]]);
-        }
-        expect(
-            "backup_log_command_state_syncs_total",
-            "counter",
-            &[&["command", "state"]],
-        );
-        expect(
-            "backup_log_command_retry_duration_seconds",
-            "histogram",
-            &[&["command", "le"], &["command"]],
-        );
-        expect("backup_state_store_errors_total", "counter", &[&["code"]]);
-        assert_eq!(found.len(), 19, "no family more or less: {text}");
-        assert!(text.contains("backup_errors_total 3\n"));
-        assert!(text.contains("backup_retries_exhausted_total 4\n"));
-        assert!(text.contains("backup_metrics_textfile_write_failures_total 5\n"));
-        assert!(
-            text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")
-        );
-        // A host's own code is counted as "other", never as its raw value.
-        assert!(text
-            .contains("backup_log_command_retries_total{command=\"pause\",reason=\"other\"} 1\n"));
-        assert!(!text.contains("-4242"));
-        // Zero series of the retryable reasons exist before any retry.
-        assert!(text
-            .contains("backup_log_command_retries_total{command=\"truncate\",reason=\"-11\"} 0\n"));
-        assert!(text.contains(
-            "backup_log_command_state_syncs_total{command=\"start\",state=\"paused\"} 0\n"
-        ));
-        // RUNNING never disagrees with START: no such series.
-        assert!(!text.contains("command=\"start\",state=\"running\""));
-        assert!(text.contains(
-            "backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"2\"} 0\n\
-             backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"4\"} 1\n"
-        ));
-        assert!(text
-            .contains("backup_log_command_retry_duration_seconds_sum{command=\"stop\"} 3.000\n"));
-        assert!(text.contains(
-            "backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"+Inf\"} 1\n\
-             backup_log_command_retry_duration_seconds_sum{command=\"stop\"} 3.000\n\
-             backup_log_command_retry_duration_seconds_count{command=\"stop\"} 1\n"
-        ));
-        assert!(text.contains("backup_state_store_errors_total{code=\"-10\"} "));
-    }
 
     #[test]
     fn histogram_buckets_hold_their_upper_bound_and_overflow_to_inf() {
@@ -682,36 +447,52 @@ mod tests {
 
     #[test]
     fn label_values_and_help_are_escaped() {
-        let mut x = Exposition::default();
-        x.counter(
+        let text = render(&[Family::counter(
             "backup_test_total",
             "a \\ help\nline",
-            &[Sample {
+            vec![Sample {
                 labels: vec![("v", "a\"b\\c\nd".into())],
                 value: 1,
             }],
-        );
+        )]);
         assert_eq!(
-            x.finish(),
+            text,
             "# HELP backup_test_total a \\\\ help\\nline\n# TYPE backup_test_total counter\nbackup_test_total{v=\"a\\\"b\\\\c\\nd\"} 1\n"
         );
     }
 
     #[test]
-    fn the_textfile_family_is_there_only_with_a_textfile() {
-        let log = LogMetrics::default();
-        let counters = |textfile_write_failures| PluginCounters {
-            errors: 0,
-            retries: 0,
-            retries_exhausted: 0,
-            error_log_write_failures: 0,
-            textfile_write_failures,
-            log: &log,
-            keyed: None,
-        };
-        assert!(!render(&counters(None)).contains("backup_metrics_textfile"));
-        assert!(render(&counters(Some(0)))
-            .contains("\nbackup_metrics_textfile_write_failures_total 0\n"));
+    fn families_are_written_in_order_each_as_one_group() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_millis(1500));
+        let text = render(&[
+            Family::plain_counter("backup_a_total", "A.", 2),
+            Family::histogram(
+                "backup_b_seconds",
+                "B.",
+                vec![(vec![("command", "stop".into())], histogram.snapshot())],
+            ),
+        ]);
+        assert!(text.starts_with(
+            "# HELP backup_a_total A.\n# TYPE backup_a_total counter\nbackup_a_total 2\n\
+             # HELP backup_b_seconds B.\n# TYPE backup_b_seconds histogram\n\
+             backup_b_seconds_bucket{command=\"stop\",le=\"1\"} 0\n\
+             backup_b_seconds_bucket{command=\"stop\",le=\"2\"} 1\n"
+        ));
+        assert!(text.ends_with(
+            "backup_b_seconds_bucket{command=\"stop\",le=\"+Inf\"} 1\n\
+             backup_b_seconds_sum{command=\"stop\"} 1.500\n\
+             backup_b_seconds_count{command=\"stop\"} 1\n"
+        ));
+        let names: Vec<_> = store_families().iter().map(|f| f.name).collect();
+        assert_eq!(
+            names,
+            [
+                "backup_state_store_errors_total",
+                "backup_state_store_failovers_total",
+                "backup_state_store_unknown_outcomes_total"
+            ]
+        );
     }
 
     #[test]

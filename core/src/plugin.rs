@@ -18,13 +18,13 @@ use crate::error_log::{ErrorLog, LogSettings};
 use crate::etcd::EtcdBackend;
 use crate::fenced_write;
 use crate::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
-use crate::idempotency::keyed::Keyed;
+use crate::idempotency::keyed::{Keyed, KeyedMetrics};
 use crate::idempotency::{self as idem, IdempotencyStore};
 use crate::log_backup::records::{FileLogRecords, LogRecordStore, Sequence};
 use crate::log_backup::runner::{LogMetrics, LogRetryPolicy, Runner, TaskDriver};
 use crate::log_backup::SubCommand;
 use crate::metrics::textfile::{Textfile, FINAL_WRITE_PATIENCE};
-use crate::metrics::Counter;
+use crate::metrics::{self, Counter, Family};
 use crate::retry::{self, CancellableSleeper, RetryProgress};
 use crate::tracker::ErrorTracker;
 use parking_lot::{Mutex, RwLock};
@@ -76,7 +76,7 @@ pub fn init_with_clock(config_bytes: &[u8], clock: Arc<dyn Clock>) -> Result<()>
     {
         Ok(config) => config,
         Err(err) => {
-            let failure = Error::Config(err);
+            let failure = Error::from(err);
             *INIT_FAILURE.lock() = Some(Arc::from(failure.detail().as_str()));
             tracing::error!(reason = %failure.detail(), "plugin init failed");
             return Err(failure);
@@ -427,11 +427,11 @@ impl Plugin {
         self.store_access("nothing was forgotten", || keyed.forget(self.clock(), key))
     }
 
-    /// Prometheus text of the plugin's counters (rendered by `crate::metrics`).
+    /// Prometheus text of every family of the plugin (see [`exposition`]).
     pub fn metrics_text(&self) -> String {
         let (errors, retries) = self.tracker.stats();
         let keyed = self.keyed.lock().clone();
-        crate::metrics::render(&crate::metrics::PluginCounters {
+        let own = OwnCounters {
             errors,
             retries,
             retries_exhausted: self.retries_exhausted.get(),
@@ -441,9 +441,8 @@ impl Plugin {
                 .metrics_textfile
                 .as_ref()
                 .map(|_| self.textfile_failures.get()),
-            log: &self.log_metrics,
-            keyed: keyed.as_ref().map(|k| &k.metrics),
-        })
+        };
+        exposition(&own, &self.log_metrics, keyed.as_ref().map(|k| &k.metrics))
     }
 
     pub fn error_log_path(&self) -> Option<PathBuf> {
@@ -475,5 +474,229 @@ impl Plugin {
         if let Some(textfile) = textfile {
             textfile.stop(FINAL_WRITE_PATIENCE);
         }
+    }
+}
+
+/// What the plugin instance counts itself, for its exposition.
+struct OwnCounters {
+    errors: u64,
+    retries: u64,
+    /// Retried work whose policy gave up (see [`metrics::gave_up`]).
+    retries_exhausted: u64,
+    error_log_write_failures: u64,
+    /// Failed rewrites of `metrics_textfile`; `None` (no family) when it is not set.
+    textfile_write_failures: Option<u64>,
+}
+
+impl OwnCounters {
+    fn families(&self) -> Vec<Family> {
+        let mut families = vec![
+            Family::plain_counter(
+                "backup_errors_total",
+                "Errors recorded by the plugin since init.",
+                self.errors,
+            ),
+            Family::plain_counter(
+                "backup_retries_total",
+                "Retries made by plugin-level operations since init.",
+                self.retries,
+            ),
+            Family::plain_counter(
+                "backup_retries_exhausted_total",
+                "Retried work that gave up since init: retry attempts exhausted or the retry budget spent (operations, state-store accesses, log-backup commands).",
+                self.retries_exhausted,
+            ),
+            Family::plain_counter(
+                "backup_error_log_write_failures_total",
+                "Error log lines that could not be written.",
+                self.error_log_write_failures,
+            ),
+        ];
+        if let Some(failures) = self.textfile_write_failures {
+            families.push(Family::plain_counter(
+                "backup_metrics_textfile_write_failures_total",
+                "Rewrites of metrics_textfile that failed (the file kept its previous exposition).",
+                failures,
+            ));
+        }
+        families
+    }
+}
+
+/// The whole exposition: the plugin's own families, then those of the log-backup commands,
+/// of the idempotency keys (all zero until the store is opened) and of the state store.
+fn exposition(own: &OwnCounters, log: &LogMetrics, keyed: Option<&KeyedMetrics>) -> String {
+    let mut families = own.families();
+    families.extend(log.families());
+    families.extend(keyed.map_or_else(
+        || KeyedMetrics::default().families(),
+        KeyedMetrics::families,
+    ));
+    families.extend(metrics::store_families());
+    metrics::render(&families)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    /// Per family, in order of appearance: its type and the label-name sets of its samples.
+    /// Fails when a sample does not belong to the family whose `# TYPE` came last, or a
+    /// family appears twice.
+    fn families(text: &str) -> Vec<(String, String, BTreeSet<Vec<String>>)> {
+        let mut out: Vec<(String, String, BTreeSet<Vec<String>>)> = Vec::new();
+        let mut help_of = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                help_of = rest.split(' ').next().map(str::to_string);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(help_of.as_deref(), Some(name), "HELP right before TYPE");
+                assert!(
+                    out.iter().all(|f| f.0 != name),
+                    "family {name} appears twice"
+                );
+                out.push((name.into(), kind.into(), BTreeSet::new()));
+            } else {
+                let (series, _value) = line.rsplit_once(' ').unwrap();
+                let (metric, labels) = match series.split_once('{') {
+                    Some((m, l)) => (m, l.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let family = out.last_mut().expect("a sample before any TYPE");
+                let belongs = metric == family.0
+                    || (family.1 == "histogram"
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| metric == format!("{}{s}", family.0)));
+                assert!(belongs, "{metric} sits in family {}", family.0);
+                let names = labels
+                    .split(',')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.split_once('=').unwrap().0.to_string())
+                    .collect();
+                family.2.insert(names);
+            }
+        }
+        out
+    }
+
+    fn labels(sets: &[&[&str]]) -> BTreeSet<Vec<String>> {
+        sets.iter()
+            .map(|s| s.iter().map(|l| l.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn every_family_is_one_group_with_bounded_label_sets() {
+        let log = LogMetrics::default();
+        log.retries[SubCommand::Pause as usize].inc(-6);
+        log.retries[SubCommand::Pause as usize].inc(-4242);
+        log.retry_duration[SubCommand::Stop as usize].observe(Duration::from_secs(3));
+        let keyed = KeyedMetrics::default();
+        let own = OwnCounters {
+            errors: 3,
+            retries: 2,
+            retries_exhausted: 4,
+            error_log_write_failures: 1,
+            textfile_write_failures: Some(5),
+        };
+        let text = exposition(&own, &log, Some(&keyed));
+        let found: BTreeMap<_, _> = families(&text)
+            .into_iter()
+            .map(|(name, kind, sets)| (name, (kind, sets)))
+            .collect();
+        let expect = |name: &str, kind: &str, sets: &[&[&str]]| {
+            assert_eq!(found[name], (kind.to_string(), labels(sets)), "{name}");
+        };
+        for plain in [
+            "backup_errors_total",
+            "backup_retries_total",
+            "backup_retries_exhausted_total",
+            "backup_error_log_write_failures_total",
+            "backup_metrics_textfile_write_failures_total",
+            "backup_idempotency_claims_total",
+            "backup_idempotency_replays_total",
+            "backup_idempotency_conflicts_total",
+            "backup_idempotency_in_progress_total",
+            "backup_idempotency_takeovers_total",
+            "backup_idempotency_leases_lost_total",
+            "backup_state_store_failovers_total",
+            "backup_state_store_unknown_outcomes_total",
+        ] {
+            expect(plain, "counter", &[&[]]);
+        }
+        expect(
+            "backup_log_command_retries_total",
+            "counter",
+            &[&["command", "reason"]],
+        );
+        for per_command in [
+            "backup_log_command_recoveries_total",
+            "backup_log_command_skips_total",
+        ] {
+            expect(per_command, "counter", &[&["command"]]);
+        }
+        expect(
+            "backup_log_command_state_syncs_total",
+            "counter",
+            &[&["command", "state"]],
+        );
+        expect(
+            "backup_log_command_retry_duration_seconds",
+            "histogram",
+            &[&["command", "le"], &["command"]],
+        );
+        expect("backup_state_store_errors_total", "counter", &[&["code"]]);
+        assert_eq!(found.len(), 19, "no family more or less: {text}");
+        assert!(text.contains("backup_errors_total 3\n"));
+        assert!(text.contains("backup_retries_exhausted_total 4\n"));
+        assert!(text.contains("backup_metrics_textfile_write_failures_total 5\n"));
+        assert!(
+            text.contains("backup_log_command_retries_total{command=\"pause\",reason=\"-6\"} 1\n")
+        );
+        // A host's own code is counted as "other", never as its raw value.
+        assert!(text
+            .contains("backup_log_command_retries_total{command=\"pause\",reason=\"other\"} 1\n"));
+        assert!(!text.contains("-4242"));
+        // Zero series of the retryable reasons exist before any retry.
+        assert!(text
+            .contains("backup_log_command_retries_total{command=\"truncate\",reason=\"-11\"} 0\n"));
+        assert!(text.contains(
+            "backup_log_command_state_syncs_total{command=\"start\",state=\"paused\"} 0\n"
+        ));
+        // RUNNING never disagrees with START: no such series.
+        assert!(!text.contains("command=\"start\",state=\"running\""));
+        assert!(text.contains(
+            "backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"2\"} 0\n\
+             backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"4\"} 1\n"
+        ));
+        assert!(text
+            .contains("backup_log_command_retry_duration_seconds_sum{command=\"stop\"} 3.000\n"));
+        assert!(text.contains(
+            "backup_log_command_retry_duration_seconds_bucket{command=\"stop\",le=\"+Inf\"} 1\n\
+             backup_log_command_retry_duration_seconds_sum{command=\"stop\"} 3.000\n\
+             backup_log_command_retry_duration_seconds_count{command=\"stop\"} 1\n"
+        ));
+        assert!(text.contains("backup_state_store_errors_total{code=\"-10\"} "));
+    }
+
+    #[test]
+    fn the_textfile_family_is_there_only_with_a_textfile() {
+        let log = LogMetrics::default();
+        let text = |textfile_write_failures| {
+            let own = OwnCounters {
+                errors: 0,
+                retries: 0,
+                retries_exhausted: 0,
+                error_log_write_failures: 0,
+                textfile_write_failures,
+            };
+            exposition(&own, &log, None)
+        };
+        assert!(!text(None).contains("backup_metrics_textfile"));
+        assert!(text(Some(0)).contains("\nbackup_metrics_textfile_write_failures_total 0\n"));
     }
 }

@@ -281,9 +281,7 @@ where
     F: FnMut(u32) -> Result<()>,
     P: FnMut(&RetryProgress),
 {
-    // Built at the first failure: an operation that succeeds at once pays for none of it.
-    let mut backoff: Option<Backoff> = None;
-    let mut budget_end_ms: Option<u64> = None;
+    let mut schedule = Schedule::default();
     let mut attempt = Err(first_failure);
     loop {
         let failure = match attempt {
@@ -301,25 +299,55 @@ where
             Err(failure) => failure,
         };
         progress.last_error = failure.code();
-        let give_up = |progress: &mut RetryProgress, env: &mut RetryEnv<'_, P>, reason: Error| {
+        let retried = schedule
+            .next_wait(policy, env, progress.current_retry, &failure)
+            .and_then(|wait| wait_for_retry(policy, env, progress, &failure, wait));
+        if let Err(reason) = retried {
             progress.state = RetryState::Failed;
             (env.on_progress)(progress);
-            Execution {
+            return Execution {
                 result: Err(reason),
                 retries: progress.current_retry,
-                last_failure: Some(failure.clone()),
-            }
-        };
+                last_failure: Some(failure),
+            };
+        }
+        progress.last_retry_time_ms = env.clock.unix_ms();
+        (env.on_progress)(progress);
+        attempt = op(progress.current_retry);
+    }
+}
+
+/// The backoff and the budget of one execution, built at its first failure: an operation
+/// that succeeds at once pays for none of it.
+#[derive(Default)]
+struct Schedule {
+    backoff: Option<Backoff>,
+    budget_end_ms: Option<u64>,
+}
+
+impl Schedule {
+    /// The wait before retrying `failure` after `retries` retries, or why there is none (the
+    /// reason the execution gives up with): a permanent error, the attempts exhausted
+    /// (RETRY_EXHAUSTED), or a wait that would end past the budget (TIMEOUT).
+    fn next_wait<P: FnMut(&RetryProgress)>(
+        &mut self,
+        policy: &RetryPolicy,
+        env: &RetryEnv<'_, P>,
+        retries: u32,
+        failure: &Error,
+    ) -> Result<Duration> {
         if !is_retryable(failure.code()) {
             tracing::debug!(code = failure.code(), detail = %failure, "permanent error, not retried");
-            return give_up(progress, env, failure.clone());
+            return Err(failure.clone());
         }
         let now = env.clock.monotonic_ms();
-        let budget_end = *budget_end_ms.get_or_insert_with(|| match policy.timeout {
-            Some(timeout) => now.saturating_add(timeout.as_millis() as u64),
-            None => u64::MAX,
-        });
-        let backoff = backoff.get_or_insert_with(|| {
+        let budget_end = *self
+            .budget_end_ms
+            .get_or_insert_with(|| match policy.timeout {
+                Some(timeout) => now.saturating_add(timeout.as_millis() as u64),
+                None => u64::MAX,
+            });
+        let backoff = self.backoff.get_or_insert_with(|| {
             let rng = match env.jitter_seed {
                 Some(seed) => fastrand::Rng::with_seed(seed),
                 None => fastrand::Rng::new(),
@@ -327,60 +355,67 @@ where
             policy.backoff(rng)
         });
         let Some(wait) = backoff.next() else {
-            let reason = Error::RetryExhausted {
-                context: format!("{} retries failed", progress.current_retry),
-                last: Box::new(failure.clone()),
-            };
             tracing::warn!(
-                retries = progress.current_retry,
+                retries,
                 last_error = failure.code(),
                 "retry attempts exhausted, giving up"
             );
-            return give_up(progress, env, reason);
+            return Err(Error::RetryExhausted {
+                context: format!("{retries} retries failed"),
+                last: Box::new(failure.clone()),
+            });
         };
         let wait_ms = wait.as_millis().min(u64::MAX as u128) as u64;
         if now.saturating_add(wait_ms) > budget_end {
-            let reason = Error::Timeout {
+            tracing::warn!(
+                retries,
+                last_error = failure.code(),
+                wait_ms,
+                "retry budget exhausted, giving up"
+            );
+            return Err(Error::Timeout {
                 context: format!(
                     "the next wait of {wait_ms} ms would end past the retry budget of {} ms from the first failure",
                     policy.timeout.map_or(0, |t| t.as_millis()),
                 ),
                 last: Box::new(failure.clone()),
-            };
-            tracing::warn!(
-                retries = progress.current_retry,
-                last_error = failure.code(),
-                wait_ms,
-                "retry budget exhausted, giving up"
-            );
-            return give_up(progress, env, reason);
+            });
         }
-        progress.current_retry += 1;
-        tracing::info!(
-            retry = progress.current_retry,
-            max_retry = policy.max_retry,
-            code = failure.code(),
-            error = message_of(failure.code()),
-            wait_ms,
-            "operation failed, retrying"
-        );
-        if !wait.is_zero() && env.sleeper.sleep(wait).is_err() {
-            progress.current_retry -= 1;
-            let reason = Error::Cancelled(format!(
-                "plugin cleanup during a retry wait; last error {}: {failure}",
-                failure.code()
-            ));
-            tracing::warn!(
-                retries = progress.current_retry,
-                last_error = failure.code(),
-                "retry wait cancelled"
-            );
-            return give_up(progress, env, reason);
-        }
-        progress.last_retry_time_ms = env.clock.unix_ms();
-        (env.on_progress)(progress);
-        attempt = op(progress.current_retry);
+        Ok(wait)
     }
+}
+
+/// Counts the retry of `failure` and waits `wait` before it; a wait cancelled by plugin
+/// cleanup takes the count back and is the reason the execution gives up (CANCELLED).
+fn wait_for_retry<P: FnMut(&RetryProgress)>(
+    policy: &RetryPolicy,
+    env: &mut RetryEnv<'_, P>,
+    progress: &mut RetryProgress,
+    failure: &Error,
+    wait: Duration,
+) -> Result<()> {
+    progress.current_retry += 1;
+    tracing::info!(
+        retry = progress.current_retry,
+        max_retry = policy.max_retry,
+        code = failure.code(),
+        error = message_of(failure.code()),
+        wait_ms = wait.as_millis().min(u64::MAX as u128) as u64,
+        "operation failed, retrying"
+    );
+    if !wait.is_zero() && env.sleeper.sleep(wait).is_err() {
+        progress.current_retry -= 1;
+        tracing::warn!(
+            retries = progress.current_retry,
+            last_error = failure.code(),
+            "retry wait cancelled"
+        );
+        return Err(Error::Cancelled(format!(
+            "plugin cleanup during a retry wait; last error {}: {failure}",
+            failure.code()
+        )));
+    }
+    Ok(())
 }
 
 /// Runs `op` with real time: the system clock, and waits that `cancel_all` interrupts.

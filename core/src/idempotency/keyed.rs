@@ -8,7 +8,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::error::Error;
-use crate::metrics::store_failed;
+use crate::metrics::{store_failed, Family};
 use crate::retry::{retry_store_access, Execution};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,6 +65,14 @@ impl KeyedMetrics {
                 get(&self.leases_lost),
             ),
         ]
+    }
+
+    /// The families of the idempotency keys, for the plugin's exposition: one counter each.
+    pub fn families(&self) -> Vec<Family> {
+        self.snapshot()
+            .into_iter()
+            .map(|(name, help, value)| Family::plain_counter(name, help, value))
+            .collect()
     }
 }
 

@@ -3,6 +3,7 @@
 //! state calls for another command, and retried through the retry core with records that
 //! survive a restart.
 
+pub mod metrics;
 pub mod records;
 mod run_lock;
 pub mod runner;

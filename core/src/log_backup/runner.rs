@@ -3,12 +3,13 @@
 //! wait so that a restarted process continues the same sequence (same count, same budget,
 //! only the remainder of a wait already begun).
 
+pub use super::metrics::LogMetrics;
 use super::records::{truncate_reason, LogRecordStore, RetryRecord, RunClaim, Sequence};
 use super::{decide, KernelState, SubCommand};
 use crate::clock::Clock;
 use crate::error::{is_retryable, Error, Result};
 use crate::idempotency::ClaimId;
-use crate::metrics::{store_failed, CodeCounters, Counter, Histogram};
+use crate::metrics::store_failed;
 use crate::retry::{retry_store_access, Execution, RetryPolicy, Sleeper};
 use std::time::Duration;
 
@@ -76,44 +77,6 @@ pub trait TaskDriver {
     /// The observed state, and whether the truncate target is reached; or an error code.
     fn query(&mut self) -> Result<(KernelState, bool)>;
     fn execute(&mut self, command: SubCommand) -> i32;
-}
-
-/// Counters by command (indexed by `SubCommand as usize`), rendered by `crate::metrics`.
-#[derive(Default)]
-pub struct LogMetrics {
-    /// Retries made, by the code of the failure each one follows.
-    pub retries: [CodeCounters; 5],
-    pub recoveries: [Counter; 5],
-    pub skips: [Counter; 5],
-    /// State syncs, by the observed state (indexed by `KernelState as usize`).
-    pub syncs: [[Counter; 4]; 5],
-    /// From a sequence's first detected failure to its terminal outcome.
-    pub retry_duration: [Histogram; 5],
-}
-
-impl LogMetrics {
-    fn bump(counter: &[Counter; 5], command: SubCommand) {
-        counter[command as usize].inc();
-    }
-
-    /// (retries, recoveries, skips, syncs) of a command, over every reason and state.
-    pub fn of(&self, command: SubCommand) -> [u64; 4] {
-        let i = command as usize;
-        [
-            self.retries[i].total(),
-            self.recoveries[i].get(),
-            self.skips[i].get(),
-            self.syncs[i].iter().map(Counter::get).sum(),
-        ]
-    }
-
-    /// A sequence reached its terminal outcome at `now_ms`: how long its retries took.
-    fn finished(&self, command: SubCommand, sequence: &Sequence, now_ms: u64) {
-        if let Some(first) = sequence.first_failure_ms {
-            self.retry_duration[command as usize]
-                .observe(Duration::from_millis(now_ms.saturating_sub(first)));
-        }
-    }
 }
 
 /// What one call did, for the plugin's books.

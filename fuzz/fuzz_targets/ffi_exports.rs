@@ -100,6 +100,29 @@ unsafe extern "C" fn scripted_op(user_data: *mut c_void) -> i32 {
     unsafe { (*(user_data as *mut Script)).step() }
 }
 
+/// A fenced call's host: its script, the key it runs under, and the token of its first
+/// attempt (every attempt of one call gets the same, C_API §8.1).
+struct FencedHost {
+    script: Script,
+    key: Vec<u8>,
+    token: Option<u64>,
+}
+
+/// Checks what C_API §8.1 promises the operation: a token that is never 0, the same on
+/// every attempt of the call, and its own claim held while it runs.
+unsafe extern "C" fn fenced_op(user_data: *mut c_void, token: u64) -> i32 {
+    let host = unsafe { &mut *(user_data as *mut FencedHost) };
+    assert_ne!(token, 0, "a fencing token is never 0");
+    assert_eq!(
+        *host.token.get_or_insert(token),
+        token,
+        "one token per call"
+    );
+    let held = backup_idempotency_check_claim(host.key.as_ptr() as *const c_char, token);
+    assert_eq!(held, 0, "the running claim's own token is held");
+    host.script.step()
+}
+
 /// A host task for the log-backup calls: states and truncation bytes as the host reports.
 struct HostTask {
     states: Vec<i32>,
@@ -275,6 +298,24 @@ enum Op {
     },
     Forget {
         key: CArg,
+    },
+    IdempotentFenced {
+        key: CArg,
+        fingerprint: Vec<u8>,
+        codes: Vec<i32>,
+        null_op: bool,
+        null_replayed: bool,
+    },
+    CheckClaim {
+        key: CArg,
+        token: u64,
+    },
+    WriteFenced {
+        path: FuzzPath,
+        data: Vec<u8>,
+        null_data: bool,
+        size: u8,
+        token: u64,
     },
     Coordinator {
         fields: CoordinatorFields,
@@ -735,6 +776,60 @@ fn run(op: &Op) {
         Op::Forget { key } => {
             let k = key.owned();
             ok(backup_idempotency_forget(ptr(&k)));
+        }
+        Op::IdempotentFenced {
+            key,
+            fingerprint,
+            codes,
+            null_op,
+            null_replayed,
+        } => {
+            let k = key.owned();
+            let mut host = FencedHost {
+                script: Script::new(codes),
+                key: k
+                    .as_ref()
+                    .map(|k| k.as_bytes_with_nul().to_vec())
+                    .unwrap_or_default(),
+                token: None,
+            };
+            let mut replayed = MaybeUninit::<bool>::uninit();
+            ok(backup_execute_idempotent_fenced(
+                ptr(&k),
+                fingerprint.as_ptr() as *const c_void,
+                fingerprint.len(),
+                if *null_op { None } else { Some(fenced_op) },
+                &mut host as *mut FencedHost as *mut c_void,
+                if *null_replayed {
+                    null_mut()
+                } else {
+                    replayed.as_mut_ptr()
+                },
+            ));
+        }
+        Op::CheckClaim { key, token } => {
+            let k = key.owned();
+            ok(backup_idempotency_check_claim(ptr(&k), *token));
+        }
+        Op::WriteFenced {
+            path,
+            data,
+            null_data,
+            size,
+            token,
+        } => {
+            let p = path.owned();
+            let (d, n) = if *null_data {
+                (null(), *size as usize % 2)
+            } else {
+                (data.as_ptr(), data.len())
+            };
+            ok(backup_plugin_write_file_fenced(
+                ptr(&p),
+                d as *const c_void,
+                n,
+                *token,
+            ));
         }
         Op::Coordinator { fields, ops } => unsafe { run_coordinator(fields, ops) },
     }

@@ -11,7 +11,7 @@
 
 use arbitrary::Arbitrary;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::idempotency::file_store::{FileIdempotencyStore, FileIdempotencySettings};
+use backup_coordinator::idempotency::file_store::{FileIdempotencySettings, FileIdempotencyStore};
 use backup_coordinator::idempotency::{Claim, IdempotencyStore, KeyState};
 use libfuzzer_sys::fuzz_target;
 use std::collections::{HashMap, HashSet};
@@ -91,7 +91,8 @@ fuzz_target!(|input: Input| {
     // Every (fingerprint, result) a completion of each key recorded.
     let mut completed: HashMap<Vec<u8>, HashSet<([u8; 32], i32)>> = HashMap::new();
     {
-        let store = FileIdempotencyStore::open(dir.path(), settings()).expect("a fresh store opens");
+        let store =
+            FileIdempotencyStore::open(dir.path(), settings()).expect("a fresh store opens");
         for op in &input.ops {
             match *op {
                 Op::Complete {

@@ -10,7 +10,7 @@
 
 use arbitrary::Arbitrary;
 use backup_coordinator::error::ErrorCode;
-use backup_coordinator::log_backup::records::{fnv1a64, LogRecordStore, FileLogRecords};
+use backup_coordinator::log_backup::records::{fnv1a64, FileLogRecords, LogRecordStore};
 use backup_coordinator::log_backup::SubCommand;
 use libfuzzer_sys::fuzz_target;
 

@@ -709,7 +709,7 @@ fn etcd_two_hosts_racing_on_one_key() {
 /// renew answers the claims that are no longer current: released, lapsed with the host's
 /// session, or another handle's; the live ones are renewed by one keep-alive of the session.
 #[test]
-fn etcd_renew_returns_the_lapsed_tokens() {
+fn etcd_renew_returns_the_lapsed_claims() {
     let cluster = Cluster::start(3);
     let s = settings(&cluster);
     // Whole seconds: etcd reports a lease's time to live in seconds.
@@ -728,13 +728,20 @@ fn etcd_renew_returns_the_lapsed_tokens() {
             (b"other".to_vec(), other),
         ]
     };
-    assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
+    let gone = |key: &[u8], token| (key.to_vec(), token);
+    assert_eq!(
+        a.renew(&claims(), now()).unwrap(),
+        [gone(b"released", released)]
+    );
     // A stalls, renewing nothing in the background: renewals by calls keep its session
     // (and every claim bound to it) for 2 leases.
     a.stall_session(true);
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
+        assert_eq!(
+            a.renew(&claims(), now()).unwrap(),
+            [gone(b"released", released)]
+        );
     }
     assert_eq!(b.claim(b"other", &fp, now()).unwrap(), Claim::InProgress);
     // Then nothing renews it: the session lapses, and every claim of A with it.
@@ -754,11 +761,18 @@ fn etcd_renew_returns_the_lapsed_tokens() {
         None,
         "lapsed with the session"
     );
-    assert_eq!(a.renew(&claims(), now()).unwrap(), [released, live, other]);
+    assert_eq!(
+        a.renew(&claims(), now()).unwrap(),
+        [
+            gone(b"released", released),
+            gone(b"live", live),
+            gone(b"other", other)
+        ]
+    );
     // B's claim is not A's to renew.
     assert_eq!(
         a.renew(&[(b"other".to_vec(), taker)], now()).unwrap(),
-        [taker]
+        [gone(b"other", taker)]
     );
     assert_eq!(b.renew(&[(b"other".to_vec(), taker)], now()).unwrap(), []);
     // A claims again under a new session, kept by its resumed keep-alive.

@@ -364,7 +364,7 @@ impl IdempotencyStore for Faulty {
         &self,
         claims: &[(Vec<u8>, ClaimToken)],
         now: u64,
-    ) -> Result<Vec<ClaimToken>, Failure> {
+    ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Failure> {
         if self.cut_off.load(Ordering::SeqCst) {
             return Err(Failure::etcd(ErrorCode::ConnectionLost, "cut off"));
         }
@@ -488,7 +488,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
                             let Some((k, t)) = owner.running else {
                                 continue;
                             };
-                            if k == key && keepers[owner.handle].view(t) == Some(true) {
+                            if k == key && keepers[owner.handle].view(KEYS[k], t) == Some(true) {
                                 fail(&log, format!("owner {o} took key {key} while owner {other}'s keeper holds it (token {t:?})"));
                             }
                         }
@@ -537,7 +537,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
             let Some((key, token)) = owner.running else {
                 continue;
             };
-            if keepers[owner.handle].view(token) == Some(true) {
+            if keepers[owner.handle].view(KEYS[key], token) == Some(true) {
                 let record = handles[0].get(KEYS[key], now).expect("get");
                 let current = matches!(record.map(|r| r.state), Some(KeyState::Claimed { token: t, .. }) if t == token);
                 if !current {

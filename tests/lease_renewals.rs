@@ -35,7 +35,11 @@ impl IdempotencyStore for SlowMaintenance {
     ) -> Result<Claim, Failure> {
         self.store.claim_as(k, fp, now, id)
     }
-    fn renew(&self, c: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Failure> {
+    fn renew(
+        &self,
+        c: &[(Vec<u8>, ClaimToken)],
+        now: u64,
+    ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Failure> {
         self.store.renew(c, now)
     }
     fn complete(

@@ -35,7 +35,7 @@ use super::EtcdClient;
 use crate::error::{ErrorCode, Failure};
 use crate::idempotency::{
     decide, display_key, Claim, ClaimId, ClaimToken, Completion, Fingerprint, Forgotten,
-    IdempotencyStore, KeyRecord, KeyState,
+    IdempotencyStore, KeyRecord, KeyState, Lapsed,
 };
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, TxnOp};
 use parking_lot::Mutex;
@@ -81,13 +81,13 @@ struct Calls {
     /// call's identity, with their key and when their last attempt failed (`None`: one is
     /// under way): what `abandon` and housekeeping look for.
     claiming: HashMap<ClaimId, (Vec<u8>, Option<Instant>)>,
-    /// The acquired claims, by token: their key, the session lease they are bound to, and
-    /// when they were last renewed (or acquired).
-    held: HashMap<ClaimToken, Held>,
+    /// The acquired claims, by key and token (claims of different keys made in one
+    /// transaction share its revision): the session lease they are bound to, and when they
+    /// were last renewed (or acquired).
+    held: HashMap<(Vec<u8>, ClaimToken), Held>,
 }
 
 struct Held {
-    key: Vec<u8>,
     lease: i64,
     renewed: Instant,
 }
@@ -106,7 +106,7 @@ impl Calls {
             .held
             .iter()
             .filter(|(_, held)| old(&held.renewed))
-            .map(|(token, held)| (held.key.clone(), *token))
+            .map(|(claim, _)| claim.clone())
             .collect();
         let gave_up = self
             .claiming
@@ -320,45 +320,41 @@ impl IdempotencyStore for EtcdIdempotencyStore {
         })
     }
 
-    fn renew(
-        &self,
-        claims: &[(Vec<u8>, ClaimToken)],
-        _now_ms: u64,
-    ) -> Result<Vec<ClaimToken>, Failure> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], _now_ms: u64) -> Result<Lapsed, Failure> {
         // One acknowledged keep-alive of the session, sent no earlier than now, renews
         // every claim bound to it (docs/C_API.md §8.1: Ok only once etcd extended it).
         let since = Instant::now();
-        let tokens: Vec<ClaimToken> = claims.iter().map(|(_, token)| *token).collect();
+        let claims = claims.to_vec();
         let (session, calls) = (self.session.clone(), self.calls.clone());
         self.etcd.run(move |conn| async move {
             let mut lapsed = Vec::new();
-            let mut by_lease: Vec<(i64, Vec<ClaimToken>)> = Vec::new();
+            let mut by_lease: Vec<(i64, Lapsed)> = Vec::new();
             {
                 let calls = calls.lock();
-                for token in tokens {
-                    match calls.held.get(&token) {
+                for claim in claims {
+                    match calls.held.get(&claim) {
                         // Completed, released, or never this handle's: not held here.
-                        None => lapsed.push(token),
+                        None => lapsed.push(claim),
                         Some(held) => match by_lease.iter_mut().find(|(l, _)| *l == held.lease) {
-                            Some((_, tokens)) => tokens.push(token),
-                            None => by_lease.push((held.lease, vec![token])),
+                            Some((_, claims)) => claims.push(claim),
+                            None => by_lease.push((held.lease, vec![claim])),
                         },
                     }
                 }
             }
-            for (lease, tokens) in by_lease {
+            for (lease, claims) in by_lease {
                 // A lease that is gone took its claims with it: nothing else deletes a
                 // live claim (release is the owner's).
                 let alive = session.renewed_since(&conn, lease, since).await?;
                 let mut calls = calls.lock();
-                for token in tokens {
+                for claim in claims {
                     if alive {
-                        if let Some(held) = calls.held.get_mut(&token) {
+                        if let Some(held) = calls.held.get_mut(&claim) {
                             held.renewed = held.renewed.max(since);
                         }
                     } else {
-                        calls.held.remove(&token);
-                        lapsed.push(token);
+                        calls.held.remove(&claim);
+                        lapsed.push(claim);
                     }
                 }
             }
@@ -388,7 +384,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
             let outcome = complete(&conn, &completions, &key, token, value, now_ms, ttl).await;
             if outcome.is_ok() {
                 // The key is bound to the completion lease now (or was never ours).
-                calls.lock().held.remove(&token);
+                calls.lock().held.remove(&(raw_key.clone(), token));
             }
             outcome.map_err(|f| with_key(f, &raw_key))
         })
@@ -432,7 +428,7 @@ impl IdempotencyStore for EtcdIdempotencyStore {
                 )
                 .await;
             if deleted.is_ok() {
-                calls.lock().held.remove(&token);
+                calls.lock().held.remove(&(raw_key.clone(), token));
             }
             deleted.map(|_| ()).map_err(|f| with_key(f, &raw_key))
         })
@@ -611,9 +607,8 @@ impl Attempt<'_> {
                 let mut calls = self.calls.lock();
                 calls.claiming.remove(&self.id);
                 calls.held.insert(
-                    token,
+                    (self.raw_key.to_vec(), token),
                     Held {
-                        key: self.raw_key.to_vec(),
                         lease: on,
                         renewed: self.since,
                     },

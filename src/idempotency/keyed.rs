@@ -376,7 +376,7 @@ impl Keyed {
             )))
         };
         // This process's own claim: its lease as seen on the monotonic clock.
-        let view = self.keeper.view(token);
+        let view = self.keeper.view(key, token);
         let now = clock.unix_ms();
         let record = match self.store.get(key, now).map_err(store_failed) {
             Ok(record) => record,
@@ -481,7 +481,7 @@ mod tests {
             &self,
             claims: &[(Vec<u8>, ClaimToken)],
             now: u64,
-        ) -> Result<Vec<ClaimToken>, Failure> {
+        ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Failure> {
             self.inner.renew(claims, now)
         }
         fn complete(
@@ -928,7 +928,11 @@ mod tests {
         ) -> Result<Claim, Failure> {
             self.0.claim_as(key, fp, now, id)
         }
-        fn renew(&self, _: &[(Vec<u8>, ClaimToken)], _: u64) -> Result<Vec<ClaimToken>, Failure> {
+        fn renew(
+            &self,
+            _: &[(Vec<u8>, ClaimToken)],
+            _: u64,
+        ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Failure> {
             Err(Failure::Etcd {
                 kind: ErrorCode::ConnectionLost,
                 detail: "cut off".into(),

@@ -172,6 +172,9 @@ pub enum Forgotten {
     InProgress,
 }
 
+/// The claims (key, token) that [`IdempotencyStore::renew`] did not renew.
+pub type Lapsed = Vec<(Vec<u8>, ClaimToken)>;
+
 /// Where idempotency records live. Every method is atomic with respect to other callers
 /// of the same store, in this process and in others sharing it; a method that returns
 /// `Ok` after writing has made the write durable.
@@ -202,14 +205,11 @@ pub trait IdempotencyStore: Send + Sync {
         self.claim_as(key, fingerprint, now_ms, ClaimId::new())
     }
 
-    /// Extends to `now_ms + lease` the leases of those claims that are still current
-    /// (the key still holds that token); returns the tokens of the others, which were
-    /// not renewed (taken over, released, or their lease ran out).
-    fn renew(
-        &self,
-        claims: &[(Vec<u8>, ClaimToken)],
-        now_ms: u64,
-    ) -> Result<Vec<ClaimToken>, Failure>;
+    /// Extends to `now_ms + lease` the leases of those claims (key, token) that are still
+    /// current (the key still holds that token); returns the others, which were not renewed
+    /// (taken over, released, or their lease ran out). A claim is its key and token: claims
+    /// of different keys may share a token (docs/C_API.md §8.1 orders tokens per key).
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Lapsed, Failure>;
 
     /// Records the success of the claim `token` with `fingerprint` (the claim's own),
     /// replayed until `now_ms + ttl`, when [`completion_allowed`] says so; otherwise

@@ -40,7 +40,7 @@ mod tokens;
 use super::record::{self, Entry};
 use super::{
     completion_allowed, decide, is_claim, Claim, ClaimId, ClaimToken, Completion, Fingerprint,
-    Forgotten, IdempotencyStore, KeyRecord, KeyState,
+    Forgotten, IdempotencyStore, KeyRecord, KeyState, Lapsed,
 };
 use crate::durable::{self, FileError};
 use crate::error::{ErrorCode, Failure};
@@ -561,11 +561,7 @@ impl IdempotencyStore for FileStore {
         self.claim_read_ahead(key, fingerprint, now_ms, self.read_ahead(key))
     }
 
-    fn renew(
-        &self,
-        claims: &[(Vec<u8>, ClaimToken)],
-        now_ms: u64,
-    ) -> Result<Vec<ClaimToken>, Failure> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Lapsed, Failure> {
         self.transact(|txn| {
             let mut lapsed = Vec::new();
             for (key, token) in claims {
@@ -580,7 +576,7 @@ impl IdempotencyStore for FileStore {
                         };
                         txn.put(key, Some(renewed));
                     }
-                    None => lapsed.push(*token),
+                    None => lapsed.push((key.clone(), *token)),
                 }
             }
             lapsed

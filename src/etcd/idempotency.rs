@@ -660,19 +660,27 @@ async fn claim(
     let value = encode_claim(id, fingerprint, now_ms.saturating_add(lease_ms(ttl)));
     // Absent is revision 0: a fresh key is claimed in one round trip.
     let mut expected_revision = 0;
-    // Never batched with other keys' claims: one transaction has one revision, and tokens
-    // (revisions) must not be shared by two claims of one store, whose lease keeper holds
-    // each claim by its token.
+    // The first attempt goes with other callers' writes (`super::batch`): the claims of
+    // one transaction share its revision, which is fine, since tokens only grow per key
+    // (docs/C_API.md §8.1) and this store and the lease keeper hold a claim by its key
+    // and token. A retry goes alone.
+    let mut together = true;
     for _ in 0..MAX_ROUNDS {
         let put = TxnOp::put(
             key.to_vec(),
             value.clone(),
             Some(PutOptions::new().with_lease(*lease)),
         );
-        let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
-        let outcome = conn
-            .txn_or_get("claim an idempotency key", key, when, vec![put])
-            .await?;
+        let outcome = if std::mem::take(&mut together) {
+            match conn.write_batched(key, expected_revision, put).await? {
+                Some(outcome) => outcome,
+                None => continue,
+            }
+        } else {
+            let when = Compare::mod_revision(key.to_vec(), CompareOp::Equal, expected_revision);
+            conn.txn_or_get("claim an idempotency key", key, when, vec![put])
+                .await?
+        };
         let kv = match outcome {
             // docs/C_API.md §8.1: the token is the claim's revision.
             TxnOutcome::Applied { revision } => {

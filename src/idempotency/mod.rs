@@ -25,6 +25,36 @@ pub fn fingerprint(payload: &[u8]) -> Fingerprint {
     Sha256::digest(payload).into()
 }
 
+/// Bytes of a fingerprint that compact records keep (etcd, docs/C_API.md §9): the first 16
+/// of the SHA-256, ample to tell apart two payloads of one key.
+pub(crate) const KEPT_FINGERPRINT: usize = 16;
+
+/// `fingerprint` as a compact record keeps it: its first [`KEPT_FINGERPRINT`] bytes, the
+/// rest zero.
+pub fn kept_fingerprint(fingerprint: &Fingerprint) -> Fingerprint {
+    let mut kept = [0; 32];
+    kept[..KEPT_FINGERPRINT].copy_from_slice(&fingerprint[..KEPT_FINGERPRINT]);
+    kept
+}
+
+/// Whether a recorded fingerprint is `given`: whole, or as a compact record keeps it (the
+/// rest zero; a whole SHA-256 ending in 16 zero bytes is a chance of 2^-128).
+pub fn same_fingerprint(recorded: &Fingerprint, given: &Fingerprint) -> bool {
+    recorded == given
+        || (recorded[KEPT_FINGERPRINT..].iter().all(|&b| b == 0)
+            && recorded[..KEPT_FINGERPRINT] == given[..KEPT_FINGERPRINT])
+}
+
+/// The bytes of a recorded fingerprint worth showing: all of it, or those a compact record
+/// kept.
+pub fn shown_fingerprint(recorded: &Fingerprint) -> &[u8] {
+    if recorded[KEPT_FINGERPRINT..].iter().all(|&b| b == 0) {
+        &recorded[..KEPT_FINGERPRINT]
+    } else {
+        recorded
+    }
+}
+
 /// A claim's fencing token: strictly greater than the token of every earlier claim of the
 /// same key, whatever happened between (takeover, release, expiry, forget, restart,
 /// compaction, another process or host), and never 0. On the file store it comes from a
@@ -126,7 +156,7 @@ pub fn decide(
             token,
             taken_over: false,
         },
-        _ if record.fingerprint != *fingerprint => Claim::Conflict,
+        _ if !same_fingerprint(&record.fingerprint, fingerprint) => Claim::Conflict,
         (KeyState::Claimed { .. }, true) => Claim::InProgress,
         (KeyState::Completed { result, .. }, true) => Claim::Replay { result },
     }
@@ -345,6 +375,40 @@ mod tests {
         assert!(is_claim(Some(&claimed(A, 1)), mine));
         assert!(!is_claim(Some(&claimed(A, 1)), T));
         assert!(!is_claim(Some(&completed(A, 1)), mine));
+    }
+
+    #[test]
+    fn a_kept_fingerprint_is_its_first_16_bytes_and_matches_only_its_own() {
+        let a = fingerprint(b"a");
+        let kept = kept_fingerprint(&a);
+        assert_eq!(kept[..16], a[..16]);
+        assert_eq!(kept[16..], [0; 16]);
+        assert!(same_fingerprint(&kept, &a));
+        assert!(same_fingerprint(&a, &a));
+        assert!(!same_fingerprint(&kept, &fingerprint(b"b")));
+        assert!(
+            !same_fingerprint(&a, &kept),
+            "a whole one is compared whole"
+        );
+        assert_eq!(shown_fingerprint(&kept), &a[..16]);
+        assert_eq!(shown_fingerprint(&a), &a[..]);
+        // The decision table compares a kept one on what it kept.
+        let done = |fp| KeyRecord {
+            fingerprint: fp,
+            state: KeyState::Completed {
+                token: ClaimToken(3),
+                result: 0,
+                expires_at_ms: 101,
+            },
+        };
+        assert_eq!(
+            decide(Some(&done(kept)), &a, 100, T),
+            Claim::Replay { result: 0 }
+        );
+        assert_eq!(
+            decide(Some(&done(kept)), &fingerprint(b"b"), 100, T),
+            Claim::Conflict
+        );
     }
 
     #[test]

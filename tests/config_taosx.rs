@@ -275,17 +275,3 @@ fn unusable_directories_fail_init_naming_the_key_and_the_reason() {
         file.display()
     ));
 }
-
-/// The etcd defaults are the config's (C_API §5); the etcd module's constants of the same
-/// name must say the same until it takes them from there.
-#[test]
-fn the_etcd_defaults_are_the_same_in_config_and_etcd() {
-    use backup_coordinator::{config, etcd};
-    assert_eq!(config::DEFAULT_ETCD_PREFIX, etcd::DEFAULT_PREFIX);
-    assert_eq!(config::DEFAULT_ETCD_TIMEOUT, etcd::DEFAULT_TIMEOUT);
-    let settings = config::EtcdSettings::default();
-    assert_eq!(
-        (settings.prefix.as_str(), settings.timeout),
-        (etcd::DEFAULT_PREFIX, etcd::DEFAULT_TIMEOUT)
-    );
-}

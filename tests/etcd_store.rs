@@ -303,7 +303,7 @@ fn etcd_init_needs_no_cluster_and_keys_stay_under_the_prefix() {
         .unwrap();
     let all = cluster.etcdctl(&["get", "", "--prefix", "--keys-only"]);
     let keys: Vec<&str> = all.lines().filter(|l| !l.is_empty()).collect();
-    assert_eq!(keys, vec![format!("{PREFIX}i/Li4vLi4vAP8veAo")], "{all}");
+    assert_eq!(keys, vec![format!("{PREFIX}k/../../%00%FF/x%0A")], "{all}");
 }
 
 #[test]
@@ -323,7 +323,8 @@ fn etcd_completions_expire_and_leave_no_key() {
         store.claim(b"short/0", &fp, unix_ms_now()).unwrap(),
         Claim::Replay { result: 0 }
     );
-    std::thread::sleep(ttl + Duration::from_millis(200));
+    // A completion keeps its expiry in whole seconds, rounded up.
+    std::thread::sleep(ttl + Duration::from_millis(1200));
     // Expired: a fresh claim, whatever the payload.
     acquired(
         store
@@ -333,7 +334,7 @@ fn etcd_completions_expire_and_leave_no_key() {
     // etcd deletes the rest with their lease (TTL plus a slack of at most 3s here).
     let start = Instant::now();
     loop {
-        let left = cluster.etcdctl(&["get", &format!("{PREFIX}i/"), "--prefix", "--keys-only"]);
+        let left = cluster.etcdctl(&["get", &format!("{PREFIX}k/"), "--prefix", "--keys-only"]);
         let count = left.lines().filter(|l| !l.is_empty()).count();
         // short/1 is claimed again (its lease is 5s) and may outlive the others.
         if count <= 1 {
@@ -559,7 +560,7 @@ fn etcd_a_lost_answer_is_resolved_by_reading_the_key_back() {
     );
     assert_eq!(completion, Completion::Recorded);
     // Written once: the claim's put and the completion's put.
-    let fields = cluster.etcdctl(&["get", &format!("{PREFIX}i/{}", "bG9zdA"), "-w", "fields"]);
+    let fields = cluster.etcdctl(&["get", &format!("{PREFIX}k/lost"), "-w", "fields"]);
     assert!(fields.contains("\"Version\" : 2"), "{fields}");
     assert_eq!(
         store.claim(b"lost", &fp, unix_ms_now()).unwrap(),
@@ -709,7 +710,7 @@ fn etcd_two_hosts_racing_on_one_key() {
 /// renew answers the claims that are no longer current: released, lapsed with the host's
 /// session, or another handle's; the live ones are renewed by one keep-alive of the session.
 #[test]
-fn etcd_renew_returns_the_lapsed_tokens() {
+fn etcd_renew_returns_the_lapsed_claims() {
     let cluster = Cluster::start(3);
     let s = settings(&cluster);
     // Whole seconds: etcd reports a lease's time to live in seconds.
@@ -728,13 +729,20 @@ fn etcd_renew_returns_the_lapsed_tokens() {
             (b"other".to_vec(), other),
         ]
     };
-    assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
+    let gone = |key: &[u8], token| (key.to_vec(), token);
+    assert_eq!(
+        a.renew(&claims(), now()).unwrap(),
+        [gone(b"released", released)]
+    );
     // A stalls, renewing nothing in the background: renewals by calls keep its session
     // (and every claim bound to it) for 2 leases.
     a.stall_session(true);
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(a.renew(&claims(), now()).unwrap(), [released]);
+        assert_eq!(
+            a.renew(&claims(), now()).unwrap(),
+            [gone(b"released", released)]
+        );
     }
     assert_eq!(b.claim(b"other", &fp, now()).unwrap(), Claim::InProgress);
     // Then nothing renews it: the session lapses, and every claim of A with it.
@@ -754,11 +762,18 @@ fn etcd_renew_returns_the_lapsed_tokens() {
         None,
         "lapsed with the session"
     );
-    assert_eq!(a.renew(&claims(), now()).unwrap(), [released, live, other]);
+    assert_eq!(
+        a.renew(&claims(), now()).unwrap(),
+        [
+            gone(b"released", released),
+            gone(b"live", live),
+            gone(b"other", other)
+        ]
+    );
     // B's claim is not A's to renew.
     assert_eq!(
         a.renew(&[(b"other".to_vec(), taker)], now()).unwrap(),
-        [taker]
+        [gone(b"other", taker)]
     );
     assert_eq!(b.renew(&[(b"other".to_vec(), taker)], now()).unwrap(), []);
     // A claims again under a new session, kept by its resumed keep-alive.
@@ -866,4 +881,144 @@ fn etcd_a_retry_of_the_same_call_acquires_its_own_claim() {
         b.claim(b"retried", &fp, unix_ms_now()).unwrap(),
         Claim::Replay { result: 0 }
     );
+}
+
+/// `<prefix>i/<base64url key>`, where builds before the current layout kept a key.
+fn old_name(key: &[u8]) -> Vec<u8> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut name = format!("{PREFIX}i/").into_bytes();
+    for chunk in key.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            name.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]);
+        }
+    }
+    name
+}
+
+/// Keys written by the build before the current layout (under `<prefix>i/`, fixed-size
+/// `c`/`d` records, written here byte for byte) still replay, conflict and keep a claim
+/// off while they are live; an expired one is claimed over (and deleted with the claim);
+/// forget reaches them. Once that space is empty, a new handle does not look there.
+#[test]
+fn etcd_keys_of_the_earlier_layout_still_replay_conflict_and_block_claims() {
+    use etcd_client::{Client, PutOptions};
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime
+        .block_on(Client::connect(cluster.endpoints(), None))
+        .unwrap();
+    let (fp, other) = (fingerprint(b"old"), fingerprint(b"other"));
+    let now = unix_ms_now();
+    let completion = |token: u64, result: i32, expires: u64| {
+        [
+            &[b'd'][..],
+            &token.to_be_bytes(),
+            &fp,
+            &result.to_be_bytes(),
+            &expires.to_be_bytes(),
+        ]
+        .concat()
+    };
+    let claim = [
+        &[b'c'][..],
+        &77u64.to_be_bytes(),
+        &fp,
+        &(now + 60_000).to_be_bytes(),
+    ]
+    .concat();
+    let put = |key: &[u8], value: Vec<u8>, options: Option<PutOptions>| {
+        runtime
+            .block_on(client.clone().put(old_name(key), value, options))
+            .unwrap();
+    };
+    let old_lease = runtime
+        .block_on(client.clone().lease_grant(60, None))
+        .unwrap()
+        .id();
+    put(b"done", completion(5, -6, now + 3_600_000), None);
+    put(b"expired", completion(6, 0, now - 1), None);
+    put(b"forgotten", completion(7, 0, now + 3_600_000), None);
+    put(
+        b"running",
+        claim,
+        Some(PutOptions::new().with_lease(old_lease)),
+    );
+    let old_exists = |key: &[u8]| {
+        runtime
+            .block_on(client.clone().get(old_name(key), None))
+            .unwrap()
+            .count()
+            > 0
+    };
+
+    let a = host(&s, Duration::from_secs(5), Duration::from_secs(3600));
+    // Completed under the old layout: replayed, a conflict with another payload.
+    assert_eq!(
+        a.claim(b"done", &fp, unix_ms_now()).unwrap(),
+        Claim::Replay { result: -6 }
+    );
+    assert_eq!(
+        a.claim(b"done", &other, unix_ms_now()).unwrap(),
+        Claim::Conflict
+    );
+    assert!(matches!(
+        a.get(b"done", unix_ms_now()).unwrap().map(|r| r.state),
+        Some(KeyState::Completed {
+            token: ClaimToken(5),
+            result: -6,
+            ..
+        })
+    ));
+    // Claimed by a host of the earlier build: in progress, never claimed here.
+    assert_eq!(
+        a.claim(b"running", &fp, unix_ms_now()).unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        a.claim(b"running", &other, unix_ms_now()).unwrap(),
+        Claim::Conflict
+    );
+    assert_eq!(
+        a.forget(b"running", unix_ms_now()).unwrap(),
+        Forgotten::InProgress
+    );
+    // Expired there: claimed here, the old record deleted by the claim.
+    let token = acquired(a.claim(b"expired", &other, unix_ms_now()).unwrap());
+    assert!(!old_exists(b"expired"));
+    assert_eq!(
+        a.complete(b"expired", token, &other, 0, unix_ms_now())
+            .unwrap(),
+        Completion::Recorded
+    );
+    assert_eq!(
+        a.claim(b"expired", &other, unix_ms_now()).unwrap(),
+        Claim::Replay { result: 0 }
+    );
+    // Forgotten there: it runs again.
+    assert_eq!(
+        a.forget(b"forgotten", unix_ms_now()).unwrap(),
+        Forgotten::Removed
+    );
+    assert!(!old_exists(b"forgotten"));
+    acquired(a.claim(b"forgotten", &fp, unix_ms_now()).unwrap());
+
+    // The old host's claim ends, its completions go: a new handle finds the old space
+    // empty and claims as if it never was.
+    runtime
+        .block_on(client.clone().lease_revoke(old_lease))
+        .unwrap();
+    runtime
+        .block_on(client.clone().delete(old_name(b"done"), None))
+        .unwrap();
+    let b = host(&s, Duration::from_secs(5), Duration::from_secs(3600));
+    acquired(b.claim(b"done", &fp, unix_ms_now()).unwrap());
+    acquired(b.claim(b"running", &fp, unix_ms_now()).unwrap());
 }

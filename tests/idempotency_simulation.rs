@@ -360,7 +360,11 @@ impl IdempotencyStore for Faulty {
     ) -> Result<Claim, Error> {
         self.store.claim_as(key, fp, now, id)
     }
-    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Error> {
+    fn renew(
+        &self,
+        claims: &[(Vec<u8>, ClaimToken)],
+        now: u64,
+    ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Error> {
         if self.cut_off.load(Ordering::SeqCst) {
             return Err(Error::etcd(ErrorCode::ConnectionLost, "cut off"));
         }
@@ -484,7 +488,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
                             let Some((k, t)) = owner.running else {
                                 continue;
                             };
-                            if k == key && keepers[owner.handle].view(t) == Some(true) {
+                            if k == key && keepers[owner.handle].view(KEYS[k], t) == Some(true) {
                                 fail(&log, format!("owner {o} took key {key} while owner {other}'s keeper holds it (token {t:?})"));
                             }
                         }
@@ -533,7 +537,7 @@ fn run_owner_seed(seed: u64, dir: &Path) {
             let Some((key, token)) = owner.running else {
                 continue;
             };
-            if keepers[owner.handle].view(token) == Some(true) {
+            if keepers[owner.handle].view(KEYS[key], token) == Some(true) {
                 let record = handles[0].get(KEYS[key], now).expect("get");
                 let current = matches!(record.map(|r| r.state), Some(KeyState::Claimed { token: t, .. }) if t == token);
                 if !current {

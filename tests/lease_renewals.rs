@@ -29,7 +29,11 @@ impl IdempotencyStore for SlowMaintenance {
     fn claim_as(&self, k: &[u8], fp: &Fingerprint, now: u64, id: ClaimId) -> Result<Claim, Error> {
         self.store.claim_as(k, fp, now, id)
     }
-    fn renew(&self, c: &[(Vec<u8>, ClaimToken)], now: u64) -> Result<Vec<ClaimToken>, Error> {
+    fn renew(
+        &self,
+        c: &[(Vec<u8>, ClaimToken)],
+        now: u64,
+    ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Error> {
         self.store.renew(c, now)
     }
     fn complete(

@@ -1,8 +1,11 @@
 //! Concurrent conditional writes of one process, combined into shared transactions (group
 //! commit): while a transaction is in flight, the writes that callers queue meanwhile go
-//! out together in the next one, so that one raft write carries many keys. Used by
-//! completions only: the puts of one transaction share its revision, and claims must not
-//! share a token (docs/C_API.md §8.1; the lease keeper holds each claim by its token).
+//! out together in the next one, so that one raft write carries many keys. Used by the
+//! first attempt of claims and of completions. The puts of one transaction share its
+//! revision, so the claims of one batch share a fencing token: allowed, since tokens only
+//! need to grow per key (docs/C_API.md §8.1) and a batch never holds two writes of one key
+//! (a second one waits for the next batch); the lease keeper and the store hold each claim
+//! by its key and token.
 //!
 //! Each write is "put `put` if the key's `mod_revision` is `expected`" (0: the key is
 //! absent). etcd applies a transaction's writes only if every one of its compares holds, so
@@ -10,9 +13,10 @@
 //! did not hold gets the key as found (what a transaction of its own would have answered);
 //! one whose compare held, but that failed with the others, is answered "unresolved" and its
 //! caller tries it again alone (so is every write of a batch refused for a lease that is
-//! gone: only a transaction of its own tells whose lease it was). A failure of the request itself reaches every write of the
-//! batch, as it would have reached each of them alone: a lost answer is resolved by reading
-//! back, as for a single transaction.
+//! gone: only a transaction of its own tells whose lease it was). A failure of the request
+//! itself reaches every write of the batch, as it would have reached each of them alone: a
+//! lost answer is resolved by reading back, as for a single transaction (a claim finds its
+//! own claim id, a completion its token).
 
 use super::client::{is_lease_not_found, Conn, TxnOutcome};
 use crate::error::Error;

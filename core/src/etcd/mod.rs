@@ -28,7 +28,6 @@ mod runtime;
 pub mod session;
 
 use crate::error::{Error, Result};
-use std::time::Duration;
 
 #[cfg(feature = "etcd")]
 pub use backend::EtcdBackend;
@@ -135,10 +134,10 @@ mod without_etcd {
     }
 }
 
-/// Default prefix of every key the plugin writes (C_API §5).
-pub const DEFAULT_PREFIX: &str = "/taosx/backup/";
-/// Default deadline of one etcd request, retries across endpoints included (C_API §5).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The defaults of C_API §5, written once in the configuration.
+pub use crate::config::{
+    DEFAULT_ETCD_PREFIX as DEFAULT_PREFIX, DEFAULT_ETCD_TIMEOUT as DEFAULT_TIMEOUT,
+};
 
 /// How to reach the cluster: the `etcd_*` configuration keys, as the configuration parsed
 /// them (one type for both; the password is a `Secret`, never shown).
@@ -230,7 +229,7 @@ mod tests {
             ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
         );
         assert_eq!(s.prefix, DEFAULT_PREFIX);
-        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.timeout, std::time::Duration::from_secs(2));
         assert_eq!(
             (s.user.as_deref(), s.password.as_ref().map(|p| p.expose())),
             (Some("backup"), Some("pw-1"))

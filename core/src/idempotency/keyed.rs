@@ -384,7 +384,7 @@ impl Keyed {
             )))
         };
         // This process's own claim: its lease as seen on the monotonic clock.
-        let view = self.keeper.view(token);
+        let view = self.keeper.view(key, token);
         let now = clock.unix_ms();
         let record = match self.store.get(key, now).map_err(store_failed) {
             Ok(record) => record,
@@ -489,7 +489,7 @@ mod tests {
             &self,
             claims: &[(Vec<u8>, ClaimToken)],
             now: u64,
-        ) -> Result<Vec<ClaimToken>, Error> {
+        ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Error> {
             self.inner.renew(claims, now)
         }
         fn complete(
@@ -936,7 +936,11 @@ mod tests {
         ) -> Result<Claim, Error> {
             self.0.claim_as(key, fp, now, id)
         }
-        fn renew(&self, _: &[(Vec<u8>, ClaimToken)], _: u64) -> Result<Vec<ClaimToken>, Error> {
+        fn renew(
+            &self,
+            _: &[(Vec<u8>, ClaimToken)],
+            _: u64,
+        ) -> Result<Vec<(Vec<u8>, ClaimToken)>, Error> {
             Err(Error::Etcd {
                 kind: ErrorCode::ConnectionLost,
                 detail: "cut off".into(),

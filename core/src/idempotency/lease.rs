@@ -7,8 +7,10 @@
 //!   retries a failed renewal at the next tick;
 //! - the maintainer lets the store do its housekeeping.
 //!
-//! It renews *claims*, each by its token, not keys: a claim that was taken over is not
-//! renewed for its old owner. For each held claim it keeps a conservative view of its lease
+//! It renews *claims*, each by its key and token, not keys: a claim that was taken over is
+//! not renewed for its old owner. A token alone does not name a claim: tokens only grow per
+//! key (docs/C_API.md §8.1), and on etcd the claims of several keys made in one transaction
+//! share its revision. For each held claim it keeps a conservative view of its lease
 //! on the monotonic clock (docs/C_API.md §8.1): the lease is sure to last until the
 //! instant the last acknowledged renewal (or the claim itself) was *sent*, plus the lease.
 //! A claim is held while that leaves at least one renewal period; once it does not (the
@@ -46,12 +48,12 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    held: HashMap<ClaimToken, Held>,
+    /// By key and token.
+    held: HashMap<(Vec<u8>, ClaimToken), Held>,
     stop: bool,
 }
 
 struct Held {
-    key: Vec<u8>,
     /// When (monotonic ms) the last renewal the store acknowledged, or the claim, was sent.
     acked_sent_ms: u64,
     /// Renewals failed too long, or the claim is no longer the key's: never held again.
@@ -61,19 +63,20 @@ struct Held {
 /// A claim whose lease is kept alive until this is dropped.
 pub struct HeldLease<'a> {
     keeper: &'a LeaseKeeper,
-    token: ClaimToken,
+    claim: (Vec<u8>, ClaimToken),
 }
 
 impl HeldLease<'_> {
     /// Whether the claim is still sure to hold the key for one more renewal period.
     pub fn is_held(&self) -> bool {
-        self.keeper.view(self.token) == Some(true)
+        let (key, token) = &self.claim;
+        self.keeper.view(key, *token) == Some(true)
     }
 }
 
 impl Drop for HeldLease<'_> {
     fn drop(&mut self) {
-        self.keeper.shared.state.lock().held.remove(&self.token);
+        self.keeper.shared.state.lock().held.remove(&self.claim);
     }
 }
 
@@ -147,27 +150,27 @@ impl LeaseKeeper {
     /// Keeps the lease of the claim `token` of `key` alive until the guard is dropped.
     /// `sent_ms`: when (monotonic ms) the request that made the claim was sent.
     pub fn hold(&self, key: &[u8], token: ClaimToken, sent_ms: u64) -> HeldLease<'_> {
+        let claim = (key.to_vec(), token);
         self.shared.state.lock().held.insert(
-            token,
+            claim.clone(),
             Held {
-                key: key.to_vec(),
                 acked_sent_ms: sent_ms,
                 lost: false,
             },
         );
         HeldLease {
             keeper: self,
-            token,
+            claim,
         }
     }
 
-    /// Whether the claim `token`, held by this keeper, is still sure to hold its key for
-    /// one more renewal period (`None`: not held here). Once not, never again.
-    pub fn view(&self, token: ClaimToken) -> Option<bool> {
+    /// Whether the claim `token` of `key`, held by this keeper, is still sure to hold the
+    /// key for one more renewal period (`None`: not held here). Once not, never again.
+    pub fn view(&self, key: &[u8], token: ClaimToken) -> Option<bool> {
         let now = self.shared.clock.monotonic_ms();
         let mut state = self.shared.state.lock();
-        let held = state.held.get_mut(&token)?;
-        Some(self.shared.still_held(held, now))
+        let held = state.held.get_mut(&(key.to_vec(), token))?;
+        Some(self.shared.still_held(key, held, now))
     }
 
     /// The renewal period: how long a held claim is sure to last at least.
@@ -193,12 +196,12 @@ impl LeaseKeeper {
 }
 
 impl Shared {
-    fn still_held(&self, held: &mut Held, now_ms: u64) -> bool {
+    fn still_held(&self, key: &[u8], held: &mut Held, now_ms: u64) -> bool {
         let sure_until = held.acked_sent_ms.saturating_add(self.lease_ms);
         if !held.lost && now_ms.saturating_add(self.renew_after_ms) >= sure_until {
             held.lost = true;
             tracing::warn!(
-                key = %super::display_key(&held.key),
+                key = %super::display_key(key),
                 "idempotency claim may have lapsed (no renewal acknowledged in time): no longer held"
             );
         }
@@ -208,11 +211,11 @@ impl Shared {
     fn renew_due(&self, store: &dyn IdempotencyStore, now_ms: u64) {
         let sent_ms = self.clock.monotonic_ms();
         let mut due: Vec<(Vec<u8>, ClaimToken)> = Vec::new();
-        for (token, held) in self.state.lock().held.iter_mut() {
+        for (claim, held) in self.state.lock().held.iter_mut() {
             // A lapsed view is noticed here too, so that its warning comes in time.
-            self.still_held(held, sent_ms);
+            self.still_held(&claim.0, held, sent_ms);
             if sent_ms.saturating_sub(held.acked_sent_ms) >= self.renew_after_ms {
-                due.push((held.key.clone(), *token));
+                due.push(claim.clone());
             }
         }
         if due.is_empty() {
@@ -221,11 +224,11 @@ impl Shared {
         match store.renew(&due, now_ms) {
             Ok(lapsed) => {
                 let mut state = self.state.lock();
-                for (_, token) in &due {
-                    if let Some(held) = state.held.get_mut(token) {
-                        if lapsed.contains(token) {
+                for claim in &due {
+                    if let Some(held) = state.held.get_mut(claim) {
+                        if lapsed.contains(claim) {
                             if !held.lost {
-                                tracing::warn!(key = %super::display_key(&held.key), "idempotency claim no longer the key's (taken over or released): no longer held");
+                                tracing::warn!(key = %super::display_key(&claim.0), "idempotency claim no longer the key's (taken over or released): no longer held");
                             }
                             held.lost = true;
                         } else {
@@ -314,7 +317,38 @@ mod tests {
             keeper.renew_now(store.as_ref(), clock.unix_ms());
             assert!(held.is_held());
         }
-        assert_eq!(keeper.view(ClaimToken(token.0 + 1)), None, "not held here");
+        assert_eq!(
+            keeper.view(b"k", ClaimToken(token.0 + 1)),
+            None,
+            "not held here"
+        );
+        assert_eq!(keeper.view(b"other", token), None, "not held here");
+    }
+
+    /// Claims of different keys may share a token (on etcd, one transaction's revision):
+    /// each is held, renewed, lost and let go on its own.
+    #[test]
+    fn claims_of_different_keys_sharing_a_token_are_held_apart() {
+        let (_dir, clock, store, keeper) = setup();
+        let token = claim(&store, &clock);
+        let a = keeper.hold(b"k", token, clock.monotonic_ms());
+        let b = keeper.hold(b"not-k", token, clock.monotonic_ms());
+        // Renewed: the store holds "k" with this token, not "not-k".
+        clock.advance(LEASE / 3);
+        keeper.renew_now(store.as_ref(), clock.unix_ms());
+        assert!(a.is_held());
+        assert!(
+            !b.is_held(),
+            "the store says no claim of not-k has this token"
+        );
+        let c = keeper.hold(b"third", token, clock.monotonic_ms());
+        drop(a);
+        assert!(c.is_held(), "letting one go leaves the other held");
+        assert_eq!(keeper.view(b"k", token), None);
+        assert_eq!(keeper.view(b"third", token), Some(true));
+        drop(c);
+        assert_eq!(keeper.view(b"third", token), None);
+        drop(b);
     }
 
     #[test]

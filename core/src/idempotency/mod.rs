@@ -25,6 +25,36 @@ pub fn fingerprint(payload: &[u8]) -> Fingerprint {
     Sha256::digest(payload).into()
 }
 
+/// Bytes of a fingerprint that compact records keep (etcd, docs/C_API.md §9): the first 16
+/// of the SHA-256, ample to tell apart two payloads of one key.
+pub(crate) const KEPT_FINGERPRINT: usize = 16;
+
+/// `fingerprint` as a compact record keeps it: its first [`KEPT_FINGERPRINT`] bytes, the
+/// rest zero.
+pub fn kept_fingerprint(fingerprint: &Fingerprint) -> Fingerprint {
+    let mut kept = [0; 32];
+    kept[..KEPT_FINGERPRINT].copy_from_slice(&fingerprint[..KEPT_FINGERPRINT]);
+    kept
+}
+
+/// Whether a recorded fingerprint is `given`: whole, or as a compact record keeps it (the
+/// rest zero; a whole SHA-256 ending in 16 zero bytes is a chance of 2^-128).
+pub fn same_fingerprint(recorded: &Fingerprint, given: &Fingerprint) -> bool {
+    recorded == given
+        || (recorded[KEPT_FINGERPRINT..].iter().all(|&b| b == 0)
+            && recorded[..KEPT_FINGERPRINT] == given[..KEPT_FINGERPRINT])
+}
+
+/// The bytes of a recorded fingerprint worth showing: all of it, or those a compact record
+/// kept.
+pub fn shown_fingerprint(recorded: &Fingerprint) -> &[u8] {
+    if recorded[KEPT_FINGERPRINT..].iter().all(|&b| b == 0) {
+        &recorded[..KEPT_FINGERPRINT]
+    } else {
+        recorded
+    }
+}
+
 /// A claim's fencing token: strictly greater than the token of every earlier claim of the
 /// same key, whatever happened between (takeover, release, expiry, forget, restart,
 /// compaction, another process or host), and never 0. On the file store it comes from a
@@ -126,7 +156,7 @@ pub fn decide(
             token,
             taken_over: false,
         },
-        _ if record.fingerprint != *fingerprint => Claim::Conflict,
+        _ if !same_fingerprint(&record.fingerprint, fingerprint) => Claim::Conflict,
         (KeyState::Claimed { .. }, true) => Claim::InProgress,
         (KeyState::Completed { result, .. }, true) => Claim::Replay { result },
     }
@@ -172,6 +202,9 @@ pub enum Forgotten {
     InProgress,
 }
 
+/// The claims (key, token) that [`IdempotencyStore::renew`] did not renew.
+pub type Lapsed = Vec<(Vec<u8>, ClaimToken)>;
+
 /// Where idempotency records live. Every method is atomic with respect to other callers
 /// of the same store, in this process and in others sharing it; a method that returns
 /// `Ok` after writing has made the write durable.
@@ -202,10 +235,11 @@ pub trait IdempotencyStore: Send + Sync {
         self.claim_as(key, fingerprint, now_ms, ClaimId::new())
     }
 
-    /// Extends to `now_ms + lease` the leases of those claims that are still current
-    /// (the key still holds that token); returns the tokens of the others, which were
-    /// not renewed (taken over, released, or their lease ran out).
-    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Vec<ClaimToken>>;
+    /// Extends to `now_ms + lease` the leases of those claims (key, token) that are still
+    /// current (the key still holds that token); returns the others, which were not renewed
+    /// (taken over, released, or their lease ran out). A claim is its key and token: claims
+    /// of different keys may share a token (docs/C_API.md §8.1 orders tokens per key).
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Lapsed>;
 
     /// Records the success of the claim `token` with `fingerprint` (the claim's own),
     /// replayed until `now_ms + ttl`, when [`completion_allowed`] says so; otherwise
@@ -341,6 +375,40 @@ mod tests {
         assert!(is_claim(Some(&claimed(A, 1)), mine));
         assert!(!is_claim(Some(&claimed(A, 1)), T));
         assert!(!is_claim(Some(&completed(A, 1)), mine));
+    }
+
+    #[test]
+    fn a_kept_fingerprint_is_its_first_16_bytes_and_matches_only_its_own() {
+        let a = fingerprint(b"a");
+        let kept = kept_fingerprint(&a);
+        assert_eq!(kept[..16], a[..16]);
+        assert_eq!(kept[16..], [0; 16]);
+        assert!(same_fingerprint(&kept, &a));
+        assert!(same_fingerprint(&a, &a));
+        assert!(!same_fingerprint(&kept, &fingerprint(b"b")));
+        assert!(
+            !same_fingerprint(&a, &kept),
+            "a whole one is compared whole"
+        );
+        assert_eq!(shown_fingerprint(&kept), &a[..16]);
+        assert_eq!(shown_fingerprint(&a), &a[..]);
+        // The decision table compares a kept one on what it kept.
+        let done = |fp| KeyRecord {
+            fingerprint: fp,
+            state: KeyState::Completed {
+                token: ClaimToken(3),
+                result: 0,
+                expires_at_ms: 101,
+            },
+        };
+        assert_eq!(
+            decide(Some(&done(kept)), &a, 100, T),
+            Claim::Replay { result: 0 }
+        );
+        assert_eq!(
+            decide(Some(&done(kept)), &fingerprint(b"b"), 100, T),
+            Claim::Conflict
+        );
     }
 
     #[test]

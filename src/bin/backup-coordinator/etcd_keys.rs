@@ -1,12 +1,16 @@
 //! `keys list` and `records list` on etcd (docs/C_API.md §11, §9): paged range reads of
-//! `<prefix>i/` (each key decoded back from base64url, each claim's lease left asked of
-//! etcd) and of `<prefix>log/` (`<hex task>/<hex command>`, as the records store names them).
+//! `<prefix>k/` (each key unescaped), then of `<prefix>i/`, where earlier builds kept them
+//! (each key decoded back from base64url), each claim's lease left asked of etcd; and of
+//! `<prefix>log/` (`<hex task>/<hex command>`, as the records store names them).
 
 use backup_coordinator_core::error::Result;
 use backup_coordinator_core::etcd::EtcdBackend;
 use backup_coordinator_core::idempotency::{KeyRecord, KeyState};
 use backup_coordinator_core::log_backup::records::Sequence;
 use etcd_client::{GetOptions, KeyValue};
+
+/// The key an etcd name stands for, if it names one.
+type NameOf = fn(&[u8]) -> Option<Vec<u8>>;
 
 /// Keys read per request.
 const PAGE: i64 = 1000;
@@ -18,53 +22,66 @@ pub fn list(
     keep: impl Fn(&[u8], &KeyRecord) -> bool + Send + 'static,
 ) -> Result<Vec<(Vec<u8>, KeyRecord)>> {
     etcd.client().run(move |conn| async move {
-        let prefix = conn.key64("i", b"");
-        // The end of the range: the prefix ends in '/', and '0' follows it.
-        let mut end = prefix.clone();
-        *end.last_mut().expect("a non-empty prefix") += 1;
-        let mut from = prefix.clone();
-        let mut listed = Vec::new();
-        loop {
-            let page = conn
-                .request("list idempotency keys", |mut client| {
-                    let (from, end) = (from.clone(), end.clone());
-                    async move {
-                        let options = GetOptions::new().with_range(end).with_limit(PAGE);
-                        Ok(client.get(from, Some(options)).await?.take_kvs())
-                    }
-                })
-                .await?;
-            let more = page.len() as i64 == PAGE;
-            for kv in &page {
-                let Some(key) = unbase64url(&kv.key()[prefix.len()..]) else {
-                    continue;
-                };
-                let mut record = backup_coordinator_core::etcd::idempotency::record_of(kv)?;
-                match &mut record.state {
-                    KeyState::Claimed { lease_until_ms, .. } => {
-                        match conn
-                            .time_to_live("read a claim's lease", kv.lease())
-                            .await?
-                        {
-                            Some(seconds) => *lease_until_ms = now_ms + seconds * 1000,
-                            None => continue,
+        let [(current, current_end), (old, old_end)] =
+            backup_coordinator_core::etcd::idempotency::key_spaces(&conn);
+        let spaces: [(_, _, NameOf); 2] = [
+            (
+                current,
+                current_end,
+                backup_coordinator_core::etcd::idempotency::unescape_key,
+            ),
+            (old, old_end, unbase64url),
+        ];
+        let mut listed: Vec<(Vec<u8>, KeyRecord)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (prefix, end, name_of) in spaces {
+            let mut from = prefix.clone();
+            loop {
+                let page = conn
+                    .request("list idempotency keys", |mut client| {
+                        let (from, end) = (from.clone(), end.clone());
+                        async move {
+                            let options = GetOptions::new().with_range(end).with_limit(PAGE);
+                            Ok(client.get(from, Some(options)).await?.take_kvs())
                         }
+                    })
+                    .await?;
+                let more = page.len() as i64 == PAGE;
+                for kv in &page {
+                    let Some(key) = name_of(&kv.key()[prefix.len()..]) else {
+                        continue;
+                    };
+                    // A key in both spaces is this layout's (a claim deletes the other).
+                    if !seen.insert(key.clone()) {
+                        continue;
                     }
-                    KeyState::Completed { expires_at_ms, .. } if *expires_at_ms <= now_ms => {
-                        continue
+                    let mut record = backup_coordinator_core::etcd::idempotency::record_of(kv)?;
+                    match &mut record.state {
+                        KeyState::Claimed { lease_until_ms, .. } => {
+                            match conn
+                                .time_to_live("read a claim's lease", kv.lease())
+                                .await?
+                            {
+                                Some(seconds) => *lease_until_ms = now_ms + seconds * 1000,
+                                None => continue,
+                            }
+                        }
+                        KeyState::Completed { expires_at_ms, .. } if *expires_at_ms <= now_ms => {
+                            continue
+                        }
+                        KeyState::Completed { .. } => {}
                     }
-                    KeyState::Completed { .. } => {}
+                    if keep(&key, &record) {
+                        listed.push((key, record));
+                    }
                 }
-                if keep(&key, &record) {
-                    listed.push((key, record));
+                match page.last() {
+                    Some(last) if more => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
                 }
-            }
-            match page.last() {
-                Some(last) if more => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
             }
         }
         Ok(listed)

@@ -1,7 +1,7 @@
 //! How the command line shows keys, records, times and durations (docs/C_API.md §11).
 
 use backup_coordinator_core::hex::hex;
-use backup_coordinator_core::idempotency::{KeyRecord, KeyState};
+use backup_coordinator_core::idempotency::{shown_fingerprint, KeyRecord, KeyState};
 use serde_json::{json, Value};
 
 /// A key as typed on a command line: printable ASCII as it is, other bytes escaped.
@@ -57,7 +57,7 @@ pub fn key_json(key: &[u8], record: &KeyRecord, now_ms: u64) -> Value {
         "state": state_name(record),
         "live": record.is_live(now_ms),
         "token": token_of(record),
-        "fingerprint": hex(&record.fingerprint),
+        "fingerprint": hex(shown_fingerprint(&record.fingerprint)),
         "owner": Value::Null,
         "lease_until_ms": Value::Null,
         "lease_left_ms": Value::Null,

@@ -6,7 +6,8 @@ use backup_coordinator_core::etcd::EtcdBackend;
 use backup_coordinator_core::hex::hex;
 use backup_coordinator_core::idempotency::file_store::FileIdempotencyStore;
 use backup_coordinator_core::idempotency::{
-    ClaimToken, Forgotten, IdempotencyStore, KeyRecord, KeyState,
+    same_fingerprint, shown_fingerprint, ClaimToken, Fingerprint, Forgotten, IdempotencyStore,
+    KeyRecord, KeyState,
 };
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -194,7 +195,11 @@ fn show(ctx: &Ctx, keys: &Keys, key: &[u8]) -> Result<Done, CliError> {
         KeyState::Claimed { lease_until_ms, .. } => {
             let _ = writeln!(text, "state:        claimed");
             let _ = writeln!(text, "token:        {}", token_of(&record));
-            let _ = writeln!(text, "fingerprint:  {}", hex(&record.fingerprint));
+            let _ = writeln!(
+                text,
+                "fingerprint:  {}",
+                hex(shown_fingerprint(&record.fingerprint))
+            );
             let _ = writeln!(text, "owner:        {OWNER_UNKNOWN}");
             let _ = writeln!(
                 text,
@@ -210,7 +215,11 @@ fn show(ctx: &Ctx, keys: &Keys, key: &[u8]) -> Result<Done, CliError> {
         } => {
             let _ = writeln!(text, "state:        completed (result {result})");
             let _ = writeln!(text, "token:        {}", token_of(&record));
-            let _ = writeln!(text, "fingerprint:  {}", hex(&record.fingerprint));
+            let _ = writeln!(
+                text,
+                "fingerprint:  {}",
+                hex(shown_fingerprint(&record.fingerprint))
+            );
             let _ = writeln!(text, "owner:        -");
             let _ = writeln!(
                 text,
@@ -242,7 +251,9 @@ fn explain(
         );
     };
     let token = token_of(record);
-    let other_payload = fingerprint.map(|fp| fp != record.fingerprint);
+    let other_payload = fingerprint.map(|fp| {
+        !Fingerprint::try_from(fp).is_ok_and(|fp| same_fingerprint(&record.fingerprint, &fp))
+    });
     let payload = match other_payload {
         Some(true) => " The fingerprint you gave differs from the key's.",
         Some(false) => " The fingerprint you gave is the key's.",
@@ -285,13 +296,13 @@ fn explain(
             let outcome = match other_payload {
                 Some(true) => format!(
                     "is refused as a conflict: the key was completed with another fingerprint ({})",
-                    hex(&record.fingerprint)
+                    hex(shown_fingerprint(&record.fingerprint))
                 ),
                 Some(false) => format!("replays result {result} without running"),
                 None => format!(
                     "replays result {result} without running if it carries the same payload \
                      (fingerprint {}), and is refused as a conflict if it carries another",
-                    hex(&record.fingerprint)
+                    hex(shown_fingerprint(&record.fingerprint))
                 ),
             };
             (

@@ -40,7 +40,7 @@ mod tokens;
 use super::record::{self, Entry};
 use super::{
     completion_allowed, decide, is_claim, Claim, ClaimId, ClaimToken, Completion, Fingerprint,
-    Forgotten, IdempotencyStore, KeyRecord, KeyState,
+    Forgotten, IdempotencyStore, KeyRecord, KeyState, Lapsed,
 };
 use crate::durable::{self, FileError};
 use crate::error::{Error, ErrorCode, Result};
@@ -558,7 +558,7 @@ impl IdempotencyStore for FileIdempotencyStore {
         self.claim_read_ahead(key, fingerprint, now_ms, self.read_ahead(key))
     }
 
-    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Vec<ClaimToken>> {
+    fn renew(&self, claims: &[(Vec<u8>, ClaimToken)], now_ms: u64) -> Result<Lapsed> {
         self.transact(|txn| {
             let mut lapsed = Vec::new();
             for (key, token) in claims {
@@ -573,7 +573,7 @@ impl IdempotencyStore for FileIdempotencyStore {
                         };
                         txn.put(key, Some(renewed));
                     }
-                    None => lapsed.push(*token),
+                    None => lapsed.push((key.clone(), *token)),
                 }
             }
             lapsed

@@ -114,6 +114,28 @@ fn floor_rate(
     })
 }
 
+/// CPU time (user + system) a process has used so far, in ms; `None` for this process.
+fn cpu_ms(pid: Option<u32>) -> f64 {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Runs `phase` and returns its result with the CPU ms per key it cost the members and
+/// this process.
+fn with_cpu<T>(members: &[u32], keys: usize, phase: impl FnOnce() -> T) -> (T, f64, f64) {
+    let etcd = |ms: &[u32]| ms.iter().map(|p| cpu_ms(Some(*p))).sum::<f64>();
+    let (e0, c0) = (etcd(members), cpu_ms(None));
+    let out = phase();
+    let (e1, c1) = (etcd(members), cpu_ms(None));
+    (out, (e1 - e0) / keys as f64, (c1 - c0) / keys as f64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -137,8 +159,9 @@ fn rates(quick: bool) {
     let cluster = etcd_cluster::Cluster::start(3);
     let mut settings = EtcdSettings::new(cluster.endpoints());
     settings.prefix = "/bench/".into();
+    let etcd = Arc::new(EtcdClient::new(&settings).unwrap());
     let store = Arc::new(EtcdIdempotencyStore::new(
-        Arc::new(EtcdClient::new(&settings).unwrap()),
+        etcd.clone(),
         Duration::from_secs(90),
         Duration::from_secs(3600),
     ));
@@ -146,24 +169,49 @@ fn rates(quick: bool) {
         .enable_all()
         .build()
         .unwrap();
-    // The floor talks to one member, as the store does.
+    // The floor talks to the member the store talks to (picked at random): a follower
+    // forwards each write to the leader, which costs a hop the leader does not.
     let client = runtime
-        .block_on(Client::connect([cluster.endpoints()[0].clone()], None))
+        .block_on(Client::connect([etcd.endpoint().to_string()], None))
         .unwrap();
     // Warm both paths (connections, the completion lease).
     store_rate(&store, 1, 20);
     floor_rate(&runtime, &client, 1, 20);
 
+    let members: Vec<u32> = (0..3).map(|i| cluster.pid(i)).collect();
     let (mut one, mut eight, mut floor, mut floor8) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu8, mut cpu_floor8) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         floor.push(floor_rate(&runtime, &client, 1, keys));
         one.push(store_rate(&store, 1, keys));
-        floor8.push(floor_rate(&runtime, &client, 8, keys * 4));
-        eight.push(store_rate(&store, 8, keys * 4));
+        let (rate, etcd, own) = with_cpu(&members, keys * 4, || {
+            floor_rate(&runtime, &client, 8, keys * 4)
+        });
+        floor8.push(rate);
+        cpu_floor8.push((etcd, own));
+        let (rate, etcd, own) = with_cpu(&members, keys * 4, || store_rate(&store, 8, keys * 4));
+        eight.push(rate);
+        cpu8.push((etcd, own));
     }
     let (one, eight, floor, floor8) = (median(one), median(eight), median(floor), median(floor8));
+    let cpu = |v: &[(f64, f64)]| {
+        (
+            median(v.iter().map(|c| c.0).collect()),
+            median(v.iter().map(|c| c.1).collect()),
+        )
+    };
+    let ((store_etcd, store_own), (floor_etcd, floor_own)) = (cpu(&cpu8), cpu(&cpu_floor8));
+    let status = runtime.block_on(client.clone().status()).unwrap();
+    let role = match status.header() {
+        Some(h) if h.member_id() == status.leader() => "the leader",
+        _ => "a follower",
+    };
     println!("etcd idempotency store, 3-member loopback cluster, claim + completion per key ({rounds} rounds, medians):");
+    println!(
+        "  the store and the floor talk to {} ({role})",
+        etcd.endpoint()
+    );
     println!("  floor (two raw etcd-client txns per key): {floor:8.0} keys/s");
     println!(
         "  1 thread:  {one:8.0} keys/s  = floor time x {:.2}  (target <= 1.15)",
@@ -177,6 +225,9 @@ fn rates(quick: bool) {
         "  (the cluster's own scaling: 8 concurrent floors {floor8:8.0} keys/s = x {:.1} the 1-task floor; the store's 8 threads reach {:.2} of it)",
         floor8 / floor,
         eight / floor8
+    );
+    println!(
+        "  CPU per key at 8 threads: the store {store_etcd:.2} ms in etcd + {store_own:.2} ms here; 8 floors {floor_etcd:.2} ms in etcd + {floor_own:.2} ms here"
     );
 }
 

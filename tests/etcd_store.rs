@@ -786,6 +786,40 @@ fn etcd_renew_returns_the_lapsed_claims() {
     ));
 }
 
+/// A claim made while the session is kept alive costs no keep-alive of its own: it is
+/// vouched for by the session's last acknowledged renewal, and the holder's view counts
+/// from that renewal's sending. Once that renewal is older than a renewal period (a third
+/// of the lease: the host stalled), a claim sends a keep-alive alongside its transaction.
+#[test]
+fn etcd_a_claim_is_vouched_for_by_the_sessions_last_renewal_while_it_is_kept_alive() {
+    let cluster = Cluster::start(3);
+    let s = settings(&cluster);
+    let a = host(&s, Duration::from_secs(3), Duration::from_secs(3600));
+    let fp = fingerprint(b"vouched");
+    let now = unix_ms_now;
+    let vouched_ago = |key: &[u8], token| a.vouched_ago(key, token).expect("held");
+    // The first claim grants the session: vouched for by the grant, sent with it.
+    let first = acquired(a.claim(b"first", &fp, now()).unwrap());
+    assert!(vouched_ago(b"first", first) < Duration::from_millis(500));
+    // 0.6 s later, before the session's next keep-alive (every second): the grant again.
+    std::thread::sleep(Duration::from_millis(600));
+    let second = acquired(a.claim(b"second", &fp, now()).unwrap());
+    let ago = vouched_ago(b"second", second);
+    assert!(
+        ago >= Duration::from_millis(600) && ago < Duration::from_millis(1000),
+        "{ago:?}"
+    );
+    // The host stalls: its last renewal grows older than a period, so a claim vouches for
+    // itself with a keep-alive sent alongside.
+    a.stall_session(true);
+    std::thread::sleep(Duration::from_millis(1200));
+    let third = acquired(a.claim(b"third", &fp, now()).unwrap());
+    assert!(vouched_ago(b"third", third) < Duration::from_millis(500));
+    // 1.8 s after the grant, within its 3 s: A's claims still hold their keys.
+    let b = host(&s, Duration::from_secs(3), Duration::from_secs(3600));
+    assert_eq!(b.claim(b"second", &fp, now()).unwrap(), Claim::InProgress);
+}
+
 /// One session lease per host, however many claims it holds; claims and run claims of one
 /// instance share it.
 #[test]
@@ -1021,4 +1055,109 @@ fn etcd_keys_of_the_earlier_layout_still_replay_conflict_and_block_claims() {
     let b = host(&s, Duration::from_secs(5), Duration::from_secs(3600));
     acquired(b.claim(b"done", &fp, unix_ms_now()).unwrap());
     acquired(b.claim(b"running", &fp, unix_ms_now()).unwrap());
+}
+
+/// The cluster's current revision: each transaction that writes advances it by one,
+/// however many keys it writes.
+fn revision(cluster: &Cluster) -> i64 {
+    let out = cluster.etcdctl(&["endpoint", "status", "-w", "json"]);
+    let at = out.find("\"revision\":").unwrap_or_else(|| panic!("{out}")) + 11;
+    let digits: String = out[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("{out}"))
+}
+
+/// The claims and completions of one process's threads share transactions (C_API §8.1:
+/// the claims of one transaction share its revision as their token), and each caller
+/// still gets its own exact answer: every fresh key acquired and recorded, and of the
+/// threads racing for one key, exactly one acquires it while the rest are told it is in
+/// progress.
+#[test]
+fn etcd_concurrent_writes_of_one_process_share_transactions() {
+    let cluster = Cluster::start(3);
+    let store = Arc::new(host(
+        &settings(&cluster),
+        Duration::from_secs(30),
+        Duration::from_secs(3600),
+    ));
+    // Connections, the session and the completions' lease, made before counting.
+    let fp = fingerprint(b"warm");
+    let token = acquired(store.claim(b"warm", &fp, unix_ms_now()).unwrap());
+    store
+        .complete(b"warm", token, &fp, 0, unix_ms_now())
+        .unwrap();
+    let (threads, keys) = (8, 40);
+    let before = revision(&cluster);
+    let tokens: Vec<ClaimToken> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let store = &store;
+                s.spawn(move || {
+                    let mut tokens = Vec::new();
+                    for i in 0..keys {
+                        let key = format!("together/{t}/{i}");
+                        let fp = fingerprint(key.as_bytes());
+                        let token =
+                            acquired(store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap());
+                        let done = store.complete(key.as_bytes(), token, &fp, 0, unix_ms_now());
+                        assert_eq!(done.unwrap(), Completion::Recorded, "{key}");
+                        tokens.push(token);
+                    }
+                    tokens
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let writes = (threads * keys * 2) as i64;
+    let transactions = revision(&cluster) - before;
+    let mut distinct = tokens.clone();
+    distinct.sort();
+    distinct.dedup();
+    eprintln!(
+        "{writes} writes in {transactions} transactions; {} claims, {} tokens",
+        tokens.len(),
+        distinct.len()
+    );
+    assert!(
+        transactions * 100 <= writes * 35,
+        "{writes} writes took {transactions} transactions"
+    );
+    assert!(
+        distinct.len() * 2 <= tokens.len(),
+        "{} claims got {} tokens",
+        tokens.len(),
+        distinct.len()
+    );
+
+    // Racing for one key within one process: its writes never share a transaction (and
+    // the writes kept back for the next batch are each looked at once: an earlier combiner
+    // spun forever on them).
+    for round in 0..10 {
+        let key = format!("contended/{round}");
+        let fp = fingerprint(key.as_bytes());
+        let barrier = std::sync::Barrier::new(4);
+        let claims: Vec<Claim> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        store.claim(key.as_bytes(), &fp, unix_ms_now()).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let won = claims
+            .iter()
+            .filter(|c| matches!(c, Claim::Acquired { .. }))
+            .count();
+        let waiting = claims
+            .iter()
+            .filter(|c| matches!(c, Claim::InProgress))
+            .count();
+        assert_eq!((won, waiting), (1, 3), "round {round}: {claims:?}");
+    }
 }

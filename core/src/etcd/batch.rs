@@ -21,17 +21,25 @@
 use super::client::{is_lease_not_found, Conn, TxnOutcome};
 use crate::error::Error;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Writes per transaction: etcd refuses more than `--max-txn-ops` (128 by default) of
 /// each kind.
 const MAX_BATCH: usize = 64;
-/// Batches in flight at once: the next one forms while these are answered.
-const IN_FLIGHT: usize = 2;
-/// How long the next batch waits for one of them at most (a transaction takes a few ms).
-const SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a batch waits for the writers its predecessor just answered to come back
+/// (their next write: a claim's completion, the next key's claim), at most. A few wake-ups
+/// of a thread; a transaction takes a millisecond or more.
+const REGROUP: Duration = Duration::from_micros(200);
+/// Writers that come back later than this after their answer are taken to be busy
+/// elsewhere (in the operation between a claim and its completion), not regrouped.
+const COMING_BACK: Duration = Duration::from_millis(2);
+/// How long the next batch waits for the one in flight at most: a batch stuck on a failing
+/// member (up to `etcd_timeout`) must not hold up the writes behind it.
+const SLOT_WAIT: Duration = Duration::from_millis(50);
 
 pub struct Write {
     pub key: Vec<u8>,
@@ -39,6 +47,7 @@ pub struct Write {
     pub put: TxnOp,
     /// `None`: unresolved (not applied because of another write of its batch).
     pub reply: oneshot::Sender<Result<Option<TxnOutcome>, Error>>,
+    pub queued: Instant,
 }
 
 pub type Queue = mpsc::UnboundedSender<Write>;
@@ -50,10 +59,26 @@ pub fn start(conn: &Arc<Conn>) -> Queue {
     tx
 }
 
+/// The batch last sent: how many writes it held, and when its answer came.
+struct Previous {
+    writes: usize,
+    answered: Mutex<Option<Instant>>,
+}
+
+/// One batch in flight at a time: the writes queued meanwhile form the next one. With only
+/// that, callers that each wait for their write before queuing the next split into two
+/// groups that take turns (each group's writes queue while the other's are in flight), and
+/// every transaction carries half of them. So a batch that follows an answered one also
+/// waits, for `REGROUP` at most, for as many writes as that one answered: its callers
+/// coming back. A lone caller never waits (nothing was queued while its write was out).
 async fn combine(conn: Weak<Conn>, mut queue: mpsc::UnboundedReceiver<Write>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slot = Arc::new(Semaphore::new(1));
     // Writes of a key already in the batch being formed: the next batch's.
     let mut later: VecDeque<Write> = VecDeque::new();
+    let mut previous = Arc::new(Previous {
+        writes: 0,
+        answered: Mutex::new(None),
+    });
     loop {
         let first = match later.pop_front() {
             Some(write) => write,
@@ -62,41 +87,92 @@ async fn combine(conn: Weak<Conn>, mut queue: mpsc::UnboundedReceiver<Write>) {
                 None => return,
             },
         };
-        // A batch stuck on a failing member (up to `etcd_timeout`) must not hold up the
-        // writes behind it: past a short wait they go without a slot.
-        let slot = tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned())
+        let permit = tokio::time::timeout(SLOT_WAIT, slot.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let next = match later.pop_front() {
-                Some(write) => write,
-                None => match queue.try_recv() {
-                    Ok(write) => write,
-                    Err(_) => break,
-                },
-            };
-            if batch.iter().any(|w| w.key == next.key) {
-                later.push_back(next);
-                if later.len() > MAX_BATCH {
-                    break;
-                }
-            } else {
-                batch.push(next);
-            }
+        take_queued(&mut batch, &mut later, &mut queue);
+        let answered = *previous.answered.lock();
+        if let Some(answered) = answered.filter(|a| a.elapsed() < COMING_BACK) {
+            // Writes queued before the answer are other callers'; the answered ones come
+            // back after it.
+            let waited = batch.iter().filter(|w| w.queued < answered).count();
+            let expected = (waited + previous.writes).min(MAX_BATCH);
+            regroup(&mut batch, &mut later, &mut queue, expected).await;
         }
         let Some(conn) = conn.upgrade() else {
             return;
         };
+        previous = Arc::new(Previous {
+            writes: batch.len(),
+            answered: Mutex::new(None),
+        });
+        let sent = previous.clone();
         tokio::spawn(async move {
-            run(&conn, batch).await;
-            drop(slot);
+            run(&conn, batch, &sent).await;
+            drop(permit);
         });
     }
 }
 
-async fn run(conn: &Conn, mut batch: Vec<Write>) {
+/// Adds `write` to `batch`, or keeps it for the next one if its key is already there.
+/// False once the batch is full or too many writes wait for the next one.
+fn add(batch: &mut Vec<Write>, later: &mut VecDeque<Write>, write: Write) -> bool {
+    if batch.iter().any(|w| w.key == write.key) {
+        later.push_back(write);
+    } else {
+        batch.push(write);
+    }
+    batch.len() < MAX_BATCH && later.len() <= MAX_BATCH
+}
+
+/// Adds the writes already queued.
+fn take_queued(
+    batch: &mut Vec<Write>,
+    later: &mut VecDeque<Write>,
+    queue: &mut mpsc::UnboundedReceiver<Write>,
+) {
+    let mut room = batch.len() < MAX_BATCH;
+    // Writes kept back from the last batch go first, each at most once.
+    for _ in 0..later.len() {
+        if !room {
+            return;
+        }
+        let write = later.pop_front().expect("counted");
+        room = add(batch, later, write);
+    }
+    while room {
+        match queue.try_recv() {
+            Ok(write) => room = add(batch, later, write),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Waits, `REGROUP` at most, until `batch` holds `expected` writes. A short spin that
+/// yields to the runtime: tokio's timers count whole milliseconds.
+async fn regroup(
+    batch: &mut Vec<Write>,
+    later: &mut VecDeque<Write>,
+    queue: &mut mpsc::UnboundedReceiver<Write>,
+    expected: usize,
+) {
+    let since = Instant::now();
+    while batch.len() < expected && since.elapsed() < REGROUP {
+        match queue.try_recv() {
+            Ok(write) => {
+                if !add(batch, later, write) {
+                    return;
+                }
+            }
+            Err(mpsc::error::TryRecvError::Empty) => tokio::task::yield_now().await,
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        }
+    }
+}
+
+async fn run(conn: &Conn, mut batch: Vec<Write>, sent: &Previous) {
     if batch.len() == 1 {
         let write = batch.pop().expect("one write");
         let when = Compare::mod_revision(write.key.clone(), CompareOp::Equal, write.expected);
@@ -108,6 +184,7 @@ async fn run(conn: &Conn, mut batch: Vec<Write>) {
                 vec![write.put],
             )
             .await;
+        *sent.answered.lock() = Some(Instant::now());
         let _ = write.reply.send(outcome.map(Some));
         return;
     }
@@ -137,6 +214,7 @@ async fn run(conn: &Conn, mut batch: Vec<Write>) {
             }
         })
         .await;
+    *sent.answered.lock() = Some(Instant::now());
     match answered {
         Ok(Ok(response)) if response.succeeded() => {
             let revision = response.header().map_or(0, |h| h.revision());

@@ -143,6 +143,12 @@ impl EtcdClient {
     pub fn failovers(&self) -> u64 {
         self.conn.failovers.load(Ordering::Relaxed)
     }
+
+    /// The endpoint requests go to now (picked at random at the start, moved on failure).
+    pub fn endpoint(&self) -> &str {
+        let index = self.conn.current.load(Ordering::Relaxed) % self.conn.endpoints.len();
+        &self.conn.endpoints[index]
+    }
 }
 
 fn tls_options(settings: &EtcdSettings) -> Result<TlsOptions, Error> {
@@ -359,6 +365,7 @@ impl Conn {
             expected,
             put,
             reply,
+            queued: std::time::Instant::now(),
         };
         if queue.send(write).is_err() {
             return Ok(None);

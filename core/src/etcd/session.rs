@@ -84,6 +84,15 @@ impl Session {
         self.state.lock().current.map(|live| live.lease)
     }
 
+    /// When the last acknowledged keep-alive (or the grant) of `lease` was sent, if `lease`
+    /// is the session as far as this handle knows: its lease lasts a TTL from then at least.
+    pub fn acked_sent(&self, lease: i64) -> Option<Instant> {
+        match self.state.lock().current {
+            Some(live) if live.lease == lease => Some(live.acked_sent),
+            _ => None,
+        }
+    }
+
     /// `lease` was found gone (a put bound to it was refused): forgotten, so that the next
     /// claim grants a new session.
     pub fn lapsed(&self, lease: i64) {

@@ -270,7 +270,9 @@ impl Keyed {
                 token
             }
         };
-        let held = self.keeper.hold(key, token, sent_ms);
+        let held = self
+            .keeper
+            .hold(key, token, self.held_from(clock, key, token, sent_ms));
         let execution = run(token);
         // Judged when the operation returned, before the claim is let go.
         let still_held = held.is_held();
@@ -291,6 +293,18 @@ impl Keyed {
         KeyedExecution {
             result,
             retries: claim_retries + execution.retries,
+        }
+    }
+
+    /// When (monotonic ms) the lease of the claim sent at `sent_ms` is sure to start: then,
+    /// or at the earlier renewal that vouched for it (a shared lease, etcd's session).
+    fn held_from(&self, clock: &dyn Clock, key: &[u8], token: ClaimToken, sent_ms: u64) -> u64 {
+        match self.store.vouched_ago(key, token) {
+            Some(ago) => {
+                let ago_ms = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+                sent_ms.min(clock.monotonic_ms().saturating_sub(ago_ms))
+            }
+            None => sent_ms,
         }
     }
 
@@ -923,10 +937,14 @@ mod tests {
         assert!(!unfenced.result.unwrap());
     }
 
-    /// A store whose renewals never reach it (cut off from etcd, say).
-    struct Unrenewable(FileIdempotencyStore);
+    /// A store whose renewals never reach it (cut off from etcd, say); `.1`: what it says of
+    /// the renewal that vouched for a claim (etcd's session renewed before the claim).
+    struct Unrenewable(FileIdempotencyStore, Option<Duration>);
 
     impl IdempotencyStore for Unrenewable {
+        fn vouched_ago(&self, _: &[u8], _: ClaimToken) -> Option<Duration> {
+            self.1
+        }
         fn claim_as(
             &self,
             key: &[u8],
@@ -973,6 +991,7 @@ mod tests {
         let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(3600));
         let store = Arc::new(Unrenewable(
             FileIdempotencyStore::open(dir.path(), settings).unwrap(),
+            None,
         ));
         let clock = ManualClock::new(1_000_000);
         let keyed = Keyed::new(store.clone(), Arc::new(clock.clone()), LEASE).unwrap();
@@ -992,6 +1011,33 @@ mod tests {
         // The effect ran and nobody else claimed: its completion is recorded and replays.
         let again = keyed.execute(&clock, b"k", &fingerprint(b"p"), ok);
         assert!(again.result.unwrap(), "replayed");
+    }
+
+    #[test]
+    fn a_claim_vouched_for_by_an_earlier_renewal_is_held_from_that_renewal() {
+        for (vouched_ago, held_after_a_period) in [(None, true), (Some(LEASE / 3), false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = FileIdempotencySettings::new(LEASE, Duration::from_secs(3600));
+            let store = Unrenewable(
+                FileIdempotencyStore::open(dir.path(), settings).unwrap(),
+                vouched_ago,
+            );
+            let clock = ManualClock::new(1_000_000);
+            let keyed = Keyed::new(Arc::new(store), Arc::new(clock.clone()), LEASE).unwrap();
+            fenced(&keyed, &clock, b"k", |mine| {
+                assert_eq!(
+                    keyed.check_claim(&clock, b"k", mine),
+                    Ok(()),
+                    "{vouched_ago:?}"
+                );
+                // A period later with no renewal: from the claim's sending a third of the
+                // lease went by; from a renewal a period older, two thirds.
+                clock.advance(LEASE / 3);
+                let check = keyed.check_claim(&clock, b"k", mine);
+                assert_eq!(check.is_ok(), held_after_a_period, "{vouched_ago:?}");
+                ok()
+            });
+        }
     }
 
     #[test]

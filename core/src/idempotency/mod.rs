@@ -14,6 +14,7 @@ pub mod record;
 
 use crate::error::Result;
 use sha2::{Digest, Sha256};
+use std::time::Duration;
 
 /// Longest key, in bytes (C_API §8).
 pub const MAX_KEY_BYTES: usize = 255;
@@ -229,6 +230,14 @@ pub trait IdempotencyStore: Send + Sync {
     /// it does not keep the key IN_PROGRESS for others. Best effort; nothing to do for a
     /// store whose claims are acknowledged or fail as a whole.
     fn abandon(&self, _key: &[u8], _id: ClaimId) {}
+
+    /// How long ago the renewal that vouches for the acquired claim `(key, token)` was
+    /// sent, for a store whose claims share a lease renewed before them (etcd's session):
+    /// the holder's view of the claim (docs/C_API.md §8.1) counts from then, not from the
+    /// claim's own sending. `None`: from the claim's sending, its lease starting with it.
+    fn vouched_ago(&self, _key: &[u8], _token: ClaimToken) -> Option<Duration> {
+        None
+    }
 
     /// [`Self::claim_as`] with an identity of its own (a call that is not retried).
     fn claim(&self, key: &[u8], fingerprint: &Fingerprint, now_ms: u64) -> Result<Claim> {

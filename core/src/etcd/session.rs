@@ -59,6 +59,14 @@ impl Session {
         self.ttl
     }
 
+    /// How often the runtime renews the session: every sixth of the TTL, half the lease
+    /// keeper's renewal period, so that a claim vouched for by the last renewal (which is
+    /// at most this old while the session is kept alive) leaves the keeper a whole
+    /// renewal period to renew it before its view lapses, as for any claim it holds.
+    pub fn keep_alive_interval(&self) -> Duration {
+        (self.ttl / 6).max(Duration::from_millis(100))
+    }
+
     /// The session's lease, granted now if there is none (on the runtime: the keep-alive
     /// task is spawned there).
     pub async fn lease(self: &Arc<Self>, conn: &Arc<Conn>) -> Result<i64> {
@@ -160,16 +168,16 @@ impl Session {
     }
 }
 
-/// Keeps the session alive every TTL/3 while the client lives, and after a failed renewal
+/// Keeps the session alive every TTL/6 while the client lives, and after a failed renewal
 /// at once again (after a short pause), so that an outage shorter than the lease's remainder
-/// never lets it lapse. Each renewal is cut off after a period: one that hangs never eats
-/// the lease. Ends when the lease is found gone (the next claim grants a new session).
+/// never lets it lapse. Each renewal is cut off after a third of the TTL: one that hangs
+/// never eats the lease. Ends when the lease is found gone (the next claim grants a new session).
 async fn keep_alive(session: Weak<Session>, conn: Arc<Conn>, lease: i64) {
-    let Some(ttl) = session.upgrade().map(|s| s.ttl) else {
+    let Some((ttl, period)) = session.upgrade().map(|s| (s.ttl, s.keep_alive_interval())) else {
         return;
     };
-    let period = (ttl / 3).max(Duration::from_millis(200));
-    let pause = (period / 8).max(Duration::from_millis(20));
+    let cutoff = (ttl / 3).max(Duration::from_millis(200));
+    let pause = (period / 4).max(Duration::from_millis(20));
     let mut next = tokio::time::Instant::now() + period;
     loop {
         tokio::time::sleep_until(next).await;
@@ -182,7 +190,7 @@ async fn keep_alive(session: Weak<Session>, conn: Arc<Conn>, lease: i64) {
         }
         let sent = tokio::time::Instant::now();
         let renewed =
-            tokio::time::timeout(period, session.renewed_since(&conn, lease, sent.into_std()))
+            tokio::time::timeout(cutoff, session.renewed_since(&conn, lease, sent.into_std()))
                 .await;
         match renewed {
             Ok(Ok(true)) => next = sent + period,

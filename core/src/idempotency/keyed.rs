@@ -299,10 +299,12 @@ impl Keyed {
     /// When (monotonic ms) the lease of the claim sent at `sent_ms` is sure to start: then,
     /// or at the earlier renewal that vouched for it (a shared lease, etcd's session).
     fn held_from(&self, clock: &dyn Clock, key: &[u8], token: ClaimToken, sent_ms: u64) -> u64 {
+        // Now is read first and the age rounded up: the start is never put later than it was.
+        let now_ms = clock.monotonic_ms();
         match self.store.vouched_ago(key, token) {
             Some(ago) => {
                 let ago_ms = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
-                sent_ms.min(clock.monotonic_ms().saturating_sub(ago_ms))
+                sent_ms.min(now_ms.saturating_sub(ago_ms.saturating_add(1)))
             }
             None => sent_ms,
         }

@@ -392,21 +392,6 @@ fn init_needs_no_cluster_and_calls_fail_closed_until_it_is_back() {
     assert_eq!(EXECUTES.load(Ordering::SeqCst), 1);
 }
 
-/// A field of the first `etcdctl endpoint status -w json` entry ("revision", "dbSize",
-/// "dbSizeInUse"), as a number.
-fn status_field(cluster: &Cluster, field: &str) -> u64 {
-    let json = cluster.etcdctl(&["endpoint", "status", "-w", "json"]);
-    let at = json
-        .find(&format!("\"{field}\":"))
-        .unwrap_or_else(|| panic!("no {field} in {json}"));
-    json[at + field.len() + 3..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap_or_else(|_| panic!("{field} in {json}"))
-}
-
 #[test]
 fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_disarm() {
     let _turn = turn();
@@ -462,8 +447,8 @@ fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_d
     );
 
     // The operator's recovery: compact the history, defragment every member, disarm.
-    let full_size = status_field(&cluster, "dbSize");
-    let revision = status_field(&cluster, "revision");
+    let full_size = cluster.status_field("dbSize");
+    let revision = cluster.status_field("revision");
     cluster.etcdctl(&["compact", &revision.to_string(), "--physical"]);
     // etcdctl defrags each endpoint it is given: all members.
     cluster.etcdctl(&["defrag", "--command-timeout=30s"]);
@@ -472,7 +457,7 @@ fn past_the_etcd_space_quota_calls_fail_closed_and_resume_after_compact_defrag_d
         !cluster.etcdctl(&["alarm", "list"]).contains("NOSPACE"),
         "the alarm is cleared"
     );
-    let defragmented = status_field(&cluster, "dbSize");
+    let defragmented = cluster.status_field("dbSize");
     assert!(
         defragmented < full_size / 2,
         "defragmentation gave the space back: {full_size} -> {defragmented} bytes"

@@ -1061,13 +1061,6 @@ fn etcd_keys_of_the_earlier_layout_still_replay_conflict_and_block_claims() {
 
 /// The cluster's current revision: each transaction that writes advances it by one,
 /// however many keys it writes.
-fn revision(cluster: &Cluster) -> i64 {
-    let out = cluster.etcdctl(&["endpoint", "status", "-w", "json"]);
-    let at = out.find("\"revision\":").unwrap_or_else(|| panic!("{out}")) + 11;
-    let digits: String = out[at..].chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().unwrap_or_else(|_| panic!("{out}"))
-}
-
 /// The claims and completions of one process's threads share transactions (C_API §8.1:
 /// the claims of one transaction share its revision as their token), and each caller
 /// still gets its own exact answer: every fresh key acquired and recorded, and of the
@@ -1088,7 +1081,7 @@ fn etcd_concurrent_writes_of_one_process_share_transactions() {
         .complete(b"warm", token, &fp, 0, unix_ms_now())
         .unwrap();
     let (threads, keys) = (8, 40);
-    let before = revision(&cluster);
+    let before = cluster.status_field("revision");
     let tokens: Vec<ClaimToken> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
@@ -1113,8 +1106,8 @@ fn etcd_concurrent_writes_of_one_process_share_transactions() {
             .flat_map(|w| w.join().unwrap())
             .collect()
     });
-    let writes = (threads * keys * 2) as i64;
-    let transactions = revision(&cluster) - before;
+    let writes = (threads * keys * 2) as u64;
+    let transactions = cluster.status_field("revision") - before;
     let mut distinct = tokens.clone();
     distinct.sort();
     distinct.dedup();

@@ -230,6 +230,21 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A field of the first `etcdctl endpoint status -w json` entry ("revision", "dbSize",
+    /// "dbSizeInUse"), as a number.
+    pub fn status_field(&self, field: &str) -> u64 {
+        let json = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let at = json
+            .find(&format!("\"{field}\":"))
+            .unwrap_or_else(|| panic!("no {field} in {json}"));
+        json[at + field.len() + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or_else(|_| panic!("{field} in {json}"))
+    }
+
     pub fn wait_healthy(&self, within: Duration) {
         let alive: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].child.is_some())

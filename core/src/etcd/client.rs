@@ -146,8 +146,7 @@ impl EtcdClient {
 
     /// The endpoint requests go to now (picked at random at the start, moved on failure).
     pub fn endpoint(&self) -> &str {
-        let index = self.conn.current.load(Ordering::Relaxed) % self.conn.endpoints.len();
-        &self.conn.endpoints[index]
+        &self.conn.endpoints[self.conn.current_index()]
     }
 }
 
@@ -196,6 +195,11 @@ impl Conn {
         key
     }
 
+    /// The index of the endpoint requests go to now.
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.endpoints.len()
+    }
+
     /// One logical request: `call` is tried on the current endpoint and, while it fails
     /// with a transient fault, on the next ones, until `etcd_timeout` has passed. `what`
     /// names the request in messages.
@@ -211,7 +215,7 @@ impl Conn {
         let mut backoff = Duration::from_millis(20);
         let mut sent_any = false;
         loop {
-            let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let index = self.current_index();
             let budget = per_attempt.min(deadline.saturating_duration_since(Instant::now()));
             let attempt = async {
                 let client = self.client(index).await?;

@@ -965,11 +965,8 @@ impl Attempt<'_> {
             // earlier attempt's found as ours), or that keep-alive failed: vouched for now.
             let renewed = match vouched(on) {
                 Some(sent) => Some(sent),
-                None if session.renewed_since(conn, on, self.since).await? => Some(
-                    session
-                        .acked_sent(on)
-                        .map_or(self.since, |s| s.min(self.since)),
-                ),
+                // A keep-alive sent at `since` or later was acknowledged.
+                None if session.renewed_since(conn, on, self.since).await? => Some(self.since),
                 None => None,
             };
             if let Some(renewed) = renewed {
